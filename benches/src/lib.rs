@@ -1,0 +1,1 @@
+//! benches: placeholder until its issue lands.

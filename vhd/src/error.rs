@@ -1,0 +1,113 @@
+//! Typed errors. Every error that comes from bytes on disk names the file, the structure and the
+//! byte offset where the problem was found.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Stable classification of an [`Error`], for callers that branch on the kind of failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The underlying file operation failed.
+    Io,
+    /// The file is not a VHD image at all.
+    NotVhd,
+    /// A structure failed its checksum.
+    Checksum,
+    /// A structure is present but inconsistent or out of bounds.
+    Corrupt,
+    /// A valid image using a feature this crate does not handle.
+    Unsupported,
+    /// The caller asked for something impossible (bad size, range past the end, ...).
+    InvalidArgument,
+    /// A write was attempted on an image opened read-only.
+    ReadOnly,
+}
+
+/// Errors of the `vhd` crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O operation on the image file failed.
+    #[error("{}: {op} at offset {offset}: {source}", path.display())]
+    Io {
+        /// File being accessed.
+        path: PathBuf,
+        /// What was being done (`"read footer"`, `"write BAT"`, ...).
+        op: &'static str,
+        /// Byte offset in the file.
+        offset: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The file does not look like a VHD.
+    #[error("{}: not a VHD image: {reason}", path.display())]
+    NotVhd {
+        /// File that was probed.
+        path: PathBuf,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A checksum did not match.
+    #[error(
+        "{}: {structure} at offset {offset}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})",
+        path.display()
+    )]
+    Checksum {
+        /// File holding the structure.
+        path: PathBuf,
+        /// Structure name (`"footer"`, `"dynamic header"`).
+        structure: &'static str,
+        /// Byte offset of the structure in the file.
+        offset: u64,
+        /// Checksum stored on disk.
+        stored: u32,
+        /// Checksum computed over the bytes.
+        computed: u32,
+    },
+    /// A structure is inconsistent or points outside the file.
+    #[error("{}: {structure} at offset {offset}: {reason}", path.display())]
+    Corrupt {
+        /// File holding the structure.
+        path: PathBuf,
+        /// Structure name.
+        structure: &'static str,
+        /// Byte offset of the structure (or of the bad field) in the file.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A feature of a valid image that is not handled.
+    #[error("{}: unsupported: {what}", path.display())]
+    Unsupported {
+        /// File holding the structure.
+        path: PathBuf,
+        /// What is not supported.
+        what: String,
+    },
+    /// The caller asked for something impossible.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// Write on a read-only image.
+    #[error("{}: image is open read-only", path.display())]
+    ReadOnly {
+        /// The image file.
+        path: PathBuf,
+    },
+}
+
+impl Error {
+    /// The stable kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            Error::NotVhd { .. } => ErrorKind::NotVhd,
+            Error::Checksum { .. } => ErrorKind::Checksum,
+            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::ReadOnly { .. } => ErrorKind::ReadOnly,
+        }
+    }
+}

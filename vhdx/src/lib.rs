@@ -1,0 +1,1 @@
+//! vhdx: placeholder until its issue lands.
