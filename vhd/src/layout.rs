@@ -191,7 +191,10 @@ impl Layout {
             problems: Vec::new(),
         };
         l.read_footers(file)?;
-        if l.footer.disk_type() != Some(DiskType::Fixed) && l.problems.is_empty() {
+        if l.footer.disk_type() != Some(DiskType::Fixed)
+            && l.footer.problems().is_empty()
+            && l.footer_offset > 0
+        {
             l.read_dynamic(file)?;
         } else if l.footer.disk_type() == Some(DiskType::Fixed) {
             let data = l.footer_offset;
@@ -400,8 +403,8 @@ impl Layout {
                 entry.data_offset,
                 "read parent locator",
             )?;
-            let footprint = entry
-                .footprint(self.footer_offset)
+            let footprint = (entry.data_length as u64)
+                .next_multiple_of(512)
                 .min(self.footer_offset - entry.data_offset);
             self.metadata
                 .push((entry.data_offset, footprint, "parent locator data"));

@@ -98,19 +98,6 @@ impl LocatorEntry {
         ) && self.data_length > 0
     }
 
-    /// Bytes the data area occupies in the file, taking the larger reading of data space
-    /// (bytes or sectors) that still fits `file_len`, and at least the data length.
-    pub fn footprint(&self, file_len: u64) -> u64 {
-        let as_sectors = self.data_space as u64 * 512;
-        let as_bytes = self.data_space as u64;
-        let space = if self.data_offset.saturating_add(as_sectors) <= file_len {
-            as_sectors
-        } else {
-            as_bytes
-        };
-        space.max(self.data_length as u64)
-    }
-
     /// Decodes the locator data into a path string (no mapping applied).
     pub fn decode(&self, data: &[u8]) -> Option<String> {
         let s = match self.code {
