@@ -1,0 +1,239 @@
+//! # image-io — the file underneath a disk image
+//!
+//! The format crates (`vhd`, `vhdx`) read and write their metadata through [`ImageFile`]:
+//! positional reads and writes, a durability barrier, and the file length. `std::fs::File`
+//! implements it for real use; [`CrashFile`] implements it in memory for crash tests.
+//!
+//! ```text
+//!   format crate ──ImageFile──> std::fs::File      (real images)
+//!                          └──> CrashFile          (tests: volatile vs durable bytes)
+//! ```
+//!
+//! [`CrashFile`] keeps the durable bytes (what survived the last `sync_data`) apart from the
+//! writes issued since. [`CrashFile::crash`] returns a file as it could be after a power cut:
+//! the durable bytes plus any chosen subset of the unsynced writes, each of which may also be
+//! torn at a 512-byte boundary. Crash tests then check that every such state opens, checks clean
+//! and holds every write that was flushed.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+/// Positional I/O on the file underneath an image.
+pub trait ImageFile: Send + Sync + std::fmt::Debug {
+    /// Reads exactly `buf.len()` bytes at `offset` (error if the file is shorter).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, extending the file if needed.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Durability barrier: every write issued before it survives a crash.
+    fn sync_data(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends (with zeros).
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+impl ImageFile for std::fs::File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(self, buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        std::fs::File::sync_data(self)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        std::fs::File::set_len(self, len)
+    }
+}
+
+/// One write (or length change) issued since the last sync.
+#[derive(Debug, Clone)]
+enum Pending {
+    Write { offset: u64, data: Vec<u8> },
+    SetLen(u64),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    durable: Vec<u8>,
+    current: Vec<u8>,
+    pending: Vec<Pending>,
+    writes: u64,
+    syncs: u64,
+}
+
+/// In-memory file that remembers which bytes are durable. Cheap to clone (shared state).
+#[derive(Debug, Clone, Default)]
+pub struct CrashFile {
+    state: Arc<Mutex<State>>,
+}
+
+/// Which unsynced operations survive a simulated crash.
+#[derive(Debug, Clone, Copy)]
+pub enum Survivors {
+    /// None of them: only durable bytes.
+    None,
+    /// All of them (a crash right after the last write reached the disk).
+    All,
+    /// Only the first `n`, in issue order.
+    Prefix(usize),
+    /// Operation `i` survives when bit `i % 64` of the mask is set; a surviving write whose
+    /// index is in `torn` keeps only its first 512-byte sector.
+    Mask {
+        /// Survival bits.
+        mask: u64,
+        /// Index of a write torn after its first sector.
+        torn: Option<usize>,
+    },
+}
+
+fn apply(buf: &mut Vec<u8>, op: &Pending, limit: Option<usize>) {
+    match op {
+        Pending::Write { offset, data } => {
+            let n = limit.unwrap_or(data.len()).min(data.len());
+            let end = *offset as usize + n;
+            if buf.len() < end {
+                buf.resize(end, 0);
+            }
+            buf[*offset as usize..end].copy_from_slice(&data[..n]);
+        }
+        Pending::SetLen(len) => buf.resize(*len as usize, 0),
+    }
+}
+
+impl CrashFile {
+    /// An empty file.
+    pub fn new() -> CrashFile {
+        CrashFile::default()
+    }
+
+    /// A file whose durable and current content is `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> CrashFile {
+        let s = State { durable: bytes.clone(), current: bytes, ..State::default() };
+        CrashFile { state: Arc::new(Mutex::new(s)) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current content (what reads see).
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock().current.clone()
+    }
+
+    /// Number of writes issued so far (for "crash after write i" loops).
+    pub fn write_count(&self) -> u64 {
+        self.lock().writes
+    }
+
+    /// Number of unsynced operations.
+    pub fn pending_count(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// The file as it could be after a power cut now: durable bytes plus the chosen survivors.
+    pub fn crash(&self, survivors: Survivors) -> CrashFile {
+        let s = self.lock();
+        let mut bytes = s.durable.clone();
+        for (i, op) in s.pending.iter().enumerate() {
+            let (keep, limit) = match survivors {
+                Survivors::None => (false, None),
+                Survivors::All => (true, None),
+                Survivors::Prefix(n) => (i < n, None),
+                Survivors::Mask { mask, torn } => {
+                    (mask & (1 << (i % 64)) != 0, (torn == Some(i)).then_some(512))
+                }
+            };
+            if keep {
+                apply(&mut bytes, op, limit);
+            }
+        }
+        CrashFile::from_bytes(bytes)
+    }
+}
+
+impl ImageFile for CrashFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let s = self.lock();
+        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= s.current.len() as u64);
+        match end {
+            Some(end) => {
+                buf.copy_from_slice(&s.current[offset as usize..end as usize]);
+                Ok(())
+            }
+            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of file")),
+        }
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut s = self.lock();
+        let op = Pending::Write { offset, data: buf.to_vec() };
+        apply(&mut s.current, &op, None);
+        s.pending.push(op);
+        s.writes += 1;
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        let mut s = self.lock();
+        s.durable = s.current.clone();
+        s.pending.clear();
+        s.syncs += 1;
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.lock().current.len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut s = self.lock();
+        let op = Pending::SetLen(len);
+        apply(&mut s.current, &op, None);
+        s.pending.push(op);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsynced_writes_are_lost_in_a_crash_and_synced_ones_kept() {
+        let f = CrashFile::new();
+        f.write_all_at(b"durable", 0).unwrap();
+        f.sync_data().unwrap();
+        f.write_all_at(b"VOLATILE", 0).unwrap();
+        assert_eq!(&f.contents()[..7], b"VOLATIL");
+        assert_eq!(f.crash(Survivors::None).contents(), b"durable");
+        assert_eq!(&f.crash(Survivors::All).contents()[..], b"VOLATILE");
+    }
+
+    #[test]
+    fn a_torn_write_keeps_only_its_first_sector() {
+        let f = CrashFile::new();
+        f.write_all_at(&[1u8; 1024], 0).unwrap();
+        let c = f.crash(Survivors::Mask { mask: 1, torn: Some(0) });
+        assert_eq!(c.contents(), vec![1u8; 512]);
+    }
+
+    #[test]
+    fn reads_past_the_end_fail() {
+        let f = CrashFile::from_bytes(vec![0; 10]);
+        let mut b = [0u8; 11];
+        assert!(f.read_exact_at(&mut b, 0).is_err());
+        assert!(f.read_exact_at(&mut b[..1], u64::MAX).is_err());
+    }
+}
