@@ -70,7 +70,7 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -
 
 /// Validates a virtual size for a new image.
 pub fn validate_size(size: u64) -> Result<()> {
-    if size == 0 || size % 512 != 0 {
+    if size == 0 || !size.is_multiple_of(512) {
         return Err(Error::InvalidArgument(format!(
             "virtual size {size} must be a positive multiple of 512 bytes"
         )));

@@ -174,7 +174,7 @@ impl DynamicHeader {
                 self.max_table_entries, self.block_size, virtual_size
             ));
         }
-        if self.table_offset % 512 != 0 {
+        if !self.table_offset.is_multiple_of(512) {
             p.push(format!(
                 "BAT offset {:#x} is not sector aligned",
                 self.table_offset

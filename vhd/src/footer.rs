@@ -214,7 +214,7 @@ impl Footer {
             None => p.push(format!("unknown disk type {}", self.disk_type_code)),
             Some(DiskType::Fixed) => {}
             Some(_) => {
-                if self.data_offset == NO_DATA_OFFSET || self.data_offset % 512 != 0 {
+                if self.data_offset == NO_DATA_OFFSET || !self.data_offset.is_multiple_of(512) {
                     p.push(format!("bad dynamic header offset {:#x}", self.data_offset));
                 }
             }

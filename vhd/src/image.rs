@@ -398,7 +398,7 @@ impl VhdImage {
             if self.disk_type() == DiskType::Differencing {
                 let vsize = self.virtual_size;
                 let bitmap = self.bitmap(block)?;
-                let partial_head = pos % 512 != 0 && !bitmap.get(first);
+                let partial_head = !pos.is_multiple_of(512) && !bitmap.get(first);
                 let partial_tail =
                     block_end % 512 != 0 && block_end < vsize && !bitmap.get(last - 1);
                 if partial_head || partial_tail {
