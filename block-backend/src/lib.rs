@@ -1,1 +1,45 @@
-//! placeholder
+//! One [`Disk`] API over raw files and VHD images (VHDX to come), including differencing chains.
+//!
+//! ```text
+//!        vhdtool / fuse-mount / vmm
+//!                   │  Box<dyn Disk> / Chain
+//!                   ▼
+//!   ┌──────────────── Chain (chain.rs) ─────────────────┐
+//!   │ layer 0  top image      read-write (or read-only) │  writes land here only
+//!   │ layer 1  parent         always read-only          │
+//!   │ ...      (≤ 64 layers, no file twice)             │
+//!   └──────────────────────┬────────────────────────────┘
+//!            Layer::Raw    │    Layer::Vhd
+//!        raw.rs (pread/    │    vhd_layer.rs: vhd::VhdImage resolves ranges,
+//!        pwrite, holes)    │    this crate moves the payload (pread/pwrite on image.file())
+//!                          ▼
+//!                    files on the host
+//! ```
+//!
+//! Open with [`open`]: the format is found by content ([`probe`]), never by extension, and the
+//! parents of a differencing VHD are found through its stored locators, checked by UUID and
+//! opened read-only.
+//!
+//! Invariants:
+//! - Reads and writes take any byte offset and length inside the disk; a range reaching past
+//!   the end is an [`Error::OutOfRange`], never a short read or a grown file.
+//! - A read-only open never opens a file with write access; a parent is never written.
+//! - Format crates are trusted for metadata, not for bounds: their range answers are checked to
+//!   tile the request before a byte moves.
+//! - `discard` leaves the range reading as zeros, whatever the format could free.
+//! - No panics on bad input: malformed images, missing parents and loops are typed errors.
+
+mod chain;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod disk;
+mod error;
+pub mod probe;
+mod raw;
+mod vhd_layer;
+
+pub use chain::{open, Chain, Layer};
+pub use disk::{Disk, Format, LayerInfo, MapExtent, OpenOptions, Subformat};
+pub use error::{Error, ErrorKind, Result, MAX_CHAIN_DEPTH};
+pub use raw::RawFile;
+pub use vhd_layer::SECTOR;

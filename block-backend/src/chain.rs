@@ -1,0 +1,530 @@
+//! Chains: a stack of layers presented as one [`Disk`].
+//!
+//! ```text
+//!   depth 0   child.vhd    (top; the only layer ever written)    Data | Zero | Parent ─┐
+//!   depth 1   base.vhd     (opened read-only)                    Data | Zero | Parent ─┤
+//!   ...                                                                                ▼
+//!   below the bottom layer                                                           zeros
+//! ```
+//!
+//! The top layer that has a sector supplies it. `Parent` at the bottom layer, or a range past the
+//! end of a (smaller) parent, reads as zeros.
+//!
+//! Invariants:
+//! - Parents are found through the candidate paths the child stores, in order; the first one that
+//!   exists is opened **read-only** and must carry the UUID the child expects.
+//! - A chain never holds the same file twice (cycles are detected on canonical paths) and never
+//!   holds more than [`MAX_CHAIN_DEPTH`] layers.
+//! - A read-only chain opens every file without write access; writes fail before touching any
+//!   file.
+//! - VHD layers only ever see whole-sector writes: partial sectors at the edges of a request are
+//!   read through the chain, patched and written back whole (read-modify-write), so a sector that
+//!   a differencing child marks present holds the parent's bytes around the patched ones.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use vhd::{OpenMode, ReadSource, VhdImage};
+
+use crate::disk::{push_merged, Disk, LayerInfo, MapExtent, OpenOptions};
+use crate::raw::RawFile;
+use crate::vhd_layer::{self, SECTOR};
+use crate::{probe, Error, Format, Result, MAX_CHAIN_DEPTH};
+
+/// Size of the zero buffer used to zero-fill discarded ranges.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// One file of a chain.
+#[derive(Debug)]
+pub enum Layer {
+    /// A plain file.
+    Raw(RawFile),
+    /// A VHD image (boxed: its block tables make it much larger than a raw layer).
+    Vhd(Box<VhdImage>),
+}
+
+impl Layer {
+    /// Opens `path`, choosing the format by content.
+    pub fn open(path: &Path, read_only: bool) -> Result<Layer> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| Error::io(path, "open", 0, e))?;
+        match probe::probe(&file, path)? {
+            Format::Vhdx => Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                what: "VHDX support is not built yet".into(),
+            }),
+            Format::Vhd => {
+                drop(file);
+                let mode = if read_only {
+                    OpenMode::ReadOnly
+                } else {
+                    OpenMode::ReadWrite
+                };
+                Ok(Layer::Vhd(Box::new(VhdImage::open(path, mode)?)))
+            }
+            Format::Raw => Ok(Layer::Raw(RawFile::from_file(path, file, read_only)?)),
+        }
+    }
+
+    /// The file as opened.
+    pub fn path(&self) -> &Path {
+        match self {
+            Layer::Raw(r) => r.path(),
+            Layer::Vhd(v) => v.path(),
+        }
+    }
+
+    /// Size of the virtual disk this layer describes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Layer::Raw(r) => r.size(),
+            Layer::Vhd(v) => v.virtual_size(),
+        }
+    }
+
+    /// Container format.
+    pub fn format(&self) -> Format {
+        match self {
+            Layer::Raw(_) => Format::Raw,
+            Layer::Vhd(_) => Format::Vhd,
+        }
+    }
+
+    /// Description for `info`.
+    pub fn info(&self) -> LayerInfo {
+        match self {
+            Layer::Raw(r) => LayerInfo {
+                path: r.path().to_path_buf(),
+                format: Format::Raw,
+                subformat: None,
+                virtual_size: r.size(),
+                block_size: None,
+                creator: None,
+                uuid: None,
+                parent_uuid: None,
+                parent_name: None,
+            },
+            Layer::Vhd(v) => vhd_layer::info(v),
+        }
+    }
+}
+
+/// Opens the disk at `path` (format by content) with all its parents.
+pub fn open(path: &Path, opts: OpenOptions) -> Result<Chain> {
+    Chain::open(path, opts)
+}
+
+/// A stack of layers, top first, behaving as one disk.
+#[derive(Debug)]
+pub struct Chain {
+    layers: Vec<Layer>,
+    read_only: bool,
+    /// Some layer needs whole-sector requests (any VHD layer).
+    sector_io: bool,
+}
+
+impl Chain {
+    /// Opens the disk at `path` (format by content) with all its parents.
+    pub fn open(path: &Path, opts: OpenOptions) -> Result<Chain> {
+        let top = Layer::open(path, opts.read_only)?;
+        Chain::from_top(top, opts.read_only)
+    }
+
+    /// Wraps an image just created or opened by the caller (for example a fresh conversion
+    /// output), resolving its parents if it is a differencing image.
+    pub fn from_vhd(image: VhdImage) -> Result<Chain> {
+        let read_only = !image.is_writable();
+        Chain::from_top(Layer::Vhd(Box::new(image)), read_only)
+    }
+
+    /// Builds the chain under `top` by following parent links.
+    pub fn from_top(top: Layer, read_only: bool) -> Result<Chain> {
+        let mut seen = HashSet::new();
+        seen.insert(canonical(top.path())?);
+        let top_path = top.path().to_path_buf();
+        let mut layers = vec![top];
+        while let Some(Layer::Vhd(child)) = layers.last() {
+            let Some(link) = child.parent() else {
+                break;
+            };
+            if layers.len() >= MAX_CHAIN_DEPTH {
+                return Err(Error::ChainTooDeep {
+                    path: top_path,
+                    limit: MAX_CHAIN_DEPTH,
+                });
+            }
+            let child_path = child.path().to_path_buf();
+            let Some(found) = link
+                .candidates
+                .iter()
+                .find(|c| c.metadata().is_ok_and(|m| !m.is_dir()))
+            else {
+                return Err(Error::ParentNotFound {
+                    child: child_path,
+                    name: link.unicode_name.clone(),
+                    tried: link.candidates.clone(),
+                });
+            };
+            let found = found.clone();
+            let expected = link.uuid;
+            if !seen.insert(canonical(&found)?) {
+                return Err(Error::ChainCycle {
+                    child: child_path,
+                    parent: found,
+                });
+            }
+            tracing::debug!(child = %child_path.display(), parent = %found.display(), "opening parent");
+            // Parents are never written: always read-only.
+            let parent = Layer::open(&found, true)?;
+            match &parent {
+                Layer::Vhd(p) if p.uuid() != expected => {
+                    return Err(Error::ParentMismatch {
+                        child: child_path,
+                        parent: found,
+                        expected,
+                        found: p.uuid(),
+                    })
+                }
+                Layer::Vhd(_) => {}
+                other => {
+                    return Err(Error::ParentNotVhd {
+                        child: child_path,
+                        parent: found,
+                        format: other.format(),
+                    })
+                }
+            }
+            layers.push(parent);
+        }
+        let sector_io = layers.iter().any(|l| matches!(l, Layer::Vhd(_)));
+        Ok(Chain {
+            layers,
+            read_only,
+            sector_io,
+        })
+    }
+
+    /// The layers, top first.
+    pub fn stack(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The top layer.
+    pub fn top(&self) -> &Layer {
+        &self.layers[0]
+    }
+
+    /// Path of the top image.
+    pub fn path(&self) -> &Path {
+        self.top().path()
+    }
+
+    /// Sets the write ordering policy of the top image (VHD only; no effect on raw files).
+    /// `Relaxed` suits fresh outputs under a temporary name.
+    pub fn set_durability(&mut self, d: vhd::Durability) {
+        if let Layer::Vhd(v) = &mut self.layers[0] {
+            v.set_durability(d);
+        }
+    }
+
+    /// Fails unless `[offset, offset + len)` lies inside the disk.
+    fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange {
+                path: self.path().to_path_buf(),
+                op,
+                offset,
+                len,
+                size,
+            }),
+        }
+    }
+
+    /// Fails if the disk is read-only.
+    fn check_writable(&self, op: &'static str) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                path: self.path().to_path_buf(),
+                op,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `buf` at `offset` from layer `level` downwards. Sector aligned for VHD layers
+    /// (except at the very end of a disk whose size is not a whole number of sectors).
+    fn read_level(&mut self, level: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        let Some(layer) = self.layers.get_mut(level) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        // Past the end of a smaller parent: zeros.
+        let avail = layer.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (buf, past_end) = buf.split_at_mut(avail);
+        past_end.fill(0);
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let extents = match layer {
+            Layer::Raw(r) => return r.read_at(buf, offset),
+            Layer::Vhd(v) => vhd_layer::resolve_read(v, offset, avail as u64)?,
+        };
+        for e in extents {
+            // In bounds: resolve_read checked that the extents tile the range.
+            let start = (e.offset - offset) as usize;
+            let part = &mut buf[start..start + e.len as usize];
+            match e.source {
+                ReadSource::Data { file_offset } => {
+                    // Extents only come from VHD layers.
+                    if let Layer::Vhd(v) = &self.layers[level] {
+                        vhd_layer::read_payload(v, part, file_offset)?;
+                    }
+                }
+                ReadSource::Zero => part.fill(0),
+                ReadSource::Parent => self.read_level(level + 1, part, e.offset)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the map of `[offset, offset + len)` as seen from layer `level` downwards.
+    fn map_level(
+        &mut self,
+        level: usize,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<MapExtent>,
+    ) -> Result<()> {
+        let bottom = self.layers.len() - 1;
+        let unallocated = |offset: u64, length: u64| MapExtent {
+            offset,
+            length,
+            depth: level.min(bottom) as u32,
+            data: false,
+            zero: true,
+            file_offset: None,
+            file: None,
+        };
+        let Some(layer) = self.layers.get_mut(level) else {
+            push_merged(out, unallocated(offset, len));
+            return Ok(());
+        };
+        let avail = layer.size().saturating_sub(offset).min(len);
+        let extents = match layer {
+            Layer::Raw(r) => {
+                r.map(offset, avail, level as u32, out);
+                Vec::new()
+            }
+            Layer::Vhd(v) if avail > 0 => vhd_layer::resolve_read(v, offset, avail)?,
+            Layer::Vhd(_) => Vec::new(),
+        };
+        for e in extents {
+            match e.source {
+                ReadSource::Data { file_offset } => push_merged(
+                    out,
+                    MapExtent {
+                        offset: e.offset,
+                        length: e.len,
+                        depth: level as u32,
+                        data: true,
+                        zero: false,
+                        file_offset: Some(file_offset),
+                        file: Some(self.layers[level].path().to_path_buf()),
+                    },
+                ),
+                ReadSource::Zero => push_merged(out, unallocated(e.offset, e.len)),
+                ReadSource::Parent if level < bottom => {
+                    self.map_level(level + 1, e.offset, e.len, out)?
+                }
+                ReadSource::Parent => push_merged(out, unallocated(e.offset, e.len)),
+            }
+        }
+        if avail < len {
+            push_merged(out, unallocated(offset + avail, len - avail));
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` to the top layer. For VHD the range must be whole sectors (or
+    /// end at the end of the disk).
+    fn write_top(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        match &mut self.layers[0] {
+            Layer::Raw(r) => r.write_at(buf, offset),
+            Layer::Vhd(v) => vhd_layer::write(v, buf, offset),
+        }
+    }
+
+    /// The sector holding `offset`: `(start, end)`, `end` clamped to the disk size.
+    fn sector_around(&self, offset: u64) -> (u64, u64) {
+        let start = offset - offset % SECTOR;
+        (start, (start + SECTOR).min(self.size()))
+    }
+
+    /// Writes zeros over `[offset, offset + len)` through the normal write path.
+    fn write_zeros(&mut self, offset: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(ZERO_CHUNK) as usize;
+            self.write_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Disk for Chain {
+    fn size(&self) -> u64 {
+        self.layers[0].size()
+    }
+
+    fn logical_sector_size(&self) -> u32 {
+        SECTOR as u32
+    }
+
+    fn physical_sector_size(&self) -> u32 {
+        SECTOR as u32
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        self.check_range("read", offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        if !self.sector_io || (offset % SECTOR == 0 && (end % SECTOR == 0 || end == self.size())) {
+            return self.read_level(0, buf, offset);
+        }
+        // Partial sectors at either edge go through a one-sector bounce buffer.
+        let mut sector = [0u8; SECTOR as usize];
+        let mut pos = offset;
+        if pos % SECTOR != 0 {
+            let (s0, s1) = self.sector_around(pos);
+            self.read_level(0, &mut sector[..(s1 - s0) as usize], s0)?;
+            let stop = end.min(s1);
+            buf[..(stop - pos) as usize]
+                .copy_from_slice(&sector[(pos - s0) as usize..(stop - s0) as usize]);
+            pos = stop;
+        }
+        let mid_end = end - end % SECTOR;
+        if mid_end > pos {
+            let b = &mut buf[(pos - offset) as usize..(mid_end - offset) as usize];
+            self.read_level(0, b, pos)?;
+            pos = mid_end;
+        }
+        if pos < end {
+            let (s0, s1) = self.sector_around(pos);
+            self.read_level(0, &mut sector[..(s1 - s0) as usize], s0)?;
+            buf[(pos - offset) as usize..].copy_from_slice(&sector[..(end - pos) as usize]);
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable("write")?;
+        let len = buf.len() as u64;
+        self.check_range("write", offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        let top_is_vhd = matches!(self.layers[0], Layer::Vhd(_));
+        if !top_is_vhd || (offset % SECTOR == 0 && (end % SECTOR == 0 || end == self.size())) {
+            return self.write_top(buf, offset);
+        }
+        // Read-modify-write the partial sectors at either edge.
+        let mut sector = [0u8; SECTOR as usize];
+        let mut pos = offset;
+        if pos % SECTOR != 0 {
+            let (s0, s1) = self.sector_around(pos);
+            let s = &mut sector[..(s1 - s0) as usize];
+            self.read_level(0, s, s0)?;
+            let stop = end.min(s1);
+            s[(pos - s0) as usize..(stop - s0) as usize]
+                .copy_from_slice(&buf[..(stop - pos) as usize]);
+            self.write_top(s, s0)?;
+            pos = stop;
+        }
+        let mid_end = end - end % SECTOR;
+        if mid_end > pos {
+            self.write_top(
+                &buf[(pos - offset) as usize..(mid_end - offset) as usize],
+                pos,
+            )?;
+            pos = mid_end;
+        }
+        if pos < end {
+            let (s0, s1) = self.sector_around(pos);
+            let s = &mut sector[..(s1 - s0) as usize];
+            self.read_level(0, s, s0)?;
+            s[..(end - pos) as usize].copy_from_slice(&buf[(pos - offset) as usize..]);
+            self.write_top(s, s0)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        match &mut self.layers[0] {
+            Layer::Raw(r) => r.flush(),
+            Layer::Vhd(v) => Ok(v.flush()?),
+        }
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable("discard")?;
+        self.check_range("discard", offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let remainder = match &mut self.layers[0] {
+            Layer::Raw(r) => return r.discard(offset, len),
+            Layer::Vhd(v) => v.discard(offset, len)?,
+        };
+        let end = offset + len;
+        for (o, l) in remainder {
+            // Only ever zero inside the requested range, whatever the format layer answered.
+            let start = o.max(offset);
+            let stop = o.saturating_add(l).min(end);
+            if stop > start {
+                self.write_zeros(start, stop - start)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn map(&mut self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
+        self.check_range("map", offset, len)?;
+        let mut out = Vec::new();
+        if len > 0 {
+            self.map_level(0, offset, len, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn layers(&self) -> Vec<LayerInfo> {
+        self.layers.iter().map(Layer::info).collect()
+    }
+
+    fn backing_chain(&self) -> Vec<PathBuf> {
+        self.layers.iter().map(|l| l.path().to_path_buf()).collect()
+    }
+}
+
+/// Canonical form of `path`, for cycle detection.
+fn canonical(path: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(path).map_err(|e| Error::io(path, "resolve path", 0, e))
+}

@@ -1,0 +1,179 @@
+//! Property test: random write / read / discard / flush / reopen sequences on fixed, dynamic and
+//! differencing VHDs behave exactly like a `Vec<u8>`.
+
+use std::path::{Path, PathBuf};
+
+use block_backend::{open, Chain, Disk, OpenOptions};
+use proptest::prelude::*;
+
+const SIZE: u64 = 8 << 20;
+const BLOCK: u32 = 512 << 10;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { offset: u64, len: usize, seed: u8 },
+    Read { offset: u64, len: usize },
+    Discard { offset: u64, len: u64 },
+    Flush,
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    // Offsets near block and sector boundaries are more interesting than uniform ones.
+    let offset = prop_oneof![
+        0..SIZE,
+        (0..SIZE / u64::from(BLOCK), -600i64..600).prop_map(|(b, d)| {
+            (b * u64::from(BLOCK))
+                .saturating_add_signed(d)
+                .min(SIZE - 1)
+        }),
+    ];
+    prop_oneof![
+        4 => (offset.clone(), 1usize..(1 << 20) + 1000, any::<u8>())
+            .prop_map(|(offset, len, seed)| Op::Write { offset, len, seed }),
+        2 => (offset.clone(), 1usize..(1 << 20)).prop_map(|(offset, len)| Op::Read { offset, len }),
+        1 => (offset, 1u64..(1 << 20) + 1000).prop_map(|(offset, len)| Op::Discard { offset, len }),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn data(seed: u8, offset: u64, len: usize) -> Vec<u8> {
+    block_backend::conformance::pattern(seed, offset, len)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Fixed,
+    Dynamic,
+    Differencing,
+}
+
+/// A parent file and its bytes before the test.
+type ParentSnapshot = (PathBuf, Vec<u8>);
+
+/// Creates the disk under test in `dir`; returns its path, the initial model, and for
+/// differencing disks the parent snapshot.
+fn setup(dir: &Path, kind: Kind) -> (PathBuf, Vec<u8>, Option<ParentSnapshot>) {
+    let create = |path: &Path, vhd_type, parent: Option<PathBuf>| {
+        let opts = vhd::CreateOptions {
+            size: SIZE,
+            vhd_type,
+            block_size: BLOCK,
+            sparse: true,
+            parent,
+        };
+        vhd::VhdImage::create(path, &opts).expect("create");
+    };
+    let path = dir.join("disk.vhd");
+    match kind {
+        Kind::Fixed => {
+            create(&path, vhd::VhdType::Fixed, None);
+            (path, vec![0; SIZE as usize], None)
+        }
+        Kind::Dynamic => {
+            create(&path, vhd::VhdType::Dynamic, None);
+            (path, vec![0; SIZE as usize], None)
+        }
+        Kind::Differencing => {
+            let parent = dir.join("parent.vhd");
+            create(&parent, vhd::VhdType::Dynamic, None);
+            let mut model = vec![0; SIZE as usize];
+            {
+                let mut p = open(&parent, OpenOptions::read_write()).expect("open parent");
+                for (o, l) in [
+                    (0u64, 700_000usize),
+                    (2_500_000, 1_300_000),
+                    (SIZE - 5000, 5000),
+                ] {
+                    let d = data(0xAA, o, l);
+                    p.write_at(&d, o).expect("fill parent");
+                    model[o as usize..o as usize + l].copy_from_slice(&d);
+                }
+                p.flush().expect("flush parent");
+            }
+            create(&path, vhd::VhdType::Dynamic, Some(parent.clone()));
+            let bytes = std::fs::read(&parent).expect("read parent");
+            (path, model, Some((parent, bytes)))
+        }
+    }
+}
+
+fn run(kind: Kind, ops: &[Op]) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, mut model, parent) = setup(dir.path(), kind);
+    let reopen = |p: &Path| -> Chain { open(p, OpenOptions::read_write()).expect("open") };
+    let mut disk = reopen(&path);
+    for op in ops {
+        match *op {
+            Op::Write { offset, len, seed } => {
+                let len = len.min((SIZE - offset) as usize);
+                let d = data(seed, offset, len);
+                disk.write_at(&d, offset).expect("write");
+                model[offset as usize..offset as usize + len].copy_from_slice(&d);
+            }
+            Op::Read { offset, len } => {
+                let len = len.min((SIZE - offset) as usize);
+                let mut buf = vec![0; len];
+                disk.read_at(&mut buf, offset).expect("read");
+                prop_assert!(
+                    buf[..] == model[offset as usize..offset as usize + len],
+                    "read {}+{} differs from the model",
+                    offset,
+                    len
+                );
+            }
+            Op::Discard { offset, len } => {
+                let len = len.min(SIZE - offset);
+                disk.discard(offset, len).expect("discard");
+                model[offset as usize..(offset + len) as usize].fill(0);
+            }
+            Op::Flush => disk.flush().expect("flush"),
+            Op::Reopen => {
+                disk.flush().expect("flush");
+                drop(disk);
+                disk = reopen(&path);
+            }
+        }
+    }
+    disk.flush().expect("final flush");
+    drop(disk);
+    let mut disk = reopen(&path);
+    let mut all = vec![0; SIZE as usize];
+    disk.read_at(&mut all, 0).expect("final read");
+    if let Some(i) = all.iter().zip(&model).position(|(a, b)| a != b) {
+        return Err(TestCaseError::fail(format!(
+            "after reopen byte {i} reads {:#x}, model says {:#x}",
+            all[i], model[i]
+        )));
+    }
+    drop(disk);
+    let report = vhd::check(&path).expect("check");
+    prop_assert!(report.corruptions.is_empty(), "image corrupt: {:?}", report);
+    if let Some((p, before)) = parent {
+        prop_assert!(
+            std::fs::read(&p).expect("read parent") == before,
+            "parent changed"
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fixed_vhd_behaves_like_a_byte_array(ops in prop::collection::vec(op(), 1..24)) {
+        run(Kind::Fixed, &ops)?;
+    }
+
+    #[test]
+    fn dynamic_vhd_behaves_like_a_byte_array(ops in prop::collection::vec(op(), 1..24)) {
+        run(Kind::Dynamic, &ops)?;
+    }
+
+    #[test]
+    fn differencing_vhd_behaves_like_a_byte_array(ops in prop::collection::vec(op(), 1..24)) {
+        run(Kind::Differencing, &ops)?;
+    }
+}
