@@ -1,0 +1,358 @@
+//! Creating VHDX images: fixed, dynamic and differencing, 512- or 4096-byte sectors.
+//!
+//! Layout (what Hyper-V writes, modulo order): identifier, two headers, two region tables, log at
+//! 1 MiB (1 MiB long), metadata region at 2 MiB, BAT at 3 MiB, payload blocks after it. Defaults
+//! follow Hyper-V: dynamic, 32 MiB blocks (2 MiB for differencing children), 512-byte logical
+//! and 4096-byte physical sectors. Unwritten blocks of a dynamic image are marked ZERO (so every
+//! reader returns zeros, where NOT_PRESENT would strictly be "undefined"); a fixed image has
+//! every block FULLY_PRESENT in a fully written file (Windows refuses sparse ones) unless
+//! `sparse` is asked for.
+
+use crate::error::{Error, Result};
+use crate::format::{
+    guids, le, metadata_table_bytes, state, utf16le, BatEntry, Header, MetadataEntry,
+    ParentLocator, RegionEntry, RegionTable, BLOCK_SIZE_RANGE, HEADER_OFFSETS, HEADER_SIGNATURE,
+    IDENT_SIGNATURE, KIB64, MAX_VIRTUAL_SIZE, MIB, REGION_OFFSETS,
+};
+use crate::image::{io, OpenMode, VhdxImage};
+use image_io::ImageFile;
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+/// Default block size of dynamic and fixed images (Hyper-V's).
+pub const DEFAULT_BLOCK_SIZE: u32 = 32 << 20;
+/// Default block size of differencing images.
+pub const DEFAULT_CHILD_BLOCK_SIZE: u32 = 2 << 20;
+
+/// Options for [`VhdxImage::create`].
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size (ignored with a parent).
+    pub size: u64,
+    /// Fixed (all blocks allocated) instead of dynamic; ignored with a parent.
+    pub fixed: bool,
+    /// Block size; `None` for the default.
+    pub block_size: Option<u32>,
+    /// 512 or 4096 (ignored with a parent: the parent's is used).
+    pub logical_sector_size: u32,
+    /// 512 or 4096.
+    pub physical_sector_size: u32,
+    /// Fixed only: leave the data area sparse.
+    pub sparse: bool,
+    /// Parent image: makes a differencing image. Opened read-only.
+    pub parent: Option<PathBuf>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            fixed: false,
+            block_size: None,
+            logical_sector_size: 512,
+            physical_sector_size: 4096,
+            sparse: false,
+            parent: None,
+        }
+    }
+}
+
+/// What a child records about its parent.
+#[derive(Debug, Clone)]
+pub struct ParentInfo {
+    /// Absolute path of the parent.
+    pub absolute: PathBuf,
+    /// Path of the parent relative to the child's directory, Windows style.
+    pub relative: String,
+    /// The parent's DataWriteGuid.
+    pub data_write_guid: Uuid,
+    /// The parent's virtual size.
+    pub virtual_size: u64,
+    /// The parent's logical sector size.
+    pub logical_sector_size: u32,
+    /// The parent's page 83 identifier (children share it).
+    pub page83: Uuid,
+}
+
+impl ParentInfo {
+    /// Reads a VHDX parent for a child to be created in `child_dir`.
+    pub fn read(parent: &Path, child_dir: &Path) -> Result<ParentInfo> {
+        let img = VhdxImage::open(parent, OpenMode::ReadOnly)?;
+        let absolute =
+            std::fs::canonicalize(parent).map_err(io(parent, "resolve parent path", 0))?;
+        let dir =
+            std::fs::canonicalize(child_dir).map_err(io(child_dir, "resolve directory", 0))?;
+        Ok(ParentInfo {
+            relative: relative_windows_path(&dir, &absolute),
+            absolute,
+            data_write_guid: img.header().data_write_guid,
+            virtual_size: img.virtual_size(),
+            logical_sector_size: img.logical_sector_size(),
+            page83: img.params().page83,
+        })
+    }
+}
+
+/// `target` relative to `from_dir`, Windows style (`.\p.vhdx`, `..\d\p.vhdx`).
+fn relative_windows_path(from_dir: &Path, target: &Path) -> String {
+    let from: Vec<_> = from_dir.components().collect();
+    let to: Vec<_> = target.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = Vec::new();
+    if common == from.len() {
+        parts.push(".".into());
+    }
+    parts.extend(std::iter::repeat_n("..".to_string(), from.len() - common));
+    parts.extend(
+        to[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    parts.join("\\")
+}
+
+impl VhdxImage<std::fs::File> {
+    /// Creates an image at `path` (which must not exist) through a temporary name, and opens
+    /// it read-write.
+    pub fn create(path: &Path, opts: &CreateOptions) -> Result<Self> {
+        if path.exists() {
+            return Err(Error::InvalidArgument(format!(
+                "{} already exists",
+                path.display()
+            )));
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let parent = match &opts.parent {
+            Some(p) => Some(ParentInfo::read(p, &dir)?),
+            None => None,
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.vhdkit-tmp-{}", std::process::id()));
+        let result = (|| {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(io(&tmp, "create", 0))?;
+            write_layout(&file, &tmp, opts, parent.as_ref())?;
+            std::fs::hard_link(&tmp, path)
+                .or_else(|e| {
+                    if path.exists() {
+                        Err(e)
+                    } else {
+                        std::fs::rename(&tmp, path)
+                    }
+                })
+                .map_err(io(path, "rename into place", 0))
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        result?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        VhdxImage::open(path, OpenMode::ReadWrite)
+    }
+}
+
+impl<F: ImageFile> VhdxImage<F> {
+    /// Writes a new image into the empty `file` and opens it read-write.
+    pub fn create_in(
+        file: F,
+        path: &Path,
+        opts: &CreateOptions,
+        parent: Option<&ParentInfo>,
+    ) -> Result<Self> {
+        write_layout(&file, path, opts, parent)?;
+        VhdxImage::open_file(file, path, OpenMode::ReadWrite)
+    }
+}
+
+/// Validates the options and writes every structure of a new image.
+fn write_layout<F: ImageFile>(
+    file: &F,
+    path: &Path,
+    opts: &CreateOptions,
+    parent: Option<&ParentInfo>,
+) -> Result<()> {
+    let (size, lss) = match parent {
+        Some(p) => (p.virtual_size, p.logical_sector_size),
+        None => (opts.size, opts.logical_sector_size),
+    };
+    let fixed = opts.fixed && parent.is_none();
+    let bs = opts.block_size.unwrap_or(if parent.is_some() {
+        DEFAULT_CHILD_BLOCK_SIZE
+    } else {
+        DEFAULT_BLOCK_SIZE
+    });
+    let pss = opts.physical_sector_size;
+    let bad = |m: String| Err(Error::InvalidArgument(m));
+    if lss != 512 && lss != 4096 {
+        return bad(format!("logical sector size {lss} must be 512 or 4096"));
+    }
+    if pss != 512 && pss != 4096 {
+        return bad(format!("physical sector size {pss} must be 512 or 4096"));
+    }
+    if !bs.is_power_of_two() || !BLOCK_SIZE_RANGE.contains(&bs) {
+        return bad(format!(
+            "block size {bs} must be a power of two from 1 MiB to 256 MiB"
+        ));
+    }
+    if size == 0 || size % lss as u64 != 0 || size > MAX_VIRTUAL_SIZE {
+        return bad(format!(
+            "virtual size {size} must be a positive multiple of {lss} bytes, at most 64 TiB"
+        ));
+    }
+    let w = |buf: &[u8], at: u64, op: &'static str| {
+        file.write_all_at(buf, at).map_err(io(path, op, at))
+    };
+
+    // File type identifier.
+    let mut ident = vec![0u8; KIB64 as usize];
+    ident[..8].copy_from_slice(IDENT_SIGNATURE);
+    let creator = utf16le(&format!("vhdkit {}", env!("CARGO_PKG_VERSION")));
+    ident[8..8 + creator.len()].copy_from_slice(&creator);
+    w(&ident, 0, "write file identifier")?;
+
+    // Headers: both valid, the second current.
+    let (fw, dw) = (Uuid::new_v4(), Uuid::new_v4());
+    for (i, at) in HEADER_OFFSETS.into_iter().enumerate() {
+        let h = Header {
+            signature: HEADER_SIGNATURE,
+            checksum: 0,
+            sequence_number: i as u64 + 1,
+            file_write_guid: fw,
+            data_write_guid: dw,
+            log_guid: Uuid::nil(),
+            log_version: 0,
+            version: 1,
+            log_length: MIB as u32,
+            log_offset: MIB,
+        };
+        w(&h.to_bytes(), at, "write header")?;
+    }
+
+    // Geometry of the BAT.
+    let chunk_ratio = (1u64 << 23) * lss as u64 / bs as u64;
+    let blocks = size.div_ceil(bs as u64);
+    let entries = if parent.is_some() {
+        blocks.div_ceil(chunk_ratio) * (chunk_ratio + 1)
+    } else {
+        blocks + (blocks - 1) / chunk_ratio
+    };
+    let (meta_at, bat_at) = (2 * MIB, 3 * MIB);
+    let bat_len = (entries * 8).next_multiple_of(MIB);
+    let bat_len32 =
+        u32::try_from(bat_len).map_err(|_| Error::InvalidArgument("BAT too large".into()))?;
+    let regions = RegionTable {
+        signature: 0,
+        checksum: 0,
+        entries: vec![
+            RegionEntry {
+                guid: guids::BAT_REGION,
+                file_offset: bat_at,
+                length: bat_len32,
+                required: true,
+            },
+            RegionEntry {
+                guid: guids::METADATA_REGION,
+                file_offset: meta_at,
+                length: MIB as u32,
+                required: true,
+            },
+        ],
+    };
+    for at in REGION_OFFSETS {
+        w(&regions.to_bytes(), at, "write region table")?;
+    }
+
+    // Metadata items, packed from 64 KiB.
+    let mut items: Vec<(uuid::Uuid, Vec<u8>, bool)> = Vec::new();
+    let mut fp = vec![0u8; 8];
+    le::put_u32(&mut fp, 0, bs);
+    le::put_u32(&mut fp, 4, fixed as u32 | (parent.is_some() as u32) << 1);
+    items.push((guids::FILE_PARAMETERS, fp, false));
+    items.push((guids::VIRTUAL_DISK_SIZE, size.to_le_bytes().to_vec(), true));
+    let page83 = parent.map_or_else(Uuid::new_v4, |p| p.page83);
+    items.push((guids::PAGE_83_DATA, page83.to_bytes_le().to_vec(), true));
+    items.push((guids::LOGICAL_SECTOR_SIZE, lss.to_le_bytes().to_vec(), true));
+    items.push((
+        guids::PHYSICAL_SECTOR_SIZE,
+        pss.to_le_bytes().to_vec(),
+        true,
+    ));
+    if let Some(p) = parent {
+        let loc = ParentLocator {
+            locator_type: guids::PARENT_LOCATOR_TYPE,
+            entries: vec![
+                (
+                    "parent_linkage".into(),
+                    format!("{{{}}}", p.data_write_guid),
+                ),
+                ("relative_path".into(), p.relative.clone()),
+                (
+                    "absolute_win32_path".into(),
+                    p.absolute.to_string_lossy().into_owned(),
+                ),
+            ],
+        };
+        items.push((guids::PARENT_LOCATOR, loc.to_bytes(), false));
+    }
+    let mut entries_md = Vec::new();
+    let mut off = KIB64 as u32;
+    for (id, data, virtual_disk) in &items {
+        w(data, meta_at + off as u64, "write metadata item")?;
+        entries_md.push(MetadataEntry {
+            item_id: *id,
+            offset: off,
+            length: data.len() as u32,
+            is_user: false,
+            is_virtual_disk: *virtual_disk,
+            is_required: true,
+        });
+        off += data.len() as u32;
+    }
+    w(
+        &metadata_table_bytes(&entries_md),
+        meta_at,
+        "write metadata table",
+    )?;
+
+    // BAT and payload.
+    let data_at = bat_at + bat_len;
+    let mut bat = vec![0u8; (entries * 8) as usize];
+    let mut end = data_at;
+    for b in 0..blocks {
+        let idx = (b + b / chunk_ratio) as usize;
+        let e = if fixed {
+            BatEntry::new(state::FULLY_PRESENT, data_at + b * bs as u64)
+        } else if parent.is_some() {
+            BatEntry::new(state::NOT_PRESENT, 0)
+        } else {
+            BatEntry::new(state::ZERO, 0)
+        };
+        le::put_u64(&mut bat, idx * 8, e.0);
+    }
+    w(&bat, bat_at, "write BAT")?;
+    if fixed {
+        end = data_at + blocks * bs as u64;
+        if !opts.sparse {
+            let zeros = vec![0u8; MIB as usize];
+            let mut at = data_at;
+            while at < end {
+                w(&zeros, at, "preallocate")?;
+                at += MIB;
+            }
+        }
+    }
+    file.set_len(end.max(data_at))
+        .map_err(io(path, "set length", end))?;
+    file.sync_data().map_err(io(path, "sync", 0))?;
+    Ok(())
+}

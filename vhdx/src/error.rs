@@ -1,0 +1,113 @@
+//! Typed errors. Every error that comes from bytes on disk names the file, the structure and the
+//! byte offset where the problem was found.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Stable classification of an [`Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The underlying file operation failed.
+    Io,
+    /// The file is not a VHDX image.
+    NotVhdx,
+    /// A structure failed its CRC-32C.
+    Checksum,
+    /// A structure is inconsistent or out of bounds.
+    Corrupt,
+    /// A valid image using something this crate does not handle.
+    Unsupported,
+    /// The caller asked for something impossible.
+    InvalidArgument,
+    /// A write on an image opened read-only.
+    ReadOnly,
+}
+
+/// Errors of the `vhdx` crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O operation on the image file failed.
+    #[error("{}: {op} at offset {offset}: {source}", path.display())]
+    Io {
+        /// File being accessed.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// Byte offset in the file.
+        offset: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The file is not a VHDX.
+    #[error("{}: not a VHDX image: {reason}", path.display())]
+    NotVhdx {
+        /// File that was probed.
+        path: PathBuf,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A CRC-32C did not match.
+    #[error(
+        "{}: {structure} at offset {offset}: checksum mismatch (stored {stored:#010x}, computed {computed:#010x})",
+        path.display()
+    )]
+    Checksum {
+        /// File holding the structure.
+        path: PathBuf,
+        /// Structure name.
+        structure: &'static str,
+        /// Byte offset of the structure.
+        offset: u64,
+        /// Stored CRC.
+        stored: u32,
+        /// Computed CRC.
+        computed: u32,
+    },
+    /// A structure is inconsistent or points outside the file.
+    #[error("{}: {structure} at offset {offset}: {reason}", path.display())]
+    Corrupt {
+        /// File holding the structure.
+        path: PathBuf,
+        /// Structure name.
+        structure: &'static str,
+        /// Byte offset of the structure or field.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A feature this crate does not handle.
+    #[error("{}: unsupported: {what}", path.display())]
+    Unsupported {
+        /// The image file.
+        path: PathBuf,
+        /// What is not supported.
+        what: String,
+    },
+    /// The caller asked for something impossible.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// Write on a read-only image.
+    #[error("{}: image is open read-only", path.display())]
+    ReadOnly {
+        /// The image file.
+        path: PathBuf,
+    },
+}
+
+impl Error {
+    /// The stable kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            Error::NotVhdx { .. } => ErrorKind::NotVhdx,
+            Error::Checksum { .. } => ErrorKind::Checksum,
+            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::ReadOnly { .. } => ErrorKind::ReadOnly,
+        }
+    }
+}

@@ -1,0 +1,1092 @@
+//! An open VHDX image: replays the log, resolves virtual ranges to file ranges, allocates
+//! blocks, and makes metadata changes durable through the log.
+//!
+//! Invariants:
+//! - A pending log is replayed before anything else is trusted: on disk for a writable open, into
+//!   an in-memory overlay (never touching the file) for a read-only one.
+//! - A read-only image never writes. A writable open rotates FileWriteGuid before its first
+//!   write; the first data write rotates DataWriteGuid (children link to it).
+//! - Payload goes straight to its file offset. BAT and sector-bitmap changes are kept in memory
+//!   and written by [`VhdxImage::flush`]: sync the payload, write a log entry, sync, apply the
+//!   pages at their homes, sync. While the image is open for writing with pending changes the
+//!   header's LogGuid is set; a clean close clears it.
+//! - New blocks are appended at 1 MiB-aligned offsets past everything in the file, so fresh
+//!   block space reads as zeros and never exposes stale bytes.
+
+use crate::error::{Error, Result};
+use crate::format::{
+    guids, le, state, BatEntry, Header, RegionTable, HEADER_OFFSETS, HEADER_SIZE, IDENT_SIGNATURE,
+    MIB, REGION_OFFSETS, TABLE_SIZE,
+};
+use crate::log::{build_entry, find_replay, LogWrite, MAX_PAGES_PER_ENTRY, SECTOR};
+use crate::meta::{DiskParams, ParentLink};
+use image_io::ImageFile;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+/// Whether an image may be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Never writes; a pending log is replayed in memory.
+    ReadOnly,
+    /// Reads and writes; a pending log is replayed on disk.
+    ReadWrite,
+}
+
+/// How strictly metadata updates are ordered against payload writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Metadata through the log, with barriers: crash-safe at every point.
+    Durable,
+    /// Metadata written in place at flush, one sync: for fresh outputs under a temporary name.
+    Relaxed,
+}
+
+/// Where a piece of a virtual range lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadSource {
+    /// In this file at `file_offset` (read it with [`VhdxImage::read_file_at`]).
+    Data {
+        /// Byte offset in the file.
+        file_offset: u64,
+    },
+    /// Reads as zeros.
+    Zero,
+    /// Not in this image: ask the parent.
+    Parent,
+}
+
+/// A contiguous piece of a resolved virtual range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadExtent {
+    /// Virtual byte offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Where the bytes are.
+    pub source: ReadSource,
+}
+
+/// A file range to write payload to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteExtent {
+    /// Virtual byte offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Byte offset in the file.
+    pub file_offset: u64,
+}
+
+/// Result of [`VhdxImage::resolve_write`]: write the payload, then [`VhdxImage::commit_write`].
+#[derive(Debug)]
+#[must_use = "commit_write makes the written sectors visible"]
+pub struct WritePlan {
+    /// File ranges in virtual order covering the requested range.
+    pub extents: Vec<WriteExtent>,
+    /// Virtual sector ranges of partially present blocks whose bitmap bits commit sets.
+    sectors: Vec<(u64, u64)>,
+}
+
+/// Parsed location of the two regions.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Regions {
+    pub bat_offset: u64,
+    pub bat_length: u64,
+    pub metadata_offset: u64,
+    pub metadata_length: u64,
+}
+
+/// An open VHDX image over any [`ImageFile`] (a `std::fs::File` for real use).
+#[derive(Debug)]
+pub struct VhdxImage<F: ImageFile = std::fs::File> {
+    path: PathBuf,
+    file: F,
+    writable: bool,
+    durability: Durability,
+    creator: String,
+    header: Header,
+    header_slot: usize,
+    regions: Regions,
+    params: DiskParams,
+    parent: Option<ParentLink>,
+    bat: Vec<BatEntry>,
+    dirty_bat_pages: BTreeSet<u64>,
+    bitmap_pages: HashMap<u64, Box<[u8; SECTOR]>>,
+    dirty_bitmap_pages: BTreeSet<u64>,
+    overlay: BTreeMap<u64, Box<[u8; SECTOR]>>,
+    file_len: u64,
+    next_alloc: u64,
+    log_active: bool,
+    log_sequence: u64,
+    log_position: u64,
+    data_guid_rotated: bool,
+    replayed: bool,
+}
+
+pub(crate) fn io<'a>(
+    path: &'a Path,
+    op: &'static str,
+    offset: u64,
+) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        path: path.into(),
+        op,
+        offset,
+        source,
+    }
+}
+
+/// Most zero-filled pages a read-only replay keeps in memory (64 MiB).
+const MAX_OVERLAY_ZERO_PAGES: u64 = 16384;
+
+impl VhdxImage<std::fs::File> {
+    /// Opens the image at `path`.
+    pub fn open(path: &Path, mode: OpenMode) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(mode == OpenMode::ReadWrite)
+            .open(path)
+            .map_err(io(path, "open", 0))?;
+        Self::open_file(file, path, mode)
+    }
+
+    /// Whether `file` starts with the `vhdxfile` signature.
+    pub fn probe(file: &std::fs::File) -> std::io::Result<bool> {
+        let mut sig = [0u8; 8];
+        match std::os::unix::fs::FileExt::read_exact_at(file, &mut sig, 0) {
+            Ok(()) => Ok(&sig == IDENT_SIGNATURE),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl<F: ImageFile> VhdxImage<F> {
+    /// Opens an image held in `file`; `path` names it in errors and anchors relative parent
+    /// paths.
+    pub fn open_file(file: F, path: &Path, mode: OpenMode) -> Result<Self> {
+        let writable = mode == OpenMode::ReadWrite;
+        let file_len = file.len().map_err(io(path, "stat", 0))?;
+        let mut ident = [0u8; 520];
+        if file_len < 4 * MIB / 4 {
+            return Err(Error::NotVhdx {
+                path: path.into(),
+                reason: format!("file is {file_len} bytes, smaller than the VHDX header section"),
+            });
+        }
+        file.read_exact_at(&mut ident, 0)
+            .map_err(io(path, "read file identifier", 0))?;
+        if &ident[..8] != IDENT_SIGNATURE {
+            return Err(Error::NotVhdx {
+                path: path.into(),
+                reason: "no \"vhdxfile\" signature at offset 0".into(),
+            });
+        }
+        let creator = crate::format::from_utf16le(&ident[8..520]);
+        let (header, header_slot) = read_headers(&file, path)?;
+        let mut img = VhdxImage {
+            path: path.into(),
+            file,
+            writable,
+            durability: Durability::Durable,
+            creator,
+            header,
+            header_slot,
+            regions: Regions {
+                bat_offset: 0,
+                bat_length: 0,
+                metadata_offset: 0,
+                metadata_length: 0,
+            },
+            params: DiskParams::default(),
+            parent: None,
+            bat: Vec::new(),
+            dirty_bat_pages: BTreeSet::new(),
+            bitmap_pages: HashMap::new(),
+            dirty_bitmap_pages: BTreeSet::new(),
+            overlay: BTreeMap::new(),
+            file_len,
+            next_alloc: 0,
+            log_active: false,
+            log_sequence: 1,
+            log_position: 0,
+            data_guid_rotated: false,
+            replayed: false,
+        };
+        img.replay_log()?;
+        img.regions = img.read_regions()?;
+        let (params, parent) = crate::meta::read_metadata(&img)?;
+        img.params = params;
+        img.parent = parent;
+        img.read_bat()?;
+        if writable {
+            // A new FileWriteGuid before anything else is modified in this session.
+            let mut h = img.header.clone();
+            h.file_write_guid = Uuid::new_v4();
+            img.write_header(h)?;
+        }
+        Ok(img)
+    }
+
+    /// Path of the image.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The underlying file: payload writes go to the offsets `resolve_write` returns.
+    pub fn file(&self) -> &F {
+        &self.file
+    }
+
+    /// The creator string of the file type identifier.
+    pub fn creator(&self) -> &str {
+        &self.creator
+    }
+
+    /// The current header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Disk parameters from the metadata region.
+    pub fn params(&self) -> &DiskParams {
+        &self.params
+    }
+
+    /// Virtual size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.params.virtual_size
+    }
+
+    /// Block size in bytes.
+    pub fn block_size(&self) -> u32 {
+        self.params.block_size
+    }
+
+    /// Logical sector size (512 or 4096).
+    pub fn logical_sector_size(&self) -> u32 {
+        self.params.logical_sector_size
+    }
+
+    /// Physical sector size (512 or 4096).
+    pub fn physical_sector_size(&self) -> u32 {
+        self.params.physical_sector_size
+    }
+
+    /// Fixed (blocks left allocated), dynamic or differencing.
+    pub fn subformat(&self) -> &'static str {
+        if self.params.has_parent {
+            "differencing"
+        } else if self.params.leave_blocks_allocated {
+            "fixed"
+        } else {
+            "dynamic"
+        }
+    }
+
+    /// The parent link of a differencing image.
+    pub fn parent(&self) -> Option<&ParentLink> {
+        self.parent.as_ref()
+    }
+
+    /// Whether a log was replayed at open (on disk or in memory).
+    pub fn replayed_log(&self) -> bool {
+        self.replayed
+    }
+
+    /// Whether opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Sets the ordering mode for later flushes.
+    pub fn set_durability(&mut self, d: Durability) {
+        self.durability = d;
+    }
+
+    /// Number of payload blocks with data in this file.
+    pub fn allocated_blocks(&self) -> usize {
+        (0..self.payload_blocks())
+            .filter(|&b| {
+                matches!(
+                    self.bat[self.payload_index(b)].state(),
+                    state::FULLY_PRESENT | state::PARTIALLY_PRESENT
+                )
+            })
+            .count()
+    }
+
+    pub(crate) fn chunk_ratio(&self) -> u64 {
+        (1u64 << 23) * self.params.logical_sector_size as u64 / self.params.block_size as u64
+    }
+
+    pub(crate) fn payload_blocks(&self) -> u64 {
+        self.params
+            .virtual_size
+            .div_ceil(self.params.block_size as u64)
+    }
+
+    fn payload_index(&self, block: u64) -> usize {
+        (block + block / self.chunk_ratio()) as usize
+    }
+
+    fn bitmap_index(&self, chunk: u64) -> usize {
+        (chunk * (self.chunk_ratio() + 1) + self.chunk_ratio()) as usize
+    }
+
+    pub(crate) fn bat_entries(&self) -> u64 {
+        let (n, cr) = (self.payload_blocks(), self.chunk_ratio());
+        if self.params.has_parent {
+            n.div_ceil(cr) * (cr + 1)
+        } else {
+            n + (n - 1) / cr
+        }
+    }
+
+    /// Reads file bytes as they are after log replay: a read-only open sees the replayed pages
+    /// from memory, and zeros past the end of the file up to the replayed length.
+    pub fn read_file_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| Error::InvalidArgument("offset overflow".into()))?;
+        let on_disk = self.file.len().map_err(io(&self.path, "stat", offset))?;
+        if end > self.file_len.max(on_disk) {
+            return Err(Error::Corrupt {
+                path: self.path.clone(),
+                structure: "file",
+                offset,
+                reason: format!(
+                    "read of {} bytes past the end of the file ({} bytes)",
+                    buf.len(),
+                    self.file_len.max(on_disk)
+                ),
+            });
+        }
+        let real = on_disk.saturating_sub(offset).min(buf.len() as u64) as usize;
+        if real > 0 {
+            self.file
+                .read_exact_at(&mut buf[..real], offset)
+                .map_err(io(&self.path, "read", offset))?;
+        }
+        buf[real..].fill(0);
+        if !self.overlay.is_empty() {
+            let first = offset / SECTOR as u64 * SECTOR as u64;
+            for (&at, page) in self.overlay.range(first..end) {
+                let s = at.max(offset);
+                let e = (at + SECTOR as u64).min(end);
+                buf[(s - offset) as usize..(e - offset) as usize]
+                    .copy_from_slice(&page[(s - at) as usize..(e - at) as usize]);
+            }
+        }
+        Ok(())
+    }
+
+    fn replay_log(&mut self) -> Result<()> {
+        let h = self.header.clone();
+        if h.log_guid.is_nil() || h.log_length == 0 {
+            return Ok(());
+        }
+        let end = h.log_offset.checked_add(h.log_length as u64);
+        if end.is_none_or(|e| e > self.file_len) {
+            return Err(Error::Corrupt {
+                path: self.path.clone(),
+                structure: "header",
+                offset: HEADER_OFFSETS[self.header_slot] + 68,
+                reason: format!(
+                    "log at {:#x} (+{:#x}) lies outside the file",
+                    h.log_offset, h.log_length
+                ),
+            });
+        }
+        let mut log = vec![0u8; h.log_length as usize];
+        self.file.read_exact_at(&mut log, h.log_offset).map_err(io(
+            &self.path,
+            "read log",
+            h.log_offset,
+        ))?;
+        let replay = find_replay(&log, h.log_guid).map_err(|reason| Error::Corrupt {
+            path: self.path.clone(),
+            structure: "log",
+            offset: h.log_offset,
+            reason,
+        })?;
+        let Some(replay) = replay else {
+            // LogGuid set but nothing valid to replay: nothing changes.
+            if self.writable {
+                let mut nh = h.clone();
+                nh.log_guid = Uuid::nil();
+                nh.file_write_guid = Uuid::new_v4();
+                self.write_header(nh)?;
+            }
+            return Ok(());
+        };
+        if self.file_len < replay.flushed_file_offset {
+            return Err(Error::Corrupt { path: self.path.clone(), structure: "log", offset: h.log_offset, reason: format!("file is {} bytes but the log was written when it had {}: the file was truncated", self.file_len, replay.flushed_file_offset) });
+        }
+        self.replayed = true;
+        if self.writable {
+            let mut nh = h.clone();
+            nh.file_write_guid = Uuid::new_v4();
+            for w in &replay.writes {
+                match w {
+                    LogWrite::Page { offset, data } => {
+                        self.file.write_all_at(&data[..], *offset).map_err(io(
+                            &self.path,
+                            "replay log page",
+                            *offset,
+                        ))?
+                    }
+                    LogWrite::Zero { offset, length } => {
+                        let zeros = vec![0u8; MIB as usize];
+                        let mut at = 0;
+                        while at < *length {
+                            let n = (length - at).min(MIB);
+                            self.file
+                                .write_all_at(&zeros[..n as usize], offset + at)
+                                .map_err(io(&self.path, "replay log zeros", offset + at))?;
+                            at += n;
+                        }
+                    }
+                }
+            }
+            if self.file.len().map_err(io(&self.path, "stat", 0))? < replay.last_file_offset {
+                self.file.set_len(replay.last_file_offset).map_err(io(
+                    &self.path,
+                    "extend file after replay",
+                    replay.last_file_offset,
+                ))?;
+            }
+            self.file
+                .sync_data()
+                .map_err(io(&self.path, "sync replay", 0))?;
+            self.file_len = self.file.len().map_err(io(&self.path, "stat", 0))?;
+            nh.log_guid = Uuid::nil();
+            self.write_header(nh)?;
+        } else {
+            let mut zero_pages = 0u64;
+            for w in &replay.writes {
+                match w {
+                    LogWrite::Page { offset, data } => {
+                        self.overlay.insert(*offset, data.clone());
+                    }
+                    LogWrite::Zero { offset, length } => {
+                        zero_pages += length / SECTOR as u64;
+                        if zero_pages > MAX_OVERLAY_ZERO_PAGES {
+                            return Err(Error::Unsupported { path: self.path.clone(), what: "the pending log zeroes more than 64 MiB; open it writable (`vhdtool check --repair`) to replay it on disk".into() });
+                        }
+                        for p in (0..length / SECTOR as u64).map(|i| offset + i * SECTOR as u64) {
+                            self.overlay.insert(p, Box::new([0u8; SECTOR]));
+                        }
+                    }
+                }
+            }
+            self.file_len = self.file_len.max(replay.last_file_offset);
+        }
+        Ok(())
+    }
+
+    fn read_regions(&self) -> Result<Regions> {
+        let mut last_err = None;
+        for at in REGION_OFFSETS {
+            let mut b = vec![0u8; TABLE_SIZE];
+            self.read_file_at(&mut b, at)?;
+            match self.parse_regions(&b, at) {
+                Ok(r) => return Ok(r),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.expect("two tables tried"))
+    }
+
+    fn parse_regions(&self, b: &[u8], at: u64) -> Result<Regions> {
+        let corrupt = |reason: String| Error::Corrupt {
+            path: self.path.clone(),
+            structure: "region table",
+            offset: at,
+            reason,
+        };
+        let t = RegionTable::parse(b).ok_or_else(|| corrupt("more than 2047 entries".into()))?;
+        if t.signature != crate::format::REGION_SIGNATURE {
+            return Err(corrupt("bad signature (expected \"regi\")".into()));
+        }
+        let computed = crate::format::crc_with_zeroed(b, 4);
+        if computed != t.checksum {
+            return Err(Error::Checksum {
+                path: self.path.clone(),
+                structure: "region table",
+                offset: at,
+                stored: t.checksum,
+                computed,
+            });
+        }
+        let (mut bat, mut meta) = (None, None);
+        for e in &t.entries {
+            let end = e.file_offset.checked_add(e.length as u64);
+            if e.file_offset % MIB != 0
+                || e.file_offset < MIB
+                || !(e.length as u64).is_multiple_of(MIB)
+                || e.length == 0
+                || end.is_none_or(|x| x > self.file_len)
+            {
+                return Err(corrupt(format!(
+                    "region {} at {:#x} (+{:#x}) is not 1 MiB aligned inside the file",
+                    e.guid, e.file_offset, e.length
+                )));
+            }
+            if e.guid == guids::BAT_REGION {
+                bat = Some((e.file_offset, e.length as u64));
+            } else if e.guid == guids::METADATA_REGION {
+                meta = Some((e.file_offset, e.length as u64));
+            } else if e.required {
+                return Err(Error::Unsupported {
+                    path: self.path.clone(),
+                    what: format!("required region {} is unknown", e.guid),
+                });
+            }
+        }
+        let (Some(bat), Some(meta)) = (bat, meta) else {
+            return Err(corrupt("BAT or metadata region missing".into()));
+        };
+        let log = (self.header.log_offset, self.header.log_length as u64);
+        for (a, b, what) in [
+            (bat, meta, "BAT and metadata"),
+            (bat, log, "BAT and log"),
+            (meta, log, "metadata and log"),
+        ] {
+            if a.0 < b.0 + b.1 && b.0 < a.0 + a.1 {
+                return Err(corrupt(format!("{what} regions overlap")));
+            }
+        }
+        Ok(Regions {
+            bat_offset: bat.0,
+            bat_length: bat.1,
+            metadata_offset: meta.0,
+            metadata_length: meta.1,
+        })
+    }
+
+    pub(crate) fn regions(&self) -> Regions {
+        self.regions
+    }
+
+    fn read_bat(&mut self) -> Result<()> {
+        let entries = self.bat_entries();
+        if entries * 8 > self.regions.bat_length {
+            return Err(Error::Corrupt {
+                path: self.path.clone(),
+                structure: "BAT",
+                offset: self.regions.bat_offset,
+                reason: format!(
+                    "{entries} entries do not fit in the BAT region of {} bytes",
+                    self.regions.bat_length
+                ),
+            });
+        }
+        let mut raw = vec![0u8; (entries * 8) as usize];
+        self.read_file_at(&mut raw, self.regions.bat_offset)?;
+        self.bat = raw
+            .chunks_exact(8)
+            .map(|c| BatEntry(le::u64(c, 0)))
+            .collect();
+        let problems = crate::check::bat_problems(self);
+        if let Some((offset, reason)) = problems.into_iter().next() {
+            return Err(Error::Corrupt {
+                path: self.path.clone(),
+                structure: "BAT",
+                offset,
+                reason,
+            });
+        }
+        let mut end = self
+            .file_len
+            .max(self.regions.bat_offset + self.regions.bat_length)
+            .max(self.regions.metadata_offset + self.regions.metadata_length);
+        for e in &self.bat {
+            if matches!(e.state(), state::FULLY_PRESENT | state::PARTIALLY_PRESENT) {
+                end = end.max(e.file_offset() + self.params.block_size as u64);
+            }
+        }
+        self.next_alloc = end.next_multiple_of(MIB);
+        Ok(())
+    }
+
+    pub(crate) fn bat(&self) -> &[BatEntry] {
+        &self.bat
+    }
+
+    pub(crate) fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > self.params.virtual_size)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{}: range {offset}+{len} is beyond the virtual size {}",
+                self.path.display(),
+                self.params.virtual_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// File offset of the bitmap page holding virtual sector `sector`, and the bit index in it.
+    fn bitmap_location(&self, sector: u64) -> (u64, usize) {
+        let per_chunk = 1u64 << 23;
+        let chunk = sector / per_chunk;
+        let within = sector % per_chunk;
+        let sb = self.bat[self.bitmap_index(chunk)].file_offset();
+        let page = within / (SECTOR as u64 * 8);
+        (
+            sb + page * SECTOR as u64,
+            (within % (SECTOR as u64 * 8)) as usize,
+        )
+    }
+
+    fn bitmap_page(&mut self, page_at: u64) -> Result<&mut Box<[u8; SECTOR]>> {
+        if !self.bitmap_pages.contains_key(&page_at) {
+            let mut p = Box::new([0u8; SECTOR]);
+            self.read_file_at(&mut p[..], page_at)?;
+            self.bitmap_pages.insert(page_at, p);
+        }
+        Ok(self.bitmap_pages.get_mut(&page_at).expect("inserted"))
+    }
+
+    fn sector_present(&mut self, sector: u64) -> Result<bool> {
+        let (page, bit) = self.bitmap_location(sector);
+        let p = self.bitmap_page(page)?;
+        Ok(p[bit / 8] & (1 << (bit % 8)) != 0)
+    }
+
+    /// Where `[offset, offset+len)` lives: extents in order, contiguous, covering the range,
+    /// adjacent extents of the same kind merged.
+    pub fn resolve_read(&mut self, offset: u64, len: u64) -> Result<Vec<ReadExtent>> {
+        self.check_range(offset, len)?;
+        let mut out = Vec::new();
+        let (bs, end) = (self.params.block_size as u64, offset + len);
+        let lss = self.params.logical_sector_size as u64;
+        let absent = if self.params.has_parent {
+            ReadSource::Parent
+        } else {
+            ReadSource::Zero
+        };
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / bs;
+            let base = block * bs;
+            let block_end = (base + bs).min(end);
+            let e = self.bat[self.payload_index(block)];
+            match e.state() {
+                state::FULLY_PRESENT => {
+                    push_merged(
+                        &mut out,
+                        pos,
+                        block_end - pos,
+                        ReadSource::Data {
+                            file_offset: e.file_offset() + (pos - base),
+                        },
+                    );
+                    pos = block_end;
+                }
+                state::PARTIALLY_PRESENT => {
+                    while pos < block_end {
+                        let sector = pos / lss;
+                        let present = self.sector_present(sector)?;
+                        let mut s = sector + 1;
+                        while s * lss < block_end && self.sector_present(s)? == present {
+                            s += 1;
+                        }
+                        let run_end = (s * lss).min(block_end);
+                        let src = if present {
+                            ReadSource::Data {
+                                file_offset: e.file_offset() + (pos - base),
+                            }
+                        } else {
+                            ReadSource::Parent
+                        };
+                        push_merged(&mut out, pos, run_end - pos, src);
+                        pos = run_end;
+                    }
+                }
+                state::ZERO => {
+                    push_merged(&mut out, pos, block_end - pos, ReadSource::Zero);
+                    pos = block_end;
+                }
+                _ => {
+                    push_merged(&mut out, pos, block_end - pos, absent);
+                    pos = block_end;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rotates DataWriteGuid once per session, before the first data change.
+    fn before_data_change(&mut self) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        if !self.data_guid_rotated {
+            let mut h = self.header.clone();
+            h.data_write_guid = Uuid::new_v4();
+            self.write_header(h)?;
+            self.data_guid_rotated = true;
+        }
+        Ok(())
+    }
+
+    /// File ranges to write `[offset, offset+len)` to, allocating blocks as needed. In a
+    /// differencing image a logical sector not yet present must be written whole (the caller
+    /// reads the rest from the parent first).
+    pub fn resolve_write(&mut self, offset: u64, len: u64) -> Result<WritePlan> {
+        self.check_range(offset, len)?;
+        self.before_data_change()?;
+        let mut plan = WritePlan {
+            extents: Vec::new(),
+            sectors: Vec::new(),
+        };
+        let (bs, end) = (self.params.block_size as u64, offset + len);
+        let lss = self.params.logical_sector_size as u64;
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / bs;
+            let base = block * bs;
+            let block_end = (base + bs).min(end);
+            let idx = self.payload_index(block);
+            let mut e = self.bat[idx];
+            if !matches!(e.state(), state::FULLY_PRESENT | state::PARTIALLY_PRESENT) {
+                e = self.allocate(block)?;
+            }
+            if e.state() == state::PARTIALLY_PRESENT {
+                let (first, last) = (pos / lss, block_end.div_ceil(lss));
+                let head_partial = !pos.is_multiple_of(lss) && !self.sector_present(first)?;
+                let tail_partial = block_end % lss != 0 && !self.sector_present(last - 1)?;
+                if head_partial || tail_partial {
+                    return Err(Error::InvalidArgument(format!("{}: partial-sector write at {offset}+{len} to a sector not yet in the differencing image; write whole {lss}-byte sectors", self.path.display())));
+                }
+                plan.sectors.push((first, last));
+            }
+            let file_offset = e.file_offset() + (pos - base);
+            match plan.extents.last_mut() {
+                Some(x) if x.file_offset + x.len == file_offset => x.len += block_end - pos,
+                _ => plan.extents.push(WriteExtent {
+                    offset: pos,
+                    len: block_end - pos,
+                    file_offset,
+                }),
+            }
+            pos = block_end;
+        }
+        Ok(plan)
+    }
+
+    fn take_space(&mut self, len: u64) -> Result<u64> {
+        let at = self.next_alloc;
+        let end = at
+            .checked_add(len)
+            .filter(|&e| e >> 20 < 1 << 44)
+            .ok_or_else(|| Error::Unsupported {
+                path: self.path.clone(),
+                what: "file would exceed the BAT's addressable size".into(),
+            })?;
+        self.next_alloc = end;
+        Ok(at)
+    }
+
+    fn set_bat(&mut self, idx: usize, e: BatEntry) {
+        self.bat[idx] = e;
+        self.dirty_bat_pages.insert(idx as u64 * 8 / SECTOR as u64);
+    }
+
+    /// Gives `block` file space. Blocks that would read from the parent become partially
+    /// present (with a sector bitmap for their chunk); all others fully present, since fresh
+    /// space reads as zeros.
+    fn allocate(&mut self, block: u64) -> Result<BatEntry> {
+        let idx = self.payload_index(block);
+        let old = self.bat[idx].state();
+        let partial = self.params.has_parent && !matches!(old, state::ZERO);
+        if partial {
+            let chunk = block / self.chunk_ratio();
+            let sb = self.bitmap_index(chunk);
+            if self.bat[sb].state() != state::SB_PRESENT {
+                let at = self.take_space(MIB)?;
+                self.set_bat(sb, BatEntry::new(state::SB_PRESENT, at));
+            }
+        }
+        let at = self.take_space(self.params.block_size as u64)?;
+        let e = BatEntry::new(
+            if partial {
+                state::PARTIALLY_PRESENT
+            } else {
+                state::FULLY_PRESENT
+            },
+            at,
+        );
+        self.set_bat(idx, e);
+        Ok(e)
+    }
+
+    /// Marks the sectors of a completed payload write present. Durable at the next flush.
+    pub fn commit_write(&mut self, plan: WritePlan) -> Result<()> {
+        for (first, last) in plan.sectors {
+            for s in first..last {
+                let (page, bit) = self.bitmap_location(s);
+                let p = self.bitmap_page(page)?;
+                if p[bit / 8] & (1 << (bit % 8)) == 0 {
+                    p[bit / 8] |= 1 << (bit % 8);
+                    self.dirty_bitmap_pages.insert(page);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes whole blocks of `[offset, offset+len)` read as zeros by marking them ZERO (their
+    /// space stays in the file until compaction); returns the sub-ranges the caller must still
+    /// zero-fill. Fixed images keep their blocks: the whole range is returned.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(vec![]);
+        }
+        if self.params.leave_blocks_allocated {
+            return Ok(vec![(offset, len)]);
+        }
+        self.before_data_change()?;
+        let (bs, end) = (self.params.block_size as u64, offset + len);
+        let mut rest: Vec<(u64, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / bs;
+            let base = block * bs;
+            let block_end = (base + bs).min(end);
+            let whole =
+                pos == base && (block_end == base + bs || block_end == self.params.virtual_size);
+            let idx = self.payload_index(block);
+            let reads_zero = match self.bat[idx].state() {
+                state::ZERO => true,
+                state::FULLY_PRESENT | state::PARTIALLY_PRESENT => false,
+                _ => !self.params.has_parent,
+            };
+            if whole && !reads_zero {
+                self.set_bat(idx, BatEntry::new(state::ZERO, 0));
+            } else if !reads_zero {
+                match rest.last_mut() {
+                    Some((o, l)) if *o + *l == pos => *l += block_end - pos,
+                    _ => rest.push((pos, block_end - pos)),
+                }
+            }
+            pos = block_end;
+        }
+        Ok(rest)
+    }
+
+    fn sync(&self, op: &'static str) -> Result<()> {
+        self.file.sync_data().map_err(io(&self.path, op, 0))
+    }
+
+    /// Writes `h` (sequence + 1) to the other header slot and syncs: the header update protocol.
+    fn write_header(&mut self, mut h: Header) -> Result<()> {
+        h.sequence_number = self.header.sequence_number + 1;
+        let slot = 1 - self.header_slot;
+        self.file
+            .write_all_at(&h.to_bytes(), HEADER_OFFSETS[slot])
+            .map_err(io(&self.path, "write header", HEADER_OFFSETS[slot]))?;
+        self.sync("sync header")?;
+        self.header = h;
+        self.header_slot = slot;
+        Ok(())
+    }
+
+    fn dirty_pages(&self) -> Vec<(u64, Box<[u8; SECTOR]>)> {
+        let mut pages = Vec::new();
+        for &at in &self.dirty_bitmap_pages {
+            pages.push((at, self.bitmap_pages[&at].clone()));
+        }
+        for &p in &self.dirty_bat_pages {
+            let mut page = Box::new([0u8; SECTOR]);
+            let first = (p * SECTOR as u64 / 8) as usize;
+            let end = (first + SECTOR / 8).min(self.bat.len());
+            for (i, e) in self.bat[first..end].iter().enumerate() {
+                page[i * 8..i * 8 + 8].copy_from_slice(&e.0.to_le_bytes());
+            }
+            pages.push((self.regions.bat_offset + p * SECTOR as u64, page));
+        }
+        pages
+    }
+
+    /// Makes every completed write durable. Metadata changes go through the log: payload sync,
+    /// log entry, sync, apply, sync.
+    pub fn flush(&mut self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        if self.dirty_bat_pages.is_empty() && self.dirty_bitmap_pages.is_empty() {
+            return self.sync("flush");
+        }
+        let pages = self.dirty_pages();
+        let durable = self.durability == Durability::Durable;
+        if durable {
+            self.sync("sync payload before metadata")?;
+            if !self.log_active {
+                let mut h = self.header.clone();
+                h.log_guid = Uuid::new_v4();
+                self.write_header(h)?;
+                self.log_active = true;
+                self.log_position = 0;
+            }
+            for chunk in pages.chunks(MAX_PAGES_PER_ENTRY) {
+                let refs: Vec<(u64, &[u8; SECTOR])> =
+                    chunk.iter().map(|(o, p)| (*o, &**p)).collect();
+                let flushed = self.file.len().map_err(io(&self.path, "stat", 0))?;
+                let entry_len = (1 + refs.len()) as u64 * SECTOR as u64;
+                if self.log_position + entry_len > self.header.log_length as u64 {
+                    self.log_position = 0;
+                }
+                let entry = build_entry(
+                    self.log_position,
+                    self.log_sequence,
+                    self.header.log_guid,
+                    flushed,
+                    self.next_alloc.max(flushed),
+                    &refs,
+                );
+                let at = self.header.log_offset + self.log_position;
+                self.file.write_all_at(&entry, at).map_err(io(
+                    &self.path,
+                    "write log entry",
+                    at,
+                ))?;
+                self.sync("sync log")?;
+                for (o, p) in chunk {
+                    self.file.write_all_at(&p[..], *o).map_err(io(
+                        &self.path,
+                        "apply log page",
+                        *o,
+                    ))?;
+                }
+                self.sync("sync applied metadata")?;
+                self.log_position += entry_len;
+                self.log_sequence += 1;
+            }
+        } else {
+            for (o, p) in &pages {
+                self.file.write_all_at(&p[..], *o).map_err(io(
+                    &self.path,
+                    "write metadata page",
+                    *o,
+                ))?;
+            }
+            self.sync("flush")?;
+        }
+        self.dirty_bat_pages.clear();
+        self.dirty_bitmap_pages.clear();
+        self.file_len = self.file.len().map_err(io(&self.path, "stat", 0))?;
+        Ok(())
+    }
+
+    /// Flushes and clears the log GUID: the file is then clean for any reader.
+    pub fn close(mut self) -> Result<()> {
+        self.close_inner()
+    }
+
+    fn close_inner(&mut self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.flush()?;
+        if self.log_active {
+            let mut h = self.header.clone();
+            h.log_guid = Uuid::nil();
+            self.write_header(h)?;
+            self.log_active = false;
+        }
+        Ok(())
+    }
+}
+
+impl<F: ImageFile> Drop for VhdxImage<F> {
+    fn drop(&mut self) {
+        if let Err(e) = self.close_inner() {
+            tracing::error!("{}: close failed: {e}", self.path.display());
+        }
+    }
+}
+
+/// Reads both headers; the current one is the valid one with the larger sequence number (equal
+/// numbers are accepted: Disk2vhd writes two identical headers).
+fn read_headers<F: ImageFile>(file: &F, path: &Path) -> Result<(Header, usize)> {
+    let mut best: Option<(Header, usize)> = None;
+    let mut first_err = None;
+    for (slot, at) in HEADER_OFFSETS.into_iter().enumerate() {
+        let mut b = vec![0u8; HEADER_SIZE];
+        file.read_exact_at(&mut b, at)
+            .map_err(io(path, "read header", at))?;
+        let h = Header::parse(&b);
+        let computed = crate::format::crc_with_zeroed(&b, 4);
+        let err = if h.signature != crate::format::HEADER_SIGNATURE {
+            Some(Error::Corrupt {
+                path: path.into(),
+                structure: "header",
+                offset: at,
+                reason: "bad signature (expected \"head\")".into(),
+            })
+        } else if computed != h.checksum {
+            Some(Error::Checksum {
+                path: path.into(),
+                structure: "header",
+                offset: at,
+                stored: h.checksum,
+                computed,
+            })
+        } else {
+            h.problems()
+                .into_iter()
+                .next()
+                .map(|reason| Error::Corrupt {
+                    path: path.into(),
+                    structure: "header",
+                    offset: at,
+                    reason,
+                })
+        };
+        match err {
+            Some(e) => first_err = first_err.or(Some(e)),
+            None => {
+                if best
+                    .as_ref()
+                    .is_none_or(|(b, _)| h.sequence_number > b.sequence_number)
+                {
+                    best = Some((h, slot));
+                }
+            }
+        }
+    }
+    best.ok_or_else(|| first_err.expect("no valid header means an error was recorded"))
+}
+
+fn push_merged(out: &mut Vec<ReadExtent>, offset: u64, len: u64, source: ReadSource) {
+    if let Some(last) = out.last_mut() {
+        let contiguous = match (last.source, source) {
+            (ReadSource::Data { file_offset: a }, ReadSource::Data { file_offset: b }) => {
+                a + last.len == b
+            }
+            (a, b) => a == b,
+        };
+        if contiguous && last.offset + last.len == offset {
+            last.len += len;
+            return;
+        }
+    }
+    out.push(ReadExtent {
+        offset,
+        len,
+        source,
+    });
+}
