@@ -58,7 +58,7 @@ pub enum Error {
     Vhd(#[from] vhd::Error),
     /// None of the candidate paths of a differencing image's parent exists.
     #[error(
-        "{}: parent image {name:?} not found; tried: {}",
+        "{}: parent image '{name}' not found; tried: {}",
         child.display(),
         PathList(tried)
     )]

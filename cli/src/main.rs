@@ -1,1 +1,234 @@
-fn main() {}
+//! `vhdtool`: create, inspect, check, convert, map and compare virtual disks (raw and VHD; VHDX
+//! to come), in the manner of `qemu-img`.
+//!
+//! ```text
+//!   argv ──clap──> Command ──> cmd::<verb>::run(args) -> Result<exit code>
+//!                                  │
+//!                                  ├─ block_backend::open (format probed by content, chains)
+//!                                  └─ vhd::{create, check, repair}
+//! ```
+//!
+//! Invariants:
+//! - Existing files are identified by content, never by extension; extensions only choose the
+//!   format of files being created.
+//! - Inspecting verbs (`info`, `check` without `--repair`, `map`, `read`, `compare`) open
+//!   read-only and never write.
+//! - New outputs are never written over an existing file without `--force`, and appear under
+//!   their name only once complete (temporary name, then rename).
+//! - Errors print `vhdtool: <message with its causes>` on stderr; exit 1 (2 for `compare`);
+//!   `check` exits 0 clean, 2 corrupt, 3 leaks only, 1 could not check.
+
+mod cmd;
+mod progress;
+mod size;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Command-line interface.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vhdtool",
+    version,
+    about = "Create, inspect, check, convert and compare VHD virtual disks",
+    long_about = "Create, inspect, check, convert and compare VHD virtual disks.\n\n\
+                  Existing images are recognised by content. Sizes take binary suffixes: \
+                  512, 1K, 64M, 1G, 1T (1K = 1024), also 1GiB."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a new fixed, dynamic or differencing image.
+    Create(cmd::create::Args),
+    /// Show the format, sizes and backing chain of an image.
+    Info(cmd::info::Args),
+    /// Check an image's structures (and repair them with --repair).
+    Check(cmd::check::Args),
+    /// Copy an image (its whole chain flattened) into a new image.
+    Convert(cmd::convert::Args),
+    /// Write bytes of the virtual disk to stdout.
+    Read(cmd::read::Args),
+    /// Write bytes from a file or stdin into the virtual disk.
+    Write(cmd::write::Args),
+    /// Show where each range of the virtual disk is stored.
+    Map(cmd::map::Args),
+    /// Compare the contents of two images.
+    Compare(cmd::compare::Args),
+}
+
+impl Command {
+    /// Runs the verb; returns its exit code.
+    fn run(&self) -> anyhow::Result<u8> {
+        match self {
+            Command::Create(a) => cmd::create::run(a),
+            Command::Info(a) => cmd::info::run(a),
+            Command::Check(a) => cmd::check::run(a),
+            Command::Convert(a) => cmd::convert::run(a),
+            Command::Read(a) => cmd::read::run(a),
+            Command::Write(a) => cmd::write::run(a),
+            Command::Map(a) => cmd::map::run(a),
+            Command::Compare(a) => cmd::compare::run(a),
+        }
+    }
+
+    /// Exit code when the verb fails with an error.
+    fn error_code(&self) -> u8 {
+        match self {
+            Command::Compare(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// One line holding an error and its causes, each cause shown once (library errors often repeat
+/// their source's message in their own).
+fn render_error(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.run() {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("vhdtool: {}", render_error(&e));
+            ExitCode::from(cli.command.error_code())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vhdtool").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn create_takes_suffixed_sizes_and_options() {
+        let cli = parse(&[
+            "create",
+            "-f",
+            "vhd",
+            "--type",
+            "fixed",
+            "--block-size",
+            "512K",
+            "--sparse",
+            "a.vhd",
+            "64M",
+        ])
+        .unwrap();
+        let Command::Create(a) = cli.command else {
+            panic!("not create")
+        };
+        assert_eq!(a.size, Some(64 << 20));
+        assert_eq!(a.block_size, Some(512 << 10));
+        assert_eq!(a.format, Some(cmd::create::CreateFormat::Vhd));
+        assert_eq!(a.disk_type, Some(cmd::DiskTypeArg::Fixed));
+        assert!(a.sparse);
+    }
+
+    #[test]
+    fn create_size_is_optional_for_differencing() {
+        let cli = parse(&["create", "--parent", "base.vhd", "child.vhd"]).unwrap();
+        let Command::Create(a) = cli.command else {
+            panic!("not create")
+        };
+        assert_eq!(a.size, None);
+        assert_eq!(a.parent.as_deref(), Some(std::path::Path::new("base.vhd")));
+    }
+
+    #[test]
+    fn bad_sizes_and_formats_are_usage_errors() {
+        assert!(parse(&["create", "a.vhd", "12Q"]).is_err());
+        assert!(parse(&["create", "-f", "qcow2", "a.vhd", "1G"]).is_err());
+        assert!(parse(&["create", "-f", "raw", "a.vhd", "1G"]).is_err());
+        assert!(parse(&["create", "--type", "differencing", "a.vhd", "1G"]).is_err());
+        assert!(parse(&["read", "a.vhd", "--offset", "x", "--length", "1"]).is_err());
+        assert!(parse(&["read", "a.vhd", "--offset", "0"]).is_err());
+        assert!(parse(&["convert", "a.vhd"]).is_err());
+        assert!(parse(&["frobnicate"]).is_err());
+    }
+
+    #[test]
+    fn convert_parses_output_options() {
+        let cli = parse(&[
+            "convert", "-O", "vhd", "--type", "dynamic", "-p", "--force", "src.img", "dst.vhd",
+        ])
+        .unwrap();
+        let Command::Convert(a) = cli.command else {
+            panic!("not convert")
+        };
+        assert_eq!(a.output_format, Some(cmd::ImageFormat::Vhd));
+        assert!(a.progress && a.force);
+    }
+
+    #[test]
+    fn read_and_write_take_offsets_with_suffixes_or_hex() {
+        let cli = parse(&["read", "a.vhd", "--offset", "1M", "--length", "0x200"]).unwrap();
+        let Command::Read(a) = cli.command else {
+            panic!("not read")
+        };
+        assert_eq!((a.offset, a.length), (1 << 20, 512));
+        let cli = parse(&["write", "a.vhd", "--offset", "7", "--input", "-"]).unwrap();
+        let Command::Write(a) = cli.command else {
+            panic!("not write")
+        };
+        assert_eq!(a.offset, 7);
+        assert_eq!(a.input.to_str(), Some("-"));
+    }
+
+    #[test]
+    fn json_flags_parse() {
+        assert!(parse(&["info", "--json", "a"]).is_ok());
+        assert!(parse(&["check", "--repair", "--json", "a"]).is_ok());
+        assert!(parse(&["map", "--json", "a"]).is_ok());
+        assert!(parse(&["compare", "a", "b"]).is_ok());
+    }
+
+    #[test]
+    fn compare_errors_exit_2_others_exit_1() {
+        let c = parse(&["compare", "a", "b"]).unwrap();
+        assert_eq!(c.command.error_code(), 2);
+        let i = parse(&["info", "a"]).unwrap();
+        assert_eq!(i.command.error_code(), 1);
+    }
+
+    #[test]
+    fn error_rendering_keeps_every_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(io).context("open a.vhd");
+        assert_eq!(render_error(&e), "open a.vhd: No such file");
+        let inner = anyhow::anyhow!("disk full");
+        let e = Err::<(), _>(inner)
+            .context("a.vhd: write at offset 0: disk full")
+            .unwrap_err();
+        assert_eq!(render_error(&e), "a.vhd: write at offset 0: disk full");
+    }
+}

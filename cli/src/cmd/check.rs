@@ -1,0 +1,242 @@
+//! `vhdtool check [--repair] [--json] FILE`: structural check (and repair) of an image.
+//!
+//! Exit codes, as qemu-img: 0 clean, 2 corruption found, 3 only leaks found, 1 the file could
+//! not be checked. Raw files have no structure: "nothing to check", exit 0. For differencing
+//! images the parent link is verified too (parent found, UUID matches, its own chain opens);
+//! a broken link is a corruption finding, not a failure to check.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use block_backend::Format;
+use serde::Serialize;
+
+use crate::size::format_size;
+
+/// Arguments of `check`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Repair what can be repaired without losing data.
+    #[arg(long, short = 'r')]
+    pub repair: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The image.
+    pub file: PathBuf,
+}
+
+/// One problem, for output.
+#[derive(Debug, Serialize)]
+pub struct Finding {
+    /// Structure concerned (`"footer"`, `"BAT"`, `"parent link"`).
+    pub structure: String,
+    /// Byte offset of the structure in the file.
+    pub offset: u64,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl From<&vhd::Finding> for Finding {
+    fn from(f: &vhd::Finding) -> Self {
+        Finding {
+            structure: f.structure.clone(),
+            offset: f.offset,
+            message: f.message.clone(),
+        }
+    }
+}
+
+/// What `check --json` prints.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Report {
+    /// The file as given.
+    pub filename: PathBuf,
+    /// `raw` or `vhd`.
+    pub format: String,
+    /// `clean`, `leaks` or `corrupt` (after repairs, with --repair).
+    pub result: &'static str,
+    /// Problems that may lose or corrupt data.
+    pub corruptions: Vec<Finding>,
+    /// Wasted space that harms no data.
+    pub leaks: Vec<Finding>,
+    /// Total leaked bytes.
+    pub leaked_bytes: u64,
+    /// Problems found before repairing (with --repair).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub found_before_repair: Vec<Finding>,
+    /// What --repair did.
+    pub repairs: Vec<String>,
+    /// The exit code.
+    pub exit_code: u8,
+}
+
+/// Runs `check`.
+pub fn run(a: &Args) -> Result<u8> {
+    let format = block_backend::probe::probe_path(&a.file)?;
+    let report = match format {
+        Format::Raw => Report {
+            filename: a.file.clone(),
+            format: "raw".into(),
+            result: "clean",
+            corruptions: vec![],
+            leaks: vec![],
+            leaked_bytes: 0,
+            found_before_repair: vec![],
+            repairs: vec![],
+            exit_code: 0,
+        },
+        Format::Vhdx => return Err(super::vhdx_not_built()),
+        Format::Vhd => check_vhd(a)?,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", human(&report, format));
+    }
+    Ok(report.exit_code)
+}
+
+fn check_vhd(a: &Args) -> Result<Report> {
+    let path = &a.file;
+    let mut found_before_repair = Vec::new();
+    let vreport = if a.repair {
+        let before =
+            vhd::check(path).with_context(|| format!("cannot check {}", path.display()))?;
+        found_before_repair.extend(before.corruptions.iter().map(Finding::from));
+        found_before_repair.extend(before.leaks.iter().map(Finding::from));
+        vhd::repair(path).with_context(|| format!("cannot repair {}", path.display()))?
+    } else {
+        vhd::check(path).with_context(|| format!("cannot check {}", path.display()))?
+    };
+    let mut corruptions: Vec<Finding> = vreport.corruptions.iter().map(Finding::from).collect();
+    let leaks: Vec<Finding> = vreport.leaks.iter().map(Finding::from).collect();
+    if let Some(f) = parent_link_finding(path) {
+        corruptions.push(f);
+    }
+    let (result, exit_code) = if !corruptions.is_empty() {
+        ("corrupt", 2)
+    } else if !leaks.is_empty() {
+        ("leaks", 3)
+    } else {
+        ("clean", 0)
+    };
+    Ok(Report {
+        filename: path.clone(),
+        format: "vhd".into(),
+        result,
+        corruptions,
+        leaks,
+        leaked_bytes: vreport.leaked_bytes,
+        found_before_repair,
+        repairs: vreport.repairs,
+        exit_code,
+    })
+}
+
+/// For a differencing image that opens on its own: a finding if its chain does not.
+fn parent_link_finding(path: &std::path::Path) -> Option<Finding> {
+    // If the image itself does not open, the structural findings already say why.
+    let image = vhd::VhdImage::open(path, vhd::OpenMode::ReadOnly).ok()?;
+    image.parent()?;
+    drop(image);
+    match block_backend::open(path, block_backend::OpenOptions::read_only()) {
+        Ok(_) => None,
+        Err(e) => Some(Finding {
+            structure: "parent link".into(),
+            offset: 0,
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn human(r: &Report, format: Format) -> String {
+    let mut s = String::new();
+    if format == Format::Raw {
+        s.push_str(&format!(
+            "{}: raw image, nothing to check.\n",
+            r.filename.display()
+        ));
+        return s;
+    }
+    if !r.found_before_repair.is_empty() {
+        s.push_str("Found before repair:\n");
+        for f in &r.found_before_repair {
+            s.push_str(&format!(
+                "  {} at offset {}: {}\n",
+                f.structure, f.offset, f.message
+            ));
+        }
+    }
+    for rep in &r.repairs {
+        s.push_str(&format!("Repaired: {rep}\n"));
+    }
+    for f in &r.corruptions {
+        s.push_str(&format!("ERROR {}\n", describe(f, &r.filename)));
+    }
+    for f in &r.leaks {
+        s.push_str(&format!("Leaked {}\n", describe(f, &r.filename)));
+    }
+    if !r.repairs.is_empty() {
+        s.push_str(&format!(
+            "The following inconsistencies were found and repaired: {}\n",
+            r.repairs.len()
+        ));
+    }
+    match r.result {
+        "clean" => s.push_str("No errors were found on the image.\n"),
+        _ => {
+            if !r.corruptions.is_empty() {
+                s.push_str(&format!(
+                    "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n",
+                    r.corruptions.len()
+                ));
+            }
+            if !r.leaks.is_empty() {
+                s.push_str(&format!(
+                    "\n{} leaked ranges ({}) were found on the image.\nThis means waste of disk space, but no harm to data.\n",
+                    r.leaks.len(),
+                    format_size(r.leaked_bytes)
+                ));
+            }
+        }
+    }
+    s
+}
+
+/// `structure at offset N: message`, without the file name and location the format crate's
+/// message may already start with.
+fn describe(f: &Finding, file: &std::path::Path) -> String {
+    let location = format!("{} at offset {}", f.structure, f.offset);
+    let prefix = format!("{}: {location}: ", file.display());
+    let message = f.message.strip_prefix(&prefix).unwrap_or(&f.message);
+    format!("{location}: {message}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn findings_do_not_repeat_file_and_location() {
+        let f = Finding {
+            structure: "footer".into(),
+            offset: 512,
+            message: "a.vhd: footer at offset 512: checksum mismatch".into(),
+        };
+        assert_eq!(
+            describe(&f, std::path::Path::new("a.vhd")),
+            "footer at offset 512: checksum mismatch"
+        );
+        let g = Finding {
+            structure: "parent link".into(),
+            offset: 0,
+            message: "a.vhd: parent image 'b.vhd' not found".into(),
+        };
+        assert_eq!(
+            describe(&g, std::path::Path::new("a.vhd")),
+            "parent link at offset 0: a.vhd: parent image 'b.vhd' not found"
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! `vhdtool convert [-O raw|vhd|vhdx] [--type fixed|dynamic] [--block-size SIZE] [--sparse]
+//! [-p] [--force] SRC DST`
+//!
+//! ```text
+//!   SRC chain ──map (1 GiB windows)──> data runs ──read 2 MiB aligned chunks──> skip zero
+//!   4 KiB granules ──> write to  .DST.vhdtool-tmp-<pid> ──flush──> rename onto DST
+//! ```
+//!
+//! The source is read through the Disk API, so a differencing chain comes out flattened.
+//! Ranges the source map calls zero are never read, and all-zero data is never written: dynamic
+//! outputs keep those blocks unallocated, raw outputs keep them as holes. The output lives under
+//! a temporary name in DST's directory until it is complete and flushed; on any error it is
+//! removed. An existing DST is only replaced with `--force`.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use block_backend::{Chain, Disk};
+
+use super::{
+    block_size_arg, format_from_extension, is_zero, open_read_only, vhdx_not_built, DiskTypeArg,
+    ImageFormat, CHUNK, MAP_WINDOW,
+};
+use crate::progress::Progress;
+use crate::size::parse_size;
+
+/// Granule of zero detection inside a chunk: zero runs this long or longer are skipped.
+const ZERO_GRANULE: u64 = 4096;
+
+/// Arguments of `convert`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Output format (default: from DST's extension, else raw).
+    #[arg(short = 'O', value_enum)]
+    pub output_format: Option<ImageFormat>,
+    /// Disk type of VHD output (default dynamic).
+    #[arg(long = "type", value_enum)]
+    pub disk_type: Option<DiskTypeArg>,
+    /// Allocation block size of dynamic output (default 2M).
+    #[arg(long, value_parser = parse_size)]
+    pub block_size: Option<u64>,
+    /// Fixed VHD output: leave unwritten space sparse on the host.
+    #[arg(long)]
+    pub sparse: bool,
+    /// Show progress on stderr.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+    /// Replace DST if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// The source image (any format; differencing chains are flattened).
+    pub src: PathBuf,
+    /// The image to write.
+    pub dst: PathBuf,
+}
+
+/// Runs `convert`.
+pub fn run(a: &Args) -> Result<u8> {
+    let format = a
+        .output_format
+        .or_else(|| format_from_extension(&a.dst))
+        .unwrap_or(ImageFormat::Raw);
+    match format {
+        ImageFormat::Vhdx => return Err(vhdx_not_built()),
+        ImageFormat::Raw => {
+            if a.disk_type.is_some() || a.block_size.is_some() || a.sparse {
+                bail!("--type, --block-size and --sparse apply to VHD output only (raw output is always sparse)");
+            }
+        }
+        ImageFormat::Vhd => {
+            let t = a.disk_type.unwrap_or(DiskTypeArg::Dynamic);
+            if t == DiskTypeArg::Fixed && a.block_size.is_some() {
+                bail!("--block-size applies to dynamic output only");
+            }
+            if t == DiskTypeArg::Dynamic && a.sparse {
+                bail!("--sparse applies to fixed output only (dynamic output is always sparse)");
+            }
+        }
+    }
+    if !a.force && a.dst.symlink_metadata().is_ok() {
+        bail!(
+            "{} already exists; use --force to replace it",
+            a.dst.display()
+        );
+    }
+    let mut src = open_read_only(&a.src)?;
+    let size = src.size();
+    let tmp = TempOutput::new(&a.dst)?;
+    let mut sink = match format {
+        ImageFormat::Raw => Sink::raw(tmp.path(), size)?,
+        _ => Sink::vhd(tmp.path(), size, a)?,
+    };
+    let mut progress = Progress::new(size, a.progress);
+    copy(&mut src, &mut sink, size, &mut progress)?;
+    sink.finish()?;
+    progress.finish();
+    tmp.commit(&a.dst, a.force)?;
+    Ok(0)
+}
+
+/// Copies the virtual disk of `src` into `sink`, skipping zeros.
+fn copy(src: &mut Chain, sink: &mut Sink, size: u64, progress: &mut Progress) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut window = 0;
+    while window < size {
+        let wlen = (size - window).min(MAP_WINDOW);
+        for e in src.map(window, wlen)? {
+            if e.zero && !e.data {
+                progress.inc(e.length);
+                continue;
+            }
+            let mut pos = e.offset;
+            while pos < e.end() {
+                // Chunks end on CHUNK-aligned boundaries so writes line up with blocks.
+                let next = ((pos / CHUNK + 1) * CHUNK).min(e.end());
+                let b = &mut buf[..(next - pos) as usize];
+                src.read_at(b, pos)?;
+                write_nonzero(sink, b, pos)?;
+                progress.inc(next - pos);
+                pos = next;
+            }
+        }
+        window += wlen;
+    }
+    Ok(())
+}
+
+/// Writes the runs of `buf` (which holds `[offset, offset + len)`) that are not whole zero
+/// granules. Granules are aligned on the virtual disk, not on the buffer.
+fn write_nonzero(sink: &mut Sink, buf: &[u8], offset: u64) -> Result<()> {
+    let end = offset + buf.len() as u64;
+    let at = |v: u64| (v - offset) as usize;
+    let mut run_start: Option<u64> = None;
+    let mut pos = offset;
+    while pos < end {
+        let g_end = ((pos / ZERO_GRANULE + 1) * ZERO_GRANULE).min(end);
+        let zero = is_zero(&buf[at(pos)..at(g_end)]);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(pos),
+            (true, Some(s)) => {
+                sink.write(&buf[at(s)..at(pos)], s)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+        pos = g_end;
+    }
+    if let Some(s) = run_start {
+        sink.write(&buf[at(s)..], s)?;
+    }
+    Ok(())
+}
+
+/// Where converted bytes go.
+enum Sink {
+    /// A plain sparse file.
+    Raw {
+        /// The output file.
+        file: File,
+        /// Its (temporary) path.
+        path: PathBuf,
+    },
+    /// A fresh VHD image.
+    Vhd(Box<Chain>),
+}
+
+impl Sink {
+    fn raw(path: &Path, size: u64) -> Result<Sink> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        file.set_len(size)
+            .with_context(|| format!("cannot size {} to {size} bytes", path.display()))?;
+        Ok(Sink::Raw {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn vhd(path: &Path, size: u64, a: &Args) -> Result<Sink> {
+        let t = a.disk_type.unwrap_or(DiskTypeArg::Dynamic);
+        // VHD sizes are whole sectors: a source with a partial last sector is padded with zeros.
+        let vsize = size.div_ceil(512) * 512;
+        if vsize != size {
+            eprintln!(
+                "vhdtool: warning: source size {size} is not a multiple of 512; the VHD will be {vsize} bytes (zero padded)"
+            );
+        }
+        let opts = vhd::CreateOptions {
+            size: vsize,
+            vhd_type: t.into(),
+            block_size: block_size_arg(a.block_size)?,
+            sparse: a.sparse,
+            parent: None,
+        };
+        let mut image = vhd::VhdImage::create(path, &opts)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        // Nobody sees the file before the final flush and rename: no ordering barriers needed.
+        image.set_durability(vhd::Durability::Relaxed);
+        Ok(Sink::Vhd(Box::new(Chain::from_vhd(image)?)))
+    }
+
+    fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        match self {
+            Sink::Raw { file, path } => file
+                .write_all_at(buf, offset)
+                .with_context(|| format!("{}: write at offset {offset}", path.display())),
+            Sink::Vhd(d) => Ok(d.write_at(buf, offset)?),
+        }
+    }
+
+    /// Makes everything durable and closes the output.
+    fn finish(self) -> Result<()> {
+        match self {
+            Sink::Raw { file, path } => file
+                .sync_all()
+                .with_context(|| format!("{}: flush", path.display())),
+            Sink::Vhd(mut d) => Ok(d.flush()?),
+        }
+    }
+}
+
+/// A temporary output path in the destination's directory, removed unless committed.
+struct TempOutput {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl TempOutput {
+    fn new(dst: &Path) -> Result<TempOutput> {
+        let name = dst
+            .file_name()
+            .with_context(|| format!("{} is not a file name", dst.display()))?;
+        let dir = match dst.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let path = dir.join(format!(
+            ".{}.vhdtool-tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        // A leftover with our pid belongs to a dead process.
+        let _ = std::fs::remove_file(&path);
+        Ok(TempOutput {
+            path,
+            committed: false,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Moves the finished output onto `dst` (replacing it only with `force`).
+    fn commit(mut self, dst: &Path, force: bool) -> Result<()> {
+        if force {
+            std::fs::rename(&self.path, dst)
+                .with_context(|| format!("cannot rename output into {}", dst.display()))?;
+        } else {
+            // link(2) fails if dst appeared meanwhile: never overwrite without --force.
+            match std::fs::hard_link(&self.path, dst) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&self.path);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    bail!(
+                        "{} already exists; use --force to replace it",
+                        dst.display()
+                    )
+                }
+                Err(_) => {
+                    // File systems without hard links: check, then rename.
+                    if dst.symlink_metadata().is_ok() {
+                        bail!(
+                            "{} already exists; use --force to replace it",
+                            dst.display()
+                        );
+                    }
+                    std::fs::rename(&self.path, dst)
+                        .with_context(|| format!("cannot rename output into {}", dst.display()))?;
+                }
+            }
+        }
+        self.committed = true;
+        if let Some(dir) = dst.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempOutput {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}

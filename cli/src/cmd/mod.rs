@@ -1,0 +1,151 @@
+//! The `vhdtool` verbs, one module each, plus what they share: format names and guessing the
+//! format from a file extension (only for files being *created*; existing files are always
+//! probed by content), and the size of copy chunks.
+
+pub mod check;
+pub mod compare;
+pub mod convert;
+pub mod create;
+pub mod info;
+pub mod map;
+pub mod read;
+pub mod write;
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use block_backend::{Chain, OpenOptions};
+
+/// Size of the buffers used to move payload (2 MiB: one default VHD block).
+pub const CHUNK: u64 = 2 << 20;
+
+/// Span of the virtual disk mapped at a time by the copying verbs (bounds memory for the map
+/// of huge disks).
+pub const MAP_WINDOW: u64 = 1 << 30;
+
+/// Image formats on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImageFormat {
+    /// A plain file holding the disk bytes.
+    Raw,
+    /// Microsoft VHD.
+    Vhd,
+    /// Microsoft VHDX.
+    Vhdx,
+}
+
+/// VHD/VHDX disk types that can be created directly (differencing comes from `--parent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiskTypeArg {
+    /// All space allocated up front.
+    Fixed,
+    /// Space allocated on first write.
+    Dynamic,
+}
+
+impl From<DiskTypeArg> for vhd::VhdType {
+    fn from(t: DiskTypeArg) -> Self {
+        match t {
+            DiskTypeArg::Fixed => vhd::VhdType::Fixed,
+            DiskTypeArg::Dynamic => vhd::VhdType::Dynamic,
+        }
+    }
+}
+
+/// The format a new file's name asks for: `.vhd`/`.avhd` VHD, `.vhdx`/`.avhdx` VHDX,
+/// `.raw`/`.img`/`.bin` raw; `None` otherwise.
+pub fn format_from_extension(path: &Path) -> Option<ImageFormat> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    match ext.as_str() {
+        "vhd" | "avhd" => Some(ImageFormat::Vhd),
+        "vhdx" | "avhdx" => Some(ImageFormat::Vhdx),
+        "raw" | "img" | "bin" => Some(ImageFormat::Raw),
+        _ => None,
+    }
+}
+
+/// The error for anything VHDX until the `vhdx` crate is wired in.
+pub fn vhdx_not_built() -> anyhow::Error {
+    anyhow::anyhow!("VHDX support is not built yet")
+}
+
+/// Opens a disk (with its whole chain) read-only.
+pub fn open_read_only(path: &Path) -> Result<Chain> {
+    Ok(block_backend::open(path, OpenOptions::read_only())?)
+}
+
+/// Block size argument to the `u32` the format takes.
+pub fn block_size_arg(size: Option<u64>) -> Result<u32> {
+    match size {
+        None => Ok(vhd::CreateOptions::default().block_size),
+        Some(s) => match u32::try_from(s) {
+            Ok(v) => Ok(v),
+            Err(_) => bail!("block size {s} is too large (the VHD maximum is 256 MiB)"),
+        },
+    }
+}
+
+/// True if every byte of `buf` is zero (OR-folds 64-byte chunks, which vectorizes well).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+        && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extensions_pick_formats_case_insensitively() {
+        assert_eq!(
+            format_from_extension(Path::new("a.vhd")),
+            Some(ImageFormat::Vhd)
+        );
+        assert_eq!(
+            format_from_extension(Path::new("a.VHD")),
+            Some(ImageFormat::Vhd)
+        );
+        assert_eq!(
+            format_from_extension(Path::new("a.avhd")),
+            Some(ImageFormat::Vhd)
+        );
+        assert_eq!(
+            format_from_extension(Path::new("d/a.vhdx")),
+            Some(ImageFormat::Vhdx)
+        );
+        assert_eq!(
+            format_from_extension(Path::new("a.avhdx")),
+            Some(ImageFormat::Vhdx)
+        );
+        assert_eq!(
+            format_from_extension(Path::new("a.img")),
+            Some(ImageFormat::Raw)
+        );
+        assert_eq!(format_from_extension(Path::new("a.qcow2")), None);
+        assert_eq!(format_from_extension(Path::new("noext")), None);
+    }
+
+    #[test]
+    fn zero_detection_sees_any_nonzero_byte() {
+        let mut buf = vec![0u8; 4099];
+        assert!(is_zero(&buf));
+        assert!(is_zero(&buf[1..]));
+        for i in [0, 1, 7, 8, 2048, 4097, 4098] {
+            buf[i] = 1;
+            assert!(!is_zero(&buf), "byte {i}");
+            assert!(!is_zero(&buf[..=i]), "byte {i} at the end");
+            buf[i] = 0;
+        }
+        assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn block_size_must_fit_u32() {
+        assert_eq!(block_size_arg(None).unwrap(), 2 << 20);
+        assert_eq!(block_size_arg(Some(512 << 10)).unwrap(), 512 << 10);
+        assert!(block_size_arg(Some(1 << 40)).is_err());
+    }
+}
