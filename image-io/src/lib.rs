@@ -65,9 +65,12 @@ enum Pending {
 
 #[derive(Debug, Default)]
 struct State {
+    initial: Vec<u8>,
     durable: Vec<u8>,
     current: Vec<u8>,
     pending: Vec<Pending>,
+    /// Every operation since creation, `None` standing for a sync.
+    history: Vec<Option<Pending>>,
     writes: u64,
     syncs: u64,
 }
@@ -119,8 +122,15 @@ impl CrashFile {
 
     /// A file whose durable and current content is `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> CrashFile {
-        let s = State { durable: bytes.clone(), current: bytes, ..State::default() };
-        CrashFile { state: Arc::new(Mutex::new(s)) }
+        let s = State {
+            initial: bytes.clone(),
+            durable: bytes.clone(),
+            current: bytes,
+            ..State::default()
+        };
+        CrashFile {
+            state: Arc::new(Mutex::new(s)),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -142,44 +152,103 @@ impl CrashFile {
         self.lock().pending.len()
     }
 
+    /// Number of syncs so far.
+    pub fn sync_count(&self) -> u64 {
+        self.lock().syncs
+    }
+
+    /// Number of operations (writes, length changes, syncs) so far.
+    pub fn op_count(&self) -> usize {
+        self.lock().history.len()
+    }
+
+    /// The durable content right after sync number `k` (1-based; 0 = the initial content).
+    pub fn state_after_sync(&self, k: u64) -> CrashFile {
+        let s = self.lock();
+        let mut bytes = s.initial.clone();
+        let mut seen = 0;
+        for op in &s.history {
+            match op {
+                None => {
+                    seen += 1;
+                    if seen == k {
+                        break;
+                    }
+                }
+                Some(op) => apply(&mut bytes, op, None),
+            }
+        }
+        assert!(seen >= k, "only {seen} syncs happened");
+        CrashFile::from_bytes(bytes)
+    }
+
+    /// The file as a power cut after the first `n` operations could leave it: everything up to
+    /// the last sync among them, plus the chosen survivors of the writes after that sync.
+    pub fn crash_after_op(&self, n: usize, survivors: Survivors) -> CrashFile {
+        let s = self.lock();
+        let ops = &s.history[..n.min(s.history.len())];
+        let last_sync = ops.iter().rposition(Option::is_none).map_or(0, |i| i + 1);
+        let mut bytes = s.initial.clone();
+        for op in ops[..last_sync].iter().flatten() {
+            apply(&mut bytes, op, None);
+        }
+        let pending: Vec<Pending> = ops[last_sync..].iter().flatten().cloned().collect();
+        CrashFile::from_bytes(survive(bytes, &pending, survivors))
+    }
+
     /// The file as it could be after a power cut now: durable bytes plus the chosen survivors.
     pub fn crash(&self, survivors: Survivors) -> CrashFile {
         let s = self.lock();
-        let mut bytes = s.durable.clone();
-        for (i, op) in s.pending.iter().enumerate() {
+        CrashFile::from_bytes(survive(s.durable.clone(), &s.pending, survivors))
+    }
+}
+
+fn survive(mut bytes: Vec<u8>, pending: &[Pending], survivors: Survivors) -> Vec<u8> {
+    {
+        for (i, op) in pending.iter().enumerate() {
             let (keep, limit) = match survivors {
                 Survivors::None => (false, None),
                 Survivors::All => (true, None),
                 Survivors::Prefix(n) => (i < n, None),
-                Survivors::Mask { mask, torn } => {
-                    (mask & (1 << (i % 64)) != 0, (torn == Some(i)).then_some(512))
-                }
+                Survivors::Mask { mask, torn } => (
+                    mask & (1 << (i % 64)) != 0,
+                    (torn == Some(i)).then_some(512),
+                ),
             };
             if keep {
                 apply(&mut bytes, op, limit);
             }
         }
-        CrashFile::from_bytes(bytes)
     }
+    bytes
 }
 
 impl ImageFile for CrashFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let s = self.lock();
-        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= s.current.len() as u64);
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= s.current.len() as u64);
         match end {
             Some(end) => {
                 buf.copy_from_slice(&s.current[offset as usize..end as usize]);
                 Ok(())
             }
-            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of file")),
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past end of file",
+            )),
         }
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut s = self.lock();
-        let op = Pending::Write { offset, data: buf.to_vec() };
+        let op = Pending::Write {
+            offset,
+            data: buf.to_vec(),
+        };
         apply(&mut s.current, &op, None);
+        s.history.push(Some(op.clone()));
         s.pending.push(op);
         s.writes += 1;
         Ok(())
@@ -189,6 +258,7 @@ impl ImageFile for CrashFile {
         let mut s = self.lock();
         s.durable = s.current.clone();
         s.pending.clear();
+        s.history.push(None);
         s.syncs += 1;
         Ok(())
     }
@@ -201,6 +271,7 @@ impl ImageFile for CrashFile {
         let mut s = self.lock();
         let op = Pending::SetLen(len);
         apply(&mut s.current, &op, None);
+        s.history.push(Some(op.clone()));
         s.pending.push(op);
         Ok(())
     }
@@ -225,8 +296,26 @@ mod tests {
     fn a_torn_write_keeps_only_its_first_sector() {
         let f = CrashFile::new();
         f.write_all_at(&[1u8; 1024], 0).unwrap();
-        let c = f.crash(Survivors::Mask { mask: 1, torn: Some(0) });
+        let c = f.crash(Survivors::Mask {
+            mask: 1,
+            torn: Some(0),
+        });
         assert_eq!(c.contents(), vec![1u8; 512]);
+    }
+
+    #[test]
+    fn history_rebuilds_the_state_at_any_sync_or_operation() {
+        let f = CrashFile::new();
+        f.write_all_at(b"a", 0).unwrap();
+        f.sync_data().unwrap();
+        f.write_all_at(b"b", 0).unwrap();
+        f.sync_data().unwrap();
+        f.write_all_at(b"c", 0).unwrap();
+        assert_eq!(f.state_after_sync(1).contents(), b"a");
+        assert_eq!(f.state_after_sync(2).contents(), b"b");
+        assert_eq!(f.crash_after_op(3, Survivors::All).contents(), b"b");
+        assert_eq!(f.crash_after_op(5, Survivors::None).contents(), b"b");
+        assert_eq!(f.crash_after_op(5, Survivors::All).contents(), b"c");
     }
 
     #[test]

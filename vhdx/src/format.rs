@@ -205,7 +205,9 @@ impl Header {
         if self.log_version != 0 {
             p.push(format!("unsupported log version {}", self.log_version));
         }
-        if !self.log_offset.is_multiple_of(MIB) || self.log_offset < MIB || !(self.log_length as u64).is_multiple_of(MIB)
+        if !self.log_offset.is_multiple_of(MIB)
+            || self.log_offset < MIB
+            || !(self.log_length as u64).is_multiple_of(MIB)
         {
             p.push(format!(
                 "log at {:#x} length {:#x} is not 1 MiB aligned past the first MiB",

@@ -795,6 +795,13 @@ impl<F: ImageFile> VhdxImage<F> {
                 path: self.path.clone(),
                 what: "file would exceed the BAT's addressable size".into(),
             })?;
+        // Grow the file over the new space now, so the block never reaches past the end of
+        // the file even if its payload is written only in part (fresh space reads as zeros).
+        if self.file.len().map_err(io(&self.path, "stat", at))? < end {
+            self.file
+                .set_len(end)
+                .map_err(io(&self.path, "extend file", at))?;
+        }
         self.next_alloc = end;
         Ok(at)
     }
