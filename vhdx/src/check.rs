@@ -194,9 +194,15 @@ fn finding(e: &Error) -> Finding {
     }
 }
 
+/// Checks an open image (for images held in memory, such as crash-test files).
+pub fn check_image<F: ImageFile>(img: &VhdxImage<F>) -> CheckReport {
+    report(img)
+}
+
 fn report<F: ImageFile>(img: &VhdxImage<F>) -> CheckReport {
     let mut r = CheckReport::default();
-    if img.replayed_log() {
+    // A writable open has already replayed the log on disk; a read-only one only in memory.
+    if img.replayed_log() && !img.is_writable() {
         r.corruptions.push(Finding {
             structure: "log".into(),
             offset: img.header().log_offset,
