@@ -117,7 +117,7 @@ pub fn open(path: &Path, opts: OpenOptions) -> Result<Chain> {
     Chain::open(path, opts)
 }
 
-/// A stack of layers, top first, behaving as one disk.
+/// A stack of layers, top first, behaving as one disk. Always holds at least the top layer.
 #[derive(Debug)]
 pub struct Chain {
     layers: Vec<Layer>,

@@ -29,6 +29,8 @@
 //! - `discard` leaves the range reading as zeros, whatever the format could free.
 //! - No panics on bad input: malformed images, missing parents and loops are typed errors.
 
+#![warn(missing_docs)]
+
 mod chain;
 #[cfg(feature = "conformance")]
 pub mod conformance;

@@ -18,6 +18,8 @@
 //! - Errors print `vhdtool: <message with its causes>` on stderr; exit 1 (2 for `compare`);
 //!   `check` exits 0 clean, 2 corrupt, 3 leaks only, 1 could not check.
 
+#![warn(missing_docs)]
+
 mod cmd;
 mod progress;
 mod size;
