@@ -24,11 +24,9 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use vhd::{OpenMode, ReadSource, VhdImage};
-
 use crate::disk::{push_merged, Disk, LayerInfo, MapExtent, OpenOptions};
+use crate::image_layer::{Image, Source, SECTOR};
 use crate::raw::RawFile;
-use crate::vhd_layer::{self, SECTOR};
 use crate::{probe, Error, Format, Result, MAX_CHAIN_DEPTH};
 
 /// Size of the zero buffer used to zero-fill discarded ranges.
@@ -39,8 +37,8 @@ const ZERO_CHUNK: u64 = 1 << 20;
 pub enum Layer {
     /// A plain file.
     Raw(RawFile),
-    /// A VHD image (boxed: its block tables make it much larger than a raw layer).
-    Vhd(Box<VhdImage>),
+    /// A VHD or VHDX image (boxed: its block tables make it much larger than a raw layer).
+    Image(Box<Image>),
 }
 
 impl Layer {
@@ -51,29 +49,34 @@ impl Layer {
             .write(!read_only)
             .open(path)
             .map_err(|e| Error::io(path, "open", 0, e))?;
-        match probe::probe(&file, path)? {
-            Format::Vhdx => Err(Error::Unsupported {
-                path: path.to_path_buf(),
-                what: "VHDX support is not built yet".into(),
-            }),
+        let image = match probe::probe(&file, path)? {
+            Format::Vhdx => {
+                let mode = if read_only {
+                    vhdx::OpenMode::ReadOnly
+                } else {
+                    vhdx::OpenMode::ReadWrite
+                };
+                Image::Vhdx(vhdx::VhdxImage::open_file(file, path, mode)?)
+            }
             Format::Vhd => {
                 drop(file);
                 let mode = if read_only {
-                    OpenMode::ReadOnly
+                    vhd::OpenMode::ReadOnly
                 } else {
-                    OpenMode::ReadWrite
+                    vhd::OpenMode::ReadWrite
                 };
-                Ok(Layer::Vhd(Box::new(VhdImage::open(path, mode)?)))
+                Image::Vhd(vhd::VhdImage::open(path, mode)?)
             }
-            Format::Raw => Ok(Layer::Raw(RawFile::from_file(path, file, read_only)?)),
-        }
+            Format::Raw => return Ok(Layer::Raw(RawFile::from_file(path, file, read_only)?)),
+        };
+        Ok(Layer::Image(Box::new(image)))
     }
 
     /// The file as opened.
     pub fn path(&self) -> &Path {
         match self {
             Layer::Raw(r) => r.path(),
-            Layer::Vhd(v) => v.path(),
+            Layer::Image(v) => v.path(),
         }
     }
 
@@ -81,7 +84,7 @@ impl Layer {
     pub fn size(&self) -> u64 {
         match self {
             Layer::Raw(r) => r.size(),
-            Layer::Vhd(v) => v.virtual_size(),
+            Layer::Image(v) => v.virtual_size(),
         }
     }
 
@@ -89,7 +92,7 @@ impl Layer {
     pub fn format(&self) -> Format {
         match self {
             Layer::Raw(_) => Format::Raw,
-            Layer::Vhd(_) => Format::Vhd,
+            Layer::Image(v) => v.format(),
         }
     }
 
@@ -107,7 +110,7 @@ impl Layer {
                 parent_uuid: None,
                 parent_name: None,
             },
-            Layer::Vhd(v) => vhd_layer::info(v),
+            Layer::Image(v) => v.info(),
         }
     }
 }
@@ -122,8 +125,9 @@ pub fn open(path: &Path, opts: OpenOptions) -> Result<Chain> {
 pub struct Chain {
     layers: Vec<Layer>,
     read_only: bool,
-    /// Some layer needs whole-sector requests (any VHD layer).
-    sector_io: bool,
+    /// Unit of read-modify-write: the largest logical sector of any image layer (1 when all
+    /// layers are raw files, which take any byte range).
+    sector: u64,
 }
 
 impl Chain {
@@ -135,9 +139,9 @@ impl Chain {
 
     /// Wraps an image just created or opened by the caller (for example a fresh conversion
     /// output), resolving its parents if it is a differencing image.
-    pub fn from_vhd(image: VhdImage) -> Result<Chain> {
+    pub fn from_image(image: Image) -> Result<Chain> {
         let read_only = !image.is_writable();
-        Chain::from_top(Layer::Vhd(Box::new(image)), read_only)
+        Chain::from_top(Layer::Image(Box::new(image)), read_only)
     }
 
     /// Builds the chain under `top` by following parent links.
@@ -146,8 +150,8 @@ impl Chain {
         seen.insert(canonical(top.path())?);
         let top_path = top.path().to_path_buf();
         let mut layers = vec![top];
-        while let Some(Layer::Vhd(child)) = layers.last() {
-            let Some(link) = child.parent() else {
+        while let Some(Layer::Image(child)) = layers.last() {
+            let Some(link) = child.parent_ref() else {
                 break;
             };
             if layers.len() >= MAX_CHAIN_DEPTH {
@@ -164,12 +168,11 @@ impl Chain {
             else {
                 return Err(Error::ParentNotFound {
                     child: child_path,
-                    name: link.unicode_name.clone(),
+                    name: link.name.clone(),
                     tried: link.candidates.clone(),
                 });
             };
             let found = found.clone();
-            let expected = link.uuid;
             if !seen.insert(canonical(&found)?) {
                 return Err(Error::ChainCycle {
                     child: child_path,
@@ -179,31 +182,38 @@ impl Chain {
             tracing::debug!(child = %child_path.display(), parent = %found.display(), "opening parent");
             // Parents are never written: always read-only.
             let parent = Layer::open(&found, true)?;
-            match &parent {
-                Layer::Vhd(p) if p.uuid() != expected => {
+            if parent.format() != link.format {
+                return Err(Error::ParentNotVhd {
+                    child: child_path,
+                    parent: found,
+                    format: parent.format(),
+                    expected: link.format,
+                });
+            }
+            if let Layer::Image(p) = &parent {
+                if !link.accepts.contains(&p.identity()) {
                     return Err(Error::ParentMismatch {
                         child: child_path,
                         parent: found,
-                        expected,
-                        found: p.uuid(),
-                    })
-                }
-                Layer::Vhd(_) => {}
-                other => {
-                    return Err(Error::ParentNotVhd {
-                        child: child_path,
-                        parent: found,
-                        format: other.format(),
-                    })
+                        expected: link.accepts[0],
+                        found: p.identity(),
+                    });
                 }
             }
             layers.push(parent);
         }
-        let sector_io = layers.iter().any(|l| matches!(l, Layer::Vhd(_)));
+        let sector = layers
+            .iter()
+            .filter_map(|l| match l {
+                Layer::Image(i) => Some(i.sector_size()),
+                Layer::Raw(_) => None,
+            })
+            .max()
+            .unwrap_or(1);
         Ok(Chain {
             layers,
             read_only,
-            sector_io,
+            sector,
         })
     }
 
@@ -222,11 +232,12 @@ impl Chain {
         self.top().path()
     }
 
-    /// Sets the write ordering policy of the top image (VHD only; no effect on raw files).
-    /// `Relaxed` suits fresh outputs under a temporary name.
-    pub fn set_durability(&mut self, d: vhd::Durability) {
-        if let Layer::Vhd(v) = &mut self.layers[0] {
-            v.set_durability(d);
+    /// Relaxes the write ordering of the top image (no barriers until flush): for fresh
+    /// outputs under a temporary name, where a crash loses the whole file anyway. No effect on
+    /// raw files.
+    pub fn set_relaxed_durability(&mut self, relaxed: bool) {
+        if let Layer::Image(v) = &mut self.layers[0] {
+            v.set_durability(relaxed);
         }
     }
 
@@ -272,21 +283,21 @@ impl Chain {
         }
         let extents = match layer {
             Layer::Raw(r) => return r.read_at(buf, offset),
-            Layer::Vhd(v) => vhd_layer::resolve_read(v, offset, avail as u64)?,
+            Layer::Image(v) => v.resolve_read(offset, avail as u64)?,
         };
         for e in extents {
             // In bounds: resolve_read checked that the extents tile the range.
             let start = (e.offset - offset) as usize;
             let part = &mut buf[start..start + e.len as usize];
             match e.source {
-                ReadSource::Data { file_offset } => {
-                    // Extents only come from VHD layers.
-                    if let Layer::Vhd(v) = &self.layers[level] {
-                        vhd_layer::read_payload(v, part, file_offset)?;
+                Source::Data(file_offset) => {
+                    // Extents only come from image layers.
+                    if let Layer::Image(v) = &self.layers[level] {
+                        v.read_payload(part, file_offset)?;
                     }
                 }
-                ReadSource::Zero => part.fill(0),
-                ReadSource::Parent => self.read_level(level + 1, part, e.offset)?,
+                Source::Zero => part.fill(0),
+                Source::Parent => self.read_level(level + 1, part, e.offset)?,
             }
         }
         Ok(())
@@ -320,12 +331,12 @@ impl Chain {
                 r.map(offset, avail, level as u32, out);
                 Vec::new()
             }
-            Layer::Vhd(v) if avail > 0 => vhd_layer::resolve_read(v, offset, avail)?,
-            Layer::Vhd(_) => Vec::new(),
+            Layer::Image(v) if avail > 0 => v.resolve_read(offset, avail)?,
+            Layer::Image(_) => Vec::new(),
         };
         for e in extents {
             match e.source {
-                ReadSource::Data { file_offset } => push_merged(
+                Source::Data(file_offset) => push_merged(
                     out,
                     MapExtent {
                         offset: e.offset,
@@ -337,11 +348,11 @@ impl Chain {
                         file: Some(self.layers[level].path().to_path_buf()),
                     },
                 ),
-                ReadSource::Zero => push_merged(out, unallocated(e.offset, e.len)),
-                ReadSource::Parent if level < bottom => {
+                Source::Zero => push_merged(out, unallocated(e.offset, e.len)),
+                Source::Parent if level < bottom => {
                     self.map_level(level + 1, e.offset, e.len, out)?
                 }
-                ReadSource::Parent => push_merged(out, unallocated(e.offset, e.len)),
+                Source::Parent => push_merged(out, unallocated(e.offset, e.len)),
             }
         }
         if avail < len {
@@ -350,19 +361,19 @@ impl Chain {
         Ok(())
     }
 
-    /// Writes `buf` at `offset` to the top layer. For VHD the range must be whole sectors (or
-    /// end at the end of the disk).
+    /// Writes `buf` at `offset` to the top layer. For images the range must be whole sectors
+    /// (or end at the end of the disk).
     fn write_top(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         match &mut self.layers[0] {
             Layer::Raw(r) => r.write_at(buf, offset),
-            Layer::Vhd(v) => vhd_layer::write(v, buf, offset),
+            Layer::Image(v) => v.write(buf, offset),
         }
     }
 
     /// The sector holding `offset`: `(start, end)`, `end` clamped to the disk size.
     fn sector_around(&self, offset: u64) -> (u64, u64) {
-        let start = offset - offset % SECTOR;
-        (start, (start + SECTOR).min(self.size()))
+        let start = offset - offset % self.sector;
+        (start, (start + self.sector).min(self.size()))
     }
 
     /// Writes zeros over `[offset, offset + len)` through the normal write path.
@@ -385,11 +396,14 @@ impl Disk for Chain {
     }
 
     fn logical_sector_size(&self) -> u32 {
-        SECTOR as u32
+        self.sector.max(SECTOR) as u32
     }
 
     fn physical_sector_size(&self) -> u32 {
-        SECTOR as u32
+        match &self.layers[0] {
+            Layer::Image(i) => i.physical_sector_size().max(self.logical_sector_size()),
+            Layer::Raw(_) => self.logical_sector_size(),
+        }
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -399,13 +413,14 @@ impl Disk for Chain {
             return Ok(());
         }
         let end = offset + len;
-        if !self.sector_io || (offset % SECTOR == 0 && (end % SECTOR == 0 || end == self.size())) {
+        let unit = self.sector;
+        if offset % unit == 0 && (end % unit == 0 || end == self.size()) {
             return self.read_level(0, buf, offset);
         }
         // Partial sectors at either edge go through a one-sector bounce buffer.
-        let mut sector = [0u8; SECTOR as usize];
+        let mut sector = vec![0u8; unit as usize];
         let mut pos = offset;
-        if pos % SECTOR != 0 {
+        if pos % unit != 0 {
             let (s0, s1) = self.sector_around(pos);
             self.read_level(0, &mut sector[..(s1 - s0) as usize], s0)?;
             let stop = end.min(s1);
@@ -413,7 +428,7 @@ impl Disk for Chain {
                 .copy_from_slice(&sector[(pos - s0) as usize..(stop - s0) as usize]);
             pos = stop;
         }
-        let mid_end = end - end % SECTOR;
+        let mid_end = end - end % unit;
         if mid_end > pos {
             let b = &mut buf[(pos - offset) as usize..(mid_end - offset) as usize];
             self.read_level(0, b, pos)?;
@@ -435,14 +450,15 @@ impl Disk for Chain {
             return Ok(());
         }
         let end = offset + len;
-        let top_is_vhd = matches!(self.layers[0], Layer::Vhd(_));
-        if !top_is_vhd || (offset % SECTOR == 0 && (end % SECTOR == 0 || end == self.size())) {
+        let unit = self.sector;
+        let top_is_image = matches!(self.layers[0], Layer::Image(_));
+        if !top_is_image || (offset % unit == 0 && (end % unit == 0 || end == self.size())) {
             return self.write_top(buf, offset);
         }
         // Read-modify-write the partial sectors at either edge.
-        let mut sector = [0u8; SECTOR as usize];
+        let mut sector = vec![0u8; unit as usize];
         let mut pos = offset;
-        if pos % SECTOR != 0 {
+        if pos % unit != 0 {
             let (s0, s1) = self.sector_around(pos);
             let s = &mut sector[..(s1 - s0) as usize];
             self.read_level(0, s, s0)?;
@@ -452,7 +468,7 @@ impl Disk for Chain {
             self.write_top(s, s0)?;
             pos = stop;
         }
-        let mid_end = end - end % SECTOR;
+        let mid_end = end - end % unit;
         if mid_end > pos {
             self.write_top(
                 &buf[(pos - offset) as usize..(mid_end - offset) as usize],
@@ -476,7 +492,7 @@ impl Disk for Chain {
         }
         match &mut self.layers[0] {
             Layer::Raw(r) => r.flush(),
-            Layer::Vhd(v) => Ok(v.flush()?),
+            Layer::Image(v) => v.flush(),
         }
     }
 
@@ -488,7 +504,7 @@ impl Disk for Chain {
         }
         let remainder = match &mut self.layers[0] {
             Layer::Raw(r) => return r.discard(offset, len),
-            Layer::Vhd(v) => v.discard(offset, len)?,
+            Layer::Image(v) => v.discard(offset, len)?,
         };
         let end = offset + len;
         for (o, l) in remainder {

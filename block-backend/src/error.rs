@@ -56,6 +56,9 @@ pub enum Error {
     /// An error of the `vhd` format crate, message kept as is.
     #[error(transparent)]
     Vhd(#[from] vhd::Error),
+    /// An error of the `vhdx` format crate, message kept as is.
+    #[error(transparent)]
+    Vhdx(#[from] vhdx::Error),
     /// None of the candidate paths of a differencing image's parent exists.
     #[error(
         "{}: parent image '{name}' not found; tried: {}",
@@ -86,9 +89,10 @@ pub enum Error {
         /// The UUID of the file that was found.
         found: uuid::Uuid,
     },
-    /// The parent found is not a VHD (a VHD can only have a VHD parent).
+    /// The parent found is of another format than the child (a VHD's parent is a VHD, a
+    /// VHDX's a VHDX).
     #[error(
-        "{}: parent {} is a {format} file, not a VHD",
+        "{}: parent {} is a {format} file, not a {expected}",
         child.display(),
         parent.display()
     )]
@@ -99,6 +103,8 @@ pub enum Error {
         parent: PathBuf,
         /// What the parent was probed as.
         format: crate::Format,
+        /// The format the child needs its parent in.
+        expected: crate::Format,
     },
     /// Following parents leads back to an image already in the chain.
     #[error(
@@ -175,7 +181,10 @@ impl Error {
             Error::Vhd(e) if e.kind() == vhd::ErrorKind::Io => ErrorKind::Io,
             Error::Vhd(e) if e.kind() == vhd::ErrorKind::ReadOnly => ErrorKind::ReadOnly,
             Error::Vhd(e) if e.kind() == vhd::ErrorKind::Unsupported => ErrorKind::Unsupported,
-            Error::Vhd(_) | Error::Inconsistent { .. } => ErrorKind::Format,
+            Error::Vhdx(e) if e.kind() == vhdx::ErrorKind::Io => ErrorKind::Io,
+            Error::Vhdx(e) if e.kind() == vhdx::ErrorKind::ReadOnly => ErrorKind::ReadOnly,
+            Error::Vhdx(e) if e.kind() == vhdx::ErrorKind::Unsupported => ErrorKind::Unsupported,
+            Error::Vhd(_) | Error::Vhdx(_) | Error::Inconsistent { .. } => ErrorKind::Format,
             Error::ParentNotFound { .. } => ErrorKind::ParentNotFound,
             Error::ParentMismatch { .. } | Error::ParentNotVhd { .. } => ErrorKind::ParentMismatch,
             Error::ChainCycle { .. } => ErrorKind::ChainCycle,

@@ -36,12 +36,12 @@ mod chain;
 pub mod conformance;
 mod disk;
 mod error;
+mod image_layer;
 pub mod probe;
 mod raw;
-mod vhd_layer;
 
 pub use chain::{open, Chain, Layer};
 pub use disk::{Disk, Format, LayerInfo, MapExtent, OpenOptions, Subformat};
 pub use error::{Error, ErrorKind, Result, MAX_CHAIN_DEPTH};
+pub use image_layer::{Image, SECTOR};
 pub use raw::RawFile;
-pub use vhd_layer::SECTOR;

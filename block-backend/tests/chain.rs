@@ -55,18 +55,37 @@ fn plain_file_named_vhd_is_probed_as_raw() {
 }
 
 #[test]
-fn vhdx_file_is_refused_as_not_built_yet() {
+fn truncated_vhdx_is_a_format_error_naming_the_file() {
     let d = tmp();
     let p = d.path().join("disk.bin");
     let mut bytes = b"vhdxfile".to_vec();
     bytes.resize(1 << 16, 0);
     std::fs::write(&p, bytes).unwrap();
     let e = open(&p, OpenOptions::read_only()).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Unsupported);
-    assert!(
-        e.to_string().contains("VHDX support is not built yet"),
-        "{e}"
+    assert_eq!(e.kind(), ErrorKind::Format);
+    assert!(e.to_string().contains("disk.bin"), "{e}");
+}
+
+#[test]
+fn vhdx_is_probed_by_content_whatever_its_name() {
+    let d = tmp();
+    let p = d.path().join("disk.bin");
+    let opts = vhdx::CreateOptions {
+        size: 4 * MIB,
+        block_size: Some(1 << 20),
+        ..Default::default()
+    };
+    vhdx::VhdxImage::create(&p, &opts).unwrap().close().unwrap();
+    let mut disk = open(&p, OpenOptions::read_write()).unwrap();
+    assert_eq!(disk.layers()[0].format, Format::Vhdx);
+    assert_eq!(
+        (disk.logical_sector_size(), disk.physical_sector_size()),
+        (512, 4096)
     );
+    disk.write_at(b"hello", 1000).unwrap();
+    let mut b = [0u8; 5];
+    disk.read_at(&mut b, 1000).unwrap();
+    assert_eq!(&b, b"hello");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The Disk conformance suite run on every layer kind: raw, VHD fixed, VHD dynamic (2 MiB and
-//! 512 KiB blocks) and a VHD differencing child over a dynamic parent holding data (whose file
-//! must stay byte-identical).
+//! 512 KiB blocks), VHDX fixed, dynamic (512- and 4096-byte sectors), and VHD and VHDX
+//! differencing children over a dynamic parent holding data (whose file must stay
+//! byte-identical).
 
 use std::path::{Path, PathBuf};
 
@@ -135,10 +136,59 @@ fn parent_byte(offset: u64) -> u8 {
     }
 }
 
-fn make_differencing() -> Box<dyn TestDisk> {
+fn create_vhdx(path: &Path, fixed: bool, lss: u32, parent: Option<PathBuf>) {
+    let opts = vhdx::CreateOptions {
+        size: SIZE,
+        fixed,
+        block_size: Some(1 << 20),
+        logical_sector_size: lss,
+        sparse: true,
+        parent,
+        ..Default::default()
+    };
+    vhdx::VhdxImage::create(path, &opts)
+        .expect("create VHDX")
+        .close()
+        .expect("close VHDX");
+}
+
+fn make_vhdx(name: &str, fixed: bool, lss: u32) -> Box<dyn TestDisk> {
     let dir = tempfile::tempdir().expect("tempdir");
-    let parent = dir.path().join("parent.vhd");
-    create_vhd(&parent, vhd::VhdType::Dynamic, 512 << 10);
+    let path = dir.path().join(name);
+    create_vhdx(&path, fixed, lss, None);
+    Fixture::boxed(dir, path, (!fixed).then_some(1 << 20))
+}
+
+fn make_vhdx_fixed() -> Box<dyn TestDisk> {
+    make_vhdx("fixed.vhdx", true, 512)
+}
+
+fn make_vhdx_dynamic() -> Box<dyn TestDisk> {
+    make_vhdx("dynamic.vhdx", false, 512)
+}
+
+fn make_vhdx_dynamic_4k() -> Box<dyn TestDisk> {
+    make_vhdx("dynamic-4k.vhdx", false, 4096)
+}
+
+fn make_differencing() -> Box<dyn TestDisk> {
+    make_child(false)
+}
+
+fn make_vhdx_differencing() -> Box<dyn TestDisk> {
+    make_child(true)
+}
+
+/// A differencing child over a dynamic parent filled with [`PARENT_DATA`].
+fn make_child(vhdx: bool) -> Box<dyn TestDisk> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ext = if vhdx { "vhdx" } else { "vhd" };
+    let parent = dir.path().join(format!("parent.{ext}"));
+    if vhdx {
+        create_vhdx(&parent, false, 512, None);
+    } else {
+        create_vhd(&parent, vhd::VhdType::Dynamic, 512 << 10);
+    }
     {
         let mut p = open(&parent, OpenOptions::read_write()).expect("open parent");
         for &(o, l) in PARENT_DATA {
@@ -147,13 +197,17 @@ fn make_differencing() -> Box<dyn TestDisk> {
         }
         p.flush().expect("flush parent");
     }
-    let child = dir.path().join("child.vhd");
-    let opts = vhd::CreateOptions {
-        block_size: 512 << 10,
-        parent: Some(parent.clone()),
-        ..Default::default()
-    };
-    vhd::VhdImage::create(&child, &opts).expect("create child");
+    let child = dir.path().join(format!("child.{ext}"));
+    if vhdx {
+        create_vhdx(&child, false, 512, Some(parent.clone()));
+    } else {
+        let opts = vhd::CreateOptions {
+            block_size: 512 << 10,
+            parent: Some(parent.clone()),
+            ..Default::default()
+        };
+        vhd::VhdImage::create(&child, &opts).expect("create child");
+    }
     let before = std::fs::read(&parent).expect("read parent");
     let disk = open(&child, OpenOptions::read_write()).expect("open child");
     assert_eq!(disk.backing_chain(), vec![child.clone(), parent.clone()]);
@@ -161,7 +215,7 @@ fn make_differencing() -> Box<dyn TestDisk> {
         _dir: dir,
         path: child,
         disk: Some(disk),
-        block_size: Some(512 << 10),
+        block_size: Some(if vhdx { 1 << 20 } else { 512 << 10 }),
         parent: Some((parent, before)),
     })
 }
@@ -184,4 +238,20 @@ mod vhd_dynamic_512k_blocks {
 
 mod vhd_differencing {
     block_backend::disk_conformance_tests!(super::make_differencing);
+}
+
+mod vhdx_fixed {
+    block_backend::disk_conformance_tests!(super::make_vhdx_fixed);
+}
+
+mod vhdx_dynamic {
+    block_backend::disk_conformance_tests!(super::make_vhdx_dynamic);
+}
+
+mod vhdx_dynamic_4k_sectors {
+    block_backend::disk_conformance_tests!(super::make_vhdx_dynamic_4k);
+}
+
+mod vhdx_differencing {
+    block_backend::disk_conformance_tests!(super::make_vhdx_differencing);
 }

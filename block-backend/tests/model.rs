@@ -1,5 +1,5 @@
 //! Property test: random write / read / discard / flush / reopen sequences on fixed, dynamic and
-//! differencing VHDs behave exactly like a `Vec<u8>`.
+//! differencing VHD and VHDX images (512- and 4096-byte sectors) behave exactly like a `Vec<u8>`.
 
 use std::path::{Path, PathBuf};
 
@@ -56,11 +56,72 @@ fn data(seed: u8, offset: u64, len: usize) -> Vec<u8> {
     out
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
     Fixed,
     Dynamic,
     Differencing,
+}
+
+/// Container format under test.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fmt {
+    Vhd,
+    /// VHDX with this logical sector size.
+    Vhdx(u32),
+}
+
+/// Creates an image of `fmt` at `path` (dynamic unless `fixed`; differencing with a parent).
+fn create_image(fmt: Fmt, path: &Path, fixed: bool, parent: Option<PathBuf>) {
+    match fmt {
+        Fmt::Vhd => {
+            let opts = vhd::CreateOptions {
+                size: SIZE,
+                vhd_type: if fixed {
+                    vhd::VhdType::Fixed
+                } else {
+                    vhd::VhdType::Dynamic
+                },
+                block_size: BLOCK,
+                sparse: true,
+                parent,
+            };
+            vhd::VhdImage::create(path, &opts).expect("create");
+        }
+        Fmt::Vhdx(lss) => {
+            let opts = vhdx::CreateOptions {
+                size: SIZE,
+                fixed,
+                block_size: Some(1 << 20),
+                logical_sector_size: lss,
+                sparse: true,
+                parent,
+                ..Default::default()
+            };
+            vhdx::VhdxImage::create(path, &opts)
+                .expect("create")
+                .close()
+                .expect("close");
+        }
+    }
+}
+
+/// Corruptions the format's checker finds.
+fn corruptions(fmt: Fmt, path: &Path) -> Vec<String> {
+    match fmt {
+        Fmt::Vhd => vhd::check(path)
+            .expect("check")
+            .corruptions
+            .into_iter()
+            .map(|f| f.message)
+            .collect(),
+        Fmt::Vhdx(_) => vhdx::check(path)
+            .expect("check")
+            .corruptions
+            .into_iter()
+            .map(|f| f.message)
+            .collect(),
+    }
 }
 
 /// A parent file and its bytes before the test.
@@ -68,30 +129,16 @@ type ParentSnapshot = (PathBuf, Vec<u8>);
 
 /// Creates the disk under test in `dir`; returns its path, the initial model, and for
 /// differencing disks the parent snapshot.
-fn setup(dir: &Path, kind: Kind) -> (PathBuf, Vec<u8>, Option<ParentSnapshot>) {
-    let create = |path: &Path, vhd_type, parent: Option<PathBuf>| {
-        let opts = vhd::CreateOptions {
-            size: SIZE,
-            vhd_type,
-            block_size: BLOCK,
-            sparse: true,
-            parent,
-        };
-        vhd::VhdImage::create(path, &opts).expect("create");
-    };
-    let path = dir.join("disk.vhd");
+fn setup(dir: &Path, kind: Kind, fmt: Fmt) -> (PathBuf, Vec<u8>, Option<ParentSnapshot>) {
+    let path = dir.join("disk.img");
     match kind {
-        Kind::Fixed => {
-            create(&path, vhd::VhdType::Fixed, None);
-            (path, vec![0; SIZE as usize], None)
-        }
-        Kind::Dynamic => {
-            create(&path, vhd::VhdType::Dynamic, None);
+        Kind::Fixed | Kind::Dynamic => {
+            create_image(fmt, &path, kind == Kind::Fixed, None);
             (path, vec![0; SIZE as usize], None)
         }
         Kind::Differencing => {
-            let parent = dir.join("parent.vhd");
-            create(&parent, vhd::VhdType::Dynamic, None);
+            let parent = dir.join("parent.img");
+            create_image(fmt, &parent, false, None);
             let mut model = vec![0; SIZE as usize];
             {
                 let mut p = open(&parent, OpenOptions::read_write()).expect("open parent");
@@ -106,16 +153,16 @@ fn setup(dir: &Path, kind: Kind) -> (PathBuf, Vec<u8>, Option<ParentSnapshot>) {
                 }
                 p.flush().expect("flush parent");
             }
-            create(&path, vhd::VhdType::Dynamic, Some(parent.clone()));
+            create_image(fmt, &path, false, Some(parent.clone()));
             let bytes = std::fs::read(&parent).expect("read parent");
             (path, model, Some((parent, bytes)))
         }
     }
 }
 
-fn run(kind: Kind, ops: &[Op]) -> Result<(), TestCaseError> {
+fn run(kind: Kind, fmt: Fmt, ops: &[Op]) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (path, mut model, parent) = setup(dir.path(), kind);
+    let (path, mut model, parent) = setup(dir.path(), kind, fmt);
     let reopen = |p: &Path| -> Chain { open(p, OpenOptions::read_write()).expect("open") };
     let mut disk = reopen(&path);
     for op in ops {
@@ -167,8 +214,8 @@ fn run(kind: Kind, ops: &[Op]) -> Result<(), TestCaseError> {
         )));
     }
     drop(disk);
-    let report = vhd::check(&path).expect("check");
-    prop_assert!(report.corruptions.is_empty(), "image corrupt: {:?}", report);
+    let report = corruptions(fmt, &path);
+    prop_assert!(report.is_empty(), "image corrupt: {:?}", report);
     if let Some((p, before)) = parent {
         prop_assert!(
             std::fs::read(&p).expect("read parent") == before,
@@ -183,16 +230,41 @@ proptest! {
 
     #[test]
     fn fixed_vhd_behaves_like_a_byte_array(ops in prop::collection::vec(op(), 1..24)) {
-        run(Kind::Fixed, &ops)?;
+        run(Kind::Fixed, Fmt::Vhd, &ops)?;
     }
 
     #[test]
     fn dynamic_vhd_behaves_like_a_byte_array(ops in prop::collection::vec(op(), 1..24)) {
-        run(Kind::Dynamic, &ops)?;
+        run(Kind::Dynamic, Fmt::Vhd, &ops)?;
     }
 
     #[test]
     fn differencing_vhd_behaves_like_a_byte_array(ops in prop::collection::vec(op(), 1..24)) {
-        run(Kind::Differencing, &ops)?;
+        run(Kind::Differencing, Fmt::Vhd, &ops)?;
+    }
+
+    #[test]
+    fn fixed_vhdx_behaves_like_a_byte_array(ops in prop::collection::vec(op(), 1..24)) {
+        run(Kind::Fixed, Fmt::Vhdx(512), &ops)?;
+    }
+
+    #[test]
+    fn dynamic_vhdx_behaves_like_a_byte_array(ops in prop::collection::vec(op(), 1..24)) {
+        run(Kind::Dynamic, Fmt::Vhdx(512), &ops)?;
+    }
+
+    #[test]
+    fn dynamic_4k_sector_vhdx_behaves_like_a_byte_array(ops in prop::collection::vec(op(), 1..24)) {
+        run(Kind::Dynamic, Fmt::Vhdx(4096), &ops)?;
+    }
+
+    #[test]
+    fn differencing_vhdx_behaves_like_a_byte_array(ops in prop::collection::vec(op(), 1..24)) {
+        run(Kind::Differencing, Fmt::Vhdx(512), &ops)?;
+    }
+
+    #[test]
+    fn differencing_4k_sector_vhdx_behaves_like_a_byte_array(ops in prop::collection::vec(op(), 1..24)) {
+        run(Kind::Differencing, Fmt::Vhdx(4096), &ops)?;
     }
 }

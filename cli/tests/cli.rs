@@ -119,28 +119,77 @@ fn create_refuses_to_overwrite() {
 }
 
 #[test]
-fn create_vhdx_says_not_built_yet() {
+fn create_vhdx_with_hyper_v_defaults_and_4k_sectors() {
     let d = tmp();
-    for args in [
-        vec![d.path().join("a.vhdx").into_os_string(), "1G".into()],
-        vec![
-            "-f".into(),
-            "vhdx".into(),
-            d.path().join("b.vhd").into_os_string(),
-            "1G".into(),
-        ],
-    ] {
-        let mut full: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"create"];
-        full.extend(args.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
-        let o = vhdtool(&full);
-        assert_eq!(code(&o), 1);
-        assert!(
-            stderr(&o).contains("VHDX support is not built yet"),
-            "{}",
-            stderr(&o)
-        );
-    }
-    assert!(files(d.path()).is_empty());
+    let a = d.path().join("a.vhdx");
+    ok(&vhdtool(&[&"create", &a, &"1G"]));
+    let info = json(&vhdtool(&[&"info", &"--json", &a]));
+    assert_eq!(info["format"], "vhdx");
+    assert_eq!(info["subformat"], "dynamic");
+    assert_eq!(info["virtual-size"], 1 << 30);
+    assert_eq!(info["block-size"], 32 << 20);
+    assert_eq!(info["logical-sector-size"], 512);
+    assert_eq!(info["physical-sector-size"], 4096);
+    // -f wins over the extension; 4K logical sectors on request.
+    let b = d.path().join("b.vhd");
+    ok(&vhdtool(&[
+        &"create",
+        &"-f",
+        &"vhdx",
+        &"--logical-sector-size",
+        &"4096",
+        &"--block-size",
+        &"1M",
+        &b,
+        &"64M",
+    ]));
+    let info = json(&vhdtool(&[&"info", &"--json", &b]));
+    assert_eq!(info["format"], "vhdx");
+    assert_eq!(info["logical-sector-size"], 4096);
+    assert_eq!(info["block-size"], 1 << 20);
+    // Sector sizes are VHDX options; bad values are usage errors.
+    assert_eq!(
+        code(&vhdtool(&[
+            &"create",
+            &"--logical-sector-size",
+            &"4096",
+            &d.path().join("c.vhd"),
+            &"1M"
+        ])),
+        1
+    );
+    assert_ne!(
+        code(&vhdtool(&[
+            &"create",
+            &"--logical-sector-size",
+            &"1000",
+            &d.path().join("d.vhdx"),
+            &"1M"
+        ])),
+        0
+    );
+    // A VHDX child of a VHDX parent takes the parent's format and size.
+    let child = d.path().join("child.avhdx");
+    ok(&vhdtool(&[&"create", &"--parent", &a, &child]));
+    let info = json(&vhdtool(&[&"info", &"--json", &child]));
+    assert_eq!(info["subformat"], "differencing");
+    assert_eq!(info["virtual-size"], 1 << 30);
+    assert_eq!(info["parent"].as_str(), Some(a.to_str().unwrap()));
+    // A VHD child of a VHDX parent is refused.
+    assert_eq!(
+        code(&vhdtool(&[
+            &"create",
+            &"-f",
+            &"vhd",
+            &"--parent",
+            &a,
+            &d.path().join("x.vhd")
+        ])),
+        1
+    );
+    let mut names = files(d.path());
+    names.sort();
+    assert_eq!(names, vec!["a.vhdx", "b.vhd", "child.avhdx"]);
 }
 
 #[test]

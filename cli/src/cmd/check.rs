@@ -47,13 +47,65 @@ impl From<&vhd::Finding> for Finding {
     }
 }
 
+impl From<&vhdx::Finding> for Finding {
+    fn from(f: &vhdx::Finding) -> Self {
+        Finding {
+            structure: f.structure.clone(),
+            offset: f.offset,
+            message: f.message.clone(),
+        }
+    }
+}
+
+/// A format crate's report, in the CLI's terms.
+struct FormatReport {
+    corruptions: Vec<Finding>,
+    leaks: Vec<Finding>,
+    leaked_bytes: u64,
+    repairs: Vec<String>,
+}
+
+impl From<vhd::CheckReport> for FormatReport {
+    fn from(r: vhd::CheckReport) -> Self {
+        FormatReport {
+            corruptions: r.corruptions.iter().map(Finding::from).collect(),
+            leaks: r.leaks.iter().map(Finding::from).collect(),
+            leaked_bytes: r.leaked_bytes,
+            repairs: r.repairs,
+        }
+    }
+}
+
+impl From<vhdx::CheckReport> for FormatReport {
+    fn from(r: vhdx::CheckReport) -> Self {
+        FormatReport {
+            corruptions: r.corruptions.iter().map(Finding::from).collect(),
+            leaks: r.leaks.iter().map(Finding::from).collect(),
+            leaked_bytes: r.leaked_bytes,
+            repairs: r.repairs,
+        }
+    }
+}
+
+/// Runs the format's check (or repair) on `path`.
+fn format_check(format: Format, path: &std::path::Path, repair: bool) -> Result<FormatReport> {
+    let what = if repair { "repair" } else { "check" };
+    let r: Result<FormatReport, anyhow::Error> = match (format, repair) {
+        (Format::Vhdx, false) => vhdx::check(path).map(Into::into).map_err(Into::into),
+        (Format::Vhdx, true) => vhdx::repair(path).map(Into::into).map_err(Into::into),
+        (_, false) => vhd::check(path).map(Into::into).map_err(Into::into),
+        (_, true) => vhd::repair(path).map(Into::into).map_err(Into::into),
+    };
+    r.with_context(|| format!("cannot {what} {}", path.display()))
+}
+
 /// What `check --json` prints.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Report {
     /// The file as given.
     pub filename: PathBuf,
-    /// `raw` or `vhd`.
+    /// `raw`, `vhd` or `vhdx`.
     pub format: String,
     /// `clean`, `leaks` or `corrupt` (after repairs, with --repair).
     pub result: &'static str,
@@ -87,8 +139,7 @@ pub fn run(a: &Args) -> Result<u8> {
             repairs: vec![],
             exit_code: 0,
         },
-        Format::Vhdx => return Err(super::vhdx_not_built()),
-        Format::Vhd => check_vhd(a)?,
+        Format::Vhd | Format::Vhdx => check_image(a, format)?,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -98,20 +149,19 @@ pub fn run(a: &Args) -> Result<u8> {
     Ok(report.exit_code)
 }
 
-fn check_vhd(a: &Args) -> Result<Report> {
+fn check_image(a: &Args, format: Format) -> Result<Report> {
     let path = &a.file;
     let mut found_before_repair = Vec::new();
     let vreport = if a.repair {
-        let before =
-            vhd::check(path).with_context(|| format!("cannot check {}", path.display()))?;
-        found_before_repair.extend(before.corruptions.iter().map(Finding::from));
-        found_before_repair.extend(before.leaks.iter().map(Finding::from));
-        vhd::repair(path).with_context(|| format!("cannot repair {}", path.display()))?
+        let before = format_check(format, path, false)?;
+        found_before_repair.extend(before.corruptions);
+        found_before_repair.extend(before.leaks);
+        format_check(format, path, true)?
     } else {
-        vhd::check(path).with_context(|| format!("cannot check {}", path.display()))?
+        format_check(format, path, false)?
     };
-    let mut corruptions: Vec<Finding> = vreport.corruptions.iter().map(Finding::from).collect();
-    let leaks: Vec<Finding> = vreport.leaks.iter().map(Finding::from).collect();
+    let mut corruptions = vreport.corruptions;
+    let leaks = vreport.leaks;
     if let Some(f) = parent_link_finding(path) {
         corruptions.push(f);
     }
@@ -124,7 +174,7 @@ fn check_vhd(a: &Args) -> Result<Report> {
     };
     Ok(Report {
         filename: path.clone(),
-        format: "vhd".into(),
+        format: format.to_string(),
         result,
         corruptions,
         leaks,
@@ -138,8 +188,8 @@ fn check_vhd(a: &Args) -> Result<Report> {
 /// For a differencing image that opens on its own: a finding if its chain does not.
 fn parent_link_finding(path: &std::path::Path) -> Option<Finding> {
     // If the image itself does not open, the structural findings already say why.
-    let image = vhd::VhdImage::open(path, vhd::OpenMode::ReadOnly).ok()?;
-    image.parent()?;
+    let image = block_backend::Layer::open(path, true).ok()?;
+    image.info().parent_uuid?;
     drop(image);
     match block_backend::open(path, block_backend::OpenOptions::read_only()) {
         Ok(_) => None,

@@ -20,8 +20,8 @@ use anyhow::{bail, Context, Result};
 use block_backend::{Chain, Disk};
 
 use super::{
-    block_size_arg, format_from_extension, is_zero, open_read_only, vhdx_not_built, DiskTypeArg,
-    ImageFormat, CHUNK, MAP_WINDOW,
+    block_size_arg, format_from_extension, is_zero, open_read_only, vhdx_options, DiskTypeArg,
+    ImageFormat, SectorArgs, CHUNK, MAP_WINDOW,
 };
 use crate::progress::Progress;
 use crate::size::parse_size;
@@ -35,13 +35,16 @@ pub struct Args {
     /// Output format (default: from DST's extension, else raw).
     #[arg(short = 'O', value_enum)]
     pub output_format: Option<ImageFormat>,
-    /// Disk type of VHD output (default dynamic).
+    /// Disk type of VHD/VHDX output (default dynamic).
     #[arg(long = "type", value_enum)]
     pub disk_type: Option<DiskTypeArg>,
-    /// Allocation block size of dynamic output (default 2M).
+    /// Allocation block size (default: VHD 2M, VHDX 32M).
     #[arg(long, value_parser = parse_size)]
     pub block_size: Option<u64>,
-    /// Fixed VHD output: leave unwritten space sparse on the host.
+    /// VHDX sector sizes.
+    #[command(flatten)]
+    pub sectors: SectorArgs,
+    /// Fixed output: leave unwritten space sparse on the host.
     #[arg(long)]
     pub sparse: bool,
     /// Show progress on stderr.
@@ -62,17 +65,19 @@ pub fn run(a: &Args) -> Result<u8> {
         .output_format
         .or_else(|| format_from_extension(&a.dst))
         .unwrap_or(ImageFormat::Raw);
+    if format != ImageFormat::Vhdx && a.sectors.any() {
+        bail!("--logical-sector-size and --physical-sector-size apply to VHDX output only");
+    }
     match format {
-        ImageFormat::Vhdx => return Err(vhdx_not_built()),
         ImageFormat::Raw => {
             if a.disk_type.is_some() || a.block_size.is_some() || a.sparse {
-                bail!("--type, --block-size and --sparse apply to VHD output only (raw output is always sparse)");
+                bail!("--type, --block-size and --sparse apply to VHD/VHDX output only (raw output is always sparse)");
             }
         }
-        ImageFormat::Vhd => {
+        ImageFormat::Vhd | ImageFormat::Vhdx => {
             let t = a.disk_type.unwrap_or(DiskTypeArg::Dynamic);
-            if t == DiskTypeArg::Fixed && a.block_size.is_some() {
-                bail!("--block-size applies to dynamic output only");
+            if format == ImageFormat::Vhd && t == DiskTypeArg::Fixed && a.block_size.is_some() {
+                bail!("--block-size applies to dynamic VHD output only");
             }
             if t == DiskTypeArg::Dynamic && a.sparse {
                 bail!("--sparse applies to fixed output only (dynamic output is always sparse)");
@@ -90,7 +95,8 @@ pub fn run(a: &Args) -> Result<u8> {
     let tmp = TempOutput::new(&a.dst)?;
     let mut sink = match format {
         ImageFormat::Raw => Sink::raw(tmp.path(), size)?,
-        _ => Sink::vhd(tmp.path(), size, a)?,
+        ImageFormat::Vhd => Sink::vhd(tmp.path(), size, a)?,
+        ImageFormat::Vhdx => Sink::vhdx(tmp.path(), size, a)?,
     };
     let mut progress = Progress::new(size, a.progress);
     copy(&mut src, &mut sink, size, &mut progress)?;
@@ -162,8 +168,8 @@ enum Sink {
         /// Its (temporary) path.
         path: PathBuf,
     },
-    /// A fresh VHD image.
-    Vhd(Box<Chain>),
+    /// A fresh VHD or VHDX image.
+    Image(Box<Chain>),
 }
 
 impl Sink {
@@ -190,18 +196,41 @@ impl Sink {
                 "vhdtool: warning: source size {size} is not a multiple of 512; the VHD will be {vsize} bytes (zero padded)"
             );
         }
-        let opts = vhd::CreateOptions {
+        let mut opts = vhd::CreateOptions {
             size: vsize,
             vhd_type: t.into(),
-            block_size: block_size_arg(a.block_size)?,
             sparse: a.sparse,
-            parent: None,
+            ..Default::default()
         };
-        let mut image = vhd::VhdImage::create(path, &opts)
+        if let Some(b) = block_size_arg(a.block_size)? {
+            opts.block_size = b;
+        }
+        let image = vhd::VhdImage::create(path, &opts)
             .with_context(|| format!("cannot create {}", path.display()))?;
+        Sink::image(block_backend::Image::Vhd(image))
+    }
+
+    fn vhdx(path: &Path, size: u64, a: &Args) -> Result<Sink> {
+        let lss = u64::from(a.sectors.logical_sector_size.unwrap_or(512));
+        // VHDX sizes are whole logical sectors: pad a partial last sector with zeros.
+        let vsize = size.div_ceil(lss) * lss;
+        if vsize != size {
+            eprintln!(
+                "vhdtool: warning: source size {size} is not a multiple of {lss}; the VHDX will be {vsize} bytes (zero padded)"
+            );
+        }
+        let fixed = a.disk_type == Some(DiskTypeArg::Fixed);
+        let opts = vhdx_options(vsize, fixed, a.block_size, a.sparse, a.sectors)?;
+        let image = vhdx::VhdxImage::create(path, &opts)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Sink::image(block_backend::Image::Vhdx(image))
+    }
+
+    fn image(image: block_backend::Image) -> Result<Sink> {
+        let mut chain = Chain::from_image(image)?;
         // Nobody sees the file before the final flush and rename: no ordering barriers needed.
-        image.set_durability(vhd::Durability::Relaxed);
-        Ok(Sink::Vhd(Box::new(Chain::from_vhd(image)?)))
+        chain.set_relaxed_durability(true);
+        Ok(Sink::Image(Box::new(chain)))
     }
 
     fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
@@ -209,7 +238,7 @@ impl Sink {
             Sink::Raw { file, path } => file
                 .write_all_at(buf, offset)
                 .with_context(|| format!("{}: write at offset {offset}", path.display())),
-            Sink::Vhd(d) => Ok(d.write_at(buf, offset)?),
+            Sink::Image(d) => Ok(d.write_at(buf, offset)?),
         }
     }
 
@@ -219,7 +248,7 @@ impl Sink {
             Sink::Raw { file, path } => file
                 .sync_all()
                 .with_context(|| format!("{}: flush", path.display())),
-            Sink::Vhd(mut d) => Ok(d.flush()?),
+            Sink::Image(mut d) => Ok(d.flush()?),
         }
     }
 }

@@ -1,15 +1,19 @@
-//! `vhdtool create [-f vhd|vhdx] [--type fixed|dynamic] [--block-size SIZE] [--parent PARENT]
+//! `vhdtool create [-f vhd|vhdx] [--type fixed|dynamic] [--block-size SIZE]
+//! [--logical-sector-size 512|4096] [--physical-sector-size 512|4096] [--parent PARENT]
 //! [--sparse] FILE [SIZE]`
 //!
-//! The format comes from `-f`, else from FILE's extension (`.vhd`, `.avhd`; `.vhdx`/`.avhdx`
-//! are refused until VHDX is built), else VHD. With `--parent` the new image is a differencing
-//! child whose size is the parent's. An existing FILE is never overwritten.
+//! The format comes from `-f`, else from FILE's extension (`.vhd`, `.avhd`, `.vhdx`, `.avhdx`),
+//! else the parent's format, else VHD. With `--parent` the new image is a differencing child
+//! whose size is the parent's. An existing FILE is never overwritten.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use block_backend::{Disk, Format};
 
-use super::{block_size_arg, format_from_extension, vhdx_not_built, DiskTypeArg};
+use super::{
+    block_size_arg, format_from_extension, vhdx_options, DiskTypeArg, ImageFormat, SectorArgs,
+};
 use crate::size::{format_size, parse_size};
 
 /// Formats `create` can produce.
@@ -24,15 +28,18 @@ pub enum CreateFormat {
 /// Arguments of `create`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Image format (default: from the file extension, else vhd).
+    /// Image format (default: from the file extension, else the parent's, else vhd).
     #[arg(short = 'f', long = "format", value_enum)]
     pub format: Option<CreateFormat>,
     /// Disk type (default dynamic; not with --parent).
     #[arg(long = "type", value_enum)]
     pub disk_type: Option<DiskTypeArg>,
-    /// Allocation block size of dynamic and differencing images (default 2M).
+    /// Allocation block size (default: VHD 2M; VHDX 32M, 2M for differencing).
     #[arg(long, value_parser = parse_size)]
     pub block_size: Option<u64>,
+    /// VHDX sector sizes.
+    #[command(flatten)]
+    pub sectors: SectorArgs,
     /// Make a differencing image over PARENT (its size is the parent's).
     #[arg(long)]
     pub parent: Option<PathBuf>,
@@ -48,26 +55,15 @@ pub struct Args {
 
 /// Runs `create`.
 pub fn run(a: &Args) -> Result<u8> {
-    let format = a.format.unwrap_or(match format_from_extension(&a.file) {
-        Some(super::ImageFormat::Vhdx) => CreateFormat::Vhdx,
-        _ => CreateFormat::Vhd,
-    });
-    if format == CreateFormat::Vhdx {
-        return Err(vhdx_not_built());
-    }
     if a.file.symlink_metadata().is_ok() {
         bail!(
             "{} already exists; refusing to overwrite it",
             a.file.display()
         );
     }
-    let block_size = block_size_arg(a.block_size)?;
-    let mut opts = vhd::CreateOptions {
-        block_size,
-        ..Default::default()
-    };
-    let (size, kind) = match &a.parent {
-        Some(parent) => {
+    // The parent decides the size (and, failing anything else, the format).
+    let parent = match &a.parent {
+        Some(p) => {
             if a.disk_type.is_some() {
                 bail!(
                     "--type cannot be combined with --parent: a child image is always differencing"
@@ -76,54 +72,114 @@ pub fn run(a: &Args) -> Result<u8> {
             if a.sparse {
                 bail!("--sparse applies to fixed images only");
             }
-            let p = vhd::VhdImage::open(parent, vhd::OpenMode::ReadOnly)
-                .with_context(|| format!("cannot use {} as parent", parent.display()))?;
-            let psize = p.virtual_size();
+            let disk = block_backend::open(p, block_backend::OpenOptions::read_only())
+                .with_context(|| format!("cannot use {} as parent", p.display()))?;
+            let format = disk.layers()[0].format;
             if let Some(s) = a.size {
-                if s != psize {
-                    bail!(
-                        "SIZE {s} differs from the parent's virtual size {psize}; a differencing image always has its parent's size"
-                    );
+                if s != disk.size() {
+                    bail!("SIZE {s} differs from the parent's virtual size {}; a differencing image always has its parent's size", disk.size());
                 }
             }
-            opts.parent = Some(parent.clone());
-            (psize, "differencing")
+            Some((p.clone(), disk.size(), format))
         }
+        None => None,
+    };
+    let format = a.format.unwrap_or(match format_from_extension(&a.file) {
+        Some(ImageFormat::Vhdx) => CreateFormat::Vhdx,
+        Some(ImageFormat::Vhd) => CreateFormat::Vhd,
+        _ => match &parent {
+            Some((_, _, Format::Vhdx)) => CreateFormat::Vhdx,
+            _ => CreateFormat::Vhd,
+        },
+    });
+    if let Some((p, _, pf)) = &parent {
+        let want = if format == CreateFormat::Vhdx {
+            Format::Vhdx
+        } else {
+            Format::Vhd
+        };
+        if *pf != want {
+            bail!(
+                "parent {} is a {pf} image; a {want} image needs a {want} parent",
+                p.display()
+            );
+        }
+    }
+    if format == CreateFormat::Vhd && a.sectors.any() {
+        bail!("--logical-sector-size and --physical-sector-size apply to VHDX only");
+    }
+    let t = a.disk_type.unwrap_or(DiskTypeArg::Dynamic);
+    if a.sparse && t != DiskTypeArg::Fixed {
+        bail!("--sparse applies to fixed images only");
+    }
+    if format == CreateFormat::Vhd && t == DiskTypeArg::Fixed && a.block_size.is_some() {
+        bail!("--block-size applies to dynamic and differencing VHD images only");
+    }
+    let (size, kind) = match &parent {
+        Some((_, size, _)) => (*size, "differencing"),
         None => {
             let Some(size) = a.size else {
                 bail!("SIZE is required (for example 64M or 10G) unless --parent is given");
             };
-            let t = a.disk_type.unwrap_or(DiskTypeArg::Dynamic);
-            if a.sparse && t != DiskTypeArg::Fixed {
-                bail!("--sparse applies to fixed images only");
-            }
-            if t == DiskTypeArg::Fixed && a.block_size.is_some() {
-                bail!("--block-size applies to dynamic and differencing images only");
-            }
-            opts.size = size;
-            opts.vhd_type = t.into();
-            opts.sparse = a.sparse;
             (
                 size,
-                match t {
-                    DiskTypeArg::Fixed => "fixed",
-                    DiskTypeArg::Dynamic => "dynamic",
+                if t == DiskTypeArg::Fixed {
+                    "fixed"
+                } else {
+                    "dynamic"
                 },
             )
         }
     };
-    let image = vhd::VhdImage::create(&a.file, &opts)
-        .with_context(|| format!("cannot create {}", a.file.display()))?;
-    drop(image);
+    let parent_path = parent.as_ref().map(|p| p.0.clone());
+    let block_size = match format {
+        CreateFormat::Vhd => {
+            let mut opts = vhd::CreateOptions {
+                size,
+                vhd_type: t.into(),
+                sparse: a.sparse,
+                parent: parent_path,
+                ..Default::default()
+            };
+            if let Some(b) = block_size_arg(a.block_size)? {
+                opts.block_size = b;
+            }
+            let image = vhd::VhdImage::create(&a.file, &opts)
+                .with_context(|| format!("cannot create {}", a.file.display()))?;
+            image.block_size()
+        }
+        CreateFormat::Vhdx => {
+            let mut opts = vhdx_options(
+                size,
+                t == DiskTypeArg::Fixed && parent.is_none(),
+                a.block_size,
+                a.sparse,
+                a.sectors,
+            )?;
+            opts.parent = parent_path;
+            let image = vhdx::VhdxImage::create(&a.file, &opts)
+                .with_context(|| format!("cannot create {}", a.file.display()))?;
+            let b = image.block_size();
+            image
+                .close()
+                .with_context(|| format!("cannot close {}", a.file.display()))?;
+            Some(b)
+        }
+    };
+    let fmt = if format == CreateFormat::Vhdx {
+        "vhdx"
+    } else {
+        "vhd"
+    };
     let mut line = format!(
-        "Formatting '{}', fmt=vhd subformat={kind} size={size} ({})",
+        "Formatting '{}', fmt={fmt} subformat={kind} size={size} ({})",
         a.file.display(),
         format_size(size)
     );
-    if kind != "fixed" {
-        line.push_str(&format!(" block_size={block_size}"));
+    if let Some(b) = block_size.filter(|_| kind != "fixed" || format == CreateFormat::Vhdx) {
+        line.push_str(&format!(" block_size={b}"));
     }
-    if let Some(p) = &a.parent {
+    if let Some((p, _, _)) = &parent {
         line.push_str(&format!(" parent='{}'", p.display()));
     }
     println!("{line}");

@@ -64,9 +64,52 @@ pub fn format_from_extension(path: &Path) -> Option<ImageFormat> {
     }
 }
 
-/// The error for anything VHDX until the `vhdx` crate is wired in.
-pub fn vhdx_not_built() -> anyhow::Error {
-    anyhow::anyhow!("VHDX support is not built yet")
+/// Sector sizes of new VHDX images.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct SectorArgs {
+    /// VHDX only: logical sector size, 512 or 4096 (default 512).
+    #[arg(long, value_parser = parse_sector_size)]
+    pub logical_sector_size: Option<u32>,
+    /// VHDX only: physical sector size, 512 or 4096 (default 4096, as Hyper-V).
+    #[arg(long, value_parser = parse_sector_size)]
+    pub physical_sector_size: Option<u32>,
+}
+
+impl SectorArgs {
+    /// Whether any sector size was given (they only apply to VHDX).
+    pub fn any(&self) -> bool {
+        self.logical_sector_size.is_some() || self.physical_sector_size.is_some()
+    }
+}
+
+fn parse_sector_size(s: &str) -> std::result::Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" | "4K" | "4k" => Ok(4096),
+        _ => Err(format!("sector size must be 512 or 4096, not {s:?}")),
+    }
+}
+
+/// Options for a new VHDX image from the command line.
+pub fn vhdx_options(
+    size: u64,
+    fixed: bool,
+    block_size: Option<u64>,
+    sparse: bool,
+    sectors: SectorArgs,
+) -> Result<vhdx::CreateOptions> {
+    let d = vhdx::CreateOptions::default();
+    Ok(vhdx::CreateOptions {
+        size,
+        fixed,
+        block_size: block_size_arg(block_size)?,
+        logical_sector_size: sectors.logical_sector_size.unwrap_or(d.logical_sector_size),
+        physical_sector_size: sectors
+            .physical_sector_size
+            .unwrap_or(d.physical_sector_size),
+        sparse,
+        parent: None,
+    })
 }
 
 /// Opens a disk (with its whole chain) read-only.
@@ -74,13 +117,13 @@ pub fn open_read_only(path: &Path) -> Result<Chain> {
     Ok(block_backend::open(path, OpenOptions::read_only())?)
 }
 
-/// Block size argument to the `u32` the format takes.
-pub fn block_size_arg(size: Option<u64>) -> Result<u32> {
+/// Block size argument to the `u32` the formats take (`None`: the format's default).
+pub fn block_size_arg(size: Option<u64>) -> Result<Option<u32>> {
     match size {
-        None => Ok(vhd::CreateOptions::default().block_size),
+        None => Ok(None),
         Some(s) => match u32::try_from(s) {
-            Ok(v) => Ok(v),
-            Err(_) => bail!("block size {s} is too large (the VHD maximum is 256 MiB)"),
+            Ok(v) => Ok(Some(v)),
+            Err(_) => bail!("block size {s} is too large (the maximum is 256 MiB)"),
         },
     }
 }
@@ -144,8 +187,8 @@ mod tests {
 
     #[test]
     fn block_size_must_fit_u32() {
-        assert_eq!(block_size_arg(None).unwrap(), 2 << 20);
-        assert_eq!(block_size_arg(Some(512 << 10)).unwrap(), 512 << 10);
+        assert_eq!(block_size_arg(None).unwrap(), None);
+        assert_eq!(block_size_arg(Some(512 << 10)).unwrap(), Some(512 << 10));
         assert!(block_size_arg(Some(1 << 40)).is_err());
     }
 }
