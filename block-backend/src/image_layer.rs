@@ -308,7 +308,9 @@ impl Image {
                 virtual_size: v.virtual_size(),
                 block_size: Some(v.block_size()),
                 creator: Some(v.creator().to_string()),
-                uuid: Some(v.header().data_write_guid),
+                // The virtual disk id (page 83): stable, unlike DataWriteGuid, which changes
+                // with every writing session and is what children link to.
+                uuid: Some(v.params().page83),
                 parent_uuid: parent.as_ref().map(|p| p.accepts[0]),
                 parent_name: parent.map(|p| p.name),
             },

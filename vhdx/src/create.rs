@@ -296,9 +296,11 @@ fn write_layout<F: ImageFile>(
                     format!("{{{}}}", p.data_write_guid),
                 ),
                 ("relative_path".into(), p.relative.clone()),
+                // Backslash separators, as Windows writes: readers that keep what follows the
+                // last backslash (libvhdi) then find the parent beside the child; we map back.
                 (
                     "absolute_win32_path".into(),
-                    p.absolute.to_string_lossy().into_owned(),
+                    p.absolute.to_string_lossy().replace('/', "\\"),
                 ),
             ],
         };

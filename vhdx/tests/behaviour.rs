@@ -375,3 +375,29 @@ fn crash_file_states_are_used_not_just_the_real_file() {
     img.close().unwrap();
     assert!(f.len().unwrap() > 4 << 20);
 }
+
+#[test]
+fn two_identical_headers_with_equal_sequence_numbers_are_accepted() {
+    // Disk2vhd writes both headers with sequence number 1 and identical content.
+    let p = damaged(|p| {
+        let f = std::fs::File::open(p).unwrap();
+        let mut h = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut h, 64 << 10).unwrap();
+        let mut header = vhdx::format::Header::parse(&h);
+        header.sequence_number = 1;
+        let bytes = header.to_bytes();
+        poke(p, 64 << 10, &bytes);
+        poke(p, 128 << 10, &bytes);
+    });
+    let mut img = VhdxImage::open(&p, OpenMode::ReadOnly).unwrap();
+    assert_eq!(img.header().sequence_number, 1);
+    assert_eq!(read(&mut img, 0, 4096), vec![1u8; 4096]);
+    drop(img);
+    // A writable session moves on to sequence 2 in the other slot and stays readable.
+    let mut img = VhdxImage::open(&p, OpenMode::ReadWrite).unwrap();
+    write(&mut img, 4096, &[2u8; 512]);
+    img.close().unwrap();
+    let mut img = VhdxImage::open(&p, OpenMode::ReadOnly).unwrap();
+    assert!(img.header().sequence_number > 1);
+    assert_eq!(read(&mut img, 4096, 512), vec![2u8; 512]);
+}
