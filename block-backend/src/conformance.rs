@@ -95,7 +95,7 @@ pub fn run_all(make: Make) {
 
 /// Generates one `#[test]` per conformance behaviour, each calling `$make` for fresh disks.
 ///
-/// ```ignore
+/// ```text
 /// mod dynamic_vhd {
 ///     fn make() -> Box<dyn block_backend::conformance::TestDisk> { /* ... */ }
 ///     block_backend::disk_conformance_tests!(make);
