@@ -16,6 +16,7 @@ use crate::dynamic_header::{DynamicHeader, HEADER_SIZE};
 use crate::error::{Error, Result};
 use crate::footer::{DiskType, Footer, FOOTER_SIZE};
 use crate::layout::{read_at, write_at, Layout, Severity};
+use image_io::ImageFile;
 use std::fs::{File, OpenOptions};
 use std::path::Path;
 
@@ -102,8 +103,12 @@ pub fn check(path: &Path) -> Result<CheckReport> {
         offset: 0,
         source,
     })?;
-    let layout = Layout::read(&file, path)?;
-    Ok(report(&layout))
+    check_file(&file, path)
+}
+
+/// Checks an image held in any [`ImageFile`] (for example a crash-test file) without writing.
+pub fn check_file<F: ImageFile>(file: &F, path: &Path) -> Result<CheckReport> {
+    Ok(report(&Layout::read(file, path)?))
 }
 
 /// Repairs what can be repaired without losing data, then checks again. The returned report

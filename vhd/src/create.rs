@@ -18,6 +18,7 @@ use crate::layout::{write_at, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use crate::locator::{
     base_name, encode_utf16le, relative_windows_path, LocatorEntry, PlatformCode,
 };
+use image_io::ImageFile;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
@@ -107,17 +108,28 @@ impl VhdImage {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.vhdkit-tmp-{}", std::process::id()));
-        let result = write_new(&tmp, &dir, opts).and_then(|()| {
-            std::fs::hard_link(&tmp, path)
-                .or_else(|e| {
-                    if path.exists() {
-                        Err(e)
-                    } else {
-                        std::fs::rename(&tmp, path)
-                    }
-                })
-                .map_err(io_err(path, "rename into place"))
-        });
+        let parent = match &opts.parent {
+            Some(p) => Some(ParentInfo::read(p, &dir)?),
+            None => None,
+        };
+        let result = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp, "create"))
+            .and_then(|file| write_new(&file, &tmp, opts, parent.as_ref()))
+            .and_then(|()| {
+                std::fs::hard_link(&tmp, path)
+                    .or_else(|e| {
+                        if path.exists() {
+                            Err(e)
+                        } else {
+                            std::fs::rename(&tmp, path)
+                        }
+                    })
+                    .map_err(io_err(path, "rename into place"))
+            });
         let _ = std::fs::remove_file(&tmp);
         result?;
         if let Ok(d) = File::open(&dir) {
@@ -127,13 +139,29 @@ impl VhdImage {
     }
 }
 
-/// Writes a complete image to `tmp`; `dir` is the directory it will live in (for relative parent paths).
-fn write_new(tmp: &Path, dir: &Path, opts: &CreateOptions) -> Result<()> {
+impl<F: ImageFile> VhdImage<F> {
+    /// Writes a new image into the empty `file` and opens it read-write (for images that do not
+    /// live in a plain file, such as crash-test files). `opts.parent` is ignored: a
+    /// differencing image takes its parent from `parent`.
+    pub fn create_in(
+        file: F,
+        path: &Path,
+        opts: &CreateOptions,
+        parent: Option<&ParentInfo>,
+    ) -> Result<VhdImage<F>> {
+        write_new(&file, path, opts, parent)?;
+        VhdImage::open_file(file, path, OpenMode::ReadWrite)
+    }
+}
+
+/// Writes a complete image into `file` (named `tmp` in errors).
+fn write_new<F: ImageFile>(
+    file: &F,
+    tmp: &Path,
+    opts: &CreateOptions,
+    parent: Option<&ParentInfo>,
+) -> Result<()> {
     let now = vhd_timestamp_now();
-    let parent = match &opts.parent {
-        Some(p) => Some(ParentInfo::read(p)?),
-        None => None,
-    };
     let (size, disk_type) = match (&parent, opts.vhd_type) {
         (Some(p), _) => (p.size, DiskType::Differencing),
         (None, VhdType::Fixed) => (opts.size, DiskType::Fixed),
@@ -142,11 +170,6 @@ fn write_new(tmp: &Path, dir: &Path, opts: &CreateOptions) -> Result<()> {
     validate_size(size)?;
     let footer = Footer::new_vhdkit(size, disk_type, Uuid::new_v4(), now);
     let fb = footer.to_bytes();
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(tmp)
-        .map_err(io_err(tmp, "create"))?;
     if disk_type == DiskType::Fixed {
         if opts.sparse {
             file.set_len(size).map_err(io_err(tmp, "extend"))?;
@@ -155,11 +178,11 @@ fn write_new(tmp: &Path, dir: &Path, opts: &CreateOptions) -> Result<()> {
             let mut at = 0;
             while at < size {
                 let n = (size - at).min(zeros.len() as u64) as usize;
-                write_at(&file, tmp, &zeros[..n], at, "preallocate")?;
+                write_at(file, tmp, &zeros[..n], at, "preallocate")?;
                 at += n as u64;
             }
         }
-        write_at(&file, tmp, &fb, size, "write footer")?;
+        write_at(file, tmp, &fb, size, "write footer")?;
     } else {
         let entries = size.div_ceil(opts.block_size as u64);
         let entries32 =
@@ -169,12 +192,11 @@ fn write_new(tmp: &Path, dir: &Path, opts: &CreateOptions) -> Result<()> {
         let mut header = DynamicHeader::new(table_offset, entries32, opts.block_size);
         let mut end = table_offset + bat_bytes;
         let mut locator_data: Vec<(u64, Vec<u8>)> = Vec::new();
-        if let Some(p) = &parent {
+        if let Some(p) = parent {
             header.parent_uuid = p.uuid;
             header.parent_timestamp = p.timestamp;
             header.parent_unicode_name = base_name(&p.absolute.to_string_lossy()).to_string();
-            let final_dir = std::fs::canonicalize(dir).map_err(io_err(dir, "resolve directory"))?;
-            let rel = relative_windows_path(&final_dir, &p.absolute);
+            let rel = p.relative.clone();
             let abs = p.absolute.to_string_lossy().into_owned();
             for (i, (code, text)) in [(PlatformCode::W2RU, rel), (PlatformCode::W2KU, abs)]
                 .into_iter()
@@ -193,35 +215,45 @@ fn write_new(tmp: &Path, dir: &Path, opts: &CreateOptions) -> Result<()> {
                 end += space;
             }
         }
-        write_at(&file, tmp, &fb, 0, "write footer copy")?;
-        write_at(&file, tmp, &header.to_bytes(), 512, "write dynamic header")?;
+        write_at(file, tmp, &fb, 0, "write footer copy")?;
+        write_at(file, tmp, &header.to_bytes(), 512, "write dynamic header")?;
         write_at(
-            &file,
+            file,
             tmp,
             &vec![0xFF; bat_bytes as usize],
             table_offset,
             "write BAT",
         )?;
         for (at, data) in locator_data {
-            write_at(&file, tmp, &data, at, "write parent locator")?;
+            write_at(file, tmp, &data, at, "write parent locator")?;
         }
-        write_at(&file, tmp, &fb, end, "write footer")?;
+        write_at(file, tmp, &fb, end, "write footer")?;
     }
-    file.sync_all().map_err(io_err(tmp, "sync"))
+    file.sync_data().map_err(io_err(tmp, "sync"))
 }
 
 /// What a differencing child records about its parent.
-struct ParentInfo {
-    absolute: PathBuf,
-    size: u64,
-    uuid: Uuid,
-    timestamp: u32,
+#[derive(Debug, Clone)]
+pub struct ParentInfo {
+    /// Absolute path of the parent.
+    pub absolute: PathBuf,
+    /// Path of the parent relative to the child's directory, Windows style (`.\p.vhd`).
+    pub relative: String,
+    /// The parent's virtual size.
+    pub size: u64,
+    /// The parent's unique id.
+    pub uuid: Uuid,
+    /// The parent's modification time (seconds since 2000).
+    pub timestamp: u32,
 }
 
 impl ParentInfo {
-    fn read(path: &Path) -> Result<ParentInfo> {
+    /// Reads the VHD at `path` as the parent of a child to be created in `child_dir`.
+    pub fn read(path: &Path, child_dir: &Path) -> Result<ParentInfo> {
         let img = VhdImage::open(path, OpenMode::ReadOnly)?;
         let absolute = std::fs::canonicalize(path).map_err(io_err(path, "resolve parent path"))?;
+        let dir =
+            std::fs::canonicalize(child_dir).map_err(io_err(child_dir, "resolve directory"))?;
         let mtime = std::fs::metadata(path)
             .and_then(|m| m.modified())
             .ok()
@@ -232,6 +264,7 @@ impl ParentInfo {
                     .min(u32::MAX as u64) as u32
             });
         Ok(ParentInfo {
+            relative: relative_windows_path(&dir, &absolute),
             absolute,
             size: img.virtual_size(),
             uuid: img.uuid(),

@@ -25,6 +25,7 @@ use crate::dynamic_header::DynamicHeader;
 use crate::error::{Error, Result};
 use crate::footer::{DiskType, Footer, FOOTER_SIZE};
 use crate::layout::{read_at, write_at, Layout, UNALLOCATED};
+use image_io::ImageFile;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -109,11 +110,11 @@ pub struct ParentLink {
     pub candidates: Vec<PathBuf>,
 }
 
-/// An open VHD image.
+/// An open VHD image over any [`ImageFile`] (a `std::fs::File` for real use).
 #[derive(Debug)]
-pub struct VhdImage {
+pub struct VhdImage<F: ImageFile = File> {
     path: PathBuf,
-    file: File,
+    file: F,
     writable: bool,
     durability: Durability,
     footer: Footer,
@@ -134,7 +135,6 @@ impl VhdImage {
     /// Whether `file` looks like a VHD: a `conectix` footer in the last 512 or 511 bytes, or at
     /// offset 0 (dynamic images whose trailing footer is damaged).
     pub fn probe(file: &File) -> std::io::Result<bool> {
-        use std::os::unix::fs::FileExt;
         let len = file.metadata()?.len();
         if len < FOOTER_SIZE as u64 - 1 {
             return Ok(false);
@@ -166,14 +166,22 @@ impl VhdImage {
                 offset: 0,
                 source,
             })?;
+        VhdImage::open_file(file, path, mode)
+    }
+}
+
+impl<F: ImageFile> VhdImage<F> {
+    /// Opens an image held in `file` (which must allow writes for [`OpenMode::ReadWrite`]);
+    /// `path` names it in errors and anchors relative parent paths.
+    pub fn open_file(file: F, path: &Path, mode: OpenMode) -> Result<VhdImage<F>> {
         let mut layout = Layout::read(&file, path)?;
         if let Some(e) = layout.first_corruption() {
             return Err(e);
         }
-        Ok(Self::from_layout(layout, file, writable))
+        Ok(Self::from_layout(layout, file, mode == OpenMode::ReadWrite))
     }
 
-    pub(crate) fn from_layout(layout: Layout, file: File, writable: bool) -> VhdImage {
+    pub(crate) fn from_layout(layout: Layout, file: F, writable: bool) -> VhdImage<F> {
         let parent = (layout.footer.disk_type() == Some(DiskType::Differencing)).then(|| {
             let h = layout
                 .header
@@ -214,7 +222,7 @@ impl VhdImage {
     }
 
     /// The image file; payload I/O goes to the offsets `resolve_*` return.
-    pub fn file(&self) -> &File {
+    pub fn file(&self) -> &F {
         &self.file
     }
 
@@ -568,7 +576,7 @@ impl VhdImage {
     }
 }
 
-impl Drop for VhdImage {
+impl<F: ImageFile> Drop for VhdImage<F> {
     fn drop(&mut self) {
         if self.writable && (!self.dirty_bat.is_empty() || !self.dirty_bitmaps.is_empty()) {
             if let Err(e) = self.flush() {

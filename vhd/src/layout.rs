@@ -11,8 +11,7 @@ use crate::dynamic_header::{DynamicHeader, HEADER_SIZE};
 use crate::error::{Error, Result};
 use crate::footer::{DiskType, Footer, COOKIE, FOOTER_SIZE};
 use crate::locator::{LocatorEntry, MAX_LOCATOR_DATA};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use image_io::ImageFile;
 use std::path::{Path, PathBuf};
 
 /// Smallest block size accepted. The spec allows smaller powers of two, but no known writer
@@ -80,8 +79,8 @@ pub struct Layout {
 }
 
 /// Reads `buf.len()` bytes at `offset`, naming the operation in the error.
-pub fn read_at(
-    file: &File,
+pub fn read_at<F: ImageFile + ?Sized>(
+    file: &F,
     path: &Path,
     buf: &mut [u8],
     offset: u64,
@@ -96,7 +95,13 @@ pub fn read_at(
 }
 
 /// Writes all of `buf` at `offset`, naming the operation in the error.
-pub fn write_at(file: &File, path: &Path, buf: &[u8], offset: u64, op: &'static str) -> Result<()> {
+pub fn write_at<F: ImageFile + ?Sized>(
+    file: &F,
+    path: &Path,
+    buf: &[u8],
+    offset: u64,
+    op: &'static str,
+) -> Result<()> {
     file.write_all_at(buf, offset).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         op,
@@ -161,16 +166,13 @@ impl Layout {
 
     /// Reads and validates the metadata of `file`. Returns `Err` only when the file is not a VHD
     /// at all or cannot be read; everything else is recorded in `problems`.
-    pub fn read(file: &File, path: &Path) -> Result<Layout> {
-        let file_len = file
-            .metadata()
-            .map_err(|source| Error::Io {
-                path: path.into(),
-                op: "stat",
-                offset: 0,
-                source,
-            })?
-            .len();
+    pub fn read<F: ImageFile>(file: &F, path: &Path) -> Result<Layout> {
+        let file_len = file.len().map_err(|source| Error::Io {
+            path: path.into(),
+            op: "stat",
+            offset: 0,
+            source,
+        })?;
         if file_len < FOOTER_SIZE as u64 - 1 {
             return Err(Error::NotVhd {
                 path: path.into(),
@@ -207,7 +209,7 @@ impl Layout {
         Ok(l)
     }
 
-    fn read_footers(&mut self, file: &File) -> Result<()> {
+    fn read_footers<F: ImageFile>(&mut self, file: &F) -> Result<()> {
         let path = self.path.clone();
         let len = self.file_len;
         let mut tail = [0u8; FOOTER_SIZE];
@@ -272,7 +274,7 @@ impl Layout {
         Ok(())
     }
 
-    fn read_dynamic(&mut self, file: &File) -> Result<()> {
+    fn read_dynamic<F: ImageFile>(&mut self, file: &F) -> Result<()> {
         let path = self.path.clone();
         let hdr_at = self.footer.data_offset;
         if hdr_at
@@ -358,7 +360,7 @@ impl Layout {
         Ok(())
     }
 
-    fn read_locators(&mut self, file: &File, h: &DynamicHeader) -> Result<()> {
+    fn read_locators<F: ImageFile>(&mut self, file: &F, h: &DynamicHeader) -> Result<()> {
         let path = self.path.clone();
         let hdr_at = self.footer.data_offset;
         for (i, entry) in h.locators.iter().enumerate() {

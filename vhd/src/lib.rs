@@ -47,8 +47,8 @@ pub mod image;
 pub mod layout;
 pub mod locator;
 
-pub use check::{check, repair, CheckReport, Finding};
-pub use create::{CreateOptions, VhdType};
+pub use check::{check, check_file, repair, CheckReport, Finding};
+pub use create::{CreateOptions, ParentInfo, VhdType};
 pub use error::{Error, ErrorKind, Result};
 pub use footer::{DiskType, Footer};
 pub use geometry::Geometry;
