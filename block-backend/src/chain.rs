@@ -25,12 +25,37 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use crate::disk::{push_merged, Disk, LayerInfo, MapExtent, OpenOptions};
-use crate::image_layer::{Image, Source, SECTOR};
+use crate::image_layer::{Commit, Image, Source, SECTOR};
 use crate::raw::RawFile;
 use crate::{probe, Error, Format, Result, MAX_CHAIN_DEPTH};
 
 /// Size of the zero buffer used to zero-fill discarded ranges.
 const ZERO_CHUNK: u64 = 1 << 20;
+
+/// Where a piece of a read comes from, for engines that move payload themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Piece {
+    /// Bytes of layer `level`'s file.
+    File {
+        level: usize,
+        file_offset: u64,
+        buf_off: usize,
+        len: usize,
+    },
+    /// Bytes that must be read through the format crate (in-memory log replay).
+    Slow {
+        level: usize,
+        file_offset: u64,
+        buf_off: usize,
+        len: usize,
+    },
+    /// Zeros.
+    Zero { buf_off: usize, len: usize },
+}
+
+/// A planned write: the top file's ranges `(buf_off, len, file_offset)` and the commit to run
+/// once they are written.
+pub(crate) type WriteJob = (Vec<(usize, usize, u64)>, Option<Commit>);
 
 /// One file of a chain.
 #[derive(Debug)]
@@ -376,8 +401,133 @@ impl Chain {
         (start, (start + self.sector).min(self.size()))
     }
 
+    /// The file of layer `level`, for payload I/O by an engine.
+    pub(crate) fn layer_file(&self, level: usize) -> &std::fs::File {
+        match &self.layers[level] {
+            Layer::Raw(r) => r.file(),
+            Layer::Image(i) => i.file(),
+        }
+    }
+
+    /// Where each byte of `[offset, offset + len)` comes from, for an engine that moves the
+    /// payload itself. `buf_off` counts from `offset`.
+    pub(crate) fn plan_read(&mut self, offset: u64, len: u64) -> Result<Vec<Piece>> {
+        self.check_range("read", offset, len)?;
+        let mut out = Vec::new();
+        if len > 0 {
+            self.plan_level(0, offset, len, offset, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn plan_level(
+        &mut self,
+        level: usize,
+        offset: u64,
+        len: u64,
+        base: u64,
+        out: &mut Vec<Piece>,
+    ) -> Result<()> {
+        let Some(layer) = self.layers.get_mut(level) else {
+            out.push(Piece::Zero {
+                buf_off: (offset - base) as usize,
+                len: len as usize,
+            });
+            return Ok(());
+        };
+        let avail = layer.size().saturating_sub(offset).min(len);
+        if avail < len {
+            out.push(Piece::Zero {
+                buf_off: (offset + avail - base) as usize,
+                len: (len - avail) as usize,
+            });
+        }
+        if avail == 0 {
+            return Ok(());
+        }
+        let extents = match layer {
+            Layer::Raw(_) => {
+                out.push(Piece::File {
+                    level,
+                    file_offset: offset,
+                    buf_off: (offset - base) as usize,
+                    len: avail as usize,
+                });
+                return Ok(());
+            }
+            Layer::Image(v) => v.resolve_read(offset, avail)?,
+        };
+        let overlay = matches!(&self.layers[level], Layer::Image(i) if i.reads_need_overlay());
+        for e in extents {
+            let buf_off = (e.offset - base) as usize;
+            match e.source {
+                Source::Data(file_offset) if overlay => out.push(Piece::Slow {
+                    level,
+                    file_offset,
+                    buf_off,
+                    len: e.len as usize,
+                }),
+                Source::Data(file_offset) => out.push(Piece::File {
+                    level,
+                    file_offset,
+                    buf_off,
+                    len: e.len as usize,
+                }),
+                Source::Zero => out.push(Piece::Zero {
+                    buf_off,
+                    len: e.len as usize,
+                }),
+                Source::Parent => self.plan_level(level + 1, e.offset, e.len, base, out)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a [`Piece::Slow`] through the format crate.
+    pub(crate) fn read_slow(&self, level: usize, buf: &mut [u8], file_offset: u64) -> Result<()> {
+        match &self.layers[level] {
+            Layer::Image(i) => i.read_payload(buf, file_offset),
+            Layer::Raw(r) => r.read_at(buf, file_offset),
+        }
+    }
+
+    /// Plans a write for an engine: `None` when the range is not whole sectors (the caller then
+    /// uses [`Disk::write_at`], which does read-modify-write). Returns the top file's ranges
+    /// `(buf_off, len, file_offset)` and the commit to run after they are written.
+    pub(crate) fn plan_write(&mut self, offset: u64, len: u64) -> Result<Option<WriteJob>> {
+        self.check_writable("write")?;
+        self.check_range("write", offset, len)?;
+        let end = offset + len;
+        let unit = self.sector;
+        if !(offset % unit == 0 && (end % unit == 0 || end == self.size())) {
+            return Ok(None);
+        }
+        match &mut self.layers[0] {
+            Layer::Raw(_) => Ok(Some((vec![(0, len as usize, offset)], None))),
+            Layer::Image(i) => {
+                let (ranges, commit) = i.plan_write(offset, len)?;
+                let pieces = ranges
+                    .into_iter()
+                    .map(|(o, l, f)| ((o - offset) as usize, l as usize, f))
+                    .collect();
+                Ok(Some((pieces, Some(commit))))
+            }
+        }
+    }
+
+    /// Completes a planned write once its payload is written.
+    pub(crate) fn commit(&mut self, commit: Commit) -> Result<()> {
+        match &mut self.layers[0] {
+            Layer::Image(i) => i.commit(commit),
+            Layer::Raw(r) => Err(Error::Inconsistent {
+                path: r.path().to_path_buf(),
+                what: "commit on a raw layer".into(),
+            }),
+        }
+    }
+
     /// Writes zeros over `[offset, offset + len)` through the normal write path.
-    fn write_zeros(&mut self, offset: u64, len: u64) -> Result<()> {
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
         let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
         let end = offset + len;
         let mut pos = offset;
@@ -512,7 +662,7 @@ impl Disk for Chain {
             let start = o.max(offset);
             let stop = o.saturating_add(l).min(end);
             if stop > start {
-                self.write_zeros(start, stop - start)?;
+                self.write_zeroes(start, stop - start)?;
             }
         }
         Ok(())

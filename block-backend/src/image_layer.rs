@@ -50,6 +50,18 @@ pub(crate) struct Extent {
     pub source: Source,
 }
 
+/// `(virtual offset, length, file offset)` of a planned payload write.
+pub(crate) type FileRange = (u64, u64, u64);
+
+/// Metadata update that completes a planned write.
+#[derive(Debug)]
+pub(crate) enum Commit {
+    /// VHD bitmaps.
+    Vhd(vhd::WritePlan),
+    /// VHDX sector bitmaps.
+    Vhdx(vhdx::WritePlan),
+}
+
 /// What a differencing layer needs from its parent.
 #[derive(Debug, Clone)]
 pub(crate) struct ParentRef {
@@ -240,6 +252,71 @@ impl Image {
             }
         }
         Ok(())
+    }
+
+    /// Plans a whole-sector write of `len` bytes at `offset`: allocates, and returns the file
+    /// ranges `(virtual offset, len, file offset)` for the payload and the commit to run once
+    /// every payload write has completed.
+    pub(crate) fn plan_write(&mut self, offset: u64, len: u64) -> Result<(Vec<FileRange>, Commit)> {
+        let (ranges, commit): (Vec<_>, Commit) = match self {
+            Image::Vhd(v) => {
+                let plan = v.resolve_write(offset, len)?;
+                (
+                    plan.extents
+                        .iter()
+                        .map(|e| (e.offset, e.len, e.file_offset))
+                        .collect(),
+                    Commit::Vhd(plan),
+                )
+            }
+            Image::Vhdx(v) => {
+                let plan = v.resolve_write(offset, len)?;
+                (
+                    plan.extents
+                        .iter()
+                        .map(|e| (e.offset, e.len, e.file_offset))
+                        .collect(),
+                    Commit::Vhdx(plan),
+                )
+            }
+        };
+        check_tiling(
+            self.path(),
+            "resolve_write",
+            offset,
+            len,
+            ranges.iter().map(|r| (r.0, r.1)),
+        )?;
+        Ok((ranges, commit))
+    }
+
+    /// Runs the commit of a planned write whose payload has been written.
+    pub(crate) fn commit(&mut self, commit: Commit) -> Result<()> {
+        match (self, commit) {
+            (Image::Vhd(v), Commit::Vhd(plan)) => Ok(v.commit_write(plan)?),
+            (Image::Vhdx(v), Commit::Vhdx(plan)) => Ok(v.commit_write(plan)?),
+            (img, _) => Err(Error::Inconsistent {
+                path: img.path().to_path_buf(),
+                what: "commit of another format's write plan".into(),
+            }),
+        }
+    }
+
+    /// Whether payload reads must go through the format crate (a VHDX whose log was replayed
+    /// in memory) rather than straight to the file.
+    pub(crate) fn reads_need_overlay(&self) -> bool {
+        match self {
+            Image::Vhd(_) => false,
+            Image::Vhdx(v) => v.replayed_log() && !v.is_writable(),
+        }
+    }
+
+    /// The image file, for payload I/O.
+    pub(crate) fn file(&self) -> &std::fs::File {
+        match self {
+            Image::Vhd(v) => v.file(),
+            Image::Vhdx(v) => v.file(),
+        }
     }
 
     /// Makes every completed write durable.

@@ -35,6 +35,7 @@ mod chain;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod disk;
+pub mod engine;
 mod error;
 mod image_layer;
 pub mod probe;

@@ -1,0 +1,69 @@
+//! The reference engine: each request runs to completion inside `submit` through the
+//! [`Disk`] API.
+
+use super::{Engine, IoCompletion, IoKind, IoRequest};
+use crate::{Chain, Disk, Result};
+
+/// Runs requests synchronously.
+#[derive(Debug)]
+pub struct SyncEngine {
+    chain: Chain,
+    done: Vec<IoCompletion>,
+}
+
+impl SyncEngine {
+    /// An engine over `chain`.
+    pub fn new(chain: Chain) -> SyncEngine {
+        SyncEngine {
+            chain,
+            done: Vec::new(),
+        }
+    }
+}
+
+impl Engine for SyncEngine {
+    unsafe fn submit(&mut self, req: IoRequest) -> Result<()> {
+        let result = match req.kind {
+            IoKind::Read => {
+                // SAFETY: the caller guarantees `buf` is valid for `len` bytes and unaliased
+                // until the completion (Engine::submit contract).
+                let buf = unsafe { std::slice::from_raw_parts_mut(req.buf, req.len) };
+                self.chain.read_at(buf, req.offset)
+            }
+            IoKind::Write => {
+                // SAFETY: as above; the buffer is only read.
+                let buf = unsafe { std::slice::from_raw_parts(req.buf, req.len) };
+                self.chain.write_at(buf, req.offset)
+            }
+            IoKind::Flush => self.chain.flush(),
+            IoKind::Discard => self.chain.discard(req.offset, req.len as u64),
+            IoKind::WriteZeroes => self.chain.write_zeroes(req.offset, req.len as u64),
+        };
+        self.done.push(IoCompletion {
+            tag: req.tag,
+            result,
+        });
+        Ok(())
+    }
+
+    fn kick(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn reap(&mut self, _min: usize, out: &mut Vec<IoCompletion>) -> Result<()> {
+        out.append(&mut self.done);
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+
+    fn chain(&mut self) -> &mut Chain {
+        &mut self.chain
+    }
+
+    fn name(&self) -> String {
+        "sync".into()
+    }
+}
