@@ -113,22 +113,22 @@ pub struct ParentLink {
 /// An open VHD image over any [`ImageFile`] (a `std::fs::File` for real use).
 #[derive(Debug)]
 pub struct VhdImage<F: ImageFile = File> {
-    path: PathBuf,
-    file: F,
-    writable: bool,
-    durability: Durability,
-    footer: Footer,
-    footer_bytes: [u8; FOOTER_SIZE],
-    footer_offset: u64,
-    header: Option<DynamicHeader>,
-    virtual_size: u64,
-    block_size: u64,
-    bitmap_size: u64,
-    bat: Vec<u32>,
-    bitmaps: HashMap<u32, Bitmap>,
-    dirty_bat: BTreeSet<usize>,
-    dirty_bitmaps: BTreeSet<u32>,
-    parent: Option<ParentLink>,
+    pub(crate) path: PathBuf,
+    pub(crate) file: F,
+    pub(crate) writable: bool,
+    pub(crate) durability: Durability,
+    pub(crate) footer: Footer,
+    pub(crate) footer_bytes: [u8; FOOTER_SIZE],
+    pub(crate) footer_offset: u64,
+    pub(crate) header: Option<DynamicHeader>,
+    pub(crate) virtual_size: u64,
+    pub(crate) block_size: u64,
+    pub(crate) bitmap_size: u64,
+    pub(crate) bat: Vec<u32>,
+    pub(crate) bitmaps: HashMap<u32, Bitmap>,
+    pub(crate) dirty_bat: BTreeSet<usize>,
+    pub(crate) dirty_bitmaps: BTreeSet<u32>,
+    pub(crate) parent: Option<ParentLink>,
 }
 
 impl VhdImage {
@@ -299,7 +299,7 @@ impl<F: ImageFile> VhdImage<F> {
         self.block_size / 512
     }
 
-    fn bitmap(&mut self, block: u32) -> Result<&Bitmap> {
+    pub(crate) fn bitmap(&mut self, block: u32) -> Result<&Bitmap> {
         if !self.bitmaps.contains_key(&block) {
             let at = self.bat[block as usize] as u64 * 512;
             let mut raw = vec![0u8; self.bitmap_size as usize];
@@ -482,7 +482,7 @@ impl<F: ImageFile> VhdImage<F> {
         Ok(())
     }
 
-    fn sync(&self, op: &'static str) -> Result<()> {
+    pub(crate) fn sync(&self, op: &'static str) -> Result<()> {
         self.file.sync_data().map_err(|source| Error::Io {
             path: self.path.clone(),
             op,

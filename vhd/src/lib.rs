@@ -38,6 +38,7 @@
 
 pub mod bitmap;
 pub mod check;
+pub mod compact;
 pub mod create;
 pub mod dynamic_header;
 mod error;
@@ -48,6 +49,7 @@ pub mod layout;
 pub mod locator;
 
 pub use check::{check, check_file, repair, CheckReport, Finding};
+pub use compact::{CompactMode, CompactReport};
 pub use create::{CreateOptions, ParentInfo, VhdType};
 pub use error::{Error, ErrorKind, Result};
 pub use footer::{DiskType, Footer};
