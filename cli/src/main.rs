@@ -46,6 +46,8 @@ struct Cli {
 /// The verbs.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Measure IOPS, bandwidth and latency through the block backend's engines (like fio).
+    Bench(cmd::bench::Args),
     /// Create a new fixed, dynamic or differencing image.
     Create(cmd::create::Args),
     /// Show the format, sizes and backing chain of an image.
@@ -68,6 +70,7 @@ impl Command {
     /// Runs the verb; returns its exit code.
     fn run(&self) -> anyhow::Result<u8> {
         match self {
+            Command::Bench(a) => cmd::bench::run(a),
             Command::Create(a) => cmd::create::run(a),
             Command::Info(a) => cmd::info::run(a),
             Command::Check(a) => cmd::check::run(a),

@@ -2,6 +2,7 @@
 //! format from a file extension (only for files being *created*; existing files are always
 //! probed by content), and the size of copy chunks.
 
+pub mod bench;
 pub mod check;
 pub mod compare;
 pub mod convert;
