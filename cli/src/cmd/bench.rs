@@ -113,8 +113,13 @@ pub fn run(a: &Args) -> Result<u8> {
         bail!("--bs must be 1..64M, --iodepth 1..1024, --runtime positive");
     }
     let write = matches!(a.rw, Rw::Write | Rw::Randwrite);
-    let opts = if write { OpenOptions::read_write() } else { OpenOptions::read_only() };
-    let chain = block_backend::open(&a.image, opts).with_context(|| format!("cannot open {}", a.image.display()))?;
+    let opts = if write {
+        OpenOptions::read_write()
+    } else {
+        OpenOptions::read_only()
+    };
+    let chain = block_backend::open(&a.image, opts)
+        .with_context(|| format!("cannot open {}", a.image.display()))?;
     let size = chain.size();
     let bs = a.bs;
     if size < bs {
@@ -153,7 +158,13 @@ pub fn run(a: &Args) -> Result<u8> {
                     n
                 };
                 started[slot] = Instant::now();
-                let req = IoRequest { tag: slot as u64, kind: op, offset: n * bs, buf: bufs[slot].ptr(), len: bs as usize };
+                let req = IoRequest {
+                    tag: slot as u64,
+                    kind: op,
+                    offset: n * bs,
+                    buf: bufs[slot].ptr(),
+                    len: bs as usize,
+                };
                 // SAFETY: buffer `slot` is used by no other request until this one's completion
                 // is reaped (the slot only returns to `free` then), and `bufs` outlives the
                 // engine's use of it: every request is reaped before the loop ends.
@@ -165,7 +176,8 @@ pub fn run(a: &Args) -> Result<u8> {
         }
         engine.reap(1, &mut done)?;
         for c in done.drain(..) {
-            c.result.with_context(|| format!("request {} failed", c.tag))?;
+            c.result
+                .with_context(|| format!("request {} failed", c.tag))?;
             let slot = c.tag as usize;
             lat.push(started[slot].elapsed().as_micros().min(u32::MAX as u128) as u32);
             free.push(slot);
@@ -177,7 +189,10 @@ pub fn run(a: &Args) -> Result<u8> {
         engine.chain().flush()?;
     }
     lat.sort_unstable();
-    let pct = |p: f64| -> f64 { lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).map_or(0.0, |&v| v as f64) };
+    let pct = |p: f64| -> f64 {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |&v| v as f64)
+    };
     let report = Report {
         engine: engine.name(),
         rw: format!("{:?}", a.rw).to_lowercase(),
