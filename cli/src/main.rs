@@ -64,6 +64,10 @@ enum Command {
     Map(cmd::map::Args),
     /// Compare the contents of two images.
     Compare(cmd::compare::Args),
+    /// Mount the disk and its partitions as files (FUSE); returns once the mount is ready.
+    Mount(cmd::mount::Args),
+    /// Flush and unmount a `vhdtool mount`, waiting for its daemon to exit.
+    Umount(cmd::mount::UmountArgs),
 }
 
 impl Command {
@@ -79,6 +83,8 @@ impl Command {
             Command::Write(a) => cmd::write::run(a),
             Command::Map(a) => cmd::map::run(a),
             Command::Compare(a) => cmd::compare::run(a),
+            Command::Mount(a) => cmd::mount::run(a),
+            Command::Umount(a) => cmd::mount::run_umount(a),
         }
     }
 

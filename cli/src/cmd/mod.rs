@@ -9,6 +9,7 @@ pub mod convert;
 pub mod create;
 pub mod info;
 pub mod map;
+pub mod mount;
 pub mod read;
 pub mod write;
 

@@ -1,0 +1,829 @@
+//! The FUSE file system: one directory holding the whole disk and each partition as a file.
+//!
+//! ```text
+//!   DIR/            inode 1
+//!     disk          inode 2   bytes [0, size) of the virtual disk
+//!     p1            inode 3   bytes [offset, offset + size) of partition 1
+//!     p5 …          inode 4…  (numbers as Linux gives them: MBR logicals from 5, GPT by slot)
+//!
+//!   kernel ── read/write (≤ 1 MiB, FOPEN_DIRECT_IO) ──> worker threads ──> SharedDisk
+//!                                                                          Mutex<Box<dyn Disk>>
+//! ```
+//!
+//! Every file is opened with `FOPEN_DIRECT_IO`: requests reach the daemon exactly as the
+//! application issued them (up to [`MAX_IO`]), nothing is cached in the kernel for these files,
+//! so `disk` and `p1` — two files over the same bytes — can never show each other stale data, and
+//! a loop device or file system on top is not cached twice. `FUSE_DIRECT_IO_ALLOW_MMAP` keeps
+//! `mmap` working where the kernel offers it.
+//!
+//! Requests are served by several threads. The [`Disk`] API takes `&mut self`, so the disk sits
+//! behind one mutex: a request holds it only for its own `read_at`/`write_at`, while the FUSE
+//! round trip (copying the request in and the reply out of the kernel) runs in parallel on the
+//! other threads. `benches/fuse.sh` measures this (see the crate docs for numbers).
+//!
+//! Invariants:
+//! - File sizes never change: writes at or past the end fail with `ENOSPC` (as on a block
+//!   device), a write crossing the end is cut short, truncation to another size is `EINVAL`, and
+//!   `O_TRUNC` is ignored (`FUSE_ATOMIC_O_TRUNC`), as block devices do.
+//! - A read-only mount refuses every modification with `EROFS` (open for writing, write,
+//!   fallocate, truncate); the disk itself is open read-only as well.
+//! - Every write goes through [`Disk::write_at`] at `file offset + partition offset`, with the
+//!   range checked against the file first, so a partition file can never touch bytes outside its
+//!   partition.
+//! - `fsync` always reaches [`Disk::flush`]; `flush` (each `close`) does when something was
+//!   written since the last flush; so does [`SharedDisk::flush`] on unmount.
+//! - Errors of the disk are logged and returned as the OS error they carry, else `EIO`; a
+//!   request never panics the daemon.
+
+use std::cell::RefCell;
+use std::ffi::OsStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use block_backend::{Disk, ErrorKind};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
+};
+
+use crate::partitions::PartitionTable;
+
+/// Largest read or write request (bytes), negotiated with the kernel as `max_write` and
+/// `max_read`.
+pub const MAX_IO: u32 = 1 << 20;
+
+/// Inode of the directory.
+const ROOT: u64 = 1;
+/// Inode of the first file (`disk`); partitions follow.
+const FIRST_FILE: u64 = 2;
+/// How long the kernel may cache names and attributes (nothing ever changes).
+const TTL: Duration = Duration::from_secs(3600);
+/// `st_blksize` of the files: the I/O size tools like `cp` and `cat` should use.
+const BLKSIZE: u32 = 128 << 10;
+
+/// `fallocate` mode bits (linux/falloc.h).
+const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
+const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
+const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
+
+thread_local! {
+    /// Per-thread read buffer, reused so a 1 MiB read does not map and fault in fresh memory.
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Reopens the disk after a checkpoint (see [`SharedDisk::with_checkpoint`]).
+pub type Reopen = Box<dyn Fn() -> block_backend::Result<Box<dyn Disk>> + Send + Sync>;
+
+/// Errors of [`SharedDisk`].
+#[derive(Debug, thiserror::Error)]
+pub enum SharedDiskError {
+    /// The disk reported an error.
+    #[error(transparent)]
+    Disk(#[from] block_backend::Error),
+    /// The disk was closed (the mount is ending) or could not be reopened after a checkpoint.
+    #[error("the disk is closed")]
+    Closed,
+}
+
+/// The disk shared by the worker threads (and the signal handler, which flushes it).
+///
+/// With a checkpoint ([`SharedDisk::with_checkpoint`]), a flush that follows writes also closes
+/// and reopens the disk: closing a VHDX clears its log GUID, so the file is clean for any reader
+/// (and for `check`) from every flush until the next write, and a daemon killed between a flush
+/// and the next write leaves no log to replay.
+pub struct SharedDisk {
+    state: Mutex<DiskState>,
+    size: u64,
+    read_only: bool,
+    reopen: Option<Reopen>,
+}
+
+struct DiskState {
+    /// `None` once closed (or if a reopen failed).
+    disk: Option<Box<dyn Disk>>,
+    /// Something was written since the last successful flush.
+    dirty: bool,
+    /// Something was written since the last checkpoint.
+    written: bool,
+}
+
+impl std::fmt::Debug for SharedDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedDisk")
+            .field("size", &self.size)
+            .field("read_only", &self.read_only)
+            .field("checkpoint", &self.reopen.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Result of [`SharedDisk`] calls.
+pub type SharedResult<T> = Result<T, SharedDiskError>;
+
+impl SharedDisk {
+    /// Wraps an open disk.
+    pub fn new(disk: Box<dyn Disk>) -> Arc<SharedDisk> {
+        SharedDisk::build(disk, None)
+    }
+
+    /// Wraps an open disk that is closed and reopened (through `reopen`) at every flush that
+    /// follows writes.
+    pub fn with_checkpoint(disk: Box<dyn Disk>, reopen: Reopen) -> Arc<SharedDisk> {
+        SharedDisk::build(disk, Some(reopen))
+    }
+
+    fn build(disk: Box<dyn Disk>, reopen: Option<Reopen>) -> Arc<SharedDisk> {
+        Arc::new(SharedDisk {
+            size: disk.size(),
+            read_only: disk.is_read_only(),
+            reopen,
+            state: Mutex::new(DiskState {
+                disk: Some(disk),
+                dirty: false,
+                written: false,
+            }),
+        })
+    }
+
+    /// Size of the virtual disk.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// True if the disk refuses writes.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DiskState> {
+        // A panic while holding the lock cannot leave the Disk half-updated in a way the next
+        // caller could make worse than an error: keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads `buf` at byte `offset` of the disk.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> SharedResult<()> {
+        let mut s = self.lock();
+        let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
+        Ok(disk.read_at(buf, offset)?)
+    }
+
+    /// Writes `buf` at byte `offset` of the disk.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> SharedResult<()> {
+        let mut s = self.lock();
+        s.dirty = true;
+        s.written = true;
+        let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
+        Ok(disk.write_at(buf, offset)?)
+    }
+
+    /// Discards `[offset, offset + len)` (reads as zeros afterwards).
+    pub fn discard(&self, offset: u64, len: u64) -> SharedResult<()> {
+        let mut s = self.lock();
+        s.dirty = true;
+        s.written = true;
+        let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
+        Ok(disk.discard(offset, len)?)
+    }
+
+    /// Makes everything written so far durable ([`Disk::flush`]), then checkpoints if
+    /// something was written since the last one.
+    pub fn flush(&self) -> SharedResult<()> {
+        let mut s = self.lock();
+        self.flush_locked(&mut s)
+    }
+
+    /// Flushes only if something was written since the last flush.
+    pub fn flush_if_dirty(&self) -> SharedResult<()> {
+        let mut s = self.lock();
+        if s.dirty {
+            self.flush_locked(&mut s)?;
+        }
+        Ok(())
+    }
+
+    fn flush_locked(&self, s: &mut DiskState) -> SharedResult<()> {
+        let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
+        disk.flush()?;
+        s.dirty = false;
+        if let (true, Some(reopen)) = (s.written, &self.reopen) {
+            // Dropping closes the image (its metadata is already durable: flushed above).
+            s.disk = None;
+            s.disk = Some(reopen()?);
+            s.written = false;
+        }
+        Ok(())
+    }
+
+    /// Flushes and closes the disk; later calls fail with [`SharedDiskError::Closed`].
+    pub fn close(&self) -> SharedResult<()> {
+        let mut s = self.lock();
+        if s.disk.is_none() {
+            return Ok(());
+        }
+        let flushed = s.disk.as_mut().map_or(Ok(()), |d| d.flush());
+        s.disk = None;
+        Ok(flushed?)
+    }
+}
+
+/// One file of the mount: a byte range of the disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileNode {
+    /// File name (`disk`, `p1`, ...).
+    pub name: String,
+    /// First byte on the disk.
+    pub offset: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+/// The file system served over FUSE.
+#[derive(Debug)]
+pub struct DiskFs {
+    disk: Arc<SharedDisk>,
+    files: Vec<FileNode>,
+    uid: u32,
+    gid: u32,
+    time: SystemTime,
+}
+
+impl DiskFs {
+    /// The file system for `disk` with one file per partition of `table` (none if `None`).
+    /// Files are owned by `uid`/`gid`; `time` is shown as every timestamp.
+    pub fn new(
+        disk: Arc<SharedDisk>,
+        table: Option<&PartitionTable>,
+        uid: u32,
+        gid: u32,
+        time: SystemTime,
+    ) -> DiskFs {
+        let mut files = vec![FileNode {
+            name: "disk".to_string(),
+            offset: 0,
+            size: disk.size(),
+        }];
+        if let Some(t) = table {
+            files.extend(t.partitions.iter().map(|p| FileNode {
+                name: format!("p{}", p.number),
+                offset: p.offset,
+                size: p.size,
+            }));
+        }
+        DiskFs {
+            disk,
+            files,
+            uid,
+            gid,
+            time,
+        }
+    }
+
+    /// The files, `disk` first.
+    pub fn files(&self) -> &[FileNode] {
+        &self.files
+    }
+
+    /// The shared disk (for flushing from outside the request loop).
+    pub fn shared(&self) -> Arc<SharedDisk> {
+        self.disk.clone()
+    }
+
+    fn node(&self, ino: u64) -> Option<&FileNode> {
+        let i = ino.checked_sub(FIRST_FILE)?;
+        self.files.get(usize::try_from(i).ok()?)
+    }
+
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let (kind, size, perm, nlink) = if ino == ROOT {
+            (FileType::Directory, 0, 0o755, 2)
+        } else {
+            let node = self.node(ino)?;
+            let perm = if self.disk.is_read_only() {
+                0o444
+            } else {
+                0o644
+            };
+            (FileType::RegularFile, node.size, perm, 1)
+        };
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: self.time,
+            mtime: self.time,
+            ctime: self.time,
+            crtime: self.time,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: BLKSIZE,
+            flags: 0,
+        })
+    }
+
+    /// The file for `ino`, or `ENOENT` (`EISDIR` for the directory).
+    fn file(&self, ino: u64) -> Result<&FileNode, Errno> {
+        if ino == ROOT {
+            return Err(Errno::EISDIR);
+        }
+        self.node(ino).ok_or(Errno::ENOENT)
+    }
+
+    /// Reads up to `size` bytes at `offset` of file `ino` into `buf` (resized to what was read:
+    /// short at the end of the file, empty past it).
+    pub fn read_file(
+        &self,
+        ino: u64,
+        offset: u64,
+        size: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), Errno> {
+        let node = self.file(ino)?;
+        let n = node.size.saturating_sub(offset).min(u64::from(size)) as usize;
+        buf.resize(n, 0);
+        if n == 0 {
+            return Ok(());
+        }
+        // In range: offset + n <= node.size and the node lies inside the disk.
+        self.disk
+            .read_at(buf, node.offset + offset)
+            .map_err(|e| errno("read", &node.name, offset, &e))
+    }
+
+    /// Writes `data` at `offset` of file `ino`; returns the number of bytes written (short if
+    /// the write crosses the end of the file).
+    pub fn write_file(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        let node = self.file(ino)?;
+        if self.disk.is_read_only() {
+            return Err(Errno::EROFS);
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        if offset >= node.size {
+            return Err(Errno::ENOSPC);
+        }
+        let n = (node.size - offset).min(data.len() as u64) as usize;
+        self.disk
+            .write_at(&data[..n], node.offset + offset)
+            .map_err(|e| errno("write", &node.name, offset, &e))?;
+        // n <= data.len(), which the kernel bounds by max_write (1 MiB).
+        Ok(n as u32)
+    }
+
+    /// `fallocate`: punching holes and zeroing ranges discard them (they then read as zeros);
+    /// plain allocation inside the file succeeds without doing anything; growing the file and
+    /// other modes are refused.
+    pub fn fallocate_file(&self, ino: u64, offset: u64, len: u64, mode: i32) -> Result<(), Errno> {
+        let node = self.file(ino)?;
+        if self.disk.is_read_only() {
+            return Err(Errno::EROFS);
+        }
+        let end = offset.checked_add(len).ok_or(Errno::EFBIG)?;
+        let keep_size = mode & FALLOC_FL_KEEP_SIZE != 0;
+        let zeroing = mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE);
+        if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0
+            || zeroing == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
+            || (mode & FALLOC_FL_PUNCH_HOLE != 0 && !keep_size)
+        {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if end > node.size && !keep_size {
+            // The file would have to grow.
+            return Err(Errno::EFBIG);
+        }
+        if zeroing == 0 {
+            return Ok(());
+        }
+        let end = end.min(node.size);
+        if end <= offset {
+            return Ok(());
+        }
+        self.disk
+            .discard(node.offset + offset, end - offset)
+            .map_err(|e| errno("discard", &node.name, offset, &e))
+    }
+
+    /// `truncate`: only to the current size (a no-op).
+    pub fn truncate_file(&self, ino: u64, size: u64) -> Result<(), Errno> {
+        let node = self.file(ino)?;
+        if size == node.size {
+            Ok(())
+        } else if self.disk.is_read_only() {
+            Err(Errno::EROFS)
+        } else {
+            Err(Errno::EINVAL)
+        }
+    }
+
+    /// Flushes the disk for `fsync` (always) or `close` (`if_dirty`).
+    fn flush_disk(&self, if_dirty: bool) -> Result<(), Errno> {
+        let r = if if_dirty {
+            self.disk.flush_if_dirty()
+        } else {
+            self.disk.flush()
+        };
+        r.map_err(|e| errno("flush", "disk", 0, &e))
+    }
+}
+
+/// The errno for a disk error (logged): the OS error it carries, `EROFS`, else `EIO`.
+fn errno(op: &str, file: &str, offset: u64, e: &SharedDiskError) -> Errno {
+    tracing::warn!("{op} {file} at {offset}: {e}");
+    let SharedDiskError::Disk(e) = e else {
+        return Errno::EIO;
+    };
+    match e.kind() {
+        ErrorKind::ReadOnly => Errno::EROFS,
+        ErrorKind::OutOfRange => Errno::EINVAL,
+        _ => {
+            let os = std::error::Error::source(e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .and_then(std::io::Error::raw_os_error);
+            match os {
+                Some(code) if code > 0 => Errno::from_i32(code),
+                _ => Errno::EIO,
+            }
+        }
+    }
+}
+
+impl fuser::Filesystem for DiskFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_write(MAX_IO) {
+            let _ = config.set_max_write(nearest);
+        }
+        if let Err(nearest) = config.set_max_readahead(MAX_IO) {
+            let _ = config.set_max_readahead(nearest);
+        }
+        let _ = config.set_max_background(64);
+        let wanted = InitFlags::FUSE_ATOMIC_O_TRUNC
+            | InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+        // Ask for what the kernel has; everything here is optional.
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.disk.close() {
+            tracing::error!("flush on unmount: {e}");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent.0 != ROOT {
+            return reply.error(Errno::ENOENT);
+        }
+        let found = self.files.iter().position(|f| OsStr::new(&f.name) == name);
+        match found.and_then(|i| self.attr(FIRST_FILE + i as u64)) {
+            Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino.0) {
+            Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        if let Some(size) = size {
+            if let Err(e) = self.truncate_file(ino.0, size) {
+                return reply.error(e);
+            }
+        }
+        // Ownership, mode and times are fixed; the request succeeds without changing them.
+        match self.attr(ino.0) {
+            Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if let Err(e) = self.file(ino.0) {
+            return reply.error(e);
+        }
+        if self.disk.is_read_only() && flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        reply.opened(
+            FileHandle(0),
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+        );
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        READ_BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            match self.read_file(ino.0, offset, size.min(MAX_IO), &mut buf) {
+                Ok(()) => reply.data(&buf),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.write_file(ino.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        match self.flush_disk(true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.flush_disk(false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino.0 != ROOT {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let entries = [
+            (ROOT, FileType::Directory, "."),
+            (ROOT, FileType::Directory, ".."),
+        ]
+        .into_iter()
+        .chain(self.files.iter().enumerate().map(|(i, f)| {
+            (
+                FIRST_FILE + i as u64,
+                FileType::RegularFile,
+                f.name.as_str(),
+            )
+        }));
+        for (i, (ino, kind, name)) in entries.enumerate().skip(offset as usize) {
+            // The offset given is that of the next entry.
+            if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.disk.size().div_ceil(4096);
+        reply.statfs(
+            blocks,
+            0,
+            0,
+            self.files.len() as u64 + 1,
+            0,
+            4096,
+            255,
+            4096,
+        );
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.fallocate_file(ino.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::partitions::{Partition, PartitionKind, TableKind};
+    use block_backend::OpenOptions;
+
+    /// A 4 MiB raw disk with partition 1 at [1 MiB, 3 MiB), filled with a byte pattern.
+    fn setup(read_only: bool) -> (tempfile::TempDir, DiskFs) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let opts = if read_only {
+            OpenOptions::read_only()
+        } else {
+            OpenOptions::read_write()
+        };
+        let disk = block_backend::open(&path, opts).unwrap();
+        let table = PartitionTable {
+            kind: TableKind::Mbr,
+            sector_size: 512,
+            partitions: vec![Partition {
+                number: 1,
+                offset: 1 << 20,
+                size: 2 << 20,
+                kind: PartitionKind::Mbr {
+                    type_id: 0x83,
+                    logical: false,
+                },
+            }],
+        };
+        let fs = DiskFs::new(
+            SharedDisk::new(Box::new(disk)),
+            Some(&table),
+            0,
+            0,
+            SystemTime::UNIX_EPOCH,
+        );
+        (dir, fs)
+    }
+
+    const DISK: u64 = FIRST_FILE;
+    const P1: u64 = FIRST_FILE + 1;
+
+    #[test]
+    fn files_are_disk_then_partitions_with_exact_sizes() {
+        let (_d, fs) = setup(true);
+        let names: Vec<_> = fs.files().iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["disk", "p1"]);
+        assert_eq!(fs.attr(DISK).unwrap().size, 4 << 20);
+        assert_eq!(fs.attr(P1).unwrap().size, 2 << 20);
+        assert_eq!(fs.attr(ROOT).unwrap().kind, FileType::Directory);
+        assert!(fs.attr(P1 + 1).is_none());
+        assert_eq!(fs.attr(P1).unwrap().perm, 0o444);
+    }
+
+    #[test]
+    fn partition_reads_are_shifted_by_the_partition_offset() {
+        let (_d, fs) = setup(true);
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        fs.read_file(P1, 100, 4096, &mut a).unwrap();
+        fs.read_file(DISK, (1 << 20) + 100, 4096, &mut b).unwrap();
+        assert_eq!(a.len(), 4096);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn reads_stop_at_the_end_of_the_file() {
+        let (_d, fs) = setup(true);
+        let mut buf = Vec::new();
+        fs.read_file(P1, (2 << 20) - 10, 4096, &mut buf).unwrap();
+        assert_eq!(buf.len(), 10);
+        fs.read_file(P1, 2 << 20, 4096, &mut buf).unwrap();
+        assert!(buf.is_empty());
+        fs.read_file(P1, u64::MAX, 4096, &mut buf).unwrap();
+        assert!(buf.is_empty());
+        assert_eq!(fs.read_file(ROOT, 0, 1, &mut buf), Err(Errno::EISDIR));
+        assert_eq!(fs.read_file(99, 0, 1, &mut buf), Err(Errno::ENOENT));
+    }
+
+    #[test]
+    fn read_only_refuses_every_modification_with_erofs() {
+        let (_d, fs) = setup(true);
+        assert_eq!(fs.write_file(P1, 0, b"x"), Err(Errno::EROFS));
+        assert_eq!(
+            fs.fallocate_file(P1, 0, 4096, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE),
+            Err(Errno::EROFS)
+        );
+        assert_eq!(fs.truncate_file(P1, 0), Err(Errno::EROFS));
+        assert_eq!(fs.truncate_file(P1, 2 << 20), Ok(()));
+    }
+
+    #[test]
+    fn writes_land_inside_the_partition_and_stop_at_its_end() {
+        let (_d, fs) = setup(false);
+        assert_eq!(fs.write_file(P1, 0, b"hello"), Ok(5));
+        let mut buf = Vec::new();
+        fs.read_file(DISK, 1 << 20, 5, &mut buf).unwrap();
+        assert_eq!(buf, b"hello");
+        // Crossing the end: short write; at the end: ENOSPC.
+        let before_end = (2 << 20) - 3;
+        assert_eq!(fs.write_file(P1, before_end, b"abcdef"), Ok(3));
+        fs.read_file(DISK, 3 << 20, 3, &mut buf).unwrap();
+        assert_eq!(
+            buf,
+            [
+                (3u32 << 20) % 251,
+                ((3 << 20) + 1) % 251,
+                ((3 << 20) + 2) % 251
+            ]
+            .map(|b| b as u8)
+        );
+        assert_eq!(fs.write_file(P1, 2 << 20, b"x"), Err(Errno::ENOSPC));
+        assert_eq!(fs.write_file(P1, 0, b""), Ok(0));
+        fs.flush_disk(true).unwrap();
+        fs.flush_disk(false).unwrap();
+    }
+
+    #[test]
+    fn punch_hole_reads_back_zeros_and_odd_modes_are_refused() {
+        let (_d, fs) = setup(false);
+        let mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+        fs.fallocate_file(P1, 4096, 8192, mode).unwrap();
+        let mut buf = Vec::new();
+        fs.read_file(DISK, (1 << 20) + 4096, 8192, &mut buf)
+            .unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        fs.read_file(DISK, (1 << 20) + 4095, 1, &mut buf).unwrap();
+        assert_ne!(buf, [0]);
+        assert_eq!(
+            fs.fallocate_file(P1, 0, 1, FALLOC_FL_PUNCH_HOLE),
+            Err(Errno::EOPNOTSUPP)
+        );
+        assert_eq!(fs.fallocate_file(P1, 0, 3 << 20, 0), Err(Errno::EFBIG));
+        assert_eq!(fs.fallocate_file(P1, 0, 4096, 0), Ok(()));
+        assert_eq!(fs.fallocate_file(P1, 0, 4096, 0x40), Err(Errno::EOPNOTSUPP));
+        // Past the end with KEEP_SIZE: only the part inside the file is zeroed.
+        fs.fallocate_file(P1, (2 << 20) - 512, 4096, mode).unwrap();
+        fs.read_file(DISK, 3 << 20, 1, &mut buf).unwrap();
+        assert_eq!(buf, [((3u32 << 20) % 251) as u8]);
+    }
+
+    #[test]
+    fn truncate_to_another_size_is_refused() {
+        let (_d, fs) = setup(false);
+        assert_eq!(fs.truncate_file(P1, 0), Err(Errno::EINVAL));
+        assert_eq!(fs.truncate_file(P1, 2 << 20), Ok(()));
+    }
+}
