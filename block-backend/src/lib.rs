@@ -40,6 +40,7 @@ mod error;
 mod image_layer;
 pub mod probe;
 mod raw;
+pub mod virtio_blk;
 
 pub use chain::{open, Chain, Layer};
 pub use disk::{Disk, Format, LayerInfo, MapExtent, OpenOptions, Subformat};
