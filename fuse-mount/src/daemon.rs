@@ -48,7 +48,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::{ForkResult, Pid};
 
-use crate::fs::{DiskFs, FileNode, SharedDisk, MAX_IO};
+use crate::fs::{DiskFs, FileNode, Reopen, SharedDisk, SharedOptions, MAX_IO};
 use crate::partitions::{self, PartitionError, PartitionTable};
 
 /// Prefix of the mount source (`fsname`) of every vhdtool mount: `vhdtool:<pid>:<image name>`.
@@ -167,22 +167,29 @@ pub fn prepare(image: &Path, read_only: bool) -> Result<Prepared> {
     let time = fs::metadata(&image)
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| SystemTime::now());
-    let top_is_vhdx = chain.layers().first().map(|l| l.format) == Some(Format::Vhdx);
+    let top_format = chain.layers().first().map(|l| l.format);
     let disk: Box<dyn Disk> = Box::new(chain);
-    let shared = if top_is_vhdx && !read_only {
+    let reopen: Option<Reopen> = if top_format == Some(Format::Vhdx) && !read_only {
         // A VHDX keeps its log GUID set while open for writing; closing and reopening at each
         // flush leaves the file clean between a flush and the next write.
         let path = image.clone();
-        SharedDisk::with_checkpoint(
-            disk,
-            Box::new(move || {
-                let d: Box<dyn Disk> = Box::new(block_backend::open(&path, opts)?);
-                Ok(d)
-            }),
-        )
+        Some(Box::new(move || {
+            let d: Box<dyn Disk> = Box::new(block_backend::open(&path, opts)?);
+            Ok(d)
+        }))
     } else {
-        SharedDisk::new(disk)
+        None
     };
+    let shared = SharedDisk::with_options(
+        disk,
+        SharedOptions {
+            // Like Hyper-V, no unmap on VHD: a dynamic VHD can only drop whole blocks from its
+            // BAT, which leaves their space leaked inside the file (check exit 3) instead of
+            // returning it, so hole punching is refused and the image stays leak-free.
+            discard: top_format != Some(Format::Vhd),
+            reopen,
+        },
+    );
     let fs = DiskFs::new(
         shared,
         table.as_ref().ok(),

@@ -30,6 +30,8 @@
 //! - Every write goes through [`Disk::write_at`] at `file offset + partition offset`, with the
 //!   range checked against the file first, so a partition file can never touch bytes outside its
 //!   partition.
+//! - Hole punching reaches [`Disk::discard`] only where the format returns the space
+//!   ([`SharedOptions::discard`]: not on VHD, as with Hyper-V); otherwise it is `EOPNOTSUPP`.
 //! - `fsync` always reaches [`Disk::flush`]; `flush` (each `close`) does when something was
 //!   written since the last flush; so does [`SharedDisk::flush`] on unmount.
 //! - Errors of the disk are logged and returned as the OS error they carry, else `EIO`; a
@@ -72,7 +74,7 @@ thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Reopens the disk after a checkpoint (see [`SharedDisk::with_checkpoint`]).
+/// Reopens the disk after a checkpoint (see [`SharedOptions::reopen`]).
 pub type Reopen = Box<dyn Fn() -> block_backend::Result<Box<dyn Disk>> + Send + Sync>;
 
 /// Errors of [`SharedDisk`].
@@ -88,7 +90,7 @@ pub enum SharedDiskError {
 
 /// The disk shared by the worker threads (and the signal handler, which flushes it).
 ///
-/// With a checkpoint ([`SharedDisk::with_checkpoint`]), a flush that follows writes also closes
+/// With a checkpoint ([`SharedOptions::reopen`]), a flush that follows writes also closes
 /// and reopens the disk: closing a VHDX clears its log GUID, so the file is clean for any reader
 /// (and for `check`) from every flush until the next write, and a daemon killed between a flush
 /// and the next write leaves no log to replay.
@@ -96,7 +98,26 @@ pub struct SharedDisk {
     state: Mutex<DiskState>,
     size: u64,
     read_only: bool,
+    discard: bool,
     reopen: Option<Reopen>,
+}
+
+/// How a [`SharedDisk`] treats discards and flushes.
+pub struct SharedOptions {
+    /// Pass hole punching (`fallocate`) to [`Disk::discard`]; when false it is refused with
+    /// `EOPNOTSUPP`, and callers (mkfs, loop devices) skip it or write zeros themselves.
+    pub discard: bool,
+    /// Checkpoint at each flush that follows writes (see [`SharedDisk::with_options`]).
+    pub reopen: Option<Reopen>,
+}
+
+impl Default for SharedOptions {
+    fn default() -> Self {
+        SharedOptions {
+            discard: true,
+            reopen: None,
+        }
+    }
 }
 
 struct DiskState {
@@ -113,6 +134,7 @@ impl std::fmt::Debug for SharedDisk {
         f.debug_struct("SharedDisk")
             .field("size", &self.size)
             .field("read_only", &self.read_only)
+            .field("discard", &self.discard)
             .field("checkpoint", &self.reopen.is_some())
             .finish_non_exhaustive()
     }
@@ -122,22 +144,19 @@ impl std::fmt::Debug for SharedDisk {
 pub type SharedResult<T> = Result<T, SharedDiskError>;
 
 impl SharedDisk {
-    /// Wraps an open disk.
+    /// Wraps an open disk (discards passed on, no checkpoints).
     pub fn new(disk: Box<dyn Disk>) -> Arc<SharedDisk> {
-        SharedDisk::build(disk, None)
+        SharedDisk::with_options(disk, SharedOptions::default())
     }
 
-    /// Wraps an open disk that is closed and reopened (through `reopen`) at every flush that
-    /// follows writes.
-    pub fn with_checkpoint(disk: Box<dyn Disk>, reopen: Reopen) -> Arc<SharedDisk> {
-        SharedDisk::build(disk, Some(reopen))
-    }
-
-    fn build(disk: Box<dyn Disk>, reopen: Option<Reopen>) -> Arc<SharedDisk> {
+    /// Wraps an open disk. With `opts.reopen`, the disk is closed and reopened (through it) at
+    /// every flush that follows writes.
+    pub fn with_options(disk: Box<dyn Disk>, opts: SharedOptions) -> Arc<SharedDisk> {
         Arc::new(SharedDisk {
             size: disk.size(),
             read_only: disk.is_read_only(),
-            reopen,
+            discard: opts.discard,
+            reopen: opts.reopen,
             state: Mutex::new(DiskState {
                 disk: Some(disk),
                 dirty: false,
@@ -154,6 +173,11 @@ impl SharedDisk {
     /// True if the disk refuses writes.
     pub fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// True if hole punching reaches [`Disk::discard`].
+    pub fn supports_discard(&self) -> bool {
+        self.discard
     }
 
     fn lock(&self) -> MutexGuard<'_, DiskState> {
@@ -399,6 +423,9 @@ impl DiskFs {
         }
         if zeroing == 0 {
             return Ok(());
+        }
+        if !self.disk.supports_discard() {
+            return Err(Errno::EOPNOTSUPP);
         }
         let end = end.min(node.size);
         if end <= offset {
@@ -685,16 +712,20 @@ mod tests {
 
     /// A 4 MiB raw disk with partition 1 at [1 MiB, 3 MiB), filled with a byte pattern.
     fn setup(read_only: bool) -> (tempfile::TempDir, DiskFs) {
+        setup_with(read_only, SharedOptions::default())
+    }
+
+    fn setup_with(read_only: bool, opts: SharedOptions) -> (tempfile::TempDir, DiskFs) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.raw");
         let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
-        let opts = if read_only {
+        let open = if read_only {
             OpenOptions::read_only()
         } else {
             OpenOptions::read_write()
         };
-        let disk = block_backend::open(&path, opts).unwrap();
+        let disk = block_backend::open(&path, open).unwrap();
         let table = PartitionTable {
             kind: TableKind::Mbr,
             sector_size: 512,
@@ -709,7 +740,7 @@ mod tests {
             }],
         };
         let fs = DiskFs::new(
-            SharedDisk::new(Box::new(disk)),
+            SharedDisk::with_options(Box::new(disk), opts),
             Some(&table),
             0,
             0,
@@ -818,6 +849,59 @@ mod tests {
         fs.fallocate_file(P1, (2 << 20) - 512, 4096, mode).unwrap();
         fs.read_file(DISK, 3 << 20, 1, &mut buf).unwrap();
         assert_eq!(buf, [((3u32 << 20) % 251) as u8]);
+    }
+
+    #[test]
+    fn hole_punching_is_refused_when_discard_is_off() {
+        let opts = SharedOptions {
+            discard: false,
+            reopen: None,
+        };
+        let (_d, fs) = setup_with(false, opts);
+        let mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+        assert_eq!(fs.fallocate_file(P1, 0, 4096, mode), Err(Errno::EOPNOTSUPP));
+        let mut buf = Vec::new();
+        fs.read_file(P1, 0, 1, &mut buf).unwrap();
+        assert_eq!(buf, [((1u32 << 20) % 251) as u8], "data kept");
+        // Plain allocation inside the file still succeeds.
+        assert_eq!(fs.fallocate_file(P1, 0, 4096, 0), Ok(()));
+    }
+
+    #[test]
+    fn checkpoint_reopens_the_disk_after_writes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.raw");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let reopened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (p, count) = (path.clone(), reopened.clone());
+        let reopen: Reopen = Box::new(move || {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let d: Box<dyn Disk> = Box::new(block_backend::open(&p, OpenOptions::read_write())?);
+            Ok(d)
+        });
+        let disk = block_backend::open(&path, OpenOptions::read_write()).unwrap();
+        let shared = SharedDisk::with_options(
+            Box::new(disk),
+            SharedOptions {
+                discard: true,
+                reopen: Some(reopen),
+            },
+        );
+        shared.flush().unwrap();
+        assert_eq!(reopened.load(std::sync::atomic::Ordering::SeqCst), 0);
+        shared.write_at(b"abc", 10).unwrap();
+        shared.flush_if_dirty().unwrap();
+        assert_eq!(reopened.load(std::sync::atomic::Ordering::SeqCst), 1);
+        shared.flush().unwrap();
+        assert_eq!(reopened.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let mut buf = [0u8; 3];
+        shared.read_at(&mut buf, 10).unwrap();
+        assert_eq!(&buf, b"abc");
+        shared.close().unwrap();
+        assert!(matches!(
+            shared.read_at(&mut buf, 0),
+            Err(SharedDiskError::Closed)
+        ));
     }
 
     #[test]
