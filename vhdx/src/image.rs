@@ -101,28 +101,28 @@ pub(crate) struct Regions {
 /// An open VHDX image over any [`ImageFile`] (a `std::fs::File` for real use).
 #[derive(Debug)]
 pub struct VhdxImage<F: ImageFile = std::fs::File> {
-    path: PathBuf,
-    file: F,
-    writable: bool,
-    durability: Durability,
-    creator: String,
-    header: Header,
-    header_slot: usize,
-    regions: Regions,
-    params: DiskParams,
-    parent: Option<ParentLink>,
-    bat: Vec<BatEntry>,
-    dirty_bat_pages: BTreeSet<u64>,
-    bitmap_pages: HashMap<u64, Box<[u8; SECTOR]>>,
-    dirty_bitmap_pages: BTreeSet<u64>,
-    overlay: BTreeMap<u64, Box<[u8; SECTOR]>>,
-    file_len: u64,
-    next_alloc: u64,
-    log_active: bool,
-    log_sequence: u64,
-    log_position: u64,
-    data_guid_rotated: bool,
-    replayed: bool,
+    pub(crate) path: PathBuf,
+    pub(crate) file: F,
+    pub(crate) writable: bool,
+    pub(crate) durability: Durability,
+    pub(crate) creator: String,
+    pub(crate) header: Header,
+    pub(crate) header_slot: usize,
+    pub(crate) regions: Regions,
+    pub(crate) params: DiskParams,
+    pub(crate) parent: Option<ParentLink>,
+    pub(crate) bat: Vec<BatEntry>,
+    pub(crate) dirty_bat_pages: BTreeSet<u64>,
+    pub(crate) bitmap_pages: HashMap<u64, Box<[u8; SECTOR]>>,
+    pub(crate) dirty_bitmap_pages: BTreeSet<u64>,
+    pub(crate) overlay: BTreeMap<u64, Box<[u8; SECTOR]>>,
+    pub(crate) file_len: u64,
+    pub(crate) next_alloc: u64,
+    pub(crate) log_active: bool,
+    pub(crate) log_sequence: u64,
+    pub(crate) log_position: u64,
+    pub(crate) data_guid_rotated: bool,
+    pub(crate) replayed: bool,
 }
 
 pub(crate) fn io<'a>(
@@ -328,11 +328,11 @@ impl<F: ImageFile> VhdxImage<F> {
             .div_ceil(self.params.block_size as u64)
     }
 
-    fn payload_index(&self, block: u64) -> usize {
+    pub(crate) fn payload_index(&self, block: u64) -> usize {
         (block + block / self.chunk_ratio()) as usize
     }
 
-    fn bitmap_index(&self, chunk: u64) -> usize {
+    pub(crate) fn bitmap_index(&self, chunk: u64) -> usize {
         (chunk * (self.chunk_ratio() + 1) + self.chunk_ratio()) as usize
     }
 
@@ -620,7 +620,7 @@ impl<F: ImageFile> VhdxImage<F> {
         self.file_len
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         if offset
             .checked_add(len)
             .is_none_or(|e| e > self.params.virtual_size)
@@ -635,7 +635,7 @@ impl<F: ImageFile> VhdxImage<F> {
     }
 
     /// File offset of the bitmap page holding virtual sector `sector`, and the bit index in it.
-    fn bitmap_location(&self, sector: u64) -> (u64, usize) {
+    pub(crate) fn bitmap_location(&self, sector: u64) -> (u64, usize) {
         let per_chunk = 1u64 << 23;
         let chunk = sector / per_chunk;
         let within = sector % per_chunk;
@@ -647,7 +647,7 @@ impl<F: ImageFile> VhdxImage<F> {
         )
     }
 
-    fn bitmap_page(&mut self, page_at: u64) -> Result<&mut Box<[u8; SECTOR]>> {
+    pub(crate) fn bitmap_page(&mut self, page_at: u64) -> Result<&mut Box<[u8; SECTOR]>> {
         if !self.bitmap_pages.contains_key(&page_at) {
             let mut p = Box::new([0u8; SECTOR]);
             self.read_file_at(&mut p[..], page_at)?;
@@ -656,7 +656,7 @@ impl<F: ImageFile> VhdxImage<F> {
         Ok(self.bitmap_pages.get_mut(&page_at).expect("inserted"))
     }
 
-    fn sector_present(&mut self, sector: u64) -> Result<bool> {
+    pub(crate) fn sector_present(&mut self, sector: u64) -> Result<bool> {
         let (page, bit) = self.bitmap_location(sector);
         let p = self.bitmap_page(page)?;
         Ok(p[bit / 8] & (1 << (bit % 8)) != 0)
@@ -726,7 +726,7 @@ impl<F: ImageFile> VhdxImage<F> {
     }
 
     /// Rotates DataWriteGuid once per session, before the first data change.
-    fn before_data_change(&mut self) -> Result<()> {
+    pub(crate) fn before_data_change(&mut self) -> Result<()> {
         if !self.writable {
             return Err(Error::ReadOnly {
                 path: self.path.clone(),
@@ -786,7 +786,7 @@ impl<F: ImageFile> VhdxImage<F> {
         Ok(plan)
     }
 
-    fn take_space(&mut self, len: u64) -> Result<u64> {
+    pub(crate) fn take_space(&mut self, len: u64) -> Result<u64> {
         let at = self.next_alloc;
         let end = at
             .checked_add(len)
@@ -806,7 +806,7 @@ impl<F: ImageFile> VhdxImage<F> {
         Ok(at)
     }
 
-    fn set_bat(&mut self, idx: usize, e: BatEntry) {
+    pub(crate) fn set_bat(&mut self, idx: usize, e: BatEntry) {
         self.bat[idx] = e;
         self.dirty_bat_pages.insert(idx as u64 * 8 / SECTOR as u64);
     }
@@ -894,12 +894,12 @@ impl<F: ImageFile> VhdxImage<F> {
         Ok(rest)
     }
 
-    fn sync(&self, op: &'static str) -> Result<()> {
+    pub(crate) fn sync(&self, op: &'static str) -> Result<()> {
         self.file.sync_data().map_err(io(&self.path, op, 0))
     }
 
     /// Writes `h` (sequence + 1) to the other header slot and syncs: the header update protocol.
-    fn write_header(&mut self, mut h: Header) -> Result<()> {
+    pub(crate) fn write_header(&mut self, mut h: Header) -> Result<()> {
         h.sequence_number = self.header.sequence_number + 1;
         let slot = 1 - self.header_slot;
         self.file

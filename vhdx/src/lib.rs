@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod compact;
 pub mod create;
 mod error;
 pub mod format;
@@ -39,6 +40,7 @@ pub mod log;
 pub mod meta;
 
 pub use check::{check, repair, CheckReport, Finding};
+pub use compact::{CompactMode, CompactReport};
 pub use create::{CreateOptions, ParentInfo};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Durability, OpenMode, ReadExtent, ReadSource, VhdxImage, WriteExtent, WritePlan};
