@@ -64,6 +64,8 @@ enum Command {
     Map(cmd::map::Args),
     /// Compare the contents of two images.
     Compare(cmd::compare::Args),
+    /// Shrink a dynamic or differencing image in place (release unused blocks, close holes).
+    Compact(cmd::compact::Args),
     /// Mount the disk and its partitions as files (FUSE); returns once the mount is ready.
     Mount(cmd::mount::Args),
     /// Flush and unmount a `vhdtool mount`, waiting for its daemon to exit.
@@ -83,6 +85,7 @@ impl Command {
             Command::Write(a) => cmd::write::run(a),
             Command::Map(a) => cmd::map::run(a),
             Command::Compare(a) => cmd::compare::run(a),
+            Command::Compact(a) => cmd::compact::run(a),
             Command::Mount(a) => cmd::mount::run(a),
             Command::Umount(a) => cmd::mount::run_umount(a),
         }

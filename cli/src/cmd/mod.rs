@@ -4,9 +4,11 @@
 
 pub mod bench;
 pub mod check;
+pub mod compact;
 pub mod compare;
 pub mod convert;
 pub mod create;
+pub mod edit;
 pub mod info;
 pub mod map;
 pub mod mount;

