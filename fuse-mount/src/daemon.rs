@@ -147,9 +147,11 @@ pub struct Prepared {
     table: std::result::Result<PartitionTable, PartitionError>,
 }
 
-/// Opens `image` (with its chain; read-only or read-write) and reads its partition table. A
-/// table that cannot be read is reported by [`Prepared::table`]; the disk is still mountable.
-pub fn prepare(image: &Path, read_only: bool) -> Result<Prepared> {
+/// Opens `image` (with its chain; read-only or read-write, as `opts.read_only` says) and reads
+/// its partition table. A table that cannot be read is reported by [`Prepared::table`]; the disk
+/// is still mountable. A read-only image is opened once per serving thread (parallel reads).
+pub fn prepare(image: &Path, opts: &MountOptions) -> Result<Prepared> {
+    let read_only = opts.read_only;
     // Absolute: the daemon changes to `/` and may reopen the image (checkpoints).
     let image = fs::canonicalize(image).map_err(|source| block_backend::Error::Io {
         path: image.to_path_buf(),
@@ -157,12 +159,12 @@ pub fn prepare(image: &Path, read_only: bool) -> Result<Prepared> {
         offset: 0,
         source,
     })?;
-    let opts = if read_only {
+    let open = if read_only {
         OpenOptions::read_only()
     } else {
         OpenOptions::read_write()
     };
-    let mut chain = block_backend::open(&image, opts)?;
+    let mut chain = block_backend::open(&image, open)?;
     let table = partitions::scan_disk(&mut chain);
     let time = fs::metadata(&image)
         .and_then(|m| m.modified())
@@ -174,12 +176,18 @@ pub fn prepare(image: &Path, read_only: bool) -> Result<Prepared> {
         // flush leaves the file clean between a flush and the next write.
         let path = image.clone();
         Some(Box::new(move || {
-            let d: Box<dyn Disk> = Box::new(block_backend::open(&path, opts)?);
+            let d: Box<dyn Disk> = Box::new(block_backend::open(&path, open)?);
             Ok(d)
         }))
     } else {
         None
     };
+    let mut readers: Vec<Box<dyn Disk>> = Vec::new();
+    if read_only {
+        for _ in 1..opts.threads {
+            readers.push(Box::new(block_backend::open(&image, open)?));
+        }
+    }
     let shared = SharedDisk::with_options(
         disk,
         SharedOptions {
@@ -188,6 +196,7 @@ pub fn prepare(image: &Path, read_only: bool) -> Result<Prepared> {
             // returning it, so hole punching is refused and the image stays leak-free.
             discard: top_format != Some(Format::Vhd),
             reopen,
+            readers,
         },
     );
     let fs = DiskFs::new(

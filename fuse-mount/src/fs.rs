@@ -16,10 +16,12 @@
 //! a loop device or file system on top is not cached twice. `FUSE_DIRECT_IO_ALLOW_MMAP` keeps
 //! `mmap` working where the kernel offers it.
 //!
-//! Requests are served by several threads. The [`Disk`] API takes `&mut self`, so the disk sits
-//! behind one mutex: a request holds it only for its own `read_at`/`write_at`, while the FUSE
-//! round trip (copying the request in and the reply out of the kernel) runs in parallel on the
-//! other threads. `benches/fuse.sh` measures this (see the crate docs for numbers).
+//! Requests are served by several threads. The [`Disk`] API takes `&mut self`, so a writable
+//! disk sits behind one mutex: a request holds it only for its own `read_at`/`write_at`, while
+//! the FUSE round trips of other requests (copying requests in and replies out of the kernel)
+//! run in parallel on the other threads. A read-only mount opens one read-only handle of the
+//! image per thread ([`SharedOptions::readers`]) and a read takes any free one, so reads (and
+//! their disk I/O on a cold cache) run in parallel. `benches/fuse.sh` measures both.
 //!
 //! Invariants:
 //! - File sizes never change: writes at or past the end fail with `ENOSPC` (as on a block
@@ -39,6 +41,7 @@
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -96,6 +99,11 @@ pub enum SharedDiskError {
 /// and the next write leaves no log to replay.
 pub struct SharedDisk {
     state: Mutex<DiskState>,
+    /// Extra read-only handles of the same image (read-only mounts only): reads take whichever
+    /// handle is free, so they proceed in parallel.
+    readers: Vec<Mutex<Option<Box<dyn Disk>>>>,
+    /// Round-robin start for reads when every handle is busy.
+    next_reader: AtomicUsize,
     size: u64,
     read_only: bool,
     discard: bool,
@@ -109,6 +117,9 @@ pub struct SharedOptions {
     pub discard: bool,
     /// Checkpoint at each flush that follows writes (see [`SharedDisk::with_options`]).
     pub reopen: Option<Reopen>,
+    /// More read-only handles of the same disk, for parallel reads. Only used when the disk is
+    /// read-only (a writable disk has one state, so one handle).
+    pub readers: Vec<Box<dyn Disk>>,
 }
 
 impl Default for SharedOptions {
@@ -116,6 +127,7 @@ impl Default for SharedOptions {
         SharedOptions {
             discard: true,
             reopen: None,
+            readers: Vec::new(),
         }
     }
 }
@@ -152,9 +164,21 @@ impl SharedDisk {
     /// Wraps an open disk. With `opts.reopen`, the disk is closed and reopened (through it) at
     /// every flush that follows writes.
     pub fn with_options(disk: Box<dyn Disk>, opts: SharedOptions) -> Arc<SharedDisk> {
+        let read_only = disk.is_read_only();
+        let readers = if read_only {
+            opts.readers
+                .into_iter()
+                .filter(|r| r.is_read_only() && r.size() == disk.size())
+                .map(|r| Mutex::new(Some(r)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Arc::new(SharedDisk {
+            readers,
+            next_reader: AtomicUsize::new(0),
             size: disk.size(),
-            read_only: disk.is_read_only(),
+            read_only,
             discard: opts.discard,
             reopen: opts.reopen,
             state: Mutex::new(DiskState {
@@ -186,10 +210,28 @@ impl SharedDisk {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reads `buf` at byte `offset` of the disk.
+    /// Reads `buf` at byte `offset` of the disk (on any free handle of a read-only disk).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> SharedResult<()> {
-        let mut s = self.lock();
-        let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
+        if self.readers.is_empty() {
+            let mut s = self.lock();
+            let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
+            return Ok(disk.read_at(buf, offset)?);
+        }
+        if let Ok(mut s) = self.state.try_lock() {
+            let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
+            return Ok(disk.read_at(buf, offset)?);
+        }
+        let n = self.readers.len();
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed) % n;
+        let free = (0..n).find_map(|i| self.readers[(start + i) % n].try_lock().ok());
+        // All busy: wait for one (a different one each time).
+        let mut r = match free {
+            Some(r) => r,
+            None => self.readers[start]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        };
+        let disk = r.as_mut().ok_or(SharedDiskError::Closed)?;
         Ok(disk.read_at(buf, offset)?)
     }
 
@@ -242,6 +284,9 @@ impl SharedDisk {
 
     /// Flushes and closes the disk; later calls fail with [`SharedDiskError::Closed`].
     pub fn close(&self) -> SharedResult<()> {
+        for r in &self.readers {
+            *r.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         let mut s = self.lock();
         if s.disk.is_none() {
             return Ok(());
@@ -855,7 +900,7 @@ mod tests {
     fn hole_punching_is_refused_when_discard_is_off() {
         let opts = SharedOptions {
             discard: false,
-            reopen: None,
+            ..SharedOptions::default()
         };
         let (_d, fs) = setup_with(false, opts);
         let mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
@@ -883,8 +928,8 @@ mod tests {
         let shared = SharedDisk::with_options(
             Box::new(disk),
             SharedOptions {
-                discard: true,
                 reopen: Some(reopen),
+                ..SharedOptions::default()
             },
         );
         shared.flush().unwrap();
@@ -902,6 +947,62 @@ mod tests {
             shared.read_at(&mut buf, 0),
             Err(SharedDiskError::Closed)
         ));
+    }
+
+    #[test]
+    fn read_only_disk_reads_in_parallel_on_its_extra_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.raw");
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let open = || -> Box<dyn Disk> {
+            Box::new(block_backend::open(&path, OpenOptions::read_only()).unwrap())
+        };
+        let shared = SharedDisk::with_options(
+            open(),
+            SharedOptions {
+                readers: vec![open(), open(), open()],
+                ..SharedOptions::default()
+            },
+        );
+        assert_eq!(shared.readers.len(), 3);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let shared = &shared;
+                let data = &data;
+                s.spawn(move || {
+                    for i in 0..200u64 {
+                        let off = (t * 7919 + i * 4099) % ((1 << 20) - 4096);
+                        let mut buf = vec![0u8; 4096];
+                        shared.read_at(&mut buf, off).unwrap();
+                        assert_eq!(buf, data[off as usize..off as usize + 4096]);
+                    }
+                });
+            }
+        });
+        shared.close().unwrap();
+        let mut buf = [0u8; 1];
+        assert!(matches!(
+            shared.read_at(&mut buf, 0),
+            Err(SharedDiskError::Closed)
+        ));
+    }
+
+    #[test]
+    fn writable_disk_ignores_extra_read_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.raw");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let rw = block_backend::open(&path, OpenOptions::read_write()).unwrap();
+        let ro = block_backend::open(&path, OpenOptions::read_only()).unwrap();
+        let shared = SharedDisk::with_options(
+            Box::new(rw),
+            SharedOptions {
+                readers: vec![Box::new(ro)],
+                ..SharedOptions::default()
+            },
+        );
+        assert!(shared.readers.is_empty(), "reads must see the writes");
     }
 
     #[test]

@@ -42,7 +42,13 @@ pub struct UmountArgs {
 
 /// Runs `mount`.
 pub fn run(a: &Args) -> Result<u8> {
-    let prepared = fuse_mount::prepare(&a.image, a.read_only)
+    let opts = fuse_mount::MountOptions {
+        read_only: a.read_only,
+        foreground: a.foreground,
+        allow_other: a.allow_other,
+        threads: a.threads.into(),
+    };
+    let prepared = fuse_mount::prepare(&a.image, &opts)
         .with_context(|| format!("open {}", a.image.display()))?;
     if let Err(e) = prepared.table() {
         eprintln!(
@@ -50,12 +56,6 @@ pub fn run(a: &Args) -> Result<u8> {
             a.image.display()
         );
     }
-    let opts = fuse_mount::MountOptions {
-        read_only: a.read_only,
-        foreground: a.foreground,
-        allow_other: a.allow_other,
-        threads: a.threads.into(),
-    };
     prepared.serve(&a.dir, &opts)?;
     Ok(0)
 }

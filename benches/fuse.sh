@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of `vhdtool mount` (fuse-mount) against vhdimount (libvhdi), as issue 6
+# asks: sequential read of the whole virtual disk through DIR/disk vs vhdimount's vhdi1, on the
+# same fully allocated 1 GiB dynamic VHD and VHDX, runs interleaved A B A B, ROUNDS rounds,
+# medians and spread (min..max); then fio random 4 KiB read IOPS through both mounts (1 and 4
+# jobs: the 4-job number shows what the one mutex around the Disk costs). Not a test: numbers
+# vary on shared machines.
+#
+#   benches/fuse.sh [DIR] [ROUNDS] [FIO_SECONDS]
+#
+# Needs root (or FUSE access), vhdimount, fusermount3, fio, python3. DIR default: target/bench-fuse.
+# The image files are read once before measuring, so both mounts read from the page cache: what
+# is compared is the FUSE file system, not the disk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=${1:-target/bench-fuse}
+rounds=${2:-5}
+runtime=${3:-10}
+size=$((1 << 30))
+for t in vhdimount fusermount3 fio python3 dd; do
+  command -v $t >/dev/null || { echo "needs $t" >&2; exit 1; }
+done
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+cargo build --release -q -p vhdtool
+vt=$PWD/target/release/vhdtool
+
+raw=$dir/full.raw
+if [ ! -f "$raw" ] || [ "$(stat -c %s "$raw")" != "$size" ]; then
+  echo "writing a fully allocated 1 GiB raw file..."
+  head -c "$size" /dev/urandom >"$raw"
+fi
+for f in vhd vhdx; do
+  [ -f "$dir/full.$f" ] || "$vt" convert -O $f --type dynamic "$raw" "$dir/full.$f"
+done
+
+mounts=()
+cleanup() {
+  for m in "${mounts[@]}"; do
+    case $m in
+      ours:*) "$vt" umount "${m#ours:}" 2>/dev/null || umount -l "${m#ours:}" 2>/dev/null || true ;;
+      vhdi:*) fusermount3 -u "${m#vhdi:}" 2>/dev/null || umount -l "${m#vhdi:}" 2>/dev/null || true ;;
+    esac
+  done
+}
+trap cleanup EXIT
+for f in vhd vhdx; do
+  cat "$dir/full.$f" >/dev/null # page cache
+  mkdir -p "$dir/ours-$f" "$dir/vhdi-$f"
+  "$vt" mount --read-only "$dir/full.$f" "$dir/ours-$f"
+  mounts+=("ours:$dir/ours-$f")
+  vhdimount "$dir/full.$f" "$dir/vhdi-$f" >/dev/null
+  mounts+=("vhdi:$dir/vhdi-$f")
+  while [ ! -f "$dir/vhdi-$f/vhdi1" ]; do sleep 0.1; done
+  cmp -n $((64 << 20)) "$dir/ours-$f/disk" "$dir/vhdi-$f/vhdi1" || { echo "mounts differ!" >&2; exit 1; }
+done
+
+seq_read() { # file -> MB/s (whole file, 1 MiB reads; the file's page cache dropped first)
+  dd if="$1" iflag=nocache count=0 status=none 2>/dev/null || true
+  local t0 t1
+  t0=$(date +%s.%N)
+  dd if="$1" of=/dev/null bs=1M status=none
+  t1=$(date +%s.%N)
+  python3 -c "print(round($size / 1e6 / ($t1 - $t0), 1))"
+}
+fio_iops() { # file jobs -> IOPS of 4 KiB random reads
+  fio --name=r --filename="$1" --rw=randread --bs=4k --ioengine=psync --direct=1 --numjobs="$2" \
+    --group_reporting --runtime="$runtime" --time_based --output-format=json 2>/dev/null |
+    python3 -c "import json,sys; print(round(json.load(sys.stdin)['jobs'][0]['read']['iops']))"
+}
+
+declare -A res
+add() { res[$1]="${res[$1]:-} $2"; }
+for r in $(seq "$rounds"); do
+  echo "round $r/$rounds"
+  for f in vhd vhdx; do
+    add "seq_ours_$f" "$(seq_read "$dir/ours-$f/disk")"
+    add "seq_vhdi_$f" "$(seq_read "$dir/vhdi-$f/vhdi1")"
+  done
+done
+for f in vhd vhdx; do
+  for j in 1 4; do
+    add "rand${j}_ours_$f" "$(fio_iops "$dir/ours-$f/disk" $j)"
+    add "rand${j}_vhdi_$f" "$(fio_iops "$dir/vhdi-$f/vhdi1" $j)"
+  done
+done
+
+summary() { # key -> "median (min..max)"
+  python3 -c "
+import statistics, sys
+v = sorted(float(x) for x in sys.argv[1:])
+print(f'{statistics.median(v):.0f} ({v[0]:.0f}..{v[-1]:.0f})')" ${res[$1]}
+}
+median() { python3 -c "import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))" ${res[$1]}; }
+ratio() { python3 -c "print(f'{$(median "$1") / $(median "$2"):.1f}x')"; }
+
+echo
+echo "sequential read of 1 GiB, MB/s, median (min..max) of $rounds, interleaved:"
+for f in vhd vhdx; do
+  printf '  %-5s vhdtool mount %-22s vhdimount %-22s ratio %s\n' "$f" \
+    "$(summary seq_ours_$f)" "$(summary seq_vhdi_$f)" "$(ratio seq_ours_$f seq_vhdi_$f)"
+done
+echo "random 4 KiB reads (fio psync, O_DIRECT, ${runtime}s), IOPS:"
+for f in vhd vhdx; do
+  for j in 1 4; do
+    printf '  %-5s %d job(s): vhdtool mount %-8s vhdimount %-8s ratio %s\n' "$f" $j \
+      "$(summary rand${j}_ours_$f)" "$(summary rand${j}_vhdi_$f)" \
+      "$(ratio rand${j}_ours_$f rand${j}_vhdi_$f)"
+  done
+done
