@@ -254,7 +254,7 @@ impl<F: ImageFile> VhdxImage<F> {
     }
 
     /// Size on disk of the block behind BAT entry `idx`.
-    fn entry_bytes(&self, idx: usize) -> u64 {
+    pub(crate) fn entry_bytes(&self, idx: usize) -> u64 {
         if (idx as u64 + 1).is_multiple_of(self.chunk_ratio() + 1) {
             MIB
         } else {
@@ -276,7 +276,7 @@ impl<F: ImageFile> VhdxImage<F> {
     }
 
     /// File ranges of the fixed structures: header section, log, BAT and metadata regions.
-    fn structure_ranges(&self) -> Vec<(u64, u64)> {
+    pub(crate) fn structure_ranges(&self) -> Vec<(u64, u64)> {
         let r = self.regions;
         let h = &self.header;
         vec![
@@ -288,7 +288,7 @@ impl<F: ImageFile> VhdxImage<F> {
     }
 
     /// Moves blocks from the end of the file into holes until none fits; returns how many moved.
-    fn close_holes(&mut self, progress: &mut dyn FnMut(u64)) -> Result<u64> {
+    pub(crate) fn close_holes(&mut self, progress: &mut dyn FnMut(u64)) -> Result<u64> {
         let mut live = self.live_blocks();
         let end = self.file.len().map_err(io(&self.path, "stat", 0))?;
         let mut used = self.structure_ranges();

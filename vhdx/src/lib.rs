@@ -33,11 +33,13 @@
 pub mod check;
 pub mod compact;
 pub mod create;
+mod edit;
 mod error;
 pub mod format;
 pub mod image;
 pub mod log;
 pub mod meta;
+pub mod resize;
 
 pub use check::{check, repair, CheckReport, Finding};
 pub use compact::{CompactMode, CompactReport};
