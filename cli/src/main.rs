@@ -66,6 +66,8 @@ enum Command {
     Compare(cmd::compare::Args),
     /// Shrink a dynamic or differencing image in place (release unused blocks, close holes).
     Compact(cmd::compact::Args),
+    /// Change the virtual size in place (SIZE, +SIZE or -SIZE).
+    Resize(cmd::resize::Args),
     /// Mount the disk and its partitions as files (FUSE); returns once the mount is ready.
     Mount(cmd::mount::Args),
     /// Flush and unmount a `vhdtool mount`, waiting for its daemon to exit.
@@ -86,6 +88,7 @@ impl Command {
             Command::Map(a) => cmd::map::run(a),
             Command::Compare(a) => cmd::compare::run(a),
             Command::Compact(a) => cmd::compact::run(a),
+            Command::Resize(a) => cmd::resize::run(a),
             Command::Mount(a) => cmd::mount::run(a),
             Command::Umount(a) => cmd::mount::run_umount(a),
         }

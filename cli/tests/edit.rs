@@ -220,3 +220,108 @@ fn compact_refuses_fixed_and_raw_images() {
     assert!(fails(&vhdtool(&[&"compact", &fixed])).contains("fixed"));
     assert!(fails(&vhdtool(&[&"compact", &raw])).contains("raw"));
 }
+
+/// Every type qemu-img can read, plus a differencing child (checked with vhdtool only).
+const ALL_TYPES: [(&str, &[&str], Option<&str>); 4] = [
+    ("vhd", &["-O", "vhd"], Some("vpc")),
+    ("vhd", &["-O", "vhd", "--type", "fixed"], Some("vpc")),
+    ("vhdx", &["-O", "vhdx", "--block-size", "1M"], Some("vhdx")),
+    (
+        "vhdx",
+        &["-O", "vhdx", "--type", "fixed", "--block-size", "1M"],
+        Some("vhdx"),
+    ),
+];
+
+fn virtual_size(img: &Path) -> u64 {
+    json(&vhdtool(&[&"info", &"--json", &img]))["virtual-size"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn resize_grows_every_type_with_zeros_and_shrinks_back() {
+    for (i, (ext, opts, qfmt)) in ALL_TYPES.iter().enumerate() {
+        let d = tmp();
+        let raw = raw_disk(d.path());
+        let img = d.path().join(format!("a{i}.{ext}"));
+        convert(&raw, &img, opts);
+        let r = json(&vhdtool(&[&"resize", &"--json", &img, &"+16M"]));
+        assert_eq!(r["new-size"], 64 << 20, "{ext} {opts:?}");
+        assert_eq!(virtual_size(&img), 64 << 20);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&raw)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        assert_clean(&img);
+        assert_same(&raw, &img, *qfmt);
+        // Back down over zeros: the disk's last 8 MiB were zeros already.
+        ok(&vhdtool(&[&"resize", &img, &"40M"]));
+        assert_eq!(virtual_size(&img), 40 << 20);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&raw)
+            .unwrap()
+            .set_len(40 << 20)
+            .unwrap();
+        assert_clean(&img);
+        assert_same(&raw, &img, *qfmt);
+    }
+}
+
+#[test]
+fn resize_refuses_to_shrink_over_data_and_says_how_much() {
+    for (i, (ext, opts, _)) in ALL_TYPES.iter().enumerate() {
+        let d = tmp();
+        let raw = raw_disk(d.path());
+        let img = d.path().join(format!("a{i}.{ext}"));
+        convert(&raw, &img, opts);
+        let e = fails(&vhdtool(&[&"resize", &img, &"-16M"]));
+        // 32..40 MiB holds data: 8 MiB of it.
+        assert!(
+            e.contains(&format!("{} bytes of data", 8 << 20)),
+            "{ext}: {e}"
+        );
+        assert!(e.contains(&format!("offset {}", 32 << 20)), "{ext}: {e}");
+        assert_eq!(virtual_size(&img), 48 << 20);
+        assert_clean(&img);
+        assert_same(&raw, &img, None);
+    }
+}
+
+#[test]
+fn resize_of_a_differencing_child_counts_the_parents_data() {
+    for (ext, opts, _) in DYNAMIC {
+        let d = tmp();
+        let raw = raw_disk(d.path());
+        let base = d.path().join(format!("base.{ext}"));
+        convert(&raw, &base, opts);
+        let child = d.path().join(format!("child.{ext}"));
+        ok(&vhdtool(&[&"create", &"--parent", &base, &child]));
+        let e = fails(&vhdtool(&[&"resize", &child, &"30M"]));
+        assert!(e.contains("from this image or its parents"), "{ext}: {e}");
+        ok(&vhdtool(&[&"resize", &child, &"+8M"]));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&raw)
+            .unwrap()
+            .set_len(56 << 20)
+            .unwrap();
+        assert_clean(&child);
+        assert_same(&raw, &child, None);
+    }
+}
+
+#[test]
+fn resize_keeps_the_format_limits() {
+    let d = tmp();
+    let img = d.path().join("a.vhd");
+    ok(&vhdtool(&[&"create", &img, &"1G"]));
+    assert!(fails(&vhdtool(&[&"resize", &img, &"2041G"])).contains("2040 GiB"));
+    let x = d.path().join("a.vhdx");
+    ok(&vhdtool(&[&"create", &x, &"1G"]));
+    assert!(fails(&vhdtool(&[&"resize", &x, &"65T"])).contains("64 TiB"));
+    assert!(fails(&vhdtool(&[&"resize", &x, &"1000"])).contains("multiple of 512"));
+}

@@ -48,6 +48,14 @@ impl RwImage {
         }
     }
 
+    /// Virtual size.
+    pub fn virtual_size(&self) -> u64 {
+        match self {
+            RwImage::Vhd(v) => v.virtual_size(),
+            RwImage::Vhdx(v) => v.virtual_size(),
+        }
+    }
+
     /// Flushes and closes (a VHDX's log GUID is cleared).
     pub fn close(self) -> Result<()> {
         match self {

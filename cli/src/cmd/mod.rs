@@ -13,6 +13,7 @@ pub mod info;
 pub mod map;
 pub mod mount;
 pub mod read;
+pub mod resize;
 pub mod write;
 
 use std::path::Path;
