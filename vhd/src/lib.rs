@@ -47,6 +47,7 @@ pub mod geometry;
 pub mod image;
 pub mod layout;
 pub mod locator;
+pub mod merge;
 pub mod resize;
 
 pub use check::{check, check_file, repair, CheckReport, Finding};
