@@ -7,9 +7,9 @@
 //! - A read-only image never writes. A writable open rotates FileWriteGuid before its first
 //!   write; the first data write rotates DataWriteGuid (children link to it).
 //! - Payload goes straight to its file offset. BAT and sector-bitmap changes are kept in memory
-//!   and written by [`VhdxImage::flush`]: sync the payload, write a log entry, sync, apply the
-//!   pages at their homes, sync. While the image is open for writing with pending changes the
-//!   header's LogGuid is set; a clean close clears it.
+//!   and written by [`VhdxImage::flush`]: sync the payload, set the header's LogGuid (sync),
+//!   write a log entry, sync, apply the pages at their homes, sync, clear LogGuid (sync). Only a
+//!   crash inside a flush leaves a log to replay.
 //! - New blocks are appended at 1 MiB-aligned offsets past everything in the file, so fresh
 //!   block space reads as zeros and never exposes stale bytes.
 
@@ -982,6 +982,13 @@ impl<F: ImageFile> VhdxImage<F> {
                 self.log_position += entry_len;
                 self.log_sequence += 1;
             }
+            // Everything is applied and synced: close the log again, so that between flushes
+            // (and after a crash outside one) the file needs no replay and reads right in any
+            // tool, not only in those that replay logs.
+            let mut h = self.header.clone();
+            h.log_guid = Uuid::nil();
+            self.write_header(h)?;
+            self.log_active = false;
         } else {
             for (o, p) in &pages {
                 self.file.write_all_at(&p[..], *o).map_err(io(

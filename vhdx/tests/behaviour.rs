@@ -241,7 +241,9 @@ fn image_with_pending_log() -> (CrashFile, Vec<u8>) {
     };
     std::mem::forget(img);
     // Rebuild the state "log synced, apply lost": replay the history up to the log sync.
-    let state = synced_log.state_after_sync(synced_log.sync_count() - 1);
+    // The flush synced: payload, header (log opened), log entry, applied pages, header (log
+    // closed). Keep the state right after the log entry: applied pages lost.
+    let state = synced_log.state_after_sync(synced_log.sync_count() - 2);
     (state, data)
 }
 
