@@ -38,7 +38,9 @@ mod error;
 pub mod format;
 pub mod image;
 pub mod log;
+pub mod merge;
 pub mod meta;
+pub mod rebase;
 pub mod resize;
 
 pub use check::{check, repair, CheckReport, Finding};
