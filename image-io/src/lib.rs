@@ -66,7 +66,8 @@ enum Pending {
 #[derive(Debug, Default)]
 struct State {
     initial: Vec<u8>,
-    durable: Vec<u8>,
+    // The durable bytes are not kept: they are rebuilt from `initial` and `history` when a
+    // crash is simulated, so a sync costs nothing (fuzz targets sync thousands of times).
     current: Vec<u8>,
     pending: Vec<Pending>,
     /// Every operation since creation, `None` standing for a sync.
@@ -124,7 +125,6 @@ impl CrashFile {
     pub fn from_bytes(bytes: Vec<u8>) -> CrashFile {
         let s = State {
             initial: bytes.clone(),
-            durable: bytes.clone(),
             current: bytes,
             ..State::default()
         };
@@ -198,8 +198,8 @@ impl CrashFile {
 
     /// The file as it could be after a power cut now: durable bytes plus the chosen survivors.
     pub fn crash(&self, survivors: Survivors) -> CrashFile {
-        let s = self.lock();
-        CrashFile::from_bytes(survive(s.durable.clone(), &s.pending, survivors))
+        let n = self.op_count();
+        self.crash_after_op(n, survivors)
     }
 }
 
@@ -256,7 +256,6 @@ impl ImageFile for CrashFile {
 
     fn sync_data(&self) -> io::Result<()> {
         let mut s = self.lock();
-        s.durable = s.current.clone();
         s.pending.clear();
         s.history.push(None);
         s.syncs += 1;

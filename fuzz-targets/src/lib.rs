@@ -1,0 +1,58 @@
+//! # vhdkit-fuzz-targets — the fuzz target bodies, as plain functions
+//!
+//! Each cargo-fuzz target in `fuzz/fuzz_targets/` is one line calling a function here, so the
+//! same bodies run under libFuzzer (`cargo fuzz run <target>`) and in `cargo test`, which replays
+//! every committed corpus and regression input (`fuzz/corpus/<target>/`,
+//! `fuzz/regressions/<target>/`) without libFuzzer.
+//!
+//! ```text
+//!   fuzz/fuzz_targets/<t>.rs ──┐                      ┌── fuzz/corpus/<t>/*       (minimized)
+//!    (libFuzzer, nightly-ish)  ├─> vhdkit_fuzz_targets::<t>(&[u8]) <──┤
+//!   tests/replay.rs ───────────┘      (this crate)    └── fuzz/regressions/<t>/* (crashes found)
+//! ```
+//!
+//! | target         | input                                   | oracle beyond "no panic"              |
+//! |----------------|-----------------------------------------|---------------------------------------|
+//! | `vhd_open`     | a VHD file ([`sparse`] or raw)           | open ⇔ check finds no corruption; read-only never writes; data extents lie in the file; a write to a clean image reads back and keeps it clean |
+//! | `vhdx_open`    | a VHDX file ([`sparse`] or raw)          | read-only never writes; data extents readable; a write reads back after a writable open and reopen, with no corruption |
+//! | `vhdx_log`     | GUID + log region, or entries to build   | built entries replay to exactly their pages |
+//! | `diff_pair`    | child + parent files (VHD or VHDX)       | the backend's chain read equals the layers composed by hand from the format crates; inputs unchanged |
+//! | `write_oracle` | image kind + operations                 | every write reads back, before and after reopen; no corruption; every power cut keeps all flushed bytes |
+//!
+//! Invariant: a target function panics only on a real bug (a panic inside the format crates, or
+//! a broken oracle). Bad inputs are normal and end quietly.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod bounded;
+mod diff_pair;
+mod input;
+pub mod sparse;
+mod vhd_open;
+mod vhdx_log;
+mod vhdx_open;
+mod write_oracle;
+
+pub use bounded::BoundedFile;
+pub use diff_pair::diff_pair;
+pub use vhd_open::vhd_open;
+pub use vhdx_log::vhdx_log;
+pub use vhdx_open::vhdx_open;
+pub use write_oracle::write_oracle;
+
+/// A target body: takes one fuzz input, panics only on a bug.
+pub type Target = fn(&[u8]);
+
+/// Every target, by the name of its cargo-fuzz binary and corpus directory.
+pub const TARGETS: &[(&str, Target)] = &[
+    ("vhd_open", vhd_open),
+    ("vhdx_open", vhdx_open),
+    ("vhdx_log", vhdx_log),
+    ("diff_pair", diff_pair),
+    ("write_oracle", write_oracle),
+];
+
+/// Removes the scratch directory the file-based targets (`diff_pair`) use in this process.
+pub fn cleanup() {
+    diff_pair::cleanup();
+}
