@@ -68,6 +68,10 @@ enum Command {
     Compact(cmd::compact::Args),
     /// Change the virtual size in place (SIZE, +SIZE or -SIZE).
     Resize(cmd::resize::Args),
+    /// Commit a differencing image into its parent, then remove it.
+    Merge(cmd::merge::Args),
+    /// Re-link a differencing image to its parent at a new location.
+    Rebase(cmd::rebase::Args),
     /// Mount the disk and its partitions as files (FUSE); returns once the mount is ready.
     Mount(cmd::mount::Args),
     /// Flush and unmount a `vhdtool mount`, waiting for its daemon to exit.
@@ -89,6 +93,8 @@ impl Command {
             Command::Compare(a) => cmd::compare::run(a),
             Command::Compact(a) => cmd::compact::run(a),
             Command::Resize(a) => cmd::resize::run(a),
+            Command::Merge(a) => cmd::merge::run(a),
+            Command::Rebase(a) => cmd::rebase::run(a),
             Command::Mount(a) => cmd::mount::run(a),
             Command::Umount(a) => cmd::mount::run_umount(a),
         }

@@ -325,3 +325,154 @@ fn resize_keeps_the_format_limits() {
     assert!(fails(&vhdtool(&[&"resize", &x, &"65T"])).contains("64 TiB"));
     assert!(fails(&vhdtool(&[&"resize", &x, &"1000"])).contains("multiple of 512"));
 }
+
+/// base (data) <- mid (changes) <- top (changes); returns (raw view of top, base, mid, top).
+fn three_deep(d: &Path, ext: &str, opts: &[&str]) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let raw = raw_disk(d);
+    let base = d.join(format!("base.{ext}"));
+    convert(&raw, &base, opts);
+    let mid = d.join(format!("mid.{ext}"));
+    ok(&vhdtool(&[&"create", &"--parent", &base, &mid]));
+    let a = noise(3 << 20, 5);
+    write_img(&mid, (1 << 20) + 512, &a, d);
+    write_raw(&raw, (1 << 20) + 512, &a);
+    let top = d.join(format!("top.{ext}"));
+    ok(&vhdtool(&[&"create", &"--parent", &mid, &top]));
+    let b = noise(5 << 20, 6);
+    write_img(&top, 2 << 20, &b, d);
+    write_raw(&raw, 2 << 20, &b);
+    write_img(&top, 36 << 20, &vec![0; 1 << 20], d);
+    write_raw(&raw, 36 << 20, &vec![0; 1 << 20]);
+    (raw, base, mid, top)
+}
+
+#[test]
+fn merge_commits_a_child_into_its_parent_and_removes_it() {
+    for (ext, opts, qfmt) in DYNAMIC {
+        let d = tmp();
+        let (raw, base, mid, top) = three_deep(d.path(), ext, opts);
+        // top into mid (a differencing parent), then mid into base (a dynamic one).
+        let r = json(&vhdtool(&[&"merge", &"--json", &top]));
+        assert_eq!(r["parent"].as_str(), Some(mid.to_str().unwrap()), "{ext}: {r}");
+        assert!(!top.exists(), "{ext}: child not removed");
+        assert_clean(&mid);
+        assert_same(&raw, &mid, None);
+        ok(&vhdtool(&[&"merge", &mid]));
+        assert!(!mid.exists());
+        assert_clean(&base);
+        assert_same(&raw, &base, Some(qfmt));
+    }
+}
+
+#[test]
+fn merge_into_a_fixed_parent_writes_in_place() {
+    for (ext, fmt, qfmt) in [("vhd", "vhd", "vpc"), ("vhdx", "vhdx", "vhdx")] {
+        let d = tmp();
+        let raw = raw_disk(d.path());
+        let base = d.path().join(format!("base.{ext}"));
+        convert(&raw, &base, &["-O", fmt, "--type", "fixed"]);
+        let child = d.path().join(format!("c.{ext}"));
+        ok(&vhdtool(&[&"create", &"--parent", &base, &child]));
+        let b = noise(3 << 20, 8);
+        write_img(&child, 10 << 20, &b, d.path());
+        write_raw(&raw, 10 << 20, &b);
+        let size = file_len(&base);
+        ok(&vhdtool(&[&"merge", &child]));
+        assert_eq!(file_len(&base), size, "{ext}: a fixed image does not grow");
+        assert_clean(&base);
+        assert_same(&raw, &base, Some(qfmt));
+    }
+}
+
+#[test]
+fn merge_refuses_a_disk_that_is_not_differencing() {
+    let d = tmp();
+    let img = d.path().join("a.vhd");
+    ok(&vhdtool(&[&"create", &img, &"8M"]));
+    assert!(fails(&vhdtool(&[&"merge", &img])).contains("not a differencing image"));
+    assert!(img.exists());
+}
+
+#[test]
+fn merge_killed_at_random_points_finishes_when_run_again() {
+    use std::time::Duration;
+    for (ext, opts, _) in DYNAMIC {
+        let d = tmp();
+        let raw = raw_disk(d.path());
+        let base = d.path().join(format!("base.{ext}"));
+        convert(&raw, &base, opts);
+        let child = d.path().join(format!("c.{ext}"));
+        ok(&vhdtool(&[&"create", &"--parent", &base, &child]));
+        let b = noise(24 << 20, 10);
+        write_img(&child, 12 << 20, &b, d.path());
+        write_raw(&raw, 12 << 20, &b);
+        // Kill the merge at a spread of moments (no timing assumption: whatever point it reached).
+        for delay_ms in [1u64, 5, 15, 40, 100] {
+            if !child.exists() {
+                break;
+            }
+            let mut p = Command::new(env!("CARGO_BIN_EXE_vhdtool"))
+                .args(["merge"])
+                .arg(&child)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            let _ = p.kill();
+            let _ = p.wait();
+            if child.exists() {
+                // Interrupted: the chain still reads as before.
+                ok(&vhdtool(&[&"check", &"--repair", &base]));
+                assert_same(&raw, &child, None);
+            }
+        }
+        if child.exists() {
+            ok(&vhdtool(&[&"merge", &child]));
+        }
+        assert!(!child.exists());
+        assert_clean(&base);
+        assert_same(&raw, &base, None);
+    }
+}
+
+#[test]
+fn rebase_relinks_a_moved_parent_and_refuses_a_different_disk() {
+    for (ext, opts, _) in DYNAMIC {
+        let d = tmp();
+        let raw = raw_disk(d.path());
+        let base = d.path().join(format!("base.{ext}"));
+        convert(&raw, &base, opts);
+        let child = d.path().join(format!("c.{ext}"));
+        ok(&vhdtool(&[&"create", &"--parent", &base, &child]));
+        let b = noise(1 << 20, 11);
+        write_img(&child, 4 << 20, &b, d.path());
+        write_raw(&raw, 4 << 20, &b);
+        // The parent moves to another directory: the chain breaks.
+        std::fs::create_dir(d.path().join("store")).unwrap();
+        let moved = d.path().join("store").join(format!("renamed.{ext}"));
+        std::fs::rename(&base, &moved).unwrap();
+        assert!(!vhdtool(&[&"compare", &raw, &child]).status.success());
+        // A different disk of the same size is refused, and nothing is written.
+        let other = d.path().join(format!("other.{ext}"));
+        convert(&raw, &other, opts);
+        let before = std::fs::read(&child).unwrap();
+        let e = fails(&vhdtool(&[&"rebase", &child, &"--parent", &other]));
+        assert!(e.contains("is not the parent"), "{ext}: {e}");
+        assert!(std::fs::read(&child).unwrap() == before, "{ext}: refused rebase wrote");
+        // The real parent is accepted.
+        let r = json(&vhdtool(&[&"rebase", &"--json", &child, &"--parent", &moved]));
+        assert!(r["relative-path"].as_str().unwrap().contains("store"), "{r}");
+        assert_clean(&child);
+        assert_same(&raw, &child, None);
+        let info = json(&vhdtool(&[&"info", &"--json", &child]));
+        assert_eq!(
+            info["parent"].as_str(),
+            Some(std::fs::canonicalize(&moved).unwrap().to_str().unwrap())
+        );
+        // --unsafe re-links to the other disk (same content here), for recovery.
+        ok(&vhdtool(&[&"rebase", &"--unsafe", &child, &"--parent", &other]));
+        assert_clean(&child);
+        assert_same(&raw, &child, None);
+    }
+}

@@ -48,6 +48,7 @@ pub mod image;
 pub mod layout;
 pub mod locator;
 pub mod merge;
+pub mod rebase;
 pub mod resize;
 
 pub use check::{check, check_file, repair, CheckReport, Finding};

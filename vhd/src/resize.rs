@@ -165,7 +165,7 @@ impl<F: ImageFile> VhdImage<F> {
     }
 
     /// Writes the dynamic header (with a fresh checksum) and syncs.
-    fn write_header(&mut self) -> Result<()> {
+    pub(crate) fn write_header(&mut self) -> Result<()> {
         let h = self.header.as_ref().expect("dynamic image has a header");
         let bytes = h.to_bytes();
         let at = self.footer.data_offset;
@@ -175,7 +175,7 @@ impl<F: ImageFile> VhdImage<F> {
 
     /// Space for `len` bytes past the last block: the footer moves behind it first (synced).
     /// Returns the offset; `bitmap` asks for block placement (data 4 KiB aligned after it).
-    fn append_space(&mut self, len: u64, bitmap: u64) -> Result<u64> {
+    pub(crate) fn append_space(&mut self, len: u64, bitmap: u64) -> Result<u64> {
         let at = (self.footer_offset + FOOTER_SIZE as u64 + bitmap).next_multiple_of(4096) - bitmap;
         let new_footer = at + len;
         if new_footer / 512 >= UNALLOCATED as u64 {

@@ -11,8 +11,10 @@ pub mod create;
 pub mod edit;
 pub mod info;
 pub mod map;
+pub mod merge;
 pub mod mount;
 pub mod read;
+pub mod rebase;
 pub mod resize;
 pub mod write;
 
