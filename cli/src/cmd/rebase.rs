@@ -127,10 +127,12 @@ pub fn run(a: &Args) -> Result<u8> {
                 .entries
                 .iter()
                 .filter(|(k, _)| {
-                    !matches!(
+                    let path_key = matches!(
                         k.as_str(),
                         "relative_path" | "absolute_win32_path" | "volume_path"
-                    ) && !(a.unsafe_ && k.starts_with("parent_linkage"))
+                    );
+                    let replaced_link = a.unsafe_ && k.starts_with("parent_linkage");
+                    !(path_key || replaced_link)
                 })
                 .cloned()
                 .collect();
