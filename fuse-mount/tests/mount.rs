@@ -855,3 +855,35 @@ fn mount_errors_are_reported_before_returning() {
     assert!(!out.stderr.is_empty());
     run_expect_code(vhdtool().arg("umount").arg(&dir), 1);
 }
+
+#[test]
+fn hostile_partition_table_is_reported_and_only_disk_is_shown() {
+    if !can_run(&[]) {
+        return;
+    }
+    let dir = fresh_scratch_dir();
+    let image = dir.join("hostile.vhd");
+    run(vhdtool().arg("create").arg(&image).arg("16M"));
+    // A protective MBR whose GPT does not exist.
+    let mut mbr = vec![0u8; 512];
+    mbr[446 + 4] = 0xEE;
+    mbr[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
+    mbr[446 + 12..446 + 16].copy_from_slice(&u32::MAX.to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xAA;
+    write_at_image(&image, 0, &mbr);
+    fs::create_dir_all(dir.join("m")).unwrap();
+    let out = run(vhdtool()
+        .arg("mount")
+        .arg(&image)
+        .arg(dir.join("m"))
+        .arg("--read-only"));
+    let m = VhdMount {
+        dir: dir.join("m"),
+        mounted: true,
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("partition table ignored"), "{stderr}");
+    assert_eq!(m.names(), ["disk"]);
+    m.unmount();
+}
