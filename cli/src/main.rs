@@ -72,6 +72,8 @@ enum Command {
     Merge(cmd::merge::Args),
     /// Re-link a differencing image to its parent at a new location.
     Rebase(cmd::rebase::Args),
+    /// How large a converted (or new) image would be: required and fully allocated bytes.
+    Measure(cmd::measure::Args),
     /// Mount the disk and its partitions as files (FUSE); returns once the mount is ready.
     Mount(cmd::mount::Args),
     /// Flush and unmount a `vhdtool mount`, waiting for its daemon to exit.
@@ -95,6 +97,7 @@ impl Command {
             Command::Resize(a) => cmd::resize::run(a),
             Command::Merge(a) => cmd::merge::run(a),
             Command::Rebase(a) => cmd::rebase::run(a),
+            Command::Measure(a) => cmd::measure::run(a),
             Command::Mount(a) => cmd::mount::run(a),
             Command::Umount(a) => cmd::mount::run_umount(a),
         }

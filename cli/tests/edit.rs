@@ -353,7 +353,11 @@ fn merge_commits_a_child_into_its_parent_and_removes_it() {
         let (raw, base, mid, top) = three_deep(d.path(), ext, opts);
         // top into mid (a differencing parent), then mid into base (a dynamic one).
         let r = json(&vhdtool(&[&"merge", &"--json", &top]));
-        assert_eq!(r["parent"].as_str(), Some(mid.to_str().unwrap()), "{ext}: {r}");
+        assert_eq!(
+            r["parent"].as_str(),
+            Some(mid.to_str().unwrap()),
+            "{ext}: {r}"
+        );
         assert!(!top.exists(), "{ext}: child not removed");
         assert_clean(&mid);
         assert_same(&raw, &mid, None);
@@ -459,10 +463,22 @@ fn rebase_relinks_a_moved_parent_and_refuses_a_different_disk() {
         let before = std::fs::read(&child).unwrap();
         let e = fails(&vhdtool(&[&"rebase", &child, &"--parent", &other]));
         assert!(e.contains("is not the parent"), "{ext}: {e}");
-        assert!(std::fs::read(&child).unwrap() == before, "{ext}: refused rebase wrote");
+        assert!(
+            std::fs::read(&child).unwrap() == before,
+            "{ext}: refused rebase wrote"
+        );
         // The real parent is accepted.
-        let r = json(&vhdtool(&[&"rebase", &"--json", &child, &"--parent", &moved]));
-        assert!(r["relative-path"].as_str().unwrap().contains("store"), "{r}");
+        let r = json(&vhdtool(&[
+            &"rebase",
+            &"--json",
+            &child,
+            &"--parent",
+            &moved,
+        ]));
+        assert!(
+            r["relative-path"].as_str().unwrap().contains("store"),
+            "{r}"
+        );
         assert_clean(&child);
         assert_same(&raw, &child, None);
         let info = json(&vhdtool(&[&"info", &"--json", &child]));
@@ -471,8 +487,123 @@ fn rebase_relinks_a_moved_parent_and_refuses_a_different_disk() {
             Some(std::fs::canonicalize(&moved).unwrap().to_str().unwrap())
         );
         // --unsafe re-links to the other disk (same content here), for recovery.
-        ok(&vhdtool(&[&"rebase", &"--unsafe", &child, &"--parent", &other]));
+        ok(&vhdtool(&[
+            &"rebase",
+            &"--unsafe",
+            &child,
+            &"--parent",
+            &other,
+        ]));
         assert_clean(&child);
         assert_same(&raw, &child, None);
     }
+}
+
+/// A sparse 100 MiB raw disk with data in two places.
+fn sparse_disk(dir: &Path) -> PathBuf {
+    let p = dir.join("sparse.raw");
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(100 << 20).unwrap();
+    drop(f);
+    write_raw(&p, 10 << 20, &noise(3 << 20, 20));
+    write_raw(&p, (77 << 20) + 4096, &noise(1 << 20, 21));
+    p
+}
+
+#[test]
+fn measure_covers_what_convert_writes() {
+    let d = tmp();
+    let sources = [raw_disk(d.path()), sparse_disk(d.path())];
+    let outputs: [&[&str]; 6] = [
+        &["-O", "vhd"],
+        &["-O", "vhd", "--type", "fixed"],
+        &["-O", "vhd", "--block-size", "512K"],
+        &["-O", "vhdx"],
+        &["-O", "vhdx", "--block-size", "1M"],
+        &["-O", "vhdx", "--type", "fixed", "--block-size", "8M"],
+    ];
+    for (i, src) in sources.iter().enumerate() {
+        for (j, opts) in outputs.iter().enumerate() {
+            let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"measure", &"--json"];
+            for o in opts.iter() {
+                args.push(o);
+            }
+            args.push(src);
+            let m = json(&vhdtool(&args));
+            let dst = d.path().join(format!("o{i}-{j}.img"));
+            convert(src, &dst, opts);
+            let written = file_len(&dst);
+            let required = m["required"].as_u64().unwrap();
+            assert!(
+                written <= required,
+                "{opts:?} {}: convert wrote {written} > required {required}",
+                src.display()
+            );
+            assert!(required <= m["fully-allocated"].as_u64().unwrap());
+        }
+    }
+}
+
+#[test]
+fn measure_of_a_size_matches_an_empty_and_a_full_image() {
+    let d = tmp();
+    for (fmt, ext) in [("vhd", "vhd"), ("vhdx", "vhdx")] {
+        for t in ["dynamic", "fixed"] {
+            let m = json(&vhdtool(&[
+                &"measure", &"--json", &"-O", &fmt, &"--type", &t, &"--size", &"100M",
+            ]));
+            let img = d.path().join(format!("e-{t}.{ext}"));
+            ok(&vhdtool(&[&"create", &"--type", &t, &img, &"100M"]));
+            assert_eq!(m["required"].as_u64(), Some(file_len(&img)), "{fmt} {t}");
+        }
+    }
+}
+
+#[test]
+fn azure_output_is_a_fixed_vhd_of_whole_mebibytes_exact_in_qemu() {
+    let d = tmp();
+    let raw = d.path().join("odd.raw");
+    std::fs::write(&raw, noise(3_000_000, 30)).unwrap();
+    let vhd = d.path().join("azure.vhd");
+    ok(&vhdtool(&[&"convert", &"--azure", &raw, &vhd]));
+    let created = d.path().join("new.vhd");
+    ok(&vhdtool(&[&"create", &"--azure", &created, &"1000001"]));
+    for (img, want) in [(&vhd, 3u64 << 20), (&created, 1 << 20)] {
+        let info = json(&vhdtool(&[&"info", &"--json", img]));
+        assert_eq!(info["subformat"], "fixed");
+        assert_eq!(info["virtual-size"].as_u64(), Some(want));
+        assert_eq!(file_len(img), want + 512);
+        assert_clean(img);
+        if have("qemu-img") {
+            let o = Command::new("qemu-img")
+                .args(["info", "-f", "vpc", "--output=json"])
+                .arg(img)
+                .output()
+                .unwrap();
+            let q: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(
+                q["virtual-size"].as_u64(),
+                Some(want),
+                "qemu-img size of {}",
+                img.display()
+            );
+        }
+    }
+    // Content: the source, zero padded to 3 MiB.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
+    assert_same(&raw, &vhd, Some("vpc"));
+    assert!(fails(&vhdtool(&[
+        &"convert",
+        &"--azure",
+        &"-O",
+        &"vhdx",
+        &raw,
+        &d.path().join("x.vhdx")
+    ]))
+    .contains("fixed VHD"));
 }

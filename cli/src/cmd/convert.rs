@@ -47,6 +47,10 @@ pub struct Args {
     /// Fixed output: leave unwritten space sparse on the host.
     #[arg(long)]
     pub sparse: bool,
+    /// For Azure: a fixed VHD whose virtual size is the source's rounded up to a whole MiB
+    /// (zero padded), exact in every reader.
+    #[arg(long, conflicts_with = "disk_type")]
+    pub azure: bool,
     /// Show progress on stderr.
     #[arg(short = 'p', long = "progress")]
     pub progress: bool,
@@ -63,8 +67,12 @@ pub struct Args {
 pub fn run(a: &Args) -> Result<u8> {
     let format = a
         .output_format
+        .or_else(|| a.azure.then_some(ImageFormat::Vhd))
         .or_else(|| format_from_extension(&a.dst))
         .unwrap_or(ImageFormat::Raw);
+    if a.azure && format != ImageFormat::Vhd {
+        bail!("--azure makes a fixed VHD (Azure takes no VHDX or raw); use -O vhd");
+    }
     if format != ImageFormat::Vhdx && a.sectors.any() {
         bail!("--logical-sector-size and --physical-sector-size apply to VHDX output only");
     }
@@ -188,10 +196,19 @@ impl Sink {
     }
 
     fn vhd(path: &Path, size: u64, a: &Args) -> Result<Sink> {
-        let t = a.disk_type.unwrap_or(DiskTypeArg::Dynamic);
-        // VHD sizes are whole sectors: a source with a partial last sector is padded with zeros.
-        let vsize = size.div_ceil(512) * 512;
-        if vsize != size {
+        let t = if a.azure {
+            DiskTypeArg::Fixed
+        } else {
+            a.disk_type.unwrap_or(DiskTypeArg::Dynamic)
+        };
+        // VHD sizes are whole sectors (Azure: whole MiB): the source is padded with zeros.
+        let unit = if a.azure { 1 << 20 } else { 512 };
+        let vsize = size.div_ceil(unit) * unit;
+        if a.azure && vsize != size {
+            eprintln!(
+                "vhdtool: note: --azure: virtual size {size} rounded up to {vsize} (a whole MiB), zero padded"
+            );
+        } else if vsize != size {
             eprintln!(
                 "vhdtool: warning: source size {size} is not a multiple of 512; the VHD will be {vsize} bytes (zero padded)"
             );

@@ -46,6 +46,9 @@ pub struct Args {
     /// Fixed images: leave the data area sparse on the host instead of writing zeros.
     #[arg(long)]
     pub sparse: bool,
+    /// For Azure: a fixed VHD whose size is rounded up to a whole MiB (Azure refuses others).
+    #[arg(long, conflicts_with_all = ["parent", "disk_type"])]
+    pub azure: bool,
     /// The image to create (must not exist).
     pub file: PathBuf,
     /// Virtual size, e.g. 64M or 10G (required unless --parent is given).
@@ -85,6 +88,7 @@ pub fn run(a: &Args) -> Result<u8> {
         None => None,
     };
     let format = a.format.unwrap_or(match format_from_extension(&a.file) {
+        _ if a.azure => CreateFormat::Vhd,
         Some(ImageFormat::Vhdx) => CreateFormat::Vhdx,
         Some(ImageFormat::Vhd) => CreateFormat::Vhd,
         _ => match &parent {
@@ -108,7 +112,14 @@ pub fn run(a: &Args) -> Result<u8> {
     if format == CreateFormat::Vhd && a.sectors.any() {
         bail!("--logical-sector-size and --physical-sector-size apply to VHDX only");
     }
-    let t = a.disk_type.unwrap_or(DiskTypeArg::Dynamic);
+    if a.azure && format != CreateFormat::Vhd {
+        bail!("--azure makes a fixed VHD (Azure takes no VHDX); use -f vhd or a .vhd name");
+    }
+    let t = if a.azure {
+        DiskTypeArg::Fixed
+    } else {
+        a.disk_type.unwrap_or(DiskTypeArg::Dynamic)
+    };
     if a.sparse && t != DiskTypeArg::Fixed {
         bail!("--sparse applies to fixed images only");
     }
@@ -118,9 +129,16 @@ pub fn run(a: &Args) -> Result<u8> {
     let (size, kind) = match &parent {
         Some((_, size, _)) => (*size, "differencing"),
         None => {
-            let Some(size) = a.size else {
+            let Some(mut size) = a.size else {
                 bail!("SIZE is required (for example 64M or 10G) unless --parent is given");
             };
+            if a.azure && !size.is_multiple_of(1 << 20) {
+                let rounded = size.next_multiple_of(1 << 20);
+                eprintln!(
+                    "vhdtool: note: --azure: size {size} rounded up to {rounded} (a whole MiB)"
+                );
+                size = rounded;
+            }
             (
                 size,
                 if t == DiskTypeArg::Fixed {

@@ -11,6 +11,7 @@ pub mod create;
 pub mod edit;
 pub mod info;
 pub mod map;
+pub mod measure;
 pub mod merge;
 pub mod mount;
 pub mod read;
