@@ -132,7 +132,7 @@ pub fn run(a: &Args) -> Result<u8> {
             let Some(mut size) = a.size else {
                 bail!("SIZE is required (for example 64M or 10G) unless --parent is given");
             };
-            if a.azure && !size.is_multiple_of(1 << 20) {
+            if a.azure && size % (1 << 20) != 0 {
                 let rounded = size.next_multiple_of(1 << 20);
                 eprintln!(
                     "vhdtool: note: --azure: size {size} rounded up to {rounded} (a whole MiB)"
