@@ -74,6 +74,10 @@ enum Command {
     Rebase(cmd::rebase::Args),
     /// How large a converted (or new) image would be: required and fully allocated bytes.
     Measure(cmd::measure::Args),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions(cmd::completions::Args),
+    /// Print the man page, or write one per verb into --dir.
+    Man(cmd::completions::ManArgs),
     /// Mount the disk and its partitions as files (FUSE); returns once the mount is ready.
     Mount(cmd::mount::Args),
     /// Flush and unmount a `vhdtool mount`, waiting for its daemon to exit.
@@ -98,6 +102,8 @@ impl Command {
             Command::Merge(a) => cmd::merge::run(a),
             Command::Rebase(a) => cmd::rebase::run(a),
             Command::Measure(a) => cmd::measure::run(a),
+            Command::Completions(a) => cmd::completions::run(a),
+            Command::Man(a) => cmd::completions::run_man(a),
             Command::Mount(a) => cmd::mount::run(a),
             Command::Umount(a) => cmd::mount::run_umount(a),
         }

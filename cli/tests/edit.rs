@@ -607,3 +607,39 @@ fn azure_output_is_a_fixed_vhd_of_whole_mebibytes_exact_in_qemu() {
     ]))
     .contains("fixed VHD"));
 }
+
+#[test]
+fn completions_and_man_pages_cover_every_verb() {
+    let bash = ok(&vhdtool(&[&"completions", &"bash"]));
+    for verb in ["compact", "resize", "merge", "rebase", "measure", "convert"] {
+        assert!(bash.contains(verb), "bash completions lack {verb}");
+    }
+    assert!(ok(&vhdtool(&[&"completions", &"zsh"])).contains("#compdef vhdtool"));
+    let man = ok(&vhdtool(&[&"man"]));
+    assert!(
+        man.contains(".TH vhdtool 1"),
+        "{}",
+        &man[..200.min(man.len())]
+    );
+    let d = tmp();
+    ok(&vhdtool(&[&"man", &"--dir", &d.path()]));
+    for verb in ["compact", "resize", "merge", "rebase", "measure"] {
+        let page = std::fs::read_to_string(d.path().join(format!("vhdtool-{verb}.1"))).unwrap();
+        assert!(page.contains(&format!(".TH vhdtool-{verb} 1")), "{verb}");
+    }
+}
+
+#[test]
+fn compare_reports_json_with_the_first_difference() {
+    let d = tmp();
+    let raw = raw_disk(d.path());
+    let img = d.path().join("a.vhd");
+    convert(&raw, &img, &["-O", "vhd"]);
+    let v = json(&vhdtool(&[&"compare", &"--json", &raw, &img]));
+    assert_eq!(v["identical"], true);
+    write_img(&img, 12345, &[0xAB], d.path());
+    let o = vhdtool(&[&"compare", &"--json", &raw, &img]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["first-difference"], 12345);
+}

@@ -14,6 +14,9 @@ use super::{open_read_only, CHUNK, MAP_WINDOW};
 /// Arguments of `compare`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Print the result as JSON (`identical`, `size-mismatch`, `first-difference`).
+    #[arg(long)]
+    pub json: bool,
     /// First image.
     pub a: PathBuf,
     /// Second image.
@@ -25,7 +28,7 @@ pub fn run(args: &Args) -> Result<u8> {
     let mut a = open_read_only(&args.a)?;
     let mut b = open_read_only(&args.b)?;
     let (sa, sb) = (a.size(), b.size());
-    if sa != sb {
+    if sa != sb && !args.json {
         println!("Warning: Image size mismatch!");
     }
     let common = sa.min(sb);
@@ -35,6 +38,15 @@ pub fn run(args: &Args) -> Result<u8> {
         None if sb > sa => first_nonzero(&mut b, common, sb)?,
         None => None,
     };
+    if args.json {
+        let v = serde_json::json!({
+            "identical": mismatch.is_none(),
+            "size-mismatch": sa != sb,
+            "first-difference": mismatch,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(u8::from(mismatch.is_some()));
+    }
     match mismatch {
         Some(off) => {
             println!("Content mismatch at offset {off}!");

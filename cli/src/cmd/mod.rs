@@ -6,6 +6,7 @@ pub mod bench;
 pub mod check;
 pub mod compact;
 pub mod compare;
+pub mod completions;
 pub mod convert;
 pub mod create;
 pub mod edit;
