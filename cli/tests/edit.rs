@@ -643,3 +643,74 @@ fn compare_reports_json_with_the_first_difference() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["first-difference"], 12345);
 }
+
+/// Attaches `file` (from `offset`, `len` bytes) as a loop device; `None` when this machine
+/// cannot (not root, no loop devices): the P2V test then says so and skips.
+fn loop_device(file: &Path, offset: u64, len: u64) -> Option<PathBuf> {
+    let o = Command::new("losetup")
+        .args([
+            "-f",
+            "--show",
+            "-r",
+            "-o",
+            &offset.to_string(),
+            "--sizelimit",
+            &len.to_string(),
+        ])
+        .arg(file)
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        eprintln!(
+            "SKIP: losetup failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        return None;
+    }
+    Some(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+}
+
+struct Detach(PathBuf);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn p2v_converts_a_block_device_and_a_partition_read_as_raw() {
+    let d = tmp();
+    let disk = d.path().join("physical.img");
+    let bytes = noise(24 << 20, 40);
+    std::fs::write(&disk, &bytes).unwrap();
+    let Some(whole) = loop_device(&disk, 0, 24 << 20) else {
+        return;
+    };
+    let _w = Detach(whole.clone());
+    let Some(part) = loop_device(&disk, 1 << 20, 8 << 20) else {
+        return;
+    };
+    let _p = Detach(part.clone());
+    let info = json(&vhdtool(&[&"info", &"--json", &whole]));
+    assert_eq!(info["format"], "raw");
+    assert_eq!(info["virtual-size"], 24 << 20);
+    let m = json(&vhdtool(&[&"measure", &"--json", &"-O", &"vhdx", &whole]));
+    for (src, raw, name) in [
+        (&whole, disk.clone(), "disk"),
+        (&part, d.path().join("part.raw"), "part"),
+    ] {
+        if name == "part" {
+            std::fs::write(&raw, &bytes[(1 << 20)..(9 << 20)]).unwrap();
+        }
+        for (ext, fmt, q) in [("vhdx", "vhdx", "vhdx"), ("vhd", "vhd", "vpc")] {
+            let out = d.path().join(format!("{name}.{ext}"));
+            ok(&vhdtool(&[&"convert", &"-O", &fmt, src, &out]));
+            assert_clean(&out);
+            assert_same(&raw, &out, Some(q));
+            if name == "disk" && ext == "vhdx" {
+                assert!(file_len(&out) <= m["required"].as_u64().unwrap());
+            }
+        }
+    }
+}
