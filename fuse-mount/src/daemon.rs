@@ -48,7 +48,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::{ForkResult, Pid};
 
-use crate::fs::{DiskFs, FileNode, Reopen, SharedDisk, SharedOptions, MAX_IO};
+use crate::fs::{DiskFs, FileNode, SharedDisk, SharedOptions, MAX_IO};
 use crate::partitions::{self, PartitionError, PartitionTable};
 
 /// Prefix of the mount source (`fsname`) of every vhdtool mount: `vhdtool:<pid>:<image name>`.
@@ -152,7 +152,7 @@ pub struct Prepared {
 /// is still mountable. A read-only image is opened once per serving thread (parallel reads).
 pub fn prepare(image: &Path, opts: &MountOptions) -> Result<Prepared> {
     let read_only = opts.read_only;
-    // Absolute: the daemon changes to `/` and may reopen the image (checkpoints).
+    // Absolute: the daemon changes to `/`.
     let image = fs::canonicalize(image).map_err(|source| block_backend::Error::Io {
         path: image.to_path_buf(),
         op: "open",
@@ -171,17 +171,6 @@ pub fn prepare(image: &Path, opts: &MountOptions) -> Result<Prepared> {
         .unwrap_or_else(|_| SystemTime::now());
     let top_format = chain.layers().first().map(|l| l.format);
     let disk: Box<dyn Disk> = Box::new(chain);
-    let reopen: Option<Reopen> = if top_format == Some(Format::Vhdx) && !read_only {
-        // A VHDX keeps its log GUID set while open for writing; closing and reopening at each
-        // flush leaves the file clean between a flush and the next write.
-        let path = image.clone();
-        Some(Box::new(move || {
-            let d: Box<dyn Disk> = Box::new(block_backend::open(&path, open)?);
-            Ok(d)
-        }))
-    } else {
-        None
-    };
     let mut readers: Vec<Box<dyn Disk>> = Vec::new();
     if read_only {
         for _ in 1..opts.threads {
@@ -195,7 +184,6 @@ pub fn prepare(image: &Path, opts: &MountOptions) -> Result<Prepared> {
             // BAT, which leaves their space leaked inside the file (check exit 3) instead of
             // returning it, so hole punching is refused and the image stays leak-free.
             discard: top_format != Some(Format::Vhd),
-            reopen,
             readers,
         },
     );
@@ -368,8 +356,13 @@ fn run(p: Prepared, dir: &Path, opts: &MountOptions, mut ready: Option<File>) ->
     let mut session = match Session::new(p.fs, dir, &config) {
         Ok(s) => s,
         Err(e) => {
-            let e = MountError::sys(format!("mount {}", dir.display()), e);
-            return Err(fail(&mut ready, e));
+            let mut op = format!("mount {}", dir.display());
+            if e.kind() == io::ErrorKind::PermissionDenied && !nix::unistd::geteuid().is_root() {
+                // The pure-Rust mount opens /dev/fuse itself before it falls back to
+                // fusermount3, so a 0600 /dev/fuse stops a normal user here.
+                op.push_str(" (is /dev/fuse readable and writable by you? it is usually 0666)");
+            }
+            return Err(fail(&mut ready, MountError::sys(op, e)));
         }
     };
     let unmounter = session.unmount_callable();

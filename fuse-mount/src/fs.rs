@@ -77,26 +77,18 @@ thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Reopens the disk after a checkpoint (see [`SharedOptions::reopen`]).
-pub type Reopen = Box<dyn Fn() -> block_backend::Result<Box<dyn Disk>> + Send + Sync>;
-
 /// Errors of [`SharedDisk`].
 #[derive(Debug, thiserror::Error)]
 pub enum SharedDiskError {
     /// The disk reported an error.
     #[error(transparent)]
     Disk(#[from] block_backend::Error),
-    /// The disk was closed (the mount is ending) or could not be reopened after a checkpoint.
+    /// The disk was closed (the mount is ending).
     #[error("the disk is closed")]
     Closed,
 }
 
 /// The disk shared by the worker threads (and the signal handler, which flushes it).
-///
-/// With a checkpoint ([`SharedOptions::reopen`]), a flush that follows writes also closes
-/// and reopens the disk: closing a VHDX clears its log GUID, so the file is clean for any reader
-/// (and for `check`) from every flush until the next write, and a daemon killed between a flush
-/// and the next write leaves no log to replay.
 pub struct SharedDisk {
     state: Mutex<DiskState>,
     /// Extra read-only handles of the same image (read-only mounts only): reads take whichever
@@ -107,7 +99,6 @@ pub struct SharedDisk {
     size: u64,
     read_only: bool,
     discard: bool,
-    reopen: Option<Reopen>,
 }
 
 /// How a [`SharedDisk`] treats discards and flushes.
@@ -115,8 +106,6 @@ pub struct SharedOptions {
     /// Pass hole punching (`fallocate`) to [`Disk::discard`]; when false it is refused with
     /// `EOPNOTSUPP`, and callers (mkfs, loop devices) skip it or write zeros themselves.
     pub discard: bool,
-    /// Checkpoint at each flush that follows writes (see [`SharedDisk::with_options`]).
-    pub reopen: Option<Reopen>,
     /// More read-only handles of the same disk, for parallel reads. Only used when the disk is
     /// read-only (a writable disk has one state, so one handle).
     pub readers: Vec<Box<dyn Disk>>,
@@ -126,19 +115,16 @@ impl Default for SharedOptions {
     fn default() -> Self {
         SharedOptions {
             discard: true,
-            reopen: None,
             readers: Vec::new(),
         }
     }
 }
 
 struct DiskState {
-    /// `None` once closed (or if a reopen failed).
+    /// `None` once closed.
     disk: Option<Box<dyn Disk>>,
     /// Something was written since the last successful flush.
     dirty: bool,
-    /// Something was written since the last checkpoint.
-    written: bool,
 }
 
 impl std::fmt::Debug for SharedDisk {
@@ -147,7 +133,6 @@ impl std::fmt::Debug for SharedDisk {
             .field("size", &self.size)
             .field("read_only", &self.read_only)
             .field("discard", &self.discard)
-            .field("checkpoint", &self.reopen.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -156,13 +141,12 @@ impl std::fmt::Debug for SharedDisk {
 pub type SharedResult<T> = Result<T, SharedDiskError>;
 
 impl SharedDisk {
-    /// Wraps an open disk (discards passed on, no checkpoints).
+    /// Wraps an open disk (discards passed on, no extra read handles).
     pub fn new(disk: Box<dyn Disk>) -> Arc<SharedDisk> {
         SharedDisk::with_options(disk, SharedOptions::default())
     }
 
-    /// Wraps an open disk. With `opts.reopen`, the disk is closed and reopened (through it) at
-    /// every flush that follows writes.
+    /// Wraps an open disk.
     pub fn with_options(disk: Box<dyn Disk>, opts: SharedOptions) -> Arc<SharedDisk> {
         let read_only = disk.is_read_only();
         let readers = if read_only {
@@ -180,11 +164,9 @@ impl SharedDisk {
             size: disk.size(),
             read_only,
             discard: opts.discard,
-            reopen: opts.reopen,
             state: Mutex::new(DiskState {
                 disk: Some(disk),
                 dirty: false,
-                written: false,
             }),
         })
     }
@@ -239,7 +221,6 @@ impl SharedDisk {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> SharedResult<()> {
         let mut s = self.lock();
         s.dirty = true;
-        s.written = true;
         let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
         Ok(disk.write_at(buf, offset)?)
     }
@@ -248,13 +229,11 @@ impl SharedDisk {
     pub fn discard(&self, offset: u64, len: u64) -> SharedResult<()> {
         let mut s = self.lock();
         s.dirty = true;
-        s.written = true;
         let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
         Ok(disk.discard(offset, len)?)
     }
 
-    /// Makes everything written so far durable ([`Disk::flush`]), then checkpoints if
-    /// something was written since the last one.
+    /// Makes everything written so far durable ([`Disk::flush`]).
     pub fn flush(&self) -> SharedResult<()> {
         let mut s = self.lock();
         self.flush_locked(&mut s)
@@ -273,12 +252,6 @@ impl SharedDisk {
         let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
         disk.flush()?;
         s.dirty = false;
-        if let (true, Some(reopen)) = (s.written, &self.reopen) {
-            // Dropping closes the image (its metadata is already durable: flushed above).
-            s.disk = None;
-            s.disk = Some(reopen()?);
-            s.written = false;
-        }
         Ok(())
     }
 
@@ -910,43 +883,6 @@ mod tests {
         assert_eq!(buf, [((1u32 << 20) % 251) as u8], "data kept");
         // Plain allocation inside the file still succeeds.
         assert_eq!(fs.fallocate_file(P1, 0, 4096, 0), Ok(()));
-    }
-
-    #[test]
-    fn checkpoint_reopens_the_disk_after_writes_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.raw");
-        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-        let reopened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (p, count) = (path.clone(), reopened.clone());
-        let reopen: Reopen = Box::new(move || {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let d: Box<dyn Disk> = Box::new(block_backend::open(&p, OpenOptions::read_write())?);
-            Ok(d)
-        });
-        let disk = block_backend::open(&path, OpenOptions::read_write()).unwrap();
-        let shared = SharedDisk::with_options(
-            Box::new(disk),
-            SharedOptions {
-                reopen: Some(reopen),
-                ..SharedOptions::default()
-            },
-        );
-        shared.flush().unwrap();
-        assert_eq!(reopened.load(std::sync::atomic::Ordering::SeqCst), 0);
-        shared.write_at(b"abc", 10).unwrap();
-        shared.flush_if_dirty().unwrap();
-        assert_eq!(reopened.load(std::sync::atomic::Ordering::SeqCst), 1);
-        shared.flush().unwrap();
-        assert_eq!(reopened.load(std::sync::atomic::Ordering::SeqCst), 1);
-        let mut buf = [0u8; 3];
-        shared.read_at(&mut buf, 10).unwrap();
-        assert_eq!(&buf, b"abc");
-        shared.close().unwrap();
-        assert!(matches!(
-            shared.read_at(&mut buf, 0),
-            Err(SharedDiskError::Closed)
-        ));
     }
 
     #[test]

@@ -569,6 +569,29 @@ fn read_only_mount_refuses_writes_with_erofs_and_leaves_the_file_alone() {
     );
 }
 
+/// The bytes of `image` after a write of `data` at `offset` whose flush was cut by a power loss
+/// right after the log entry was synced: the BAT update is only in the log (as a crash inside a
+/// flush leaves it), so readers must replay the log to see `data`.
+fn pending_log_state(image: &Path, offset: u64, data: &[u8]) -> Vec<u8> {
+    use image_io::{CrashFile, ImageFile};
+    let file = CrashFile::from_bytes(fs::read(image).unwrap());
+    let mut img = vhdx::VhdxImage::open_file(file.clone(), image, vhdx::OpenMode::ReadWrite)
+        .expect("open the VHDX");
+    let plan = img.resolve_write(offset, data.len() as u64).unwrap();
+    for e in &plan.extents {
+        let at = (e.offset - offset) as usize;
+        img.file()
+            .write_all_at(&data[at..at + e.len as usize], e.file_offset)
+            .unwrap();
+    }
+    img.commit_write(plan).unwrap();
+    img.flush().unwrap();
+    std::mem::forget(img);
+    // The flush synced: payload, header (log opened), log entry, applied pages, header (log
+    // closed). Keep the state right after the log entry.
+    file.state_after_sync(file.sync_count() - 2).contents()
+}
+
 #[test]
 fn dirty_vhdx_mounted_read_only_is_replayed_in_memory_only() {
     if !can_run(&[]) {
@@ -578,16 +601,7 @@ fn dirty_vhdx_mounted_read_only_is_replayed_in_memory_only() {
     let image = dir.join("dirty.vhdx");
     run(vhdtool().arg("create").arg(&image).arg("64M"));
     let data = pattern(11, 3 * MIB as usize);
-    {
-        use block_backend::Disk;
-        let mut chain = block_backend::open(&image, block_backend::OpenOptions::read_write())
-            .expect("open the VHDX read-write");
-        chain.write_at(&data, 5 * MIB).unwrap();
-        chain.flush().unwrap();
-        // Never closed: the log GUID stays set and the log holds the BAT update, as after a
-        // crash.
-        std::mem::forget(chain);
-    }
+    fs::write(&image, pending_log_state(&image, 5 * MIB, &data)).unwrap();
     assert_ne!(
         output(vhdtool().arg("check").arg(&image)).status.code(),
         Some(0),
@@ -886,4 +900,84 @@ fn hostile_partition_table_is_reported_and_only_disk_is_shown() {
     assert!(stderr.contains("partition table ignored"), "{stderr}");
     assert_eq!(m.names(), ["disk"]);
     m.unmount();
+}
+
+/// Makes /dev/fuse usable by every user (its usual Debian mode, 0666) for the life of the guard,
+/// then restores the mode it had. Some sandboxes create it 0600.
+struct DevFuseMode {
+    original: u32,
+}
+
+impl DevFuseMode {
+    fn world_usable() -> DevFuseMode {
+        use std::os::unix::fs::PermissionsExt;
+        let original = fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o7777;
+        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
+        DevFuseMode { original }
+    }
+}
+
+impl Drop for DevFuseMode {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(self.original));
+    }
+}
+
+#[test]
+fn normal_user_mounts_and_unmounts_through_fusermount3() {
+    use std::os::unix::fs::PermissionsExt;
+    if !can_run(&["setpriv", "fusermount3"]) {
+        return;
+    }
+    let dir = fresh_scratch_dir();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let image = dir.join("user.vhdx");
+    run(vhdtool().arg("create").arg(&image).arg("16M"));
+    fs::set_permissions(&image, fs::Permissions::from_mode(0o666)).unwrap();
+    let mnt = dir.join("m");
+    fs::create_dir(&mnt).unwrap();
+    fs::set_permissions(&mnt, fs::Permissions::from_mode(0o777)).unwrap();
+    let bin = vhdkit_tests::vhdtool_bin();
+    let as_nobody = |args: &[&std::ffi::OsStr]| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(args);
+        c
+    };
+    let _mode = DevFuseMode::world_usable();
+    run(as_nobody(&[
+        bin.as_os_str(),
+        "mount".as_ref(),
+        image.as_os_str(),
+        mnt.as_os_str(),
+    ]));
+    let m = VhdMount {
+        dir: mnt.clone(),
+        mounted: true,
+    };
+    let entry = find_mount(&fs::canonicalize(&mnt).unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(
+        entry.fs_type == "fuse.vhdtool",
+        "mounted by fusermount3: {entry:?}"
+    );
+    let disk = m.file("disk");
+    let script = format!(
+        "printf hello | dd of={} bs=1 seek=4096 conv=notrunc,fsync status=none",
+        disk.display()
+    );
+    run(as_nobody(&["sh".as_ref(), "-c".as_ref(), script.as_ref()]));
+    run(as_nobody(&[
+        bin.as_os_str(),
+        "umount".as_ref(),
+        mnt.as_os_str(),
+    ]));
+    std::mem::forget(m);
+    assert!(find_mount(&fs::canonicalize(&mnt).unwrap())
+        .unwrap()
+        .is_none());
+    vhdtool_check_clean(&image);
+    assert_eq!(vhdtool_read(&image, 4096, 5), b"hello");
 }
