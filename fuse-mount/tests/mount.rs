@@ -930,15 +930,23 @@ fn normal_user_mounts_and_unmounts_through_fusermount3() {
     if !can_run(&["setpriv", "fusermount3"]) {
         return;
     }
-    let dir = fresh_scratch_dir();
+    // Under /tmp, with a copy of the binary: the checkout (and its target/) may sit below a
+    // directory other users cannot enter, such as /root.
+    let tmp = tempfile::Builder::new()
+        .prefix("vhdkit-user-mount-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let bin = dir.join("vhdtool");
+    fs::copy(vhdkit_tests::vhdtool_bin(), &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
     let image = dir.join("user.vhdx");
     run(vhdtool().arg("create").arg(&image).arg("16M"));
     fs::set_permissions(&image, fs::Permissions::from_mode(0o666)).unwrap();
     let mnt = dir.join("m");
     fs::create_dir(&mnt).unwrap();
     fs::set_permissions(&mnt, fs::Permissions::from_mode(0o777)).unwrap();
-    let bin = vhdkit_tests::vhdtool_bin();
     let as_nobody = |args: &[&std::ffi::OsStr]| {
         let mut c = Command::new("setpriv");
         c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
