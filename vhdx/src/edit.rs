@@ -116,6 +116,13 @@ impl<F: ImageFile> VhdxImage<F> {
                 .map_err(io(&self.path, "apply log page", *o))?;
         }
         self.sync("sync applied metadata")?;
+        if self.log_active {
+            // Applied and synced: close the log, as a flush does.
+            let mut h = self.header.clone();
+            h.log_guid = Uuid::nil();
+            self.write_header(h)?;
+            self.log_active = false;
+        }
         self.file_len = self.file.len().map_err(io(&self.path, "stat", 0))?;
         Ok(())
     }

@@ -172,7 +172,11 @@ fn merge_lands_the_childs_view_in_the_parent_at_every_power_cut() {
     let steps: Vec<(usize, usize)> = std::iter::once((c0, p0))
         .chain(log.lock().unwrap().iter().copied())
         .collect();
-    assert!(steps.len() > 20, "workload too small to mean anything: {} steps", steps.len());
+    assert!(
+        steps.len() > 20,
+        "workload too small to mean anything: {} steps",
+        steps.len()
+    );
     let survivors = [
         ("none", Survivors::None),
         ("all", Survivors::All),

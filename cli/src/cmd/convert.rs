@@ -29,6 +29,10 @@ use crate::size::parse_size;
 /// Granule of zero detection inside a chunk: zero runs this long or longer are skipped.
 const ZERO_GRANULE: u64 = 4096;
 
+/// Bytes written between two requests to start writeback of the output, so that the disk
+/// writes while we copy and the final fsync finds little left to do.
+const WRITEBACK_STEP: u64 = 32 << 20;
+
 /// Arguments of `convert`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -118,6 +122,7 @@ pub fn run(a: &Args) -> Result<u8> {
 fn copy(src: &mut Chain, sink: &mut Sink, size: u64, progress: &mut Progress) -> Result<()> {
     let mut buf = vec![0u8; CHUNK as usize];
     let mut window = 0;
+    let mut dirty = 0;
     while window < size {
         let wlen = (size - window).min(MAP_WINDOW);
         for e in src.map(window, wlen)? {
@@ -131,7 +136,11 @@ fn copy(src: &mut Chain, sink: &mut Sink, size: u64, progress: &mut Progress) ->
                 let next = ((pos / CHUNK + 1) * CHUNK).min(e.end());
                 let b = &mut buf[..(next - pos) as usize];
                 src.read_at(b, pos)?;
-                write_nonzero(sink, b, pos)?;
+                dirty += write_nonzero(sink, b, pos)?;
+                if dirty >= WRITEBACK_STEP {
+                    sink.start_writeback();
+                    dirty = 0;
+                }
                 progress.inc(next - pos);
                 pos = next;
             }
@@ -142,8 +151,10 @@ fn copy(src: &mut Chain, sink: &mut Sink, size: u64, progress: &mut Progress) ->
 }
 
 /// Writes the runs of `buf` (which holds `[offset, offset + len)`) that are not whole zero
-/// granules. Granules are aligned on the virtual disk, not on the buffer.
-fn write_nonzero(sink: &mut Sink, buf: &[u8], offset: u64) -> Result<()> {
+/// granules; returns the bytes written. Granules are aligned on the virtual disk, not on the
+/// buffer.
+fn write_nonzero(sink: &mut Sink, buf: &[u8], offset: u64) -> Result<u64> {
+    let mut written = 0;
     let end = offset + buf.len() as u64;
     let at = |v: u64| (v - offset) as usize;
     let mut run_start: Option<u64> = None;
@@ -155,6 +166,7 @@ fn write_nonzero(sink: &mut Sink, buf: &[u8], offset: u64) -> Result<()> {
             (false, None) => run_start = Some(pos),
             (true, Some(s)) => {
                 sink.write(&buf[at(s)..at(pos)], s)?;
+                written += pos - s;
                 run_start = None;
             }
             _ => {}
@@ -163,8 +175,9 @@ fn write_nonzero(sink: &mut Sink, buf: &[u8], offset: u64) -> Result<()> {
     }
     if let Some(s) = run_start {
         sink.write(&buf[at(s)..], s)?;
+        written += end - s;
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Where converted bytes go.
@@ -256,6 +269,27 @@ impl Sink {
                 .write_all_at(buf, offset)
                 .with_context(|| format!("{}: write at offset {offset}", path.display())),
             Sink::Image(d) => Ok(d.write_at(buf, offset)?),
+        }
+    }
+
+    /// Asks the kernel to start writing the output's dirty pages back now, without waiting
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`); the final flush still waits for all of it.
+    fn start_writeback(&self) {
+        use std::os::unix::io::AsRawFd;
+        let fd = match self {
+            Sink::Raw { file, .. } => file.as_raw_fd(),
+            Sink::Image(d) => match d.top() {
+                block_backend::Layer::Raw(r) => r.file().as_raw_fd(),
+                block_backend::Layer::Image(i) => match &**i {
+                    block_backend::Image::Vhd(v) => v.file().as_raw_fd(),
+                    block_backend::Image::Vhdx(v) => v.file().as_raw_fd(),
+                },
+            },
+        };
+        // SAFETY: sync_file_range takes integers only; `fd` belongs to a file this sink owns
+        // and keeps open for the duration of the call. It is a hint: errors are ignored.
+        unsafe {
+            libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE);
         }
     }
 
