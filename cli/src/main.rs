@@ -48,6 +48,8 @@ struct Cli {
 enum Command {
     /// Measure IOPS, bandwidth and latency through the block backend's engines (like fio).
     Bench(cmd::bench::Args),
+    /// Boot a Linux kernel in a minimal KVM VM with the images as virtio-blk disks.
+    Boot(cmd::boot::Args),
     /// Create a new fixed, dynamic or differencing image.
     Create(cmd::create::Args),
     /// Show the format, sizes and backing chain of an image.
@@ -89,6 +91,7 @@ impl Command {
     fn run(&self) -> anyhow::Result<u8> {
         match self {
             Command::Bench(a) => cmd::bench::run(a),
+            Command::Boot(a) => cmd::boot::run(a),
             Command::Create(a) => cmd::create::run(a),
             Command::Info(a) => cmd::info::run(a),
             Command::Check(a) => cmd::check::run(a),

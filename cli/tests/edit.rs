@@ -714,3 +714,46 @@ fn p2v_converts_a_block_device_and_a_partition_read_as_raw() {
         }
     }
 }
+
+#[test]
+fn convert_syncs_its_output_before_giving_it_its_name() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        eprintln!("SKIP: strace not installed");
+        return;
+    }
+    let d = tmp();
+    let raw = raw_disk(d.path());
+    for fmt in ["raw", "vhd", "vhdx"] {
+        let dst = d.path().join(format!("out.{fmt}"));
+        let o = Command::new("strace")
+            .args([
+                "-f",
+                "-e",
+                "trace=fsync,fdatasync,linkat,rename,renameat,renameat2",
+            ])
+            .arg(env!("CARGO_BIN_EXE_vhdtool"))
+            .args(["convert", "-O", fmt])
+            .arg(&raw)
+            .arg(&dst)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let trace = String::from_utf8_lossy(&o.stderr);
+        let name = format!("\"{}\"", dst.display());
+        let lines: Vec<&str> = trace.lines().collect();
+        let publish = lines
+            .iter()
+            .position(|l| l.contains(&name) && (l.contains("linkat") || l.contains("rename")))
+            .unwrap_or_else(|| panic!("{fmt}: output never named:\n{trace}"));
+        assert!(
+            lines[..publish]
+                .iter()
+                .any(|l| l.contains("fsync(") || l.contains("fdatasync(")),
+            "{fmt}: no sync before the output got its name:\n{trace}"
+        );
+        assert!(
+            lines[publish..].iter().any(|l| l.contains("fsync(")),
+            "{fmt}: directory not synced after naming:\n{trace}"
+        );
+    }
+}

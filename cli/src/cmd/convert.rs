@@ -367,10 +367,13 @@ impl TempOutput {
             }
         }
         self.committed = true;
-        if let Some(dir) = dst.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
+        // The new name is durable once its directory is synced (`.` for a bare file name).
+        let dir = match dst.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
         }
         Ok(())
     }

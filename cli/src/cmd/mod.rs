@@ -3,6 +3,7 @@
 //! probed by content), and the size of copy chunks.
 
 pub mod bench;
+pub mod boot;
 pub mod check;
 pub mod compact;
 pub mod compare;

@@ -1,0 +1,101 @@
+//! `vhdtool boot --kernel BZIMAGE [--initrd FILE] [--cmdline STR] [--memory SIZE] [--cpus N]
+//! [--disk IMAGE[,read-only]]…`: boot a Linux kernel in a minimal KVM VM (crate `vmm`) with the
+//! images as virtio-blk disks (`/dev/vda`, `/dev/vdb`, … in order).
+//!
+//! The serial console is stdin/stdout (with a terminal, ^A x stops the VM). Exit status 0 when
+//! the guest reboots or powers off; 1 with a message naming the cause when it panics, triple
+//! faults, hits a KVM error, or the VMM fails. Disks are flushed before exit either way.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+
+use crate::size::parse_size;
+
+/// Arguments of `boot`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Linux kernel (bzImage, boot protocol 2.14 or later).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line, after the VMM's own
+    /// "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1".
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Guest memory (binary suffixes: 512M, 2G).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u8,
+    /// A disk image (raw, VHD, VHDX, differencing), `IMAGE` or `IMAGE,read-only`; repeatable.
+    #[arg(long = "disk", value_name = "IMAGE[,read-only]", value_parser = parse_disk)]
+    pub disks: Vec<vmm::DiskConfig>,
+}
+
+/// `IMAGE[,read-only]` (also `,ro`).
+fn parse_disk(s: &str) -> std::result::Result<vmm::DiskConfig, String> {
+    let (path, read_only) = match s.rsplit_once(',') {
+        Some((p, "read-only" | "ro" | "readonly")) => (p, true),
+        Some((p, "")) => (p, false),
+        Some((_, opt)) if !opt.contains('/') => {
+            return Err(format!(
+                "unknown disk option {opt:?} (only \"read-only\"); a path with a comma \
+                 can be given as ./PATH,"
+            ))
+        }
+        _ => (s, false),
+    };
+    if path.is_empty() {
+        return Err("empty disk path".into());
+    }
+    Ok(vmm::DiskConfig {
+        path: PathBuf::from(path),
+        read_only,
+    })
+}
+
+/// Runs `boot`.
+pub fn run(args: &Args) -> Result<u8> {
+    let config = vmm::VmConfig {
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        memory: args.memory,
+        cpus: args.cpus,
+        disks: args.disks.clone(),
+    };
+    match vmm::run(&config) {
+        Ok(exit) => {
+            let how = match exit {
+                vmm::GuestExit::Reboot => "rebooted",
+                vmm::GuestExit::PowerOff => "powered off",
+            };
+            eprintln!("vhdtool: guest {how}; disks flushed");
+            Ok(0)
+        }
+        Err(e) => bail!(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_take_a_read_only_suffix() {
+        let d = parse_disk("a.vhdx").unwrap();
+        assert_eq!((d.path, d.read_only), (PathBuf::from("a.vhdx"), false));
+        let d = parse_disk("/x/b.vhd,read-only").unwrap();
+        assert_eq!((d.path, d.read_only), (PathBuf::from("/x/b.vhd"), true));
+        let d = parse_disk("c.raw,ro").unwrap();
+        assert!(d.read_only);
+        let d = parse_disk("./odd,name,").unwrap();
+        assert_eq!((d.path, d.read_only), (PathBuf::from("./odd,name"), false));
+        assert!(parse_disk("d.vhd,rw").is_err());
+        assert!(parse_disk(",read-only").is_err());
+    }
+}

@@ -1,0 +1,300 @@
+//! ACPI tables (hardware-reduced): RSDP → XSDT → FADT (→ DSDT) and MADT.
+//!
+//! - FADT: `HW_REDUCED_ACPI`, power and sleep buttons as control-method devices, no VGA, no
+//!   MSI, no CMOS RTC, no i8042 (IAPC_BOOT_ARCH bit 1 clear: the guest does not probe a
+//!   keyboard controller; `reboot=k` still writes 0xFE to port 0x64), and the sleep
+//!   control/status registers at I/O port 0x600/0x601 so `poweroff` can reach S5.
+//! - MADT: one enabled local APIC per vCPU (APIC id = index), one IOAPIC (id 0, GSI 0-23),
+//!   no PC-AT dual 8259 flag.
+//! - DSDT: COM1 (`PNP0501`, I/O 0x3f8, GSI 4), one `LNRO0005` virtio-mmio device per disk
+//!   (4 KiB window, edge-triggered active-high GSI), and `\_S5` for poweroff.
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+
+use crate::layout::{self, ACPI_SLEEP_PORT, IOAPIC_ADDR, LAPIC_ADDR, SERIAL_GSI, SERIAL_PORT};
+
+const OEM_ID: [u8; 6] = *b"VHDKIT";
+const OEM_TABLE_ID: [u8; 8] = *b"VHDKITVM";
+const OEM_REVISION: u32 = 1;
+
+/// IAPC_BOOT_ARCH flags.
+const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
+const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+
+/// A virtio-mmio device for the DSDT.
+#[derive(Debug, Clone, Copy)]
+pub struct MmioDevice {
+    /// Register window.
+    pub addr: u64,
+    /// Window length.
+    pub len: u64,
+    /// IOAPIC GSI.
+    pub gsi: u32,
+}
+
+/// The tables, laid out from `base`: `(guest address, bytes)` each, RSDP first at `base`.
+pub fn tables(base: u64, cpus: u8, devices: &[MmioDevice]) -> Vec<(u64, Vec<u8>)> {
+    let align = |a: u64| (a + 15) & !15;
+    let rsdp_addr = base;
+    let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
+    // The XSDT has two entries.
+    let fadt_addr = align(xsdt_addr + 36 + 2 * 8);
+
+    let dsdt = dsdt(devices);
+    let madt = madt(cpus);
+    let fadt_len = acpi_tables::fadt::FADT::len() as u64;
+    let madt_addr = align(fadt_addr + fadt_len);
+    let dsdt_addr = align(madt_addr + madt.len() as u64);
+    let fadt = aml_bytes(&fadt(dsdt_addr));
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt = aml_bytes(&xsdt);
+    debug_assert_eq!(xsdt.len(), 52);
+    let rsdp = aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+    vec![
+        (rsdp_addr, rsdp),
+        (xsdt_addr, xsdt),
+        (fadt_addr, fadt),
+        (madt_addr, madt),
+        (dsdt_addr, dsdt),
+    ]
+}
+
+fn fadt(dsdt_addr: u64) -> acpi_tables::fadt::FADT {
+    let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    f.iapc_boot_arch =
+        (IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED | IAPC_CMOS_RTC_NOT_PRESENT).into();
+    f.sleep_control_reg = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(ACPI_SLEEP_PORT),
+    );
+    f.sleep_status_reg = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(ACPI_SLEEP_PORT + 1),
+    );
+    f.hypervisor_vendor_identity = u64::from_le_bytes(*b"VHDKITVM").into();
+    f.finalize()
+}
+
+fn madt(cpus: u8) -> Vec<u8> {
+    let mut m = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(LAPIC_ADDR),
+    );
+    for i in 0..cpus {
+        m.add_structure(ProcessorLocalApic::new(i, i, EnabledStatus::Enabled));
+    }
+    m.add_structure(IoApic::new(0, IOAPIC_ADDR, 0));
+    aml_bytes(&m)
+}
+
+fn aml_bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+/// `Device(COM1)`: the 16550A at 0x3f8, GSI 4.
+fn com1() -> Vec<u8> {
+    let io = aml::IO::new(SERIAL_PORT, SERIAL_PORT, 1, 8);
+    let irq = aml::Interrupt::new(true, true, false, false, SERIAL_GSI);
+    let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let hid = aml::EISAName::new("PNP0501");
+    let name_hid = aml::Name::new("_HID".into(), &hid);
+    let name_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let name_crs = aml::Name::new("_CRS".into(), &crs);
+    aml_bytes(&aml::Device::new(
+        "COM1".into(),
+        vec![&name_hid, &name_uid, &name_crs],
+    ))
+}
+
+/// `Device(Vnnn)`: virtio-mmio device `i` (`LNRO0005`).
+fn virtio_device(i: usize, d: &MmioDevice) -> Vec<u8> {
+    let mem = aml::Memory32Fixed::new(true, d.addr as u32, d.len as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, d.gsi);
+    let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
+    let hid: aml::AmlStr = "LNRO0005";
+    let uid = i as u32;
+    let name_hid = aml::Name::new("_HID".into(), &hid);
+    let name_uid = aml::Name::new("_UID".into(), &uid);
+    let name_cca = aml::Name::new("_CCA".into(), &aml::ONE);
+    let name_crs = aml::Name::new("_CRS".into(), &crs);
+    let name = format!("V{i:03}");
+    aml_bytes(&aml::Device::new(
+        name.as_str().into(),
+        vec![&name_hid, &name_uid, &name_cca, &name_crs],
+    ))
+}
+
+fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
+    let mut sb = com1();
+    for (i, d) in devices.iter().enumerate() {
+        sb.extend(virtio_device(i, d));
+    }
+    let mut body = aml::Scope::raw("\\_SB_".into(), sb);
+    let (five, zero) = (5u8, 0u8);
+    let s5_pkg = aml::Package::new(vec![&five, &zero, &zero, &zero]);
+    body.extend(aml_bytes(&aml::Name::new("_S5_".into(), &s5_pkg)));
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    dsdt.append_slice(&body);
+    dsdt.as_slice().to_vec()
+}
+
+/// The DSDT devices for `n` virtio-mmio disks.
+pub fn mmio_devices(n: usize) -> Vec<MmioDevice> {
+    (0..n)
+        .map(|i| MmioDevice {
+            addr: layout::virtio_mmio_addr(i),
+            len: layout::VIRTIO_MMIO_SIZE,
+            gsi: layout::virtio_gsi(i),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    fn find(t: &[(u64, Vec<u8>)], sig: &[u8]) -> (u64, Vec<u8>) {
+        t.iter()
+            .find(|(_, b)| &b[..sig.len()] == sig)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {}", String::from_utf8_lossy(sig)))
+    }
+
+    #[test]
+    fn every_table_checksums_to_zero_and_states_its_length() {
+        let t = tables(0xe0000, 2, &mmio_devices(3));
+        let (_, rsdp) = find(&t, b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0, "RSDP v1 checksum");
+        assert_eq!(sum(&rsdp), 0, "RSDP extended checksum");
+        for sig in [b"XSDT", b"FACP", b"APIC", b"DSDT"] {
+            let (_, b) = find(&t, sig);
+            assert_eq!(sum(&b), 0, "{} checksum", String::from_utf8_lossy(sig));
+            assert_eq!(u32_at(&b, 4) as usize, b.len(), "length field");
+        }
+    }
+
+    #[test]
+    fn tables_are_linked_and_do_not_overlap() {
+        let t = tables(0xe0000, 1, &mmio_devices(1));
+        assert_eq!(t[0].0, 0xe0000);
+        let (_, rsdp) = find(&t, b"RSD PTR ");
+        let (xsdt_addr, xsdt) = find(&t, b"XSDT");
+        assert_eq!(u64_at(&rsdp, 24), xsdt_addr);
+        let (fadt_addr, fadt) = find(&t, b"FACP");
+        let (madt_addr, _) = find(&t, b"APIC");
+        assert_eq!(u64_at(&xsdt, 36), fadt_addr);
+        assert_eq!(u64_at(&xsdt, 44), madt_addr);
+        let (dsdt_addr, _) = find(&t, b"DSDT");
+        assert_eq!(u64_at(&fadt, 140), dsdt_addr, "X_DSDT");
+        let mut spans: Vec<(u64, u64)> = t.iter().map(|(a, b)| (*a, a + b.len() as u64)).collect();
+        spans.sort();
+        for w in spans.windows(2) {
+            assert!(w[0].1 <= w[1].0, "{w:?} overlap");
+        }
+        assert!(spans.last().unwrap().1 <= layout::ACPI_END);
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_without_i8042_and_with_sleep_registers() {
+        let t = tables(0xe0000, 1, &[]);
+        let (_, fadt) = find(&t, b"FACP");
+        assert_eq!(fadt.len(), 276);
+        let flags = u32_at(&fadt, 112);
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        let iapc = u16::from_le_bytes([fadt[109], fadt[110]]);
+        assert_eq!(iapc & 0x2, 0, "no 8042");
+        assert_ne!(iapc & (1 << 5), 0, "no CMOS RTC");
+        // SLEEP_CONTROL_REG at 244: system I/O space, port 0x600.
+        assert_eq!(fadt[244], 1);
+        assert_eq!(u64_at(&fadt, 248), 0x600);
+        assert_eq!(u64_at(&fadt, 260), 0x601);
+    }
+
+    #[test]
+    fn madt_lists_each_cpu_and_the_ioapic() {
+        let t = tables(0xe0000, 4, &[]);
+        let (_, madt) = find(&t, b"APIC");
+        assert_eq!(u32_at(&madt, 36), 0xfee0_0000);
+        let mut off = 44;
+        let mut cpus = Vec::new();
+        let mut ioapics = Vec::new();
+        while off < madt.len() {
+            let (ty, len) = (madt[off], madt[off + 1] as usize);
+            match ty {
+                0 => {
+                    assert_eq!(u32_at(&madt, off + 4) & 1, 1, "enabled");
+                    cpus.push(madt[off + 3]);
+                }
+                1 => ioapics.push((u32_at(&madt, off + 4), u32_at(&madt, off + 8))),
+                _ => panic!("unexpected MADT entry {ty}"),
+            }
+            off += len;
+        }
+        assert_eq!(cpus, vec![0, 1, 2, 3]);
+        assert_eq!(ioapics, vec![(0xfec0_0000, 0)]);
+    }
+
+    #[test]
+    fn dsdt_describes_com1_and_each_virtio_device() {
+        let devs = mmio_devices(2);
+        let t = tables(0xe0000, 1, &devs);
+        let (_, dsdt) = find(&t, b"DSDT");
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"LNRO0005"));
+        assert!(has(b"V000") && has(b"V001") && !has(b"V002"));
+        assert!(has(b"COM1") && has(b"_S5_"));
+        // Memory32Fixed descriptors (0x86, length 9, RW) with each window.
+        for d in &devs {
+            let mut m = vec![0x86, 9, 0, 1];
+            m.extend_from_slice(&(d.addr as u32).to_le_bytes());
+            m.extend_from_slice(&(d.len as u32).to_le_bytes());
+            assert!(has(&m), "window of {d:?}");
+            // Extended interrupt descriptor: consumer, edge, active high, exclusive.
+            let mut irq = vec![0x89, 6, 0, 0x03, 1];
+            irq.extend_from_slice(&d.gsi.to_le_bytes());
+            assert!(has(&irq), "interrupt of {d:?}");
+        }
+        let mut irq4 = vec![0x89, 6, 0, 0x03, 1];
+        irq4.extend_from_slice(&4u32.to_le_bytes());
+        assert!(has(&irq4), "COM1 interrupt");
+    }
+}

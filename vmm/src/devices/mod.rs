@@ -1,0 +1,21 @@
+//! Devices: the 16550A console, the i8042 reset line, the ACPI sleep register and the
+//! virtio-mmio transport, behind the port and MMIO dispatch of [`bus`].
+
+pub mod bus;
+pub mod serial;
+pub mod virtio_mmio;
+
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+/// An eventfd as a vm-superio interrupt or reset line (an irqfd, or a VMM event).
+#[derive(Debug)]
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}

@@ -1,0 +1,419 @@
+//! virtio-mmio (version 2, "modern") transport in front of a [`VirtioBlk`].
+//!
+//! Registers (virtio 1.x §4.2.2), 4 KiB window:
+//!
+//! ```text
+//!  0x000 Magic "virt"   0x004 Version 2      0x008 DeviceID 2   0x00c VendorID
+//!  0x010 DeviceFeatures (by 0x014 DeviceFeaturesSel)  0x020 DriverFeatures (by 0x024 Sel)
+//!  0x030 QueueSel  0x034 QueueNumMax  0x038 QueueNum  0x044 QueueReady
+//!  0x050 QueueNotify  (an ioeventfd in KVM: never reaches us unless that failed)
+//!  0x060 InterruptStatus  0x064 InterruptACK   (atomics, no lock: the hot path of interrupts)
+//!  0x070 Status  0x080/84 QueueDesc  0x090/94 QueueDriver (avail)  0x0a0/a4 QueueDevice (used)
+//!  0x0fc ConfigGeneration  0x100… device config (struct virtio_blk_config)
+//! ```
+//!
+//! Invariants: the device model is only touched under the mutex (the vCPU threads for register
+//! accesses, the disk worker for queue processing); FEATURES_OK is only accepted when the
+//! driver took VIRTIO_F_VERSION_1; a reset (status 0) first waits for every request in flight,
+//! then resets the queues, so no completion lands in a ring the driver gave up.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use block_backend::virtio_blk::VirtioBlk;
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1,
+};
+use virtio_queue::QueueT;
+use vmm_sys_util::eventfd::EventFd;
+
+/// "virt".
+pub const MAGIC: u32 = 0x7472_6976;
+/// Virtio device id of a block device.
+pub const DEVICE_ID_BLOCK: u32 = 2;
+/// Our vendor id ("VHDK").
+pub const VENDOR_ID: u32 = 0x4b44_4856;
+/// Offset of the queue notify register (for the ioeventfd).
+pub const QUEUE_NOTIFY: u64 = 0x50;
+/// InterruptStatus bit: a used buffer was added.
+pub const INT_VRING: u32 = 1;
+
+/// Transport state under the lock.
+struct Inner {
+    dev: VirtioBlk,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+}
+
+/// A virtio-mmio device.
+pub struct VirtioMmio {
+    inner: Mutex<Inner>,
+    interrupt_status: Arc<AtomicU32>,
+    kick: EventFd,
+}
+
+impl std::fmt::Debug for VirtioMmio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioMmio")
+            .field("interrupt_status", &self.interrupt_status)
+            .finish()
+    }
+}
+
+/// What a register write asks of the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing.
+    None,
+    /// The worker should look at the queues (driver ready, or a notify that missed the
+    /// ioeventfd).
+    Kick,
+}
+
+impl VirtioMmio {
+    /// The transport over `dev`, whose notify callback sets bits in `interrupt_status` and
+    /// raises the interrupt. `kick` wakes the device's worker.
+    pub fn new(dev: VirtioBlk, interrupt_status: Arc<AtomicU32>, kick: EventFd) -> VirtioMmio {
+        VirtioMmio {
+            inner: Mutex::new(Inner {
+                dev,
+                device_features_sel: 0,
+                driver_features_sel: 0,
+                driver_features: 0,
+                queue_sel: 0,
+                status: 0,
+            }),
+            interrupt_status,
+            kick,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the device if the driver has set DRIVER_OK (else returns `None`).
+    pub fn with_active_device<R>(&self, f: impl FnOnce(&mut VirtioBlk) -> R) -> Option<R> {
+        let mut g = self.lock();
+        (g.status & VIRTIO_CONFIG_S_DRIVER_OK != 0).then(|| f(&mut g.dev))
+    }
+
+    /// Runs `f` on the device whatever its state (shutdown: drain and flush).
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut VirtioBlk) -> R) -> R {
+        f(&mut self.lock().dev)
+    }
+
+    /// The eventfd that wakes the worker.
+    pub fn kick_evt(&self) -> &EventFd {
+        &self.kick
+    }
+
+    /// A guest read of `data.len()` bytes at `offset` in the window.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        let value: u32 = match offset {
+            0x60 => self.interrupt_status.load(Ordering::SeqCst),
+            0x100.. => {
+                let cfg = self.lock().dev.config_space();
+                let start = (offset - 0x100) as usize;
+                for (i, b) in data.iter_mut().enumerate() {
+                    *b = cfg.get(start + i).copied().unwrap_or(0);
+                }
+                return;
+            }
+            _ => {
+                let mut g = self.lock();
+                let sel = g.queue_sel as usize;
+                match offset {
+                    0x00 => MAGIC,
+                    0x04 => 2,
+                    0x08 => DEVICE_ID_BLOCK,
+                    0x0c => VENDOR_ID,
+                    0x10 => match g.device_features_sel {
+                        0 => g.dev.device_features() as u32,
+                        1 => (g.dev.device_features() >> 32) as u32,
+                        _ => 0,
+                    },
+                    0x34 => g
+                        .dev
+                        .queues_mut()
+                        .get(sel)
+                        .map_or(0, |q| q.max_size().into()),
+                    0x44 => g
+                        .dev
+                        .queues_mut()
+                        .get(sel)
+                        .map_or(0, |q| u32::from(q.ready())),
+                    0x70 => g.status,
+                    0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
+                        g.dev.queues_mut().get(sel).map_or(0, |q| {
+                            let a = match offset {
+                                0x80 | 0x84 => q.desc_table(),
+                                0x90 | 0x94 => q.avail_ring(),
+                                _ => q.used_ring(),
+                            };
+                            if offset & 4 == 0 {
+                                a as u32
+                            } else {
+                                (a >> 32) as u32
+                            }
+                        })
+                    }
+                    0xfc => 0, // ConfigGeneration: the config never changes.
+                    _ => 0,
+                }
+            }
+        };
+        let bytes = value.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = bytes.get(i).copied().unwrap_or(0);
+        }
+    }
+
+    /// A guest write of `data` at `offset` in the window.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Action {
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(b);
+        match offset {
+            0x64 => {
+                self.interrupt_status.fetch_and(!v, Ordering::SeqCst);
+                return Action::None;
+            }
+            QUEUE_NOTIFY => return Action::Kick,
+            0x100.. => return Action::None, // virtio-blk config is read-only here (no WCE).
+            _ => {}
+        }
+        let mut g = self.lock();
+        let sel = g.queue_sel as usize;
+        match offset {
+            0x14 => g.device_features_sel = v,
+            0x20 => match g.driver_features_sel {
+                0 => g.driver_features = (g.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => g.driver_features = (g.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+                _ => {}
+            },
+            0x24 => g.driver_features_sel = v,
+            0x30 => g.queue_sel = v,
+            0x38 => {
+                if let Some(q) = g.dev.queues_mut().get_mut(sel) {
+                    q.set_size(v as u16);
+                }
+            }
+            0x44 => {
+                if let Some(q) = g.dev.queues_mut().get_mut(sel) {
+                    q.set_ready(v == 1);
+                }
+            }
+            0x70 => return g.set_status(v, &self.interrupt_status),
+            0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
+                if let Some(q) = g.dev.queues_mut().get_mut(sel) {
+                    let (low, high) = if offset & 4 == 0 {
+                        (Some(v), None)
+                    } else {
+                        (None, Some(v))
+                    };
+                    match offset {
+                        0x80 | 0x84 => q.set_desc_table_address(low, high),
+                        0x90 | 0x94 => q.set_avail_ring_address(low, high),
+                        _ => q.set_used_ring_address(low, high),
+                    }
+                }
+            }
+            _ => {}
+        }
+        Action::None
+    }
+}
+
+impl Inner {
+    fn set_status(&mut self, v: u32, interrupt_status: &AtomicU32) -> Action {
+        if v == 0 {
+            self.reset(interrupt_status);
+            return Action::None;
+        }
+        let mut v = v;
+        let new = v & !self.status;
+        if new & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            if self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0 {
+                self.dev.set_acked_features(self.driver_features);
+            } else {
+                // A legacy driver: refuse (the driver reads FEATURES_OK back and gives up).
+                v &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+        }
+        self.status = v;
+        if new & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            Action::Kick
+        } else {
+            Action::None
+        }
+    }
+
+    fn reset(&mut self, interrupt_status: &AtomicU32) {
+        if let Err(e) = self.dev.flush() {
+            tracing::warn!("virtio-blk reset: draining requests failed: {e}");
+        }
+        for q in self.dev.queues_mut() {
+            q.reset();
+        }
+        self.dev.set_acked_features(0);
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        interrupt_status.store(0, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use block_backend::engine::{new_engine, EngineKind};
+    use block_backend::virtio_blk::Config;
+    use block_backend::OpenOptions;
+    use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER};
+    use virtio_queue::Queue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    struct Rig {
+        t: VirtioMmio,
+        irq: Arc<EventFd>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn rig(read_only: bool) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let opts = if read_only {
+            OpenOptions::read_only()
+        } else {
+            OpenOptions::read_write()
+        };
+        let chain = block_backend::open(&path, opts).unwrap();
+        let engine = new_engine(EngineKind::Sync, chain, 16).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let status = Arc::new(AtomicU32::new(0));
+        let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let (s, i) = (status.clone(), irq.clone());
+        let dev = VirtioBlk::new(
+            engine,
+            mem,
+            vec![Queue::new(256).unwrap()],
+            Config {
+                id: "test".into(),
+                num_queues: 1,
+            },
+            Box::new(move |_| {
+                s.fetch_or(INT_VRING, Ordering::SeqCst);
+                let _ = i.write(1);
+            }),
+        );
+        Rig {
+            t: VirtioMmio::new(dev, status, EventFd::new(EFD_NONBLOCK).unwrap()),
+            irq,
+            _dir: dir,
+        }
+    }
+
+    fn r32(t: &VirtioMmio, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w32(t: &VirtioMmio, off: u64, v: u32) -> Action {
+        t.write(off, &v.to_le_bytes())
+    }
+
+    #[test]
+    fn identifies_as_a_version_2_block_device() {
+        let r = rig(false);
+        assert_eq!(r32(&r.t, 0), MAGIC);
+        assert_eq!(r32(&r.t, 4), 2);
+        assert_eq!(r32(&r.t, 8), 2);
+        assert_eq!(r32(&r.t, 0x34), 256, "QueueNumMax of queue 0");
+        w32(&r.t, 0x30, 1);
+        assert_eq!(r32(&r.t, 0x34), 0, "queue 1 does not exist");
+    }
+
+    #[test]
+    fn features_are_offered_in_two_halves_and_version_1_is_required() {
+        let r = rig(true);
+        w32(&r.t, 0x14, 1);
+        assert_eq!(r32(&r.t, 0x10) & 1, 1, "VIRTIO_F_VERSION_1 (bit 32)");
+        w32(&r.t, 0x14, 0);
+        assert_ne!(r32(&r.t, 0x10) & (1 << 5), 0, "VIRTIO_BLK_F_RO");
+        let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+        w32(&r.t, 0x70, s);
+        // Without VERSION_1 FEATURES_OK does not stick.
+        w32(&r.t, 0x70, s | VIRTIO_CONFIG_S_FEATURES_OK);
+        assert_eq!(r32(&r.t, 0x70) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        w32(&r.t, 0x24, 1);
+        w32(&r.t, 0x20, 1);
+        w32(&r.t, 0x70, s | VIRTIO_CONFIG_S_FEATURES_OK);
+        assert_ne!(r32(&r.t, 0x70) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        let a = w32(
+            &r.t,
+            0x70,
+            s | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK,
+        );
+        assert_eq!(a, Action::Kick);
+        assert!(r.t.with_active_device(|_| ()).is_some());
+    }
+
+    #[test]
+    fn config_space_reads_capacity_at_any_width() {
+        let r = rig(false);
+        // 1 MiB = 2048 sectors.
+        assert_eq!(r32(&r.t, 0x100), 2048);
+        let mut b = [0u8; 8];
+        r.t.read(0x100, &mut b);
+        assert_eq!(u64::from_le_bytes(b), 2048);
+        let mut one = [0u8; 1];
+        r.t.read(0x101, &mut one);
+        assert_eq!(one[0], 8);
+        r.t.read(0x100 + 4000, &mut one);
+        assert_eq!(one[0], 0, "past the config space");
+    }
+
+    #[test]
+    fn queue_addresses_are_programmed_in_halves_and_reset_clears_them() {
+        let r = rig(false);
+        w32(&r.t, 0x38, 128);
+        w32(&r.t, 0x80, 0x1000);
+        w32(&r.t, 0x84, 0x1);
+        w32(&r.t, 0x90, 0x2000);
+        w32(&r.t, 0xa0, 0x3000);
+        w32(&r.t, 0x44, 1);
+        assert_eq!(r32(&r.t, 0x80), 0x1000);
+        assert_eq!(r32(&r.t, 0x84), 0x1);
+        assert_eq!(r32(&r.t, 0x90), 0x2000);
+        assert_eq!(r32(&r.t, 0xa0), 0x3000);
+        assert_eq!(r32(&r.t, 0x44), 1);
+        w32(&r.t, 0x70, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        w32(&r.t, 0x70, 0);
+        assert_eq!(r32(&r.t, 0x44), 0);
+        assert_eq!(r32(&r.t, 0x80), 0);
+        assert_eq!(r32(&r.t, 0x70), 0);
+    }
+
+    #[test]
+    fn interrupt_status_is_acknowledged_bit_by_bit() {
+        let r = rig(false);
+        r.t.interrupt_status.store(3, Ordering::SeqCst);
+        assert_eq!(r32(&r.t, 0x60), 3);
+        w32(&r.t, 0x64, 1);
+        assert_eq!(r32(&r.t, 0x60), 2);
+        w32(&r.t, 0x64, 2);
+        assert_eq!(r32(&r.t, 0x60), 0);
+        assert!(r.irq.read().is_err(), "no interrupt was raised");
+        assert_eq!(w32(&r.t, QUEUE_NOTIFY, 0), Action::Kick);
+    }
+}

@@ -1,0 +1,731 @@
+//! Building the VM and running it until the guest resets, powers off or fails.
+//!
+//! ```text
+//!  main thread: KVM VM + irqchip + PIT, memory, ACPI, kernel, devices, vCPUs, workers
+//!      └─ waits for the first event: vCPU exit (reset / S5 / failure), worker error, ^A x
+//!         → stop flag, signal-kick every vCPU out of KVM_RUN, stop the workers (each drains its
+//!           requests and flushes its disk), restore the terminal, return
+//!  vCPU thread i: KVM_RUN loop, port and MMIO exits through the Bus
+//!  disk worker i: epoll(ioeventfd, stop) → process_queue / process_completions
+//!  stdin thread: stdin → UART receive FIFO
+//! ```
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use block_backend::engine::{new_engine, EngineKind};
+use block_backend::virtio_blk::{Config, VirtioBlk};
+use block_backend::OpenOptions;
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+use vm_superio::Serial;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::terminal::Terminal;
+
+use crate::devices::bus::{Bus, BusEvent};
+use crate::devices::serial::{ConsoleOut, ConsoleState, SerialDevice};
+use crate::devices::virtio_mmio::{VirtioMmio, INT_VRING, QUEUE_NOTIFY};
+use crate::devices::EventFdTrigger;
+use crate::layout::{self, ACPI_START, MIN_MEMORY, SERIAL_GSI};
+use crate::{acpi, boot, cpu, Error, GuestExit, Result, VmConfig, BASE_CMDLINE, MAX_CPUS};
+
+/// Virtqueue size of each disk.
+const QUEUE_SIZE: u16 = 256;
+/// KVM_SET_TSS_ADDR: three pages just below the identity map page, in the MMIO hole.
+const TSS_ADDR: usize = 0xfffb_d000;
+/// KVM_SET_IDENTITY_MAP_ADDR.
+const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+/// Console escape: ^A then `x` stops the VM (when stdin is a terminal).
+const ESCAPE: u8 = 0x01;
+
+/// How the VM ended, as sent by the threads to the main thread.
+type VmEvent = Result<GuestExit>;
+
+/// Checks the configuration before anything is created.
+fn validate(config: &VmConfig) -> Result<()> {
+    if config.cpus == 0 || config.cpus > MAX_CPUS {
+        return Err(Error::Config(format!(
+            "--cpus must be 1 to {MAX_CPUS}, not {}",
+            config.cpus
+        )));
+    }
+    if config.memory < MIN_MEMORY {
+        return Err(Error::Config(format!(
+            "--memory must be at least {} MiB",
+            MIN_MEMORY >> 20
+        )));
+    }
+    if config.memory % 4096 != 0 {
+        return Err(Error::Config("--memory must be a multiple of 4 KiB".into()));
+    }
+    if config.disks.len() > crate::MAX_DISKS {
+        return Err(Error::Config(format!(
+            "at most {} disks, not {}",
+            crate::MAX_DISKS,
+            config.disks.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The kernel command line: [`BASE_CMDLINE`] then the user's.
+pub fn full_cmdline(extra: &str) -> String {
+    let extra = extra.trim();
+    if extra.is_empty() {
+        BASE_CMDLINE.to_string()
+    } else {
+        format!("{BASE_CMDLINE} {extra}")
+    }
+}
+
+/// Boots `config` and runs the guest until it resets or powers off (or fails: see the crate
+/// docs). Disks are flushed before this returns, whatever the outcome.
+pub fn run(config: &VmConfig) -> Result<GuestExit> {
+    validate(config)?;
+    let kvm = Kvm::new().map_err(|e| Error::kvm("open /dev/kvm", e))?;
+    let api = kvm.get_api_version();
+    if api != 12 {
+        return Err(Error::Config(format!(
+            "/dev/kvm has API version {api}, not 12"
+        )));
+    }
+
+    // Guest memory first: it must outlive the VM and every thread that uses it.
+    let regions: Vec<(GuestAddress, usize)> = layout::ram_regions(config.memory)
+        .into_iter()
+        .map(|(a, l)| (GuestAddress(a), l as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&regions)
+        .map_err(|e| Error::Setup(format!("allocate guest memory: {e}")))?;
+
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
+    vm.set_tss_address(TSS_ADDR)
+        .map_err(|e| Error::kvm("KVM_SET_TSS_ADDR", e))?;
+    if let Err(e) = vm.set_identity_map_address(IDENTITY_MAP_ADDR) {
+        tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+    }
+    vm.create_irq_chip()
+        .map_err(|e| Error::kvm("KVM_CREATE_IRQCHIP", e))?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| Error::Setup(format!("guest memory: {e}")))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host` is the start of an anonymous mapping of `region.len()` bytes owned by
+        // `mem`. `mem` (or a clone sharing the mapping) is kept alive by this function and by
+        // every thread that runs the guest, so the mapping outlives its use through KVM.
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+
+    // ACPI tables, then the kernel.
+    let mmio = acpi::mmio_devices(config.disks.len());
+    for (addr, bytes) in acpi::tables(ACPI_START, config.cpus, &mmio) {
+        mem.write_slice(&bytes, GuestAddress(addr))
+            .map_err(|e| Error::Setup(format!("write the ACPI tables: {e}")))?;
+    }
+    let cmdline = full_cmdline(&config.cmdline);
+    let boot = boot::load(
+        &mem,
+        config.memory,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &cmdline,
+        ACPI_START,
+    )?;
+
+    // Console.
+    let console = Arc::new(Mutex::new(ConsoleState::default()));
+    let serial_irq = new_eventfd()?;
+    vm.register_irqfd(&serial_irq, SERIAL_GSI)
+        .map_err(|e| Error::kvm("KVM_IRQFD (serial)", e))?;
+    let serial: SerialDevice = Serial::new(
+        EventFdTrigger(serial_irq),
+        ConsoleOut::new(Box::new(std::io::stdout()), console.clone()),
+    );
+    let serial = Arc::new(Mutex::new(serial));
+
+    // Disks.
+    let mut transports = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        transports.push(Arc::new(make_disk(&vm, &mem, i, disk)?));
+    }
+    let bus = Arc::new(Bus::new(serial.clone(), transports.clone()));
+
+    let (tx, rx) = channel::<VmEvent>();
+    let worker_stop = new_eventfd()?;
+    let mut workers = Vec::new();
+    for (i, t) in transports.iter().enumerate() {
+        let (t, tx) = (t.clone(), tx.clone());
+        let stop = worker_stop
+            .try_clone()
+            .map_err(|e| Error::Setup(format!("eventfd: {e}")))?;
+        let path = config.disks[i].path.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("disk{i}"))
+            .spawn(move || {
+                let r = disk_worker(&t, &stop).map_err(|source| Error::Disk { path, source });
+                if let Err(e) = &r {
+                    let _ = tx.send(Err(Error::Setup(e.to_string())));
+                }
+                r
+            })
+            .map_err(|e| Error::Setup(format!("spawn a disk thread: {e}")))?;
+        workers.push(h);
+    }
+
+    // vCPUs.
+    register_signal_handler(SIGRTMIN(), kick_handler)
+        .map_err(|e| Error::Setup(format!("install the vCPU kick signal handler: {e}")))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut vcpus: Vec<JoinHandle<()>> = Vec::new();
+    let mut fds = Vec::new();
+    for id in 0..config.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| Error::kvm(format!("KVM_CREATE_VCPU {id}"), e))?;
+        cpu::configure(&kvm, &fd, id, config.cpus, boot.entry)?;
+        fds.push(fd);
+    }
+    let terminal = TerminalGuard::new();
+    for (id, fd) in fds.into_iter().enumerate() {
+        let ctx = VcpuCtx {
+            id: id as u8,
+            bus: bus.clone(),
+            stop: stop.clone(),
+            console: console.clone(),
+            mem: mem.clone(),
+            tx: tx.clone(),
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || ctx.run(fd))
+            .map_err(|e| Error::Setup(format!("spawn a vCPU thread: {e}")))?;
+        vcpus.push(h);
+    }
+    spawn_stdin(serial.clone(), tx.clone(), terminal.is_some());
+    drop(tx);
+
+    let outcome = rx
+        .recv()
+        .unwrap_or_else(|_| Err(Error::Setup("every VM thread ended without a word".into())));
+
+    // Stop the vCPUs: set the flag, then kick until each has left KVM_RUN (a kick that lands
+    // just before KVM_RUN is lost, hence the repeats). A vCPU that never stops is left behind
+    // after about two seconds, so this never hangs.
+    stop.store(true, Ordering::SeqCst);
+    for _ in 0..200 {
+        if vcpus.iter().all(JoinHandle::is_finished) {
+            break;
+        }
+        for h in vcpus.iter().filter(|h| !h.is_finished()) {
+            let _ = h.kill(SIGRTMIN());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for h in vcpus {
+        if h.is_finished() {
+            let _ = h.join();
+        } else {
+            tracing::warn!("a vCPU did not stop");
+        }
+    }
+    // Stop the workers; each drains its requests and flushes its disk.
+    let _ = worker_stop.write(1);
+    let mut flush_error = None;
+    for (i, h) in workers.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => flush_error = flush_error.or(Some(e)),
+            Err(_) => {
+                flush_error = flush_error.or(Some(Error::Setup(format!(
+                    "disk {} thread panicked",
+                    config.disks[i].path.display()
+                ))))
+            }
+        }
+    }
+    drop(terminal);
+    let exit = outcome?;
+    match flush_error {
+        Some(e) => Err(e),
+        None => Ok(exit),
+    }
+}
+
+fn new_eventfd() -> Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")))
+}
+
+/// Opens disk `i` and builds its device, irqfd and ioeventfd.
+fn make_disk(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    i: usize,
+    disk: &crate::DiskConfig,
+) -> Result<VirtioMmio> {
+    let derr = |source| Error::Disk {
+        path: disk.path.clone(),
+        source,
+    };
+    let opts = if disk.read_only {
+        OpenOptions::read_only()
+    } else {
+        OpenOptions::read_write()
+    };
+    let chain = block_backend::open(&disk.path, opts).map_err(derr)?;
+    let engine = new_engine(EngineKind::IoUring, chain, usize::from(QUEUE_SIZE)).map_err(derr)?;
+    let irq = Arc::new(new_eventfd()?);
+    let gsi = layout::virtio_gsi(i);
+    vm.register_irqfd(&irq, gsi)
+        .map_err(|e| Error::kvm(format!("KVM_IRQFD (disk {i}, GSI {gsi})"), e))?;
+    let status = Arc::new(AtomicU32::new(0));
+    let (s, q) = (status.clone(), irq.clone());
+    let queue = Queue::new(QUEUE_SIZE).map_err(|e| Error::Setup(format!("virtqueue: {e:?}")))?;
+    let dev = VirtioBlk::new(
+        engine,
+        mem.clone(),
+        vec![queue],
+        Config {
+            id: format!("vhdkit{i}"),
+            num_queues: 1,
+        },
+        Box::new(move |_queue| {
+            s.fetch_or(INT_VRING, Ordering::SeqCst);
+            if let Err(e) = q.write(1) {
+                tracing::warn!("virtio interrupt: {e}");
+            }
+        }),
+    );
+    let kick = new_eventfd()?;
+    let notify = IoEventAddress::Mmio(layout::virtio_mmio_addr(i) + QUEUE_NOTIFY);
+    vm.register_ioevent(&kick, &notify, NoDatamatch)
+        .map_err(|e| Error::kvm(format!("KVM_IOEVENTFD (disk {i})"), e))?;
+    Ok(VirtioMmio::new(dev, status, kick))
+}
+
+/// The disk worker: queue notifications in, completions out, until `stop`; then drains and
+/// flushes.
+fn disk_worker(t: &VirtioMmio, stop: &EventFd) -> block_backend::Result<()> {
+    let io = |e: std::io::Error| block_backend::Error::Unsupported {
+        path: "epoll".into(),
+        what: e.to_string(),
+    };
+    let epoll = Epoll::new().map_err(io)?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            t.kick_evt().as_raw_fd(),
+            EpollEvent::new(EventSet::IN, 0),
+        )
+        .map_err(io)?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, 1),
+        )
+        .map_err(io)?;
+    let mut events = [EpollEvent::default(); 4];
+    loop {
+        let busy = t.with_device(|d| d.pending() > 0);
+        let n = match epoll.wait(if busy { 0 } else { -1 }, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(e)),
+        };
+        let mut kicked = false;
+        for e in &events[..n] {
+            if e.data() == 1 {
+                return t.with_device(|d| d.flush());
+            }
+            let _ = t.kick_evt().read();
+            kicked = true;
+        }
+        if kicked {
+            t.with_active_device(|d| d.process_queue(0))
+                .unwrap_or(Ok(()))?;
+        }
+        if busy || kicked {
+            // While requests are in flight, block until one completes: queue notifications
+            // that arrive meanwhile are picked up right after, in one batch.
+            t.with_device(|d| d.process_completions(busy))?;
+        }
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// What a vCPU thread needs.
+struct VcpuCtx {
+    id: u8,
+    bus: Arc<Bus>,
+    stop: Arc<AtomicBool>,
+    console: Arc<Mutex<ConsoleState>>,
+    /// Keeps guest memory mapped while this vCPU may run; reads instruction bytes.
+    mem: GuestMemoryMmap,
+    tx: Sender<VmEvent>,
+}
+
+/// The outcome of one KVM_RUN, with the borrow of the vCPU's run structure ended.
+enum Step {
+    Continue,
+    Event(BusEvent),
+    Shutdown,
+    SystemEvent(u32),
+    InternalError,
+    FailEntry(u64),
+    Unexpected(String),
+    RunError(kvm_ioctls::Error),
+}
+
+impl VcpuCtx {
+    fn run(self, mut vcpu: VcpuFd) {
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let step = match vcpu.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoIn(port, data) => {
+                        self.bus.pio_in(port, data);
+                        Step::Continue
+                    }
+                    VcpuExit::IoOut(port, data) => Step::Event(self.bus.pio_out(port, data)),
+                    VcpuExit::MmioRead(addr, data) => {
+                        self.bus.mmio_read(addr, data);
+                        Step::Continue
+                    }
+                    VcpuExit::MmioWrite(addr, data) => Step::Event(self.bus.mmio_write(addr, data)),
+                    VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => Step::Continue,
+                    VcpuExit::Shutdown => Step::Shutdown,
+                    VcpuExit::SystemEvent(kind, _) => Step::SystemEvent(kind),
+                    VcpuExit::InternalError => Step::InternalError,
+                    VcpuExit::FailEntry(reason, _) => Step::FailEntry(reason),
+                    other => Step::Unexpected(format!("{other:?}")),
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+                Err(e) => Step::RunError(e),
+            };
+            let outcome = match step {
+                Step::Continue | Step::Event(BusEvent::None) => continue,
+                Step::Event(BusEvent::Kick(i)) => {
+                    if let Some(t) = self.bus.virtio(i) {
+                        let _ = t.kick_evt().write(1);
+                    }
+                    continue;
+                }
+                Step::Event(BusEvent::Reset) => self.on_reset(),
+                Step::Event(BusEvent::PowerOff) => Ok(GuestExit::PowerOff),
+                Step::Shutdown => self.on_triple_fault(&vcpu),
+                Step::SystemEvent(KVM_SYSTEM_EVENT_RESET) => self.on_reset(),
+                Step::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN) => Ok(GuestExit::PowerOff),
+                Step::SystemEvent(KVM_SYSTEM_EVENT_CRASH) => {
+                    self.fail(&vcpu, "the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)")
+                }
+                Step::SystemEvent(kind) => {
+                    self.fail(&vcpu, &format!("KVM_EXIT_SYSTEM_EVENT type {kind}"))
+                }
+                Step::InternalError => {
+                    let what = internal_error(&mut vcpu);
+                    self.fail(&vcpu, &what)
+                }
+                Step::FailEntry(reason) => self.fail(
+                    &vcpu,
+                    &format!(
+                        "KVM_EXIT_FAIL_ENTRY: the VM entry failed (hardware reason {reason:#x})"
+                    ),
+                ),
+                Step::Unexpected(what) => self.fail(&vcpu, &format!("unexpected exit {what}")),
+                Step::RunError(e) => Err(Error::GuestFailure {
+                    cpu: self.id,
+                    reason: format!("KVM_RUN failed: {e}"),
+                }),
+            };
+            let _ = self.tx.send(outcome);
+            return;
+        }
+    }
+
+    fn on_reset(&self) -> VmEvent {
+        let st = self.console.lock().unwrap_or_else(|e| e.into_inner());
+        match &st.panic {
+            Some(p) => Err(Error::GuestPanic(p.clone())),
+            None => Ok(GuestExit::Reboot),
+        }
+    }
+
+    fn on_triple_fault(&self, vcpu: &VcpuFd) -> VmEvent {
+        let (panic, restarting) = {
+            let st = self.console.lock().unwrap_or_else(|e| e.into_inner());
+            (st.panic.clone(), st.restarting)
+        };
+        match panic {
+            Some(p) => Err(Error::GuestPanic(p)),
+            None if restarting => Ok(GuestExit::Reboot),
+            None => self.fail(
+                vcpu,
+                "triple fault (KVM_EXIT_SHUTDOWN) without a reboot request from the guest",
+            ),
+        }
+    }
+
+    fn fail(&self, vcpu: &VcpuFd, what: &str) -> VmEvent {
+        Err(Error::GuestFailure {
+            cpu: self.id,
+            reason: format!("{what}; {}", cpu_state(vcpu, &self.mem)),
+        })
+    }
+}
+
+/// `KVM_EXIT_INTERNAL_ERROR` with its suberror, data words and, for emulation failures, the
+/// instruction bytes KVM reports.
+fn internal_error(vcpu: &mut VcpuFd) -> String {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal` member of the
+    // union (and, for suberror 1 with the flag set, the `emulation_failure` view of the same
+    // bytes); both are plain integers, valid for any bit pattern.
+    let (internal, emulation) = unsafe {
+        (
+            run.__bindgen_anon_1.internal,
+            run.__bindgen_anon_1.emulation_failure,
+        )
+    };
+    let name = match internal.suberror {
+        1 => "emulation failure",
+        2 => "exception while delivering an exception",
+        3 => "failure while delivering an event",
+        4 => "unexpected exit reason",
+        _ => "unknown",
+    };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let data: Vec<String> = internal.data[..n]
+        .iter()
+        .map(|d| format!("{d:#x}"))
+        .collect();
+    let mut s = format!(
+        "KVM_EXIT_INTERNAL_ERROR suberror {} ({name}), data [{}]",
+        internal.suberror,
+        data.join(", ")
+    );
+    if internal.suberror == KVM_INTERNAL_ERROR_EMULATION
+        && emulation.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0
+    {
+        // SAFETY: the flag says the kernel filled the instruction bytes (plain integers).
+        let insn = unsafe { emulation.__bindgen_anon_1.__bindgen_anon_1 };
+        let len = usize::from(insn.insn_size).min(insn.insn_bytes.len());
+        s.push_str(&format!(
+            ", instruction bytes from KVM: {}",
+            hex(&insn.insn_bytes[..len])
+        ));
+    }
+    s
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// RIP, the mode registers and the 16 bytes at RIP (translated through the guest's page
+/// tables) for an error message.
+fn cpu_state(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
+    let Ok(regs) = vcpu.get_regs() else {
+        return "registers unavailable".into();
+    };
+    let mut s = format!(
+        "RIP={:#x} RSP={:#x} RFLAGS={:#x}",
+        regs.rip, regs.rsp, regs.rflags
+    );
+    if let Ok(sregs) = vcpu.get_sregs() {
+        s.push_str(&format!(
+            " CR0={:#x} CR3={:#x} CR4={:#x} EFER={:#x} CS={:#x}",
+            sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, sregs.cs.selector
+        ));
+        let rip = regs
+            .rip
+            .wrapping_add(if sregs.cr0 & 1 == 0 { sregs.cs.base } else { 0 });
+        match vcpu.translate_gva(rip) {
+            Ok(t) if t.valid != 0 => {
+                let mut b = [0u8; 16];
+                match mem.read_slice(&mut b, GuestAddress(t.physical_address)) {
+                    Ok(()) => s.push_str(&format!(
+                        ", bytes at RIP (GPA {:#x}): {}",
+                        t.physical_address,
+                        hex(&b)
+                    )),
+                    Err(_) => s.push_str(&format!(
+                        ", RIP maps to GPA {:#x} outside RAM",
+                        t.physical_address
+                    )),
+                }
+            }
+            _ => s.push_str(", RIP is not mapped"),
+        }
+    }
+    s
+}
+
+/// Restores the terminal mode on drop, when stdin is a terminal put in raw mode.
+struct TerminalGuard;
+
+impl TerminalGuard {
+    fn new() -> Option<TerminalGuard> {
+        let stdin = std::io::stdin();
+        let lock = stdin.lock();
+        if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            return None;
+        }
+        lock.set_raw_mode().ok()?;
+        Some(TerminalGuard)
+    }
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        let _ = std::io::stdin().lock().set_canon_mode();
+    }
+}
+
+/// Feeds stdin to the UART. With a terminal, ^A x stops the VM.
+fn spawn_stdin(serial: Arc<Mutex<SerialDevice>>, tx: Sender<VmEvent>, tty: bool) {
+    let _ = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut escape = false;
+            let stdin = std::io::stdin();
+            loop {
+                let n = match stdin.lock().read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut input = Vec::with_capacity(n);
+                for &b in &buf[..n] {
+                    if tty && escape {
+                        escape = false;
+                        if b == b'x' {
+                            let _ = tx
+                                .send(Err(Error::Setup("stopped from the console (^A x)".into())));
+                            return;
+                        }
+                        input.push(ESCAPE);
+                        if b == ESCAPE {
+                            continue;
+                        }
+                    } else if tty && b == ESCAPE {
+                        escape = true;
+                        continue;
+                    }
+                    input.push(b);
+                }
+                let mut rest = &input[..];
+                while !rest.is_empty() {
+                    let taken = serial
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .enqueue_raw_bytes(rest)
+                        .unwrap_or(0);
+                    rest = &rest[taken..];
+                    if !rest.is_empty() {
+                        // The guest has not read the FIFO yet.
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: "bzImage".into(),
+            initrd: None,
+            cmdline: String::new(),
+            memory: 512 << 20,
+            cpus: 1,
+            disks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn base_cmdline_comes_first() {
+        assert_eq!(full_cmdline(""), BASE_CMDLINE);
+        assert_eq!(full_cmdline(" quiet "), format!("{BASE_CMDLINE} quiet"));
+        assert!(BASE_CMDLINE.contains("reboot=k"));
+        assert!(!BASE_CMDLINE.contains("nomodule"), "would forbid insmod");
+    }
+
+    #[test]
+    fn bad_configurations_are_refused_before_touching_kvm() {
+        assert!(validate(&config()).is_ok());
+        assert!(validate(&VmConfig {
+            cpus: 0,
+            ..config()
+        })
+        .is_err());
+        assert!(validate(&VmConfig {
+            cpus: MAX_CPUS + 1,
+            ..config()
+        })
+        .is_err());
+        assert!(validate(&VmConfig {
+            memory: 64 << 20,
+            ..config()
+        })
+        .is_err());
+        assert!(validate(&VmConfig {
+            memory: (512 << 20) + 1,
+            ..config()
+        })
+        .is_err());
+        let disk = crate::DiskConfig {
+            path: "d".into(),
+            read_only: false,
+        };
+        assert!(validate(&VmConfig {
+            disks: vec![disk; crate::MAX_DISKS + 1],
+            ..config()
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn hex_formats_instruction_bytes() {
+        assert_eq!(hex(&[0x0f, 0xc7, 0x0e]), "0f c7 0e");
+    }
+}
