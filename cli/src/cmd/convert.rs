@@ -118,36 +118,94 @@ pub fn run(a: &Args) -> Result<u8> {
     Ok(0)
 }
 
-/// Copies the virtual disk of `src` into `sink`, skipping zeros.
+/// Buffers in flight between the reading and the writing thread (each CHUNK bytes): bounds
+/// memory at `BUFFERS * CHUNK` whatever the disk size.
+const BUFFERS: usize = 4;
+
+/// What the reading thread hands over.
+enum Piece {
+    /// A run the source's map calls zero, never read: only progress moves.
+    Hole(u64),
+    /// Bytes read at a virtual offset.
+    Data(u64, Vec<u8>),
+}
+
+/// Copies the virtual disk of `src` into `sink`, skipping zeros: one thread reads (following
+/// the source's map, so holes are never read), this one detects zeros and writes, so reading
+/// and writing overlap. Buffers go round between them; at most [`BUFFERS`] exist.
 fn copy(src: &mut Chain, sink: &mut Sink, size: u64, progress: &mut Progress) -> Result<()> {
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut window = 0;
-    let mut dirty = 0;
-    while window < size {
-        let wlen = (size - window).min(MAP_WINDOW);
-        for e in src.map(window, wlen)? {
-            if e.zero && !e.data {
-                progress.inc(e.length);
-                continue;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Piece>>(BUFFERS);
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+    for _ in 0..BUFFERS {
+        free_tx
+            .send(vec![0u8; CHUNK as usize])
+            .expect("receiver is alive");
+    }
+    std::thread::scope(|scope| -> Result<()> {
+        let reader = scope.spawn(move || {
+            let mut window = 0;
+            while window < size {
+                let wlen = (size - window).min(MAP_WINDOW);
+                let map = match src.map(window, wlen) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = full_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                for e in map {
+                    if e.zero && !e.data {
+                        if full_tx.send(Ok(Piece::Hole(e.length))).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let mut pos = e.offset;
+                    while pos < e.end() {
+                        // Chunks end on CHUNK-aligned boundaries so writes line up with blocks.
+                        let next = ((pos / CHUNK + 1) * CHUNK).min(e.end());
+                        let Ok(mut buf) = free_rx.recv() else { return };
+                        buf.resize((next - pos) as usize, 0);
+                        let r = src.read_at(&mut buf, pos).map(|()| Piece::Data(pos, buf));
+                        let failed = r.is_err();
+                        if full_tx.send(r.map_err(Into::into)).is_err() || failed {
+                            return;
+                        }
+                        pos = next;
+                    }
+                }
+                window += wlen;
             }
-            let mut pos = e.offset;
-            while pos < e.end() {
-                // Chunks end on CHUNK-aligned boundaries so writes line up with blocks.
-                let next = ((pos / CHUNK + 1) * CHUNK).min(e.end());
-                let b = &mut buf[..(next - pos) as usize];
-                src.read_at(b, pos)?;
-                dirty += write_nonzero(sink, b, pos)?;
+        });
+        let mut dirty = 0;
+        let result = (|| -> Result<()> {
+            for item in full_rx.iter() {
+                let (offset, buf) = match item? {
+                    Piece::Hole(len) => {
+                        progress.inc(len);
+                        continue;
+                    }
+                    Piece::Data(offset, buf) => (offset, buf),
+                };
+                dirty += write_nonzero(sink, &buf, offset)?;
                 if dirty >= WRITEBACK_STEP {
                     sink.start_writeback();
                     dirty = 0;
                 }
-                progress.inc(next - pos);
-                pos = next;
+                progress.inc(buf.len() as u64);
+                // The reader may have finished: a closed channel is fine.
+                let _ = free_tx.send(buf);
             }
-        }
-        window += wlen;
-    }
-    Ok(())
+            Ok(())
+        })();
+        // On an error, dropping the receivers stops the reader at its next send.
+        drop(full_rx);
+        drop(free_tx);
+        reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("the reading thread panicked"))?;
+        result
+    })
 }
 
 /// Writes the runs of `buf` (which holds `[offset, offset + len)`) that are not whole zero
