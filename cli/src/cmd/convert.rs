@@ -1,16 +1,20 @@
 //! `vhdtool convert [-O raw|vhd|vhdx] [--type fixed|dynamic] [--block-size SIZE] [--sparse]
-//! [-p] [--force] SRC DST`
+//! [--azure] [-p] [--force] SRC DST`
 //!
 //! ```text
-//!   SRC chain ──map (1 GiB windows)──> data runs ──read 2 MiB aligned chunks──> skip zero
-//!   4 KiB granules ──> write to  .DST.vhdtool-tmp-<pid> ──flush──> rename onto DST
+//!   reader thread:  SRC chain ──map (1 GiB windows)──> data runs ──read 2 MiB aligned chunks──┐
+//!                                                               (≤ 4 buffers in flight)     │
+//!   main thread:    skip zero 4 KiB granules ──> write .DST.vhdtool-tmp-<pid> <──────────────┘
+//!                   (writeback started every 32 MiB) ──fdatasync──> link/rename to DST ──fsync dir
 //! ```
 //!
-//! The source is read through the Disk API, so a differencing chain comes out flattened.
-//! Ranges the source map calls zero are never read, and all-zero data is never written: dynamic
-//! outputs keep those blocks unallocated, raw outputs keep them as holes. The output lives under
-//! a temporary name in DST's directory until it is complete and flushed; on any error it is
-//! removed. An existing DST is only replaced with `--force`.
+//! The source is read through the Disk API, so a differencing chain comes out flattened; a
+//! block device (or partition) is read as a raw disk (P2V). Ranges the source map calls zero
+//! are never read, and all-zero data is never written: dynamic outputs keep those blocks
+//! unallocated, raw outputs keep them as holes. The output lives under a temporary name in
+//! DST's directory until it is complete and synced; only then does it get its name, and the
+//! directory is synced after. On any error it is removed. An existing DST is only replaced with
+//! `--force`. Memory is bounded by the buffers in flight, whatever the disk size.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
