@@ -17,7 +17,8 @@
 //!
 //! Kernel and busybox come from Debian packages (`apt-get download linux-image-cloud-amd64`'s
 //! kernel package, busybox-static, qemu-system-x86); the kernel is cached under
-//! `target/vmm-e2e/`. `VHDKIT_BOOT_MODE=direct|nested` forces a mode. The only time limit is a
+//! `target/vmm-e2e/`. `VHDKIT_BOOT_MODE=direct|nested` forces a mode; `VHDKIT_BOOT_CMDLINE`
+//! replaces the guest's extra command line (`quiet`). The only time limit is a
 //! hang guard (10 minutes) that kills the VM and fails with its output.
 
 use std::fs;
@@ -342,7 +343,8 @@ fn boot_args(base: &str, kernel: &str, initrd: &str) -> Vec<String> {
         "--disk".into(),
         format!("{base}/ro.raw,read-only"),
         "--cmdline".into(),
-        "quiet".into(),
+        // VHDKIT_BOOT_CMDLINE replaces "quiet" (e.g. "" to see the whole kernel log).
+        std::env::var("VHDKIT_BOOT_CMDLINE").unwrap_or_else(|_| "quiet".into()),
     ]
 }
 
@@ -402,7 +404,7 @@ fn run_guarded(mut cmd: Command, what: &str) -> (Option<i32>, String) {
 
 fn run_direct(dir: &Path, kernel: &Kernel, initrd: &Path) -> String {
     let mut cmd = Command::new(vhdtool_bin());
-    cmd.args(boot_args(
+    cmd.env("VHDKIT_VMM_EXIT_STATS", "1").args(boot_args(
         &dir.display().to_string(),
         &kernel.vmlinuz.display().to_string(),
         &initrd.display().to_string(),
@@ -464,7 +466,8 @@ fn run_nested(dir: &Path, kernel: &Kernel, initrd: &Path) -> String {
     write_exec(
         &stage.join("run.sh"),
         &format!(
-            "exec /work/lib/ld-linux-x86-64.so.2 --library-path /work/lib /work/vhdtool {} </dev/null\n",
+            "export VHDKIT_VMM_EXIT_STATS=1\n\
+             exec /work/lib/ld-linux-x86-64.so.2 --library-path /work/lib /work/vhdtool {} </dev/null\n",
             args.join(" ")
         ),
     );

@@ -396,6 +396,48 @@ struct VcpuCtx {
     tx: Sender<VmEvent>,
 }
 
+/// Exit counts by kind and port/address, printed to stderr when the vCPU ends if
+/// `VHDKIT_VMM_EXIT_STATS=1` (to see where a slow boot spends its exits).
+struct ExitStats {
+    counts: Option<std::collections::HashMap<(&'static str, u64), u64>>,
+    start: std::time::Instant,
+}
+
+impl ExitStats {
+    fn from_env() -> ExitStats {
+        let on = std::env::var_os("VHDKIT_VMM_EXIT_STATS").is_some_and(|v| v == "1");
+        ExitStats {
+            counts: on.then(std::collections::HashMap::new),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn count(&mut self, kind: &'static str, addr: u64) {
+        if let Some(c) = &mut self.counts {
+            *c.entry((kind, addr)).or_default() += 1;
+        }
+    }
+
+    fn report(&mut self, cpu: u8) {
+        let Some(c) = self.counts.take() else {
+            return;
+        };
+        let total: u64 = c.values().sum();
+        let mut v: Vec<_> = c.into_iter().collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
+        let top: Vec<String> = v
+            .iter()
+            .take(12)
+            .map(|((k, a), n)| format!("{k} {a:#x}: {n}"))
+            .collect();
+        eprintln!(
+            "vmm: vCPU {cpu}: {total} port/MMIO exits in {:.1} s; {}",
+            self.start.elapsed().as_secs_f64(),
+            top.join(", ")
+        );
+    }
+}
+
 /// The outcome of one KVM_RUN, with the borrow of the vCPU's run structure ended.
 enum Step {
     Continue,
@@ -410,22 +452,32 @@ enum Step {
 
 impl VcpuCtx {
     fn run(self, mut vcpu: VcpuFd) {
+        let mut stats = ExitStats::from_env();
         loop {
             if self.stop.load(Ordering::SeqCst) {
+                stats.report(self.id);
                 return;
             }
             let step = match vcpu.run() {
                 Ok(exit) => match exit {
                     VcpuExit::IoIn(port, data) => {
+                        stats.count("pio in", u64::from(port));
                         self.bus.pio_in(port, data);
                         Step::Continue
                     }
-                    VcpuExit::IoOut(port, data) => Step::Event(self.bus.pio_out(port, data)),
+                    VcpuExit::IoOut(port, data) => {
+                        stats.count("pio out", u64::from(port));
+                        Step::Event(self.bus.pio_out(port, data))
+                    }
                     VcpuExit::MmioRead(addr, data) => {
+                        stats.count("mmio read", addr);
                         self.bus.mmio_read(addr, data);
                         Step::Continue
                     }
-                    VcpuExit::MmioWrite(addr, data) => Step::Event(self.bus.mmio_write(addr, data)),
+                    VcpuExit::MmioWrite(addr, data) => {
+                        stats.count("mmio write", addr);
+                        Step::Event(self.bus.mmio_write(addr, data))
+                    }
                     VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => Step::Continue,
                     VcpuExit::Shutdown => Step::Shutdown,
                     VcpuExit::SystemEvent(kind, _) => Step::SystemEvent(kind),
@@ -471,6 +523,7 @@ impl VcpuCtx {
                     reason: format!("KVM_RUN failed: {e}"),
                 }),
             };
+            stats.report(self.id);
             let _ = self.tx.send(outcome);
             return;
         }
