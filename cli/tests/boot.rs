@@ -267,3 +267,43 @@ fn an_instruction_kvm_cannot_emulate_exits_1_naming_the_internal_error() {
     assert!(r.stderr.contains("KVM_EXIT_INTERNAL_ERROR"), "{}", r.stderr);
     assert!(r.stderr.contains("db 28"), "{}", r.stderr);
 }
+
+#[test]
+fn sigterm_stops_a_spinning_guest_cleanly_with_exit_1() {
+    use std::io::BufRead;
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("spin.bzImage");
+    // Print, then spin in KVM_RUN forever (jmp $) on both vCPUs' worth of work.
+    let code = Asm::default().print("spinning\n").raw(&[0xeb, 0xfe]);
+    std::fs::write(&kernel, bzimage(&code.0)).unwrap();
+    let disk = dir.path().join("d.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut child = vhdtool()
+        .arg("boot")
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "128M", "--cpus", "2", "--disk"])
+        .arg(&disk)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "spinning\n");
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("stopped by SIGTERM"), "{err}");
+}

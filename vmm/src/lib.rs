@@ -61,9 +61,10 @@
 //! and [`GuestExit::PowerOff`] on ACPI S5 (`poweroff -f`). A kernel panic (seen on the console),
 //! an unexpected triple fault (`KVM_EXIT_SHUTDOWN`), `KVM_EXIT_INTERNAL_ERROR` (with its
 //! suberror and the instruction bytes for emulation failures), a failed VM entry or any other
-//! unexpected exit is an [`Error`] that names it, with the vCPU's RIP and the bytes there. Every
-//! way out stops all vCPUs (signal kick) and the disk workers, which drain their I/O and flush
-//! the disks before `run` returns.
+//! unexpected exit is an [`Error`] that names it, with the vCPU's RIP and the bytes there.
+//! SIGINT/SIGTERM (and ^A x on a terminal console) stop the VM with an error. Every way out
+//! stops all vCPUs (signal kick) and the disk workers, which drain their I/O and flush the disks
+//! before `run` returns. `VHDKIT_VMM_EXIT_STATS=1` prints each vCPU's port/MMIO exit counts.
 //!
 //! # Running it
 //!

@@ -35,7 +35,7 @@ use vm_memory::{
 use vm_superio::Serial;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::{block_signal, register_signal_handler, Killable, SIGRTMIN};
 use vmm_sys_util::terminal::Terminal;
 
 use crate::devices::bus::{Bus, BusEvent};
@@ -56,6 +56,24 @@ const ESCAPE: u8 = 0x01;
 
 /// How the VM ended, as sent by the threads to the main thread.
 type VmEvent = Result<GuestExit>;
+
+/// The signal (SIGINT or SIGTERM) that asked the VMM to stop, 0 if none.
+static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn stop_handler(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP_SIGNAL.store(num, Ordering::SeqCst);
+}
+
+/// Keeps SIGINT and SIGTERM away from the calling (VMM-spawned) thread: they go to the main
+/// thread, which stops the VM cleanly, instead of interrupting a KVM_RUN, a read or an
+/// io_uring wait here.
+fn block_stop_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        if let Err(e) = block_signal(sig) {
+            tracing::warn!("cannot block signal {sig}: {e}");
+        }
+    }
+}
 
 /// Checks the configuration before anything is created.
 fn validate(config: &VmConfig) -> Result<()> {
@@ -193,6 +211,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
         let h = std::thread::Builder::new()
             .name(format!("disk{i}"))
             .spawn(move || {
+                block_stop_signals();
                 let r = disk_worker(&t, &stop).map_err(|source| Error::Disk { path, source });
                 if let Err(e) = &r {
                     let _ = tx.send(Err(Error::Setup(e.to_string())));
@@ -216,6 +235,13 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
         cpu::configure(&kvm, &fd, id, config.cpus, boot.entry)?;
         fds.push(fd);
     }
+    // SIGINT/SIGTERM stop the VM like any other exit: vCPUs stopped, disks drained and
+    // flushed; the result is an error naming the signal.
+    STOP_SIGNAL.store(0, Ordering::SeqCst);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        register_signal_handler(sig, stop_handler)
+            .map_err(|e| Error::Setup(format!("install the handler of signal {sig}: {e}")))?;
+    }
     let terminal = TerminalGuard::new();
     for (id, fd) in fds.into_iter().enumerate() {
         let ctx = VcpuCtx {
@@ -228,16 +254,35 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
         };
         let h = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || ctx.run(fd))
+            .spawn(move || {
+                block_stop_signals();
+                ctx.run(fd)
+            })
             .map_err(|e| Error::Setup(format!("spawn a vCPU thread: {e}")))?;
         vcpus.push(h);
     }
     spawn_stdin(serial.clone(), tx.clone(), terminal.is_some());
     drop(tx);
 
-    let outcome = rx
-        .recv()
-        .unwrap_or_else(|_| Err(Error::Setup("every VM thread ended without a word".into())));
+    let outcome = loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(ev) => break ev,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let sig = STOP_SIGNAL.load(Ordering::SeqCst);
+                if sig != 0 {
+                    let name = if sig == libc::SIGINT {
+                        "SIGINT"
+                    } else {
+                        "SIGTERM"
+                    };
+                    break Err(Error::Setup(format!("stopped by {name}")));
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(Error::Setup("every VM thread ended without a word".into()))
+            }
+        }
+    };
 
     // Stop the vCPUs: set the flag, then kick until each has left KVM_RUN (a kick that lands
     // just before KVM_RUN is lost, hence the repeats). A vCPU that never stops is left behind
@@ -676,13 +721,16 @@ fn spawn_stdin(serial: Arc<Mutex<SerialDevice>>, tx: Sender<VmEvent>, tty: bool)
     let _ = std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
+            block_stop_signals();
             let mut buf = [0u8; 64];
             let mut escape = false;
             let stdin = std::io::stdin();
             loop {
                 let n = match stdin.lock().read(&mut buf) {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) => return,
                     Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
                 };
                 let mut input = Vec::with_capacity(n);
                 for &b in &buf[..n] {
