@@ -24,9 +24,9 @@ pub struct Args {
     /// Let other users access the mount (non-root: needs user_allow_other in /etc/fuse.conf).
     #[arg(long)]
     pub allow_other: bool,
-    /// Threads serving requests.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub threads: u16,
+    /// Threads serving requests (default: one per CPU, 2 to 8).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: Option<u16>,
     /// The image (raw, VHD, VHDX; differencing chains are followed).
     pub image: PathBuf,
     /// The directory to mount on; it then holds `disk`, `p1`, `p2`, ...
@@ -46,7 +46,9 @@ pub fn run(a: &Args) -> Result<u8> {
         read_only: a.read_only,
         foreground: a.foreground,
         allow_other: a.allow_other,
-        threads: a.threads.into(),
+        threads: a
+            .threads
+            .map_or_else(fuse_mount::daemon::default_threads, usize::from),
     };
     let prepared = fuse_mount::prepare(&a.image, &opts)
         .with_context(|| format!("open {}", a.image.display()))?;
