@@ -351,7 +351,13 @@ impl<F: ImageFile> VhdxImage<F> {
         let end = offset
             .checked_add(buf.len() as u64)
             .ok_or_else(|| Error::InvalidArgument("offset overflow".into()))?;
-        let on_disk = self.file.len().map_err(io(&self.path, "stat", offset))?;
+        // Fast path (every payload read): the range is in the file, one pread, no stat.
+        let direct = end <= self.file_len && self.file.read_exact_at(buf, offset).is_ok();
+        let on_disk = if direct {
+            end
+        } else {
+            self.file.len().map_err(io(&self.path, "stat", offset))?
+        };
         if end > self.file_len.max(on_disk) {
             return Err(Error::Corrupt {
                 path: self.path.clone(),
@@ -365,7 +371,7 @@ impl<F: ImageFile> VhdxImage<F> {
             });
         }
         let real = on_disk.saturating_sub(offset).min(buf.len() as u64) as usize;
-        if real > 0 {
+        if real > 0 && !direct {
             self.file
                 .read_exact_at(&mut buf[..real], offset)
                 .map_err(io(&self.path, "read", offset))?;
