@@ -199,6 +199,25 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
     }
     let bus = Arc::new(Bus::new(serial.clone(), transports.clone()));
 
+    // vCPUs and signal handlers, before any thread starts (a failure here leaves none behind).
+    let mut fds = Vec::new();
+    for id in 0..config.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| Error::kvm(format!("KVM_CREATE_VCPU {id}"), e))?;
+        cpu::configure(&kvm, &fd, id, config.cpus, boot.entry)?;
+        fds.push(fd);
+    }
+    register_signal_handler(SIGRTMIN(), kick_handler)
+        .map_err(|e| Error::Setup(format!("install the vCPU kick signal handler: {e}")))?;
+    // SIGINT/SIGTERM stop the VM like any other exit: vCPUs stopped, disks drained and
+    // flushed; the result is an error naming the signal.
+    STOP_SIGNAL.store(0, Ordering::SeqCst);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        register_signal_handler(sig, stop_handler)
+            .map_err(|e| Error::Setup(format!("install the handler of signal {sig}: {e}")))?;
+    }
+
     let (tx, rx) = channel::<VmEvent>();
     let worker_stop = new_eventfd()?;
     let mut workers = Vec::new();
@@ -222,26 +241,8 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
         workers.push(h);
     }
 
-    // vCPUs.
-    register_signal_handler(SIGRTMIN(), kick_handler)
-        .map_err(|e| Error::Setup(format!("install the vCPU kick signal handler: {e}")))?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut vcpus: Vec<JoinHandle<()>> = Vec::new();
-    let mut fds = Vec::new();
-    for id in 0..config.cpus {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|e| Error::kvm(format!("KVM_CREATE_VCPU {id}"), e))?;
-        cpu::configure(&kvm, &fd, id, config.cpus, boot.entry)?;
-        fds.push(fd);
-    }
-    // SIGINT/SIGTERM stop the VM like any other exit: vCPUs stopped, disks drained and
-    // flushed; the result is an error naming the signal.
-    STOP_SIGNAL.store(0, Ordering::SeqCst);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        register_signal_handler(sig, stop_handler)
-            .map_err(|e| Error::Setup(format!("install the handler of signal {sig}: {e}")))?;
-    }
     let terminal = TerminalGuard::new();
     for (id, fd) in fds.into_iter().enumerate() {
         let ctx = VcpuCtx {
