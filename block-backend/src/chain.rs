@@ -12,7 +12,7 @@
 //!
 //! Invariants:
 //! - Parents are found through the candidate paths the child stores, in order; the first one that
-//!   exists is opened **read-only** and must carry the UUID the child expects.
+//!   is a regular file is opened **read-only** and must carry the UUID the child expects.
 //! - A chain never holds the same file twice (cycles are detected on canonical paths) and never
 //!   holds more than [`MAX_CHAIN_DEPTH`] layers.
 //! - A read-only chain opens every file without write access; writes fail before touching any
@@ -189,7 +189,9 @@ impl Chain {
             let Some(found) = link
                 .candidates
                 .iter()
-                .find(|c| c.metadata().is_ok_and(|m| !m.is_dir()))
+                // Regular files only: opening a FIFO a hostile locator names would block
+                // forever, and devices or directories are never images.
+                .find(|c| c.metadata().is_ok_and(|m| m.is_file()))
             else {
                 return Err(Error::ParentNotFound {
                     child: child_path,

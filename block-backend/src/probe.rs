@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!   bytes 0..8 == "vhdxfile"            -> VHDX
+//!   "head" at 64/128 KiB and "regi" at 192/256 KiB -> VHDX (damaged identifier: fails to open)
 //!   vhd::VhdImage::probe (footer cookie) -> VHD   (fixed VHDs only have the footer at the end)
 //!   anything else                        -> raw
 //! ```
@@ -20,13 +21,24 @@ const VHDX_MAGIC: &[u8; 8] = b"vhdxfile";
 pub fn probe(file: &File, path: &Path) -> Result<Format> {
     let mut magic = [0u8; 8];
     let n = read_prefix(file, &mut magic).map_err(|e| Error::io(path, "probe", 0, e))?;
-    if n == magic.len() && &magic == VHDX_MAGIC {
+    if n == magic.len() && &magic == VHDX_MAGIC || damaged_vhdx(file) {
         return Ok(Format::Vhdx);
     }
     if vhd::VhdImage::probe(file).map_err(|e| Error::io(path, "probe VHD footer", 0, e))? {
         return Ok(Format::Vhd);
     }
     Ok(Format::Raw)
+}
+
+/// A VHDX whose file identifier is damaged but whose header and region table signatures are in
+/// place: it must fail to open as a VHDX (naming the identifier), not read as a raw disk.
+fn damaged_vhdx(file: &File) -> bool {
+    let sig_at = |at: u64, want: &[u8; 4]| {
+        let mut b = [0u8; 4];
+        file.read_exact_at(&mut b, at).is_ok() && &b == want
+    };
+    (sig_at(64 << 10, b"head") || sig_at(128 << 10, b"head"))
+        && (sig_at(192 << 10, b"regi") || sig_at(256 << 10, b"regi"))
 }
 
 /// Opens `path` read-only and detects its format.

@@ -133,9 +133,14 @@ pub struct VhdImage<F: ImageFile = File> {
 
 impl VhdImage {
     /// Whether `file` looks like a VHD: a `conectix` footer in the last 512 or 511 bytes, or at
-    /// offset 0 (dynamic images whose trailing footer is damaged).
+    /// offset 0 (dynamic images whose trailing footer is damaged, or that were cut short: they
+    /// must fail to open as VHDs, not read as raw disks).
     pub fn probe(file: &File) -> std::io::Result<bool> {
         let len = file.metadata()?.len();
+        let mut head = [0u8; 8];
+        if len >= 8 && file.read_exact_at(&mut head, 0).is_ok() && &head == crate::footer::COOKIE {
+            return Ok(true);
+        }
         if len < FOOTER_SIZE as u64 - 1 {
             return Ok(false);
         }
@@ -143,13 +148,7 @@ impl VhdImage {
         let at = len.saturating_sub(FOOTER_SIZE as u64);
         let n = (len - at) as usize;
         file.read_exact_at(&mut tail[..n], at)?;
-        if &tail[..8] == crate::footer::COOKIE || &tail[1..9] == crate::footer::COOKIE {
-            return Ok(true);
-        }
-        let mut head = [0u8; 8];
-        Ok(len >= 1024
-            && file.read_exact_at(&mut head, 0).is_ok()
-            && &head == crate::footer::COOKIE)
+        Ok(&tail[..8] == crate::footer::COOKIE || &tail[1..9] == crate::footer::COOKIE)
     }
 
     /// Opens an image. Any checksum or structural problem is an error naming the structure and

@@ -1,8 +1,11 @@
 //! `check` and `repair` for VHDX, and the BAT validation `open` relies on.
 //!
-//! Findings: unreadable or inconsistent structures (anything `open` refuses), a pending log
-//! (other readers would see stale metadata until it is replayed), blocks without data that still
-//! carry a file offset (Hyper-V refuses those), and file space no structure uses (leaks).
+//! Findings: unreadable or inconsistent structures (anything `open` refuses), blocks without
+//! data that still carry a file offset (Hyper-V refuses those), and, with the leaks (exit 3, no
+//! harm to data), file space no structure uses and a pending log. A pending log is what a crash
+//! inside a flush leaves by design: the check runs on the image as replayed (in memory), which is
+//! what every reader must see (MS-VHDX: the log is replayed before the file is used); a reader
+//! that ignores logs would see stale metadata until `repair` replays it on disk.
 //! `repair` opens the image writable, which replays a pending log on disk, and drops leaked
 //! space at the end of the file.
 
@@ -203,10 +206,10 @@ fn report<F: ImageFile>(img: &VhdxImage<F>) -> CheckReport {
     let mut r = CheckReport::default();
     // A writable open has already replayed the log on disk; a read-only one only in memory.
     if img.replayed_log() && !img.is_writable() {
-        r.corruptions.push(Finding {
+        r.leaks.push(Finding {
             structure: "log".into(),
             offset: img.header().log_offset,
-            message: format!("{}: log at offset {} holds entries that must be replayed (other readers see stale metadata); `check --repair` replays it", img.path().display(), img.header().log_offset),
+            message: format!("{}: log at offset {} holds entries to replay (a flush was interrupted); this check and every reader that replays logs see the data as it should be, readers that ignore logs see stale metadata; `check --repair` replays it", img.path().display(), img.header().log_offset),
         });
     }
     let regions = img.regions();

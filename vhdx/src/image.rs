@@ -138,6 +138,10 @@ pub(crate) fn io<'a>(
     }
 }
 
+/// Largest file a log replay may ask for: twice the largest virtual disk (payload plus
+/// metadata and leaked space never come near it).
+const MAX_FILE_LEN: u64 = 2 * crate::format::MAX_VIRTUAL_SIZE;
+
 /// Most zero-filled pages a read-only replay keeps in memory (64 MiB).
 const MAX_OVERLAY_ZERO_PAGES: u64 = 16384;
 
@@ -428,6 +432,36 @@ impl<F: ImageFile> VhdxImage<F> {
             }
             return Ok(());
         };
+        // A hostile log may name any offset or length: every write must land inside the file
+        // as the entry says it will be (LastFileOffset), and that must be a size a VHDX can
+        // have; otherwise a replay would write (or allocate) without bound.
+        let limit = self.file_len.max(replay.last_file_offset);
+        let outside = replay.writes.iter().find(|w| {
+            let (offset, len) = match w {
+                LogWrite::Page { offset, .. } => (*offset, SECTOR as u64),
+                LogWrite::Zero { offset, length } => (*offset, *length),
+            };
+            offset.checked_add(len).is_none_or(|end| end > limit)
+        });
+        if replay.last_file_offset > MAX_FILE_LEN || outside.is_some() {
+            return Err(Error::Corrupt {
+                path: self.path.clone(),
+                structure: "log",
+                offset: h.log_offset,
+                reason: match outside {
+                    Some(LogWrite::Page { offset, .. }) => format!(
+                        "entry writes a page at {offset:#x}, outside the file ({limit:#x} bytes)"
+                    ),
+                    Some(LogWrite::Zero { offset, length }) => format!(
+                        "entry zeroes {length:#x} bytes at {offset:#x}, outside the file ({limit:#x} bytes)"
+                    ),
+                    None => format!(
+                        "entry's last file offset {:#x} is beyond any VHDX",
+                        replay.last_file_offset
+                    ),
+                },
+            });
+        }
         if self.file_len < replay.flushed_file_offset {
             return Err(Error::Corrupt { path: self.path.clone(), structure: "log", offset: h.log_offset, reason: format!("file is {} bytes but the log was written when it had {}: the file was truncated", self.file_len, replay.flushed_file_offset) });
         }
