@@ -43,7 +43,8 @@ impl Seeds {
         self.count += 1;
     }
 
-    /// A file as a seed: raw when small, sparse-encoded otherwise (whichever is smaller).
+    /// A file as two seeds: raw or sparse-encoded (whichever is smaller), and sparse-encoded
+    /// with the "recompute checksums" magic, so mutations of it reach past the checksums.
     fn put_file(&mut self, target: &str, name: &str, file: &[u8]) {
         let enc = sparse::encode(file);
         if enc.len() < file.len() {
@@ -51,6 +52,7 @@ impl Seeds {
         } else {
             self.put(target, name, file);
         }
+        self.put(target, &format!("{name}-resealed"), &resealed(enc));
     }
 }
 
@@ -126,13 +128,15 @@ fn pair(kind: u8, child: &[u8], parent: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A pair member: always sparse-encoded with the "recompute checksums" magic.
 fn encode_if_large(file: &[u8]) -> Vec<u8> {
-    let enc = sparse::encode(file);
-    if enc.len() < file.len() {
-        enc
-    } else {
-        file.to_vec()
-    }
+    resealed(sparse::encode(file))
+}
+
+/// `enc` (sparse-encoded) marked to have its checksums recomputed after decoding.
+fn resealed(mut enc: Vec<u8>) -> Vec<u8> {
+    enc[..4].copy_from_slice(sparse::MAGIC_RESEALED);
+    enc
 }
 
 /// Writes a few patterns into the disk at `path` (through the backend, as vhdtool would).

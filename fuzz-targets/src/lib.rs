@@ -27,6 +27,7 @@
 mod bounded;
 mod diff_pair;
 mod input;
+pub mod reseal;
 pub mod sparse;
 mod vhd_open;
 mod vhdx_log;

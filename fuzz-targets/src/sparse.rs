@@ -7,18 +7,30 @@
 //! ```
 //!
 //! An input that does not start with the magic is the file itself, so any raw image (or a crash
-//! found elsewhere) replays as is.
+//! found elsewhere) replays as is. The magic `VXSS` decodes the same way and then recomputes
+//! every checksum of the file ([`crate::reseal`]), letting mutations past them.
 
 /// Marks an encoded input.
 pub const MAGIC: &[u8; 4] = b"VXSP";
+/// Marks an encoded input whose checksums are recomputed after decoding.
+pub const MAGIC_RESEALED: &[u8; 4] = b"VXSS";
 /// Largest file an encoded input describes (bounds the memory a fuzz input costs).
 pub const MAX_LEN: u32 = 16 << 20;
 
 /// The file an input stands for.
 pub fn decode(data: &[u8]) -> Vec<u8> {
-    let Some(body) = data.strip_prefix(MAGIC) else {
-        return data.to_vec();
-    };
+    if let Some(body) = data.strip_prefix(MAGIC_RESEALED) {
+        let mut file = decode_body(body);
+        crate::reseal::reseal(&mut file);
+        return file;
+    }
+    match data.strip_prefix(MAGIC) {
+        Some(body) => decode_body(body),
+        None => data.to_vec(),
+    }
+}
+
+fn decode_body(body: &[u8]) -> Vec<u8> {
     if body.len() < 4 {
         return Vec::new();
     }
@@ -105,5 +117,23 @@ mod tests {
         let d = decode(b"VXSP\x10\x00\x00\x00\x0e\x00\x00\x00\xff\xffabc");
         assert_eq!(d.len(), 16);
         assert_eq!(&d[14..], b"ab");
+        assert_eq!(decode(b"VXSS\x10\x00\x00\x00"), vec![0u8; 16]);
+    }
+
+    #[test]
+    fn resealed_inputs_get_valid_checksums() {
+        // A VHD footer whose checksum is wrong: the resealed decoding fixes it.
+        let mut f = vec![0u8; 512];
+        f[..8].copy_from_slice(b"conectix");
+        f[64..68].copy_from_slice(&[1, 2, 3, 4]);
+        let mut enc = encode(&f);
+        enc[..4].copy_from_slice(MAGIC_RESEALED);
+        let d = decode(&enc);
+        let sum = d
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(64..68).contains(i))
+            .fold(0u32, |s, (_, &b)| s + b as u32);
+        assert_eq!(&d[64..68], &(!sum).to_be_bytes());
     }
 }
