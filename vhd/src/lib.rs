@@ -26,6 +26,11 @@
 //!   ANSI locators, then the parent unicode name and its base name beside the child; the
 //!   parent's footer UUID must match. Windows' zero parent timestamp is accepted.
 //!
+//! ## In-place edits
+//! [`compact`] (release blocks, close holes, truncate), [`resize`] (grow, shrink over zeros),
+//! [`merge`] (commit a child into its parent) and [`rebase`] (new parent locators) each keep
+//! a valid image with the same content at every synced step; their module docs give the order.
+//!
 //! ## Invariants
 //! - Untrusted input: every offset, length and count read from a file is bounds-checked
 //!   against the file; allocations are bounded by the file's size; bad input is a typed

@@ -21,6 +21,12 @@
 //! - Sector bitmaps: 1 MiB per chunk, one bit per logical sector, least significant bit first.
 //! - Differencing children link to the parent's DataWriteGuid (`parent_linkage`).
 //!
+//! ## In-place edits
+//! [`compact`] (ZERO/NOT_PRESENT blocks, close holes, truncate after closing the log),
+//! [`resize`] (BAT region grown in place or rebuilt, size changed through the log), [`merge`]
+//! (child kept linked through `parent_linkage2`) and [`rebase`] (parent locator rewritten in one
+//! log entry) change metadata only through the log; their module docs give the order.
+//!
 //! ## Invariants
 //! - Every offset, length and count from the file is checked before use; allocations are
 //!   bounded by the file's size; bad input is a typed [`Error`] naming file, structure, offset.
