@@ -6,7 +6,7 @@
 # matters). Directions: raw->vhdx, raw->vhd, vhdx->raw. Peers:
 #   qemu-img convert -t writeback      (also flushes its output before exiting)
 #   cp --sparse=always SRC DST && sync DST   (the page-cache copy limit, made durable)
-# Each case runs ROUNDS times, interleaved (vhdtool, qemu-img, cp, vhdtool, ...), page cache
+# Each case runs ROUNDS times, interleaved (the order rotating every round), page cache
 # warm, outputs deleted between runs; the median is printed with the ratios the issue sets:
 # vhdtool/qemu-img <= 1.00 and vhdtool/(cp+sync) <= 1.25. Then the peak RSS of vhdtool convert
 # (/usr/bin/time -v) and, without a peer, the throughput of dynamic VHD -> raw and of a 3-deep
@@ -83,10 +83,15 @@ for kind in holes zeros; do
         src="$WORK/src-$kind.raw"
         [[ $dir == vhdx-raw ]] && src="$WORK/src-$kind.vhdx"
         declare -a tv=() tq=() tc=()
-        for _ in $(seq "$ROUNDS"); do
-            tv+=("$(run_once vhdtool "$src" "$dir")")
-            tq+=("$(run_once qemu "$src" "$dir")")
-            tc+=("$(run_once cp "$src" "$dir")")
+        for r in $(seq 0 $((ROUNDS - 1))); do
+            # The order rotates every round, so no tool always follows the same one.
+            for k in 0 1 2; do
+                case $(( (r + k) % 3 )) in
+                    0) tv+=("$(run_once vhdtool "$src" "$dir")") ;;
+                    1) tq+=("$(run_once qemu "$src" "$dir")") ;;
+                    2) tc+=("$(run_once cp "$src" "$dir")") ;;
+                esac
+            done
         done
         mv=$(printf '%s\n' "${tv[@]}" | median)
         mq=$(printf '%s\n' "${tq[@]}" | median)
