@@ -57,4 +57,8 @@ fi
 echo "E2E: ro ok"
 sync
 echo "E2E: done at $(cut -d' ' -f1 /proc/uptime) s"
+# e2e_poweroff on the command line: end through ACPI S5 instead (vhdtool says "powered off").
+if grep -q e2e_poweroff /proc/cmdline; then
+    poweroff -f
+fi
 reboot -f
