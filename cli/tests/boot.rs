@@ -307,3 +307,37 @@ fn sigterm_stops_a_spinning_guest_cleanly_with_exit_1() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("stopped by SIGTERM"), "{err}");
 }
+
+#[test]
+fn stdin_reaches_the_guest_through_the_uart() {
+    use std::io::Write;
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("echo.bzImage");
+    // poll: mov dx, 0x3fd; in al, dx; test al, 1; jz poll   (LSR: data ready)
+    //       mov dx, 0x3f8; in al, dx; out dx, al             (echo the byte)
+    let code = Asm::default()
+        .raw(&[0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7])
+        .raw(&[0x66, 0xba, 0xf8, 0x03, 0xec, 0xee])
+        .print("\n")
+        .reset()
+        .park();
+    std::fs::write(&kernel, bzimage(&code.0)).unwrap();
+    let mut child = vhdtool()
+        .arg("boot")
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "128M"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Z").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {err}", out.status);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "Z\n");
+}
