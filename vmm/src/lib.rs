@@ -78,11 +78,17 @@
 //! The VMM always puts `console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1` in front of
 //! the given command line (the only console is ttyS0, there is no PCI, and a reset is how the
 //! guest ends the VM). Disks are `/dev/vda`, `/dev/vdb`, … in `--disk` order once the guest has
-//! loaded `virtio_mmio` and `virtio_blk`. The end-to-end test (`tests/tests/boot.rs`) boots the
-//! Debian cloud kernel that way: directly on hardware KVM, or, where `/dev/kvm` is the PVM
-//! software hypervisor (`/sys/module/kvm_pvm`), inside an L1 Linux under
-//! `qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt` that loads kvm-amd and runs vhdtool
-//! there. `VHDKIT_BOOT_MODE=direct|nested` forces one mode.
+//! loaded `virtio_mmio` and `virtio_blk` (`virtio_ring`, `virtio`, `virtio_mmio`, `virtio_blk`
+//! with `insmod`, in that order, for the Debian kernel; never pass `nomodule`).
+//!
+//! Tests: `cargo test -p vhdtool --test boot` boots hand-assembled tiny guests on the machine's
+//! `/dev/kvm` (every exit path, in well under a second). `cargo test -p vhdkit-tests --test
+//! boot` is the end-to-end test with the Debian cloud kernel (fetched with `apt-get download`):
+//! on hardware KVM it runs `vhdtool boot` directly; where `/dev/kvm` is the PVM software
+//! hypervisor (`/sys/module/kvm_pvm`, which cannot run the stock kernel) or absent, it boots an
+//! L1 Linux under `qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt` that loads kvm-amd and
+//! runs vhdtool there. `VHDKIT_BOOT_MODE=direct|nested` forces a mode. Boot time and guest fio
+//! against QEMU: `benches/vmm.sh` (hardware KVM only).
 
 #![warn(missing_docs)]
 
