@@ -25,7 +25,7 @@ done
 i=0
 while [ ! -b /dev/vda ] || [ ! -c /dev/kvm ]; do
     i=$((i + 1))
-    [ "$i" -gt 400 ] && { echo "L1: FAIL no /dev/vda or /dev/kvm"; finish; }
+    [ "$i" -gt 1200 ] && { echo "L1: FAIL no /dev/vda or /dev/kvm"; finish; }
     sleep 0.05
 done
 echo "L1: kvm-amd nested=$(cat /sys/module/kvm_amd/parameters/nested) npt=$(cat /sys/module/kvm_amd/parameters/npt)"

@@ -23,7 +23,7 @@ done
 i=0
 while [ ! -b /dev/vda1 ] || [ ! -b /dev/vdb ] || [ ! -b /dev/vdc ]; do
     i=$((i + 1))
-    [ "$i" -gt 200 ] && fail "disks did not appear: $(ls /dev | tr '\n' ' ')"
+    [ "$i" -gt 600 ] && fail "disks did not appear: $(ls /dev | tr '\n' ' ')"
     sleep 0.05
 done
 echo "E2E: disks at $(cut -d' ' -f1 /proc/uptime) s"
