@@ -103,7 +103,11 @@ fn boot(dir: &Path, code: Asm, extra: &[&str]) -> Run {
         .arg("boot")
         .arg("--kernel")
         .arg(&kernel)
-        .args(["--memory", "128M"])
+        .args(if extra.contains(&"--memory") {
+            &[][..]
+        } else {
+            &["--memory", "128M"][..]
+        })
         .args(extra)
         .stdin(Stdio::null())
         .output()
@@ -340,4 +344,29 @@ fn stdin_reaches_the_guest_through_the_uart() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{}: {err}", out.status);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "Z\n");
+}
+
+#[test]
+fn memory_above_the_3g_hole_continues_at_4g_in_the_e820() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Four e820 entries; the fourth (at 0x2d0 + 3 * 20) starts at 4 GiB: low dword 0, high 1.
+    let checks: &[&[u8]] = &[
+        &[0x80, 0xbe, 0xe8, 0x01, 0, 0, 0x04], // cmp byte [rsi+0x1e8], 4
+        &[0x81, 0xbe, 0x0c, 0x03, 0, 0, 0, 0, 0, 0], // cmp dword [rsi+0x30c], 0
+        &[0x81, 0xbe, 0x10, 0x03, 0, 0, 1, 0, 0, 0], // cmp dword [rsi+0x310], 1
+    ];
+    let ok_path = Asm::default().print("e820 ok\n").reset().park().0;
+    let mut code = Asm::default();
+    for (i, c) in checks.iter().enumerate() {
+        let rest: usize =
+            checks[i + 1..].iter().map(|c| c.len() + 2).sum::<usize>() + ok_path.len();
+        code = code.raw(c).raw(&[0x75, u8::try_from(rest).unwrap()]);
+    }
+    let code = code.raw(&ok_path).raw(&[0x0f, 0x0b]);
+    let r = boot(dir.path(), code, &["--memory", "5G"]);
+    assert!(r.out.status.success(), "{}: {}", r.out.status, r.stderr);
+    assert_eq!(r.stdout, "e820 ok\n");
 }
