@@ -141,9 +141,25 @@ fn kernel() -> Kernel {
             .find(|p| p.starts_with("linux-image-"))
             .unwrap_or_else(|| panic!("no kernel package in `apt-cache depends`:\n{deps}"))
             .to_string();
-        run(Command::new("apt-get")
-            .args(["download", "-q", &pkg])
-            .current_dir(dir.join("deb")));
+        // Three tries, as .ci/run does for apt-get install: a mirror may hiccup.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let out = output(
+                Command::new("apt-get")
+                    .args(["download", "-q", &pkg])
+                    .current_dir(dir.join("deb")),
+            );
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                tries < 3,
+                "apt-get download {pkg} failed 3 times: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_secs(10 * tries));
+        }
         let deb = fs::read_dir(dir.join("deb"))
             .unwrap()
             .flatten()
