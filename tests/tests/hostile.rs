@@ -85,15 +85,14 @@ const STRUCTURES: &[&str] = &[
     "truncated",
 ];
 
+/// Names of the entries of `dir`, and the bytes of those that are regular files.
 fn snapshot(dir: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
     std::fs::read_dir(dir)
         .unwrap()
         .flatten()
         .map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let bytes = e
-                .file_type()
-                .is_ok_and(|t| t.is_file())
+            let bytes = (e.file_type().is_ok_and(|t| t.is_file()) && name != "converted.raw")
                 .then(|| std::fs::read(e.path()).unwrap());
             (name, bytes)
         })
@@ -123,12 +122,18 @@ fn run_case(case: &Case, root: &Path) -> Vec<String> {
     );
     std::fs::create_dir_all(&dir).unwrap();
     for (name, bytes) in &case.files {
-        std::fs::write(dir.join(name), bytes).unwrap();
+        write_pages(&dir.join(name), bytes, &nonzero_pages(bytes));
     }
     for f in &case.fifos {
         mkfifo(&dir.join(f));
     }
-    let before = snapshot(&dir);
+    // What the directory must hold afterwards (the files as written, the FIFOs).
+    let before: BTreeMap<String, Option<Vec<u8>>> = case
+        .files
+        .iter()
+        .map(|(n, b)| (n.clone(), Some(b.clone())))
+        .chain(case.fifos.iter().map(|f| (f.clone(), None)))
+        .collect();
     let target = dir.join(&case.target);
     let out = dir.join("converted.raw");
     let t = target.as_os_str();
@@ -1352,7 +1357,11 @@ fn damaged_vhd_files_fail_cleanly_or_read_correctly() {
     let mut cases = vhd_cases("vhd-dynamic", "disk.vhd", &f.vhd_dynamic);
     cases.extend(vhd_cases("vhd-fixed", "disk.vhd", &f.vhd_fixed));
     // A child with damage, its parent intact beside it.
-    for mut c in vhd_cases("vhd-child", "child.vhd", &f.vhd_child) {
+    // (Every other case: the dynamic image above takes them all; the suite stays quick.)
+    for mut c in vhd_cases("vhd-child", "child.vhd", &f.vhd_child)
+        .into_iter()
+        .step_by(2)
+    {
         c.files.push(("parent.vhd".into(), f.vhd_dynamic.clone()));
         cases.push(c);
     }
@@ -1383,7 +1392,10 @@ fn damaged_vhdx_files_fail_cleanly_or_read_correctly() {
             .into_iter()
             .step_by(4),
     );
-    for mut c in vhdx_cases("vhdx-child", "child.vhdx", &f.vhdx_child) {
+    for mut c in vhdx_cases("vhdx-child", "child.vhdx", &f.vhdx_child)
+        .into_iter()
+        .step_by(2)
+    {
         c.files.push(("parent.vhdx".into(), f.vhdx_parent.clone()));
         cases.push(c);
     }
@@ -1427,12 +1439,11 @@ fn damaged_real_images_fail_cleanly_or_read_correctly() {
     for (i, rel) in real.iter().enumerate() {
         let name = paths[i].file_name().unwrap().to_string_lossy().into_owned();
         let tag = format!("real-{}", name.replace('.', "_"));
-        let all = vhd_cases(&tag, &name, &read(i));
-        // Truncations and flips in full; one value case in four (they repeat across images).
-        let n = all.len();
-        for (k, mut c) in all.into_iter().enumerate() {
-            // Real images were made by other tools; flips must still be noticed, as in ours.
-            if c.name.contains("truncated") || c.name.contains("flipped") || k % 4 == 0 || n < 40 {
+        // One case in three per image (with ten images every kind of damage is still applied
+        // many times); real images were made by other tools, and their damage must be noticed
+        // as in ours.
+        for (k, mut c) in vhd_cases(&tag, &name, &read(i)).into_iter().enumerate() {
+            if k % 3 == i % 3 {
                 // Children keep their parents beside them.
                 if rel.ends_with("win8-child.vhd") {
                     c.files.push(("win8.vhd".into(), read(0)));
