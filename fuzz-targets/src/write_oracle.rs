@@ -467,12 +467,29 @@ pub fn write_oracle(data: &[u8]) {
     let total = file.op_count();
     drop(img);
 
+    // Cuts: after everything (all flushed: nothing may be lost); just before the last sync of
+    // the last flush with every unsynced write kept but the first (metadata on disk, the
+    // payload before it not: what a missing barrier would expose); then fuzzer-chosen cuts,
+    // the first inside a chosen flush (where ordering matters), the second anywhere.
     let mut cuts = vec![(total, Survivors::None)];
-    for _ in 0..MAX_CUTS {
+    if let Some(last) = flushes.last().filter(|f| f.end > f.start) {
+        cuts.push((
+            last.end - 1,
+            Survivors::Mask {
+                mask: !1,
+                torn: None,
+            },
+        ));
+    }
+    for round in 0..MAX_CUTS {
         if input.is_empty() {
             break;
         }
-        let cut = created_at + input.u32() as usize % (total - created_at + 1);
+        let pick = input.u32() as usize;
+        let cut = match flushes.get(pick % flushes.len().max(1)) {
+            Some(f) if round == 0 => f.start + (pick >> 8) % (f.end - f.start + 1),
+            _ => created_at + pick % (total - created_at + 1),
+        };
         let mask = input.u64();
         let torn = input.u8();
         cuts.push((
