@@ -6,6 +6,8 @@
 #   benches/backend.sh [DIR] [ROUNDS] [RUNTIME_SECONDS]
 #
 # DIR must be on a real file system (O_DIRECT); default: a directory under target/.
+# Both fio and vhdtool bench hand each request to the kernel as soon as its slot frees (fio's
+# iodepth_batch_submit=1 default, vhdtool's --batch 1 default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-target/bench-backend}
@@ -24,6 +26,13 @@ if [ ! -f "$raw" ] || [ "$(stat -c %s "$raw")" != "$size" ]; then
 fi
 for f in vhd vhdx; do
   [ -f "$dir/full.$f" ] || "$vt" convert -O $f "$raw" "$dir/full.$f"
+done
+
+# The disk here is virtual: a file the host has cached reads several times faster than one it
+# has not, which would decide the ratios by cache state. Read every file once, O_DIRECT, so all
+# start equally warm.
+for f in "$raw" "$dir/full.vhd" "$dir/full.vhdx"; do
+  dd if="$f" of=/dev/null bs=4M iflag=direct status=none
 done
 
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }

@@ -28,6 +28,8 @@ while [ ! -b /dev/vda1 ] || [ ! -b /dev/vdb ] || [ ! -b /dev/vdc ]; do
 done
 echo "E2E: disks at $(cut -d' ' -f1 /proc/uptime) s"
 echo "E2E: cpus=$(grep -c ^processor /proc/cpuinfo)"
+# One virtqueue per vCPU: blk-mq shows one hardware queue directory per virtqueue.
+echo "E2E: vda queues=$(ls /sys/block/vda/mq | wc -l)"
 echo "E2E: irqs $(grep -E 'virtio|ttyS' /proc/interrupts | tr -s ' ' | tr '\n' ';')"
 
 mkdir -p /mnt

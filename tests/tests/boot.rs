@@ -591,6 +591,7 @@ fn debian_kernel_boots_from_vhdx_and_differencing_vhd_and_writes_reach_the_image
     );
     for marker in [
         "E2E: cpus=2",
+        "E2E: vda queues=2",
         "E2E: hash ok",
         "E2E: pattern ok",
         "E2E: ro ok",

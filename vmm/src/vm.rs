@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use block_backend::engine::{new_engine, EngineKind};
+use block_backend::engine::{new_shared_engine, EngineKind};
 use block_backend::virtio_blk::{Config, VirtioBlk};
 use block_backend::OpenOptions;
 use kvm_bindings::{
@@ -195,7 +195,13 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
     // Disks.
     let mut transports = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
-        transports.push(Arc::new(make_disk(&vm, &mem, i, disk)?));
+        transports.push(Arc::new(make_disk(
+            &vm,
+            &mem,
+            i,
+            disk,
+            usize::from(config.cpus),
+        )?));
     }
     let bus = Arc::new(Bus::new(serial.clone(), transports.clone()));
 
@@ -332,12 +338,17 @@ fn new_eventfd() -> Result<EventFd> {
     EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")))
 }
 
-/// Opens disk `i` and builds its device, irqfd and ioeventfd.
+/// Most virtqueues per disk.
+const MAX_DISK_QUEUES: usize = 4;
+
+/// Opens disk `i` and builds its device (one virtqueue, and one io_uring, per vCPU up to
+/// [`MAX_DISK_QUEUES`]), irqfd and ioeventfd.
 fn make_disk(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     i: usize,
     disk: &crate::DiskConfig,
+    cpus: usize,
 ) -> Result<VirtioMmio> {
     let derr = |source| Error::Disk {
         path: disk.path.clone(),
@@ -349,21 +360,29 @@ fn make_disk(
         OpenOptions::read_write()
     };
     let chain = block_backend::open(&disk.path, opts).map_err(derr)?;
-    let engine = new_engine(EngineKind::IoUring, chain, usize::from(QUEUE_SIZE)).map_err(derr)?;
+    let chain = Arc::new(Mutex::new(chain));
+    let nq = cpus.clamp(1, MAX_DISK_QUEUES);
+    let engines = (0..nq)
+        .map(|_| new_shared_engine(EngineKind::IoUring, chain.clone(), usize::from(QUEUE_SIZE)))
+        .collect::<block_backend::Result<Vec<_>>>()
+        .map_err(derr)?;
+    let queues = (0..nq)
+        .map(|_| Queue::new(QUEUE_SIZE))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Setup(format!("virtqueue: {e:?}")))?;
     let irq = Arc::new(new_eventfd()?);
     let gsi = layout::virtio_gsi(i);
     vm.register_irqfd(&irq, gsi)
         .map_err(|e| Error::kvm(format!("KVM_IRQFD (disk {i}, GSI {gsi})"), e))?;
     let status = Arc::new(AtomicU32::new(0));
     let (s, q) = (status.clone(), irq.clone());
-    let queue = Queue::new(QUEUE_SIZE).map_err(|e| Error::Setup(format!("virtqueue: {e:?}")))?;
     let dev = VirtioBlk::new(
-        engine,
+        engines,
         mem.clone(),
-        vec![queue],
+        queues,
         Config {
             id: format!("vhdkit{i}"),
-            num_queues: 1,
+            num_queues: nq as u16,
         },
         Box::new(move |_queue| {
             s.fetch_or(INT_VRING, Ordering::SeqCst);
@@ -371,7 +390,8 @@ fn make_disk(
                 tracing::warn!("virtio interrupt: {e}");
             }
         }),
-    );
+    )
+    .map_err(derr)?;
     let kick = new_eventfd()?;
     let notify = IoEventAddress::Mmio(layout::virtio_mmio_addr(i) + QUEUE_NOTIFY);
     vm.register_ioevent(&kick, &notify, NoDatamatch)
@@ -379,53 +399,67 @@ fn make_disk(
     Ok(VirtioMmio::new(dev, status, kick))
 }
 
-/// The disk worker: queue notifications in, completions out, until `stop`; then drains and
-/// flushes.
+/// The disk worker: queue notifications and engine completions in (one epoll over the kick
+/// eventfd, every queue engine's completion eventfd and `stop`), used-ring entries out, until
+/// `stop`; then drains and flushes. It sleeps only in epoll, never while holding the device
+/// lock, so vCPUs reading registers are never held up behind a disk request.
 fn disk_worker(t: &VirtioMmio, stop: &EventFd) -> block_backend::Result<()> {
+    const KICK: u64 = 0;
+    const STOP: u64 = 1;
+    const COMPLETION: u64 = 2;
     let io = |e: std::io::Error| block_backend::Error::Unsupported {
         path: "epoll".into(),
         what: e.to_string(),
     };
     let epoll = Epoll::new().map_err(io)?;
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            t.kick_evt().as_raw_fd(),
-            EpollEvent::new(EventSet::IN, 0),
-        )
-        .map_err(io)?;
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, 1),
-        )
-        .map_err(io)?;
-    let mut events = [EpollEvent::default(); 4];
+    let completion_fds = t.with_device(|d| d.completion_fds());
+    let watched = [(t.kick_evt().as_raw_fd(), KICK), (stop.as_raw_fd(), STOP)]
+        .into_iter()
+        .chain(
+            (COMPLETION..)
+                .zip(&completion_fds)
+                .map(|(what, &fd)| (fd, what)),
+        );
+    for (fd, what) in watched {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, what),
+            )
+            .map_err(io)?;
+    }
+    let mut events = [EpollEvent::default(); 8];
     loop {
-        let busy = t.with_device(|d| d.pending() > 0);
-        let n = match epoll.wait(if busy { 0 } else { -1 }, &mut events) {
+        let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(io(e)),
         };
         let mut kicked = false;
         for e in &events[..n] {
-            if e.data() == 1 {
-                return t.with_device(|d| d.flush());
+            match e.data() {
+                STOP => return t.with_device(|d| d.flush()),
+                KICK => {
+                    let _ = t.kick_evt().read();
+                    kicked = true;
+                }
+                what => {
+                    // Reset the completion eventfd before reaping, so a completion that lands
+                    // after the reap signals again.
+                    let fd = completion_fds[(what - COMPLETION) as usize];
+                    let mut count = [0u8; 8];
+                    // SAFETY: reads at most 8 bytes into a local array; the descriptor is an
+                    // engine's non-blocking eventfd, open as long as the device exists.
+                    let _ = unsafe { libc::read(fd, count.as_mut_ptr().cast(), count.len()) };
+                }
             }
-            let _ = t.kick_evt().read();
-            kicked = true;
         }
         if kicked {
-            t.with_active_device(|d| d.process_queue(0))
+            t.with_active_device(|d| (0..d.num_queues()).try_for_each(|q| d.process_queue(q)))
                 .unwrap_or(Ok(()))?;
         }
-        if busy || kicked {
-            // While requests are in flight, block until one completes: queue notifications
-            // that arrive meanwhile are picked up right after, in one batch.
-            t.with_device(|d| d.process_completions(busy))?;
-        }
+        t.with_device(|d| d.process_completions(false))?;
     }
 }
 

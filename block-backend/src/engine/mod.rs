@@ -24,7 +24,22 @@ mod uring;
 pub use sync::SyncEngine;
 pub use uring::UringEngine;
 
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
 use crate::{Chain, Result};
+
+/// A chain several engines share (one per virtqueue): each locks it only to plan a request,
+/// to commit a write's metadata, and for flush, discard and write-zeroes. Payload transfers run
+/// without the lock.
+pub type SharedChain = Arc<Mutex<Chain>>;
+
+/// Locks a shared chain. A panic elsewhere while it was held cannot leave it half-updated in a
+/// way that matters here (metadata is only made durable by `flush`, which re-derives it), so a
+/// poisoned lock is taken as is.
+pub fn lock_chain(chain: &SharedChain) -> MutexGuard<'_, Chain> {
+    chain.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,12 +98,17 @@ pub trait Engine: Send {
     /// Hands queued work to the kernel (no-op for the sync engine).
     fn kick(&mut self) -> Result<()>;
     /// Appends completions to `out`, waiting until at least `min` are available (or nothing
-    /// is in flight).
+    /// is in flight). Queued work is handed to the kernel on the way (in the same system call
+    /// as the wait), so a caller that reaps right after submitting need not `kick` first.
     fn reap(&mut self, min: usize, out: &mut Vec<IoCompletion>) -> Result<()>;
     /// Requests submitted and not yet reaped.
     fn in_flight(&self) -> usize;
-    /// The chain underneath.
-    fn chain(&mut self) -> &mut Chain;
+    /// The chain underneath, locked.
+    fn chain(&self) -> MutexGuard<'_, Chain>;
+    /// An eventfd the engine signals whenever a transfer completes, for callers that wait in
+    /// epoll rather than in [`Engine::reap`]: read it (to reset it), then `reap(0, ..)`.
+    /// `None` when completions are only produced inside `submit` (the sync engine).
+    fn completion_fd(&self) -> Option<RawFd>;
     /// Engine name for reports (`sync`, `io_uring`, `io_uring (buffered)`).
     fn name(&self) -> String;
 }
@@ -104,6 +124,18 @@ pub enum EngineKind {
 
 /// Builds an engine of `kind` over `chain`, sized for `depth` requests in flight.
 pub fn new_engine(kind: EngineKind, chain: Chain, depth: usize) -> Result<Box<dyn Engine>> {
+    new_shared_engine(kind, Arc::new(Mutex::new(chain)), depth)
+}
+
+/// Builds an engine of `kind` over a chain other engines may share (one engine, and so one
+/// io_uring, per virtqueue). Engines sharing a chain do not order requests against each other:
+/// whoever submits an ordering point (flush, discard, write-zeroes) on one of them must first
+/// drain the others, as [`crate::virtio_blk::VirtioBlk`] does.
+pub fn new_shared_engine(
+    kind: EngineKind,
+    chain: SharedChain,
+    depth: usize,
+) -> Result<Box<dyn Engine>> {
     Ok(match kind {
         EngineKind::Sync => Box::new(SyncEngine::new(chain)),
         EngineKind::IoUring => Box::new(UringEngine::new(chain, depth)?),

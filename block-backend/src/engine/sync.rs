@@ -1,19 +1,22 @@
 //! The reference engine: each request runs to completion inside `submit` through the
 //! [`Disk`] API.
 
-use super::{Engine, IoCompletion, IoKind, IoRequest};
+use std::os::fd::RawFd;
+use std::sync::MutexGuard;
+
+use super::{lock_chain, Engine, IoCompletion, IoKind, IoRequest, SharedChain};
 use crate::{Chain, Disk, Result};
 
 /// Runs requests synchronously.
 #[derive(Debug)]
 pub struct SyncEngine {
-    chain: Chain,
+    chain: SharedChain,
     done: Vec<IoCompletion>,
 }
 
 impl SyncEngine {
     /// An engine over `chain`.
-    pub fn new(chain: Chain) -> SyncEngine {
+    pub fn new(chain: SharedChain) -> SyncEngine {
         SyncEngine {
             chain,
             done: Vec::new(),
@@ -23,22 +26,24 @@ impl SyncEngine {
 
 impl Engine for SyncEngine {
     unsafe fn submit(&mut self, req: IoRequest) -> Result<()> {
+        let mut chain = lock_chain(&self.chain);
         let result = match req.kind {
             IoKind::Read => {
                 // SAFETY: the caller guarantees `buf` is valid for `len` bytes and unaliased
                 // until the completion (Engine::submit contract).
                 let buf = unsafe { std::slice::from_raw_parts_mut(req.buf, req.len) };
-                self.chain.read_at(buf, req.offset)
+                chain.read_at(buf, req.offset)
             }
             IoKind::Write => {
                 // SAFETY: as above; the buffer is only read.
                 let buf = unsafe { std::slice::from_raw_parts(req.buf, req.len) };
-                self.chain.write_at(buf, req.offset)
+                chain.write_at(buf, req.offset)
             }
-            IoKind::Flush => self.chain.flush(),
-            IoKind::Discard => self.chain.discard(req.offset, req.len as u64),
-            IoKind::WriteZeroes => self.chain.write_zeroes(req.offset, req.len as u64),
+            IoKind::Flush => chain.flush(),
+            IoKind::Discard => chain.discard(req.offset, req.len as u64),
+            IoKind::WriteZeroes => chain.write_zeroes(req.offset, req.len as u64),
         };
+        drop(chain);
         self.done.push(IoCompletion {
             tag: req.tag,
             result,
@@ -59,8 +64,12 @@ impl Engine for SyncEngine {
         self.done.len()
     }
 
-    fn chain(&mut self) -> &mut Chain {
-        &mut self.chain
+    fn chain(&self) -> MutexGuard<'_, Chain> {
+        lock_chain(&self.chain)
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
     }
 
     fn name(&self) -> String {

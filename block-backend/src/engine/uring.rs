@@ -9,12 +9,14 @@
 //! write-zeroes first drain every request in flight, then run on the chain.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::MutexGuard;
 
 use io_uring::{opcode, types, IoUring};
 
-use super::{Engine, IoCompletion, IoKind, IoRequest};
+use super::{lock_chain, Engine, IoCompletion, IoKind, IoRequest, SharedChain};
 use crate::chain::Piece;
 use crate::image_layer::Commit;
 use crate::{Chain, Disk, Error, Result};
@@ -41,7 +43,11 @@ struct Xfer {
 /// io_uring engine over a chain.
 pub struct UringEngine {
     ring: IoUring,
-    chain: Chain,
+    chain: SharedChain,
+    /// The top image's path, for errors.
+    path: PathBuf,
+    /// Signalled by the kernel on every completion (registered with the ring).
+    completion_evt: OwnedFd,
     /// O_DIRECT descriptors kept open for registration (index = level).
     _direct: Vec<Option<File>>,
     /// Registered-file index of each level's buffered and direct descriptor.
@@ -98,10 +104,11 @@ fn dio_alignment(file: &File) -> Option<u64> {
 
 impl UringEngine {
     /// An engine over `chain` for up to about `depth` requests in flight.
-    pub fn new(chain: Chain, depth: usize) -> Result<UringEngine> {
+    pub fn new(shared: SharedChain, depth: usize) -> Result<UringEngine> {
+        let chain = lock_chain(&shared);
+        let path = chain.path().to_path_buf();
         let entries = (depth.max(8) * 4).next_power_of_two().min(4096) as u32;
-        let ring =
-            IoUring::new(entries).map_err(|e| Error::io(chain.path(), "io_uring setup", 0, e))?;
+        let ring = IoUring::new(entries).map_err(|e| Error::io(&path, "io_uring setup", 0, e))?;
         let levels = chain.stack().len();
         let mut fds = Vec::new();
         let mut buffered_idx = Vec::new();
@@ -135,10 +142,29 @@ impl UringEngine {
         }
         ring.submitter()
             .register_files(&fds)
-            .map_err(|e| Error::io(chain.path(), "io_uring register files", 0, e))?;
+            .map_err(|e| Error::io(&path, "io_uring register files", 0, e))?;
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor that
+        // nothing else owns.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(Error::io(
+                &path,
+                "eventfd",
+                0,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `efd` was just created and is owned by nobody else.
+        let completion_evt = unsafe { OwnedFd::from_raw_fd(efd) };
+        ring.submitter()
+            .register_eventfd(completion_evt.as_raw_fd())
+            .map_err(|e| Error::io(&path, "io_uring register eventfd", 0, e))?;
+        drop(chain);
         Ok(UringEngine {
             ring,
-            chain,
+            chain: shared,
+            path,
+            completion_evt,
             _direct: direct,
             buffered_idx,
             direct_idx,
@@ -214,7 +240,7 @@ impl UringEngine {
             // Submission queue full: hand it to the kernel and retry.
             self.ring
                 .submit()
-                .map_err(|e| Error::io(self.chain.path(), "io_uring submit", 0, e))?;
+                .map_err(|e| Error::io(&self.path, "io_uring submit", 0, e))?;
         }
         self.outstanding += 1;
         Ok(())
@@ -230,22 +256,24 @@ impl UringEngine {
             None => Ok(()),
         };
         if let (Ok(()), Some(c)) = (&result, r.commit.take()) {
-            result = self.chain.commit(c);
+            result = lock_chain(&self.chain).commit(c);
         }
         self.done.push(IoCompletion { tag: r.tag, result });
     }
 
-    /// Processes completions; waits for one if `wait` and transfers are outstanding.
-    fn drain_cq(&mut self, wait: bool) -> Result<()> {
-        if wait && self.outstanding > 0 {
+    /// Hands queued entries to the kernel and waits for at least one completion, in one
+    /// `io_uring_enter`, then processes what completed.
+    fn wait_one(&mut self) -> Result<()> {
+        if self.outstanding > 0 {
             self.ring
                 .submit_and_wait(1)
-                .map_err(|e| Error::io(self.chain.path(), "io_uring wait", 0, e))?;
-        } else {
-            self.ring
-                .submit()
-                .map_err(|e| Error::io(self.chain.path(), "io_uring submit", 0, e))?;
+                .map_err(|e| Error::io(&self.path, "io_uring wait", 0, e))?;
         }
+        self.process_cq()
+    }
+
+    /// Processes the completions already in the ring (no system call).
+    fn process_cq(&mut self) -> Result<()> {
         let cqes: Vec<(u64, i32)> = self
             .ring
             .completion()
@@ -280,7 +308,7 @@ impl UringEngine {
                 self.push_xfer(rest)?;
                 continue;
             }
-            let path = self.chain.path().to_path_buf();
+            let path = &self.path;
             if let Some(r) = self.reqs[x.req].as_mut() {
                 if let Some(e) = failed {
                     let op = if x.write {
@@ -288,7 +316,7 @@ impl UringEngine {
                     } else {
                         "read payload"
                     };
-                    r.error.get_or_insert(Error::io(&path, op, x.offset, e));
+                    r.error.get_or_insert(Error::io(path, op, x.offset, e));
                 }
                 r.remaining -= 1;
                 if r.remaining == 0 {
@@ -299,17 +327,28 @@ impl UringEngine {
         Ok(())
     }
 
+    /// Hands queued submission entries to the kernel, if there are any.
+    fn submit_queued(&mut self) -> Result<()> {
+        if !self.ring.submission().is_empty() {
+            self.ring
+                .submit()
+                .map_err(|e| Error::io(&self.path, "io_uring submit", 0, e))?;
+        }
+        Ok(())
+    }
+
     /// Waits until no request has transfers in the kernel.
     fn drain_all(&mut self) -> Result<()> {
         while self.outstanding > 0 {
-            self.drain_cq(true)?;
+            self.wait_one()?;
         }
         Ok(())
     }
 
     fn submit_read(&mut self, req: &IoRequest) -> Result<()> {
         let idx = self.new_req(req.tag);
-        let pieces = match self.chain.plan_read(req.offset, req.len as u64) {
+        let planned = lock_chain(&self.chain).plan_read(req.offset, req.len as u64);
+        let pieces = match planned {
             Ok(p) => p,
             Err(e) => {
                 self.reqs[idx].as_mut().expect("new").error = Some(e);
@@ -332,7 +371,7 @@ impl UringEngine {
                 } => {
                     // SAFETY: as above.
                     let b = unsafe { std::slice::from_raw_parts_mut(req.buf.add(buf_off), len) };
-                    if let Err(e) = self.chain.read_slow(level, b, file_offset) {
+                    if let Err(e) = lock_chain(&self.chain).read_slow(level, b, file_offset) {
                         self.reqs[idx].as_mut().expect("new").error.get_or_insert(e);
                     }
                 }
@@ -359,14 +398,15 @@ impl UringEngine {
     }
 
     fn submit_write(&mut self, req: &IoRequest) -> Result<()> {
-        let plan = match self.chain.plan_write(req.offset, req.len as u64) {
+        let planned = lock_chain(&self.chain).plan_write(req.offset, req.len as u64);
+        let plan = match planned {
             Ok(Some(p)) => p,
             Ok(None) => {
                 // Partial sectors: read-modify-write through the chain, synchronously.
                 self.drain_all()?;
                 // SAFETY: the caller guarantees `buf` is valid for `len` bytes (submit contract).
                 let b = unsafe { std::slice::from_raw_parts(req.buf, req.len) };
-                let result = self.chain.write_at(b, req.offset);
+                let result = lock_chain(&self.chain).write_at(b, req.offset);
                 self.done.push(IoCompletion {
                     tag: req.tag,
                     result,
@@ -424,11 +464,13 @@ impl Engine for UringEngine {
             kind => {
                 // Ordering points: everything before them completes (and commits) first.
                 self.drain_all()?;
+                let mut chain = lock_chain(&self.chain);
                 let result = match kind {
-                    IoKind::Flush => self.chain.flush(),
-                    IoKind::Discard => self.chain.discard(req.offset, req.len as u64),
-                    _ => self.chain.write_zeroes(req.offset, req.len as u64),
+                    IoKind::Flush => chain.flush(),
+                    IoKind::Discard => chain.discard(req.offset, req.len as u64),
+                    _ => chain.write_zeroes(req.offset, req.len as u64),
                 };
+                drop(chain);
                 self.done.push(IoCompletion {
                     tag: req.tag,
                     result,
@@ -439,17 +481,17 @@ impl Engine for UringEngine {
     }
 
     fn kick(&mut self) -> Result<()> {
-        self.ring
-            .submit()
-            .map_err(|e| Error::io(self.chain.path(), "io_uring submit", 0, e))?;
-        Ok(())
+        self.submit_queued()
     }
 
     fn reap(&mut self, min: usize, out: &mut Vec<IoCompletion>) -> Result<()> {
-        self.drain_cq(false)?;
+        // Completions already in the ring cost no system call; the kernel is entered at most
+        // once per wait, submitting whatever is queued on the way.
+        self.process_cq()?;
         while self.done.len() < min && self.outstanding > 0 {
-            self.drain_cq(true)?;
+            self.wait_one()?;
         }
+        self.submit_queued()?;
         self.in_flight -= self.done.len();
         out.append(&mut self.done);
         Ok(())
@@ -459,8 +501,12 @@ impl Engine for UringEngine {
         self.in_flight
     }
 
-    fn chain(&mut self) -> &mut Chain {
-        &mut self.chain
+    fn chain(&self) -> MutexGuard<'_, Chain> {
+        lock_chain(&self.chain)
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.completion_evt.as_raw_fd())
     }
 
     fn name(&self) -> String {

@@ -14,8 +14,13 @@
 //! chain is returned to the used ring exactly once, after all of its segments completed; a
 //! read-only disk answers writes, discards and write-zeroes with IOERR.
 //!
-//! All queues share one engine (and so one chain): MQ is advertised so the guest can spread
-//! submissions, but completions are processed by whoever calls `process_completions`.
+//! MQ: every virtqueue has its own engine (its own io_uring), all over one shared chain, so
+//! a guest that spreads its submissions over queues gets independent rings. Engines do not
+//! order requests against each other, so before an ordering point (flush, discard,
+//! write-zeroes) from any queue the device drains every other queue's engine: a flush covers
+//! every write completed before it, whatever queue carried it. Each engine offers a completion
+//! eventfd ([`VirtioBlk::completion_fds`]), so a VMM can sleep in epoll on notifications and
+//! completions together and hold its device lock only while it processes them.
 
 use std::collections::HashMap;
 
@@ -60,9 +65,10 @@ pub struct Config {
     pub num_queues: u16,
 }
 
-/// A virtio-blk device over an engine.
+/// A virtio-blk device over one engine per queue.
 pub struct VirtioBlk {
-    engine: Box<dyn Engine>,
+    /// `engines[q]` serves queue `q`.
+    engines: Vec<Box<dyn Engine>>,
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
     config: Config,
@@ -87,23 +93,39 @@ impl std::fmt::Debug for VirtioBlk {
 }
 
 impl VirtioBlk {
-    /// A device over `engine`, with `queues` set up by the transport (addresses, size, ready)
-    /// in `mem`. `notify(queue)` is called when the driver must be interrupted (wire it to an
-    /// irqfd).
+    /// A device with `engines[q]` serving `queues[q]` (set up by the transport: addresses,
+    /// size, ready) in `mem`; the engines share one chain (see
+    /// [`crate::engine::new_shared_engine`]). `notify(queue)` is called when the driver must
+    /// be interrupted (wire it to an irqfd). There must be one engine per queue, at least one.
     pub fn new(
-        mut engine: Box<dyn Engine>,
+        engines: Vec<Box<dyn Engine>>,
         mem: GuestMemoryMmap,
         queues: Vec<Queue>,
-        config: Config,
+        mut config: Config,
         notify: Box<dyn FnMut(u16) + Send>,
-    ) -> VirtioBlk {
-        let chain = engine.chain();
+    ) -> Result<VirtioBlk> {
+        if engines.is_empty()
+            || engines.len() != queues.len()
+            || queues.len() > usize::from(u16::MAX)
+        {
+            return Err(Error::Unsupported {
+                path: std::path::PathBuf::from("virtio-blk"),
+                what: format!(
+                    "one engine per queue is needed: {} engines for {} queues",
+                    engines.len(),
+                    queues.len()
+                ),
+            });
+        }
+        config.num_queues = queues.len() as u16;
+        let chain = engines[0].chain();
         let read_only = chain.is_read_only();
         let capacity = chain.size() / SECTOR;
         let blk_size = chain.logical_sector_size();
         let physical = chain.physical_sector_size();
-        VirtioBlk {
-            engine,
+        drop(chain);
+        Ok(VirtioBlk {
+            engines,
             mem,
             queues,
             config,
@@ -116,7 +138,16 @@ impl VirtioBlk {
             next_tag: 0,
             notify,
             done: Vec::new(),
-        }
+        })
+    }
+
+    /// The engines' completion eventfds (one per queue that has one): after one becomes
+    /// readable, read it and call [`VirtioBlk::process_completions`] with `wait = false`.
+    pub fn completion_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.engines
+            .iter()
+            .filter_map(|e| e.completion_fd())
+            .collect()
     }
 
     /// Features the device offers.
@@ -144,6 +175,11 @@ impl VirtioBlk {
         for q in &mut self.queues {
             q.set_event_idx(event_idx);
         }
+    }
+
+    /// Number of virtqueues.
+    pub fn num_queues(&self) -> u16 {
+        self.queues.len() as u16
     }
 
     /// The queues, for the transport to configure.
@@ -217,7 +253,7 @@ impl VirtioBlk {
         for (head, descs) in chains {
             self.start(queue, head, &descs)?;
         }
-        self.engine.kick()
+        self.engines[usize::from(queue)].kick()
     }
 
     fn start(
@@ -360,7 +396,7 @@ impl VirtioBlk {
             // device holds `mem` (keeping the mapping alive) until the engine completes the
             // request, and the virtio contract forbids the driver from touching a buffer it
             // made available until it appears in the used ring, which happens after completion.
-            unsafe { self.engine.submit(r) }?;
+            unsafe { self.engines[usize::from(queue)].submit(r) }?;
             offset += u64::from(len);
         }
         Ok(())
@@ -373,6 +409,8 @@ impl VirtioBlk {
         req: &Request,
         ops: Vec<(IoKind, u64, u64)>,
     ) -> Result<()> {
+        // Ordering point: what other queues have in flight completes (and commits) first.
+        self.drain_except(queue)?;
         let id = self.new_pending(queue, head, req, 1, ops.len());
         for (kind, offset, len) in ops {
             let r = IoRequest {
@@ -383,7 +421,7 @@ impl VirtioBlk {
                 len: len as usize,
             };
             // SAFETY: no buffer is involved in flush, discard or write-zeroes.
-            unsafe { self.engine.submit(r) }?;
+            unsafe { self.engines[usize::from(queue)].submit(r) }?;
         }
         Ok(())
     }
@@ -411,20 +449,50 @@ impl VirtioBlk {
         }
     }
 
-    /// Reaps engine completions and returns finished chains to the driver; with `wait`, blocks
-    /// until at least one completes (if any is in flight).
+    /// Reaps every queue's completions and returns finished chains to the driver; with
+    /// `wait`, blocks until at least one completes if none has yet (and any is in flight).
     pub fn process_completions(&mut self, wait: bool) -> Result<()> {
-        let min = usize::from(wait && self.engine.in_flight() > 0);
         let mut done = std::mem::take(&mut self.done);
-        self.engine.reap(min, &mut done)?;
+        for e in &mut self.engines {
+            e.reap(0, &mut done)?;
+        }
+        if wait && done.is_empty() {
+            if let Some(e) = self.engines.iter_mut().find(|e| e.in_flight() > 0) {
+                e.reap(1, &mut done)?;
+            }
+        }
+        self.complete(&mut done);
+        self.done = done;
+        Ok(())
+    }
+
+    fn complete(&mut self, done: &mut Vec<IoCompletion>) {
         for c in done.drain(..) {
             if let Err(e) = &c.result {
                 tracing::warn!("request failed: {e}");
             }
             self.segment_done(c.tag, c.result.is_ok());
         }
+    }
+
+    /// Waits for everything in flight on every queue but `queue`, and completes it.
+    fn drain_except(&mut self, queue: u16) -> Result<()> {
+        let mut done = std::mem::take(&mut self.done);
+        for (q, e) in self.engines.iter_mut().enumerate() {
+            if q != usize::from(queue) {
+                while e.in_flight() > 0 {
+                    e.reap(e.in_flight(), &mut done)?;
+                }
+            }
+        }
+        self.complete(&mut done);
         self.done = done;
         Ok(())
+    }
+
+    /// Requests in flight on any queue's engine.
+    fn in_flight(&self) -> usize {
+        self.engines.iter().map(|e| e.in_flight()).sum()
     }
 
     /// Chains started and not yet returned.
@@ -434,10 +502,10 @@ impl VirtioBlk {
 
     /// Flushes the disk (for a VMM shutting down).
     pub fn flush(&mut self) -> Result<()> {
-        while self.engine.in_flight() > 0 {
+        while self.in_flight() > 0 {
             self.process_completions(true)?;
         }
-        self.engine.chain().flush()
+        self.engines[0].chain().flush()
     }
 }
 

@@ -303,7 +303,7 @@ mod tests {
         let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let (s, i) = (status.clone(), irq.clone());
         let dev = VirtioBlk::new(
-            engine,
+            vec![engine],
             mem,
             vec![Queue::new(256).unwrap()],
             Config {
@@ -314,7 +314,8 @@ mod tests {
                 s.fetch_or(INT_VRING, Ordering::SeqCst);
                 let _ = i.write(1);
             }),
-        );
+        )
+        .unwrap();
         Rig {
             t: VirtioMmio::new(dev, status, EventFd::new(EFD_NONBLOCK).unwrap()),
             irq,
@@ -443,7 +444,7 @@ mod tests {
         let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let (s, i) = (status.clone(), irq.clone());
         let dev = VirtioBlk::new(
-            engine,
+            vec![engine],
             mem.clone(),
             vec![Queue::new(256).unwrap()],
             Config {
@@ -454,7 +455,8 @@ mod tests {
                 s.fetch_or(INT_VRING, Ordering::SeqCst);
                 let _ = i.write(1);
             }),
-        );
+        )
+        .unwrap();
         let t = VirtioMmio::new(dev, status, EventFd::new(EFD_NONBLOCK).unwrap());
 
         let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
