@@ -31,6 +31,7 @@
 
 #![warn(missing_docs)]
 
+mod aligned;
 mod chain;
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -42,6 +43,7 @@ pub mod probe;
 mod raw;
 pub mod virtio_blk;
 
+pub use aligned::AlignedBuf;
 pub use chain::{open, Chain, Layer};
 pub use disk::{Disk, Format, LayerInfo, MapExtent, OpenOptions, Subformat};
 pub use error::{Error, ErrorKind, Result, MAX_CHAIN_DEPTH};

@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use block_backend::{Disk, ErrorKind};
+use block_backend::{AlignedBuf, Disk, ErrorKind};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
@@ -74,7 +74,7 @@ const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 
 thread_local! {
     /// Per-thread read buffer, reused so a 1 MiB read does not map and fault in fresh memory.
-    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static READ_BUF: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::new(MAX_IO as usize));
 }
 
 /// Errors of [`SharedDisk`].
@@ -383,11 +383,11 @@ impl DiskFs {
         ino: u64,
         offset: u64,
         size: u32,
-        buf: &mut Vec<u8>,
+        buf: &mut AlignedBuf,
     ) -> Result<(), Errno> {
         let node = self.file(ino)?;
         let n = node.size.saturating_sub(offset).min(u64::from(size)) as usize;
-        buf.resize(n, 0);
+        buf.resize(n);
         if n == 0 {
             return Ok(());
         }
@@ -785,8 +785,8 @@ mod tests {
     #[test]
     fn partition_reads_are_shifted_by_the_partition_offset() {
         let (_d, fs) = setup(true);
-        let mut a = Vec::new();
-        let mut b = Vec::new();
+        let mut a = AlignedBuf::new(0);
+        let mut b = AlignedBuf::new(0);
         fs.read_file(P1, 100, 4096, &mut a).unwrap();
         fs.read_file(DISK, (1 << 20) + 100, 4096, &mut b).unwrap();
         assert_eq!(a.len(), 4096);
@@ -796,7 +796,7 @@ mod tests {
     #[test]
     fn reads_stop_at_the_end_of_the_file() {
         let (_d, fs) = setup(true);
-        let mut buf = Vec::new();
+        let mut buf = AlignedBuf::new(0);
         fs.read_file(P1, (2 << 20) - 10, 4096, &mut buf).unwrap();
         assert_eq!(buf.len(), 10);
         fs.read_file(P1, 2 << 20, 4096, &mut buf).unwrap();
@@ -823,7 +823,7 @@ mod tests {
     fn writes_land_inside_the_partition_and_stop_at_its_end() {
         let (_d, fs) = setup(false);
         assert_eq!(fs.write_file(P1, 0, b"hello"), Ok(5));
-        let mut buf = Vec::new();
+        let mut buf = AlignedBuf::new(0);
         fs.read_file(DISK, 1 << 20, 5, &mut buf).unwrap();
         assert_eq!(buf, b"hello");
         // Crossing the end: short write; at the end: ENOSPC.

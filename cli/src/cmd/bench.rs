@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use block_backend::engine::{new_engine, EngineKind, IoCompletion, IoKind, IoRequest};
-use block_backend::{Disk, OpenOptions};
+use block_backend::{AlignedBuf, Disk, OpenOptions};
 use serde::Serialize;
 
 use crate::size::parse_size;
@@ -102,23 +102,6 @@ pub struct Report {
     pub lat_p99_us: f64,
 }
 
-/// A heap buffer aligned for O_DIRECT.
-struct Aligned {
-    storage: Vec<u8>,
-    start: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let storage = vec![0xA5u8; len + 4096];
-        let start = storage.as_ptr().align_offset(4096);
-        Aligned { storage, start }
-    }
-    fn ptr(&mut self) -> *mut u8 {
-        self.storage[self.start..].as_mut_ptr()
-    }
-}
-
 /// Runs `bench`.
 pub fn run(a: &Args) -> Result<u8> {
     if a.bs == 0
@@ -203,7 +186,13 @@ fn run_engine(
 ) -> Result<Run> {
     let bs = a.bs;
     let write = matches!(a.rw, Rw::Write | Rw::Randwrite);
-    let mut bufs: Vec<Aligned> = (0..a.iodepth).map(|_| Aligned::new(bs as usize)).collect();
+    let mut bufs: Vec<AlignedBuf> = (0..a.iodepth)
+        .map(|_| {
+            let mut b = AlignedBuf::new(bs as usize);
+            b.fill(0xA5); // written data is not zeros, in case anything below skips those
+            b
+        })
+        .collect();
     let mut started: Vec<Instant> = vec![Instant::now(); a.iodepth];
     let mut free: Vec<usize> = (0..a.iodepth).collect();
     let mut lat: Vec<u32> = Vec::new();
@@ -225,7 +214,7 @@ fn run_engine(
                     tag: slot as u64,
                     kind: op,
                     offset: n * bs,
-                    buf: bufs[slot].ptr(),
+                    buf: bufs[slot].as_mut_ptr(),
                     len: bs as usize,
                 };
                 // SAFETY: buffer `slot` is used by no other request until this one's completion

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use block_backend::{Chain, Disk, MapExtent};
+use block_backend::{AlignedBuf, Chain, Disk, MapExtent};
 
 use super::{open_read_only, CHUNK, MAP_WINDOW};
 
@@ -65,8 +65,8 @@ fn is_hole(e: &MapExtent) -> bool {
 
 /// First offset below `len` where `a` and `b` differ.
 fn first_difference(a: &mut Chain, b: &mut Chain, len: u64) -> Result<Option<u64>> {
-    let mut buf_a = vec![0u8; CHUNK as usize];
-    let mut buf_b = vec![0u8; CHUNK as usize];
+    let mut buf_a = AlignedBuf::new(CHUNK as usize);
+    let mut buf_b = AlignedBuf::new(CHUNK as usize);
     let mut window = 0;
     while window < len {
         let wend = (window + MAP_WINDOW).min(len);
@@ -123,7 +123,7 @@ fn first_difference(a: &mut Chain, b: &mut Chain, len: u64) -> Result<Option<u64
 
 /// First offset in `[from, to)` of `d` that is not zero.
 fn first_nonzero(d: &mut Chain, from: u64, to: u64) -> Result<Option<u64>> {
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = AlignedBuf::new(CHUNK as usize);
     let mut window = from;
     while window < to {
         let wend = window.saturating_add(MAP_WINDOW).min(to);

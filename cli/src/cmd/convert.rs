@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use block_backend::{Chain, Disk};
+use block_backend::{AlignedBuf, Chain, Disk};
 
 use super::{
     block_size_arg, format_from_extension, is_zero, open_read_only, vhdx_options, DiskTypeArg,
@@ -131,7 +131,7 @@ enum Piece {
     /// A run the source's map calls zero, never read: only progress moves.
     Hole(u64),
     /// Bytes read at a virtual offset.
-    Data(u64, Vec<u8>),
+    Data(u64, AlignedBuf),
 }
 
 /// Copies the virtual disk of `src` into `sink`, skipping zeros: one thread reads (following
@@ -139,10 +139,10 @@ enum Piece {
 /// and writing overlap. Buffers go round between them; at most [`BUFFERS`] exist.
 fn copy(src: &mut Chain, sink: &mut Sink, size: u64, progress: &mut Progress) -> Result<()> {
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Piece>>(BUFFERS);
-    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<AlignedBuf>(BUFFERS);
     for _ in 0..BUFFERS {
         free_tx
-            .send(vec![0u8; CHUNK as usize])
+            .send(AlignedBuf::new(CHUNK as usize))
             .expect("receiver is alive");
     }
     std::thread::scope(|scope| -> Result<()> {
@@ -169,7 +169,7 @@ fn copy(src: &mut Chain, sink: &mut Sink, size: u64, progress: &mut Progress) ->
                         // Chunks end on CHUNK-aligned boundaries so writes line up with blocks.
                         let next = ((pos / CHUNK + 1) * CHUNK).min(e.end());
                         let Ok(mut buf) = free_rx.recv() else { return };
-                        buf.resize((next - pos) as usize, 0);
+                        buf.resize((next - pos) as usize);
                         let r = src.read_at(&mut buf, pos).map(|()| Piece::Data(pos, buf));
                         let failed = r.is_err();
                         if full_tx.send(r.map_err(Into::into)).is_err() || failed {

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use block_backend::Disk;
+use block_backend::{AlignedBuf, Disk};
 
 use super::{open_read_only, CHUNK};
 use crate::size::parse_size;
@@ -39,7 +39,7 @@ pub fn run(a: &Args) -> Result<u8> {
         );
     };
     let mut out = std::io::stdout().lock();
-    let mut buf = vec![0u8; CHUNK.min(a.length) as usize];
+    let mut buf = AlignedBuf::new(CHUNK.min(a.length) as usize);
     let mut pos = a.offset;
     while pos < end {
         let n = (end - pos).min(CHUNK) as usize;

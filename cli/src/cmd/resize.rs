@@ -128,7 +128,7 @@ pub fn run(a: &Args) -> Result<u8> {
 fn nonzero_beyond(disk: &mut block_backend::Chain, offset: u64) -> Result<(u64, Option<u64>)> {
     let size = disk.size();
     let (mut bytes, mut first) = (0u64, None);
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = block_backend::AlignedBuf::new(CHUNK as usize);
     let mut window = offset - offset % 512;
     while window < size {
         let wlen = (size - window).min(MAP_WINDOW);

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use block_backend::{Disk, OpenOptions};
+use block_backend::{AlignedBuf, Disk, OpenOptions};
 
 use super::CHUNK;
 use crate::size::parse_size;
@@ -58,7 +58,7 @@ pub fn run(a: &Args) -> Result<u8> {
         }
         Box::new(f)
     };
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = AlignedBuf::new(CHUNK as usize);
     let mut pos = a.offset;
     loop {
         let n = read_full(&mut input, &mut buf).context("read input")?;
