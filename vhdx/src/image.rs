@@ -478,17 +478,13 @@ impl<F: ImageFile> VhdxImage<F> {
                             *offset,
                         ))?
                     }
-                    LogWrite::Zero { offset, length } => {
-                        let zeros = vec![0u8; MIB as usize];
-                        let mut at = 0;
-                        while at < *length {
-                            let n = (length - at).min(MIB);
-                            self.file
-                                .write_all_at(&zeros[..n as usize], offset + at)
-                                .map_err(io(&self.path, "replay log zeros", offset + at))?;
-                            at += n;
-                        }
-                    }
+                    // A hole where the file system can punch one: a hostile entry may
+                    // zero terabytes of a sparse file. What lies past the end is zero
+                    // anyway once the file is extended to LastFileOffset below.
+                    LogWrite::Zero { offset, length } => self
+                        .file
+                        .zero_range(*offset, *length)
+                        .map_err(io(&self.path, "replay log zeros", *offset))?,
                 }
             }
             if self.file.len().map_err(io(&self.path, "stat", 0))? < replay.last_file_offset {

@@ -403,3 +403,56 @@ fn two_identical_headers_with_equal_sequence_numbers_are_accepted() {
     assert!(img.header().sequence_number > 1);
     assert_eq!(read(&mut img, 4096, 512), vec![2u8; 512]);
 }
+
+/// A pending log entry that zeroes 1 GiB past the end of a sparse file: a writable replay
+/// punches holes (or relies on the file being extended) instead of writing zeros, so the
+/// replay neither takes time nor disk space in proportion to what a hostile entry asks for.
+#[test]
+fn a_huge_zero_descriptor_in_the_log_is_replayed_without_writing_its_zeros() {
+    use std::os::unix::fs::MetadataExt;
+    let (file, _) = image_with_pending_log();
+    let mut bytes = file.contents();
+    let ro = VhdxImage::open_file(
+        file.clone(),
+        std::path::Path::new("p.vhdx"),
+        OpenMode::ReadOnly,
+    )
+    .unwrap();
+    let log_offset = ro.header().log_offset;
+    drop(ro);
+    // The entry at the start of the log: add one zero descriptor (first sector has room).
+    let e = log_offset as usize;
+    let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    assert_eq!(&bytes[e..e + 4], b"loge");
+    let length = le32(&bytes, e + 8) as usize;
+    let sequence = le64(&bytes, e + 16);
+    let count = le32(&bytes, e + 24) as usize;
+    let zero_at = (bytes.len() as u64).next_multiple_of(1 << 20);
+    let zero_len = 1u64 << 30;
+    let d = e + 64 + 32 * count;
+    bytes[d..d + 4].copy_from_slice(b"zero");
+    bytes[d + 8..d + 16].copy_from_slice(&zero_len.to_le_bytes());
+    bytes[d + 16..d + 24].copy_from_slice(&zero_at.to_le_bytes());
+    bytes[d + 24..d + 32].copy_from_slice(&sequence.to_le_bytes());
+    bytes[e + 24..e + 28].copy_from_slice(&(count as u32 + 1).to_le_bytes());
+    bytes[e + 56..e + 64].copy_from_slice(&(zero_at + zero_len).to_le_bytes());
+    vhdx::format::seal(&mut bytes[e..e + length], 4);
+
+    let p = scratch().join("zero-log.vhdx");
+    std::fs::write(&p, &bytes).unwrap();
+    let img = VhdxImage::open(&p, OpenMode::ReadWrite).unwrap();
+    assert!(img.replayed_log());
+    img.close().unwrap();
+    let m = std::fs::metadata(&p).unwrap();
+    assert!(
+        m.len() >= zero_at + zero_len,
+        "file extended to the entry's last offset"
+    );
+    let allocated = m.blocks() * 512;
+    assert!(
+        allocated < 64 << 20,
+        "the replay allocated {allocated} bytes for a 1 GiB zero descriptor"
+    );
+    assert_eq!(vhdx::check(&p).unwrap().corruptions, vec![]);
+}
