@@ -129,24 +129,8 @@ impl<'a> Rig<'a> {
     /// returns (status byte, used length) or None if the chain was not answered.
     fn run(&mut self, descs: &[(u64, u32, bool)]) -> Option<(u8, u32)> {
         let used_before = self.vq.used().idx().load();
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, w))| {
-                let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
-                if i + 1 < descs.len() {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                }
-                RawDescriptor::from(SplitDescriptor::new(
-                    addr,
-                    len,
-                    flags,
-                    self.next_desc + i as u16 + 1,
-                ))
-            })
-            .collect();
         self.mem.write_obj(0xFFu8, GuestAddress(STATUS)).unwrap();
-        self.vq.add_desc_chains(&raw, self.next_desc).unwrap();
+        publish(&self.vq, self.next_desc, descs);
         self.next_desc += descs.len() as u16;
         self.dev.process_queue(0).unwrap();
         while self.dev.pending() > 0 {

@@ -297,35 +297,40 @@ fn run_virtio(a: &Args, engine: Box<dyn block_backend::engine::Engine>, slots: u
     let mut published = 0u32;
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs_f64(a.runtime);
+    let kind = if write {
+        VIRTIO_BLK_T_OUT
+    } else {
+        VIRTIO_BLK_T_IN
+    };
+    let (n, w) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+    let data_flags = n | if write { 0 } else { w };
+    for slot in 0..depth {
+        mem.write_obj(kind, hdr(slot))?;
+        mem.write_obj(0u32, hdr(slot).unchecked_add(4))?;
+        let first = slot as u16 * 3;
+        for (i, (addr, len, flags)) in [
+            (hdr(slot).0, 16, n),
+            (data(slot).0, bs as u32, data_flags),
+            (status(slot).0, 1, w),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let at = desc_table.unchecked_add(u64::from(first + i as u16) * 16);
+            mem.write_obj(addr, at)?;
+            mem.write_obj(len, at.unchecked_add(8))?;
+            mem.write_obj(flags, at.unchecked_add(12))?;
+            mem.write_obj(first + i as u16 + 1, at.unchecked_add(14))?;
+        }
+    }
     loop {
         if Instant::now() < deadline && !free.is_empty() {
             for slot in free.drain(..) {
-                let kind = if write {
-                    VIRTIO_BLK_T_OUT
-                } else {
-                    VIRTIO_BLK_T_IN
-                };
+                // The slot's descriptors and header type were written once, before the loop
+                // (as a driver reusing its descriptors would): only the sector changes.
                 let sector = offsets.next() * bs / 512;
-                mem.write_obj(kind, hdr(slot))?;
-                mem.write_obj(0u32, hdr(slot).unchecked_add(4))?;
                 mem.write_obj(sector, hdr(slot).unchecked_add(8))?;
-                let (n, w) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
                 let first = slot as u16 * 3;
-                let data_flags = n | if write { 0 } else { w };
-                for (i, (addr, len, flags)) in [
-                    (hdr(slot).0, 16, n),
-                    (data(slot).0, bs as u32, data_flags),
-                    (status(slot).0, 1, w),
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    let at = desc_table.unchecked_add(u64::from(first + i as u16) * 16);
-                    mem.write_obj(addr, at)?;
-                    mem.write_obj(len, at.unchecked_add(8))?;
-                    mem.write_obj(flags, at.unchecked_add(12))?;
-                    mem.write_obj(first + i as u16 + 1, at.unchecked_add(14))?;
-                }
                 // Publish the chain in the available ring (which wraps; the mock's helper does not).
                 mem.write_obj(
                     first,
