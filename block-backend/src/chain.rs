@@ -690,6 +690,19 @@ impl Disk for Chain {
     fn backing_chain(&self) -> Vec<PathBuf> {
         self.layers.iter().map(|l| l.path().to_path_buf()).collect()
     }
+
+    fn contiguous_extent(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(&std::fs::File, u64)>> {
+        match self.plan_read(offset, len)?.as_slice() {
+            [Piece::File {
+                level, file_offset, ..
+            }] => Ok(Some((self.layer_file(*level), *file_offset))),
+            _ => Ok(None),
+        }
+    }
 }
 
 /// Canonical form of `path`, for cycle detection.

@@ -209,6 +209,18 @@ pub trait Disk: Send {
     fn backing_chain(&self) -> Vec<PathBuf> {
         self.layers().into_iter().map(|l| l.path).collect()
     }
+
+    /// The one file range that holds all of `[offset, offset + len)` as it reads, if there is
+    /// one: `(file, offset in it)`. For callers that map image files and copy from the page
+    /// cache themselves. `None` when the range spans several extents or layers, holds zeros,
+    /// or must be read through the format crate (a VHDX log replayed in memory).
+    fn contiguous_extent(
+        &mut self,
+        _offset: u64,
+        _len: u64,
+    ) -> Result<Option<(&std::fs::File, u64)>> {
+        Ok(None)
+    }
 }
 
 impl<D: Disk + ?Sized> Disk for Box<D> {
@@ -229,6 +241,13 @@ impl<D: Disk + ?Sized> Disk for Box<D> {
     }
     fn flush(&mut self) -> Result<()> {
         (**self).flush()
+    }
+    fn contiguous_extent(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(&std::fs::File, u64)>> {
+        (**self).contiguous_extent(offset, len)
     }
     fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         (**self).discard(offset, len)

@@ -16,6 +16,12 @@
 //! a loop device or file system on top is not cached twice. `FUSE_DIRECT_IO_ALLOW_MMAP` keeps
 //! `mmap` working where the kernel offers it.
 //!
+//! A read-only mount answers a read whose bytes lie in one contiguous extent of one image file
+//! straight from a mapping of that file ([`crate::mapped`]): the kernel copies once, from the
+//! image's page cache into the reader's buffer, where reading into our buffer first would copy
+//! twice. Everything else (writable mounts, zeros, ranges spanning extents, a VHDX log replayed
+//! in memory) is read through the [`Disk`] API.
+//!
 //! Requests are served by several threads. The [`Disk`] API takes `&mut self`, so a writable
 //! disk sits behind one mutex: a request holds it only for its own `read_at`/`write_at`, while
 //! the FUSE round trips of other requests (copying requests in and replies out of the kernel)
@@ -46,6 +52,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use block_backend::{AlignedBuf, Disk, ErrorKind};
+
+use crate::mapped::{Mapping, Maps};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
@@ -96,6 +104,8 @@ pub struct SharedDisk {
     readers: Vec<Mutex<Option<Box<dyn Disk>>>>,
     /// Round-robin start for reads when every handle is busy.
     next_reader: AtomicUsize,
+    /// Mappings of the image files (read-only mounts only), see [`SharedDisk::read_mapped`].
+    maps: Maps,
     size: u64,
     read_only: bool,
     discard: bool,
@@ -161,6 +171,7 @@ impl SharedDisk {
         Arc::new(SharedDisk {
             readers,
             next_reader: AtomicUsize::new(0),
+            maps: Maps::default(),
             size: disk.size(),
             read_only,
             discard: opts.discard,
@@ -194,14 +205,41 @@ impl SharedDisk {
 
     /// Reads `buf` at byte `offset` of the disk (on any free handle of a read-only disk).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> SharedResult<()> {
+        self.with_reader(|disk| Ok(disk.read_at(buf, offset)?))
+    }
+
+    /// On a read-only disk, the mapped image-file bytes that `[offset, offset + len)` reads as,
+    /// when they lie in one contiguous extent: `(mapping, offset in the file)`. `None` when the
+    /// range must be read with [`SharedDisk::read_at`] (writable disk, several extents, zeros,
+    /// a log overlay, a file that cannot be mapped). A writable disk is never mapped: its
+    /// metadata changes under the mapping.
+    pub fn read_mapped(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> SharedResult<Option<(Arc<Mapping>, u64)>> {
+        if !self.read_only {
+            return Ok(None);
+        }
+        self.with_reader(|disk| {
+            Ok(match disk.contiguous_extent(offset, len as u64)? {
+                Some((file, at)) => self.maps.of(file).map(|m| (m, at)),
+                None => None,
+            })
+        })
+    }
+
+    /// Runs `f` on a handle of the disk: the only one of a writable disk, any free one of a
+    /// read-only disk.
+    fn with_reader<R>(&self, f: impl FnOnce(&mut dyn Disk) -> SharedResult<R>) -> SharedResult<R> {
         if self.readers.is_empty() {
             let mut s = self.lock();
             let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
-            return Ok(disk.read_at(buf, offset)?);
+            return f(disk.as_mut());
         }
         if let Ok(mut s) = self.state.try_lock() {
             let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
-            return Ok(disk.read_at(buf, offset)?);
+            return f(disk.as_mut());
         }
         let n = self.readers.len();
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed) % n;
@@ -214,7 +252,7 @@ impl SharedDisk {
                 .unwrap_or_else(|p| p.into_inner()),
         };
         let disk = r.as_mut().ok_or(SharedDiskError::Closed)?;
-        Ok(disk.read_at(buf, offset)?)
+        f(disk.as_mut())
     }
 
     /// Writes `buf` at byte `offset` of the disk.
@@ -395,6 +433,25 @@ impl DiskFs {
         self.disk
             .read_at(buf, node.offset + offset)
             .map_err(|e| errno("read", &node.name, offset, &e))
+    }
+
+    /// The mapped bytes a read of file `ino` returns, when the disk can serve it that way:
+    /// `(mapping, offset in the mapped file, length)` (see [`SharedDisk::read_mapped`]).
+    fn read_mapped(
+        &self,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Option<(Arc<Mapping>, u64, usize)>, Errno> {
+        let node = self.file(ino)?;
+        let n = node.size.saturating_sub(offset).min(u64::from(size)) as usize;
+        if n == 0 {
+            return Ok(None);
+        }
+        match self.disk.read_mapped(node.offset + offset, n) {
+            Ok(m) => Ok(m.map(|(m, at)| (m, at, n))),
+            Err(_) => Ok(None), // the ordinary read reports the error
+        }
     }
 
     /// Writes `data` at `offset` of file `ino`; returns the number of bytes written (short if
@@ -593,6 +650,12 @@ impl fuser::Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Read-only mounts reply straight from the image file's page cache where they can.
+        if let Ok(Some(mapped)) = self.read_mapped(ino.0, offset, size.min(MAX_IO)) {
+            if let Some(bytes) = mapped.0.get(mapped.1, mapped.2) {
+                return reply.data(bytes);
+            }
+        }
         READ_BUF.with(|b| {
             let mut buf = b.borrow_mut();
             match self.read_file(ino.0, offset, size.min(MAX_IO), &mut buf) {

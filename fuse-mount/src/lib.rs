@@ -29,6 +29,7 @@
 
 pub mod daemon;
 pub mod fs;
+pub mod mapped;
 pub mod partitions;
 
 pub use daemon::{prepare, unmount, MountError, MountOptions, Prepared, Unmounted};
