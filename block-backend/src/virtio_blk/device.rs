@@ -23,6 +23,7 @@
 //! completions together and hold its device lock only while it processes them.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -247,6 +248,18 @@ impl VirtioBlk {
             }
             // Re-enable and look again: a chain may have arrived in between.
             if !q.enable_notification(&self.mem).unwrap_or(false) {
+                break;
+            }
+            // An avail index more than a queue size ahead (a broken or hostile driver) makes
+            // every pop fail while the index still differs: stop instead of spinning.
+            let ahead = q
+                .avail_idx(&self.mem, Ordering::Acquire)
+                .map(|idx| idx.0.wrapping_sub(q.next_avail()));
+            if !ahead.is_ok_and(|n| n <= q.size()) {
+                tracing::warn!(
+                    queue,
+                    "available ring index out of range: queue not processed"
+                );
                 break;
             }
         }

@@ -205,14 +205,25 @@ pub fn segments(
     max_sectors: u32,
 ) -> Result<Vec<Segment>, String> {
     let mut out = Vec::new();
+    // The list is the data buffers read as one byte array: a segment may straddle two
+    // descriptors (parse() checked the total is a whole number of segments).
+    let mut raw = [0u8; SEGMENT_SIZE as usize];
+    let mut have = 0usize;
     for &(addr, len) in &req.data {
-        for i in 0..len / SEGMENT_SIZE {
+        let mut off = 0u32;
+        while off < len {
+            let take = (len - off).min(SEGMENT_SIZE - have as u32);
             let at = addr
-                .checked_add(u64::from(i * SEGMENT_SIZE))
+                .checked_add(u64::from(off))
                 .ok_or("segment address overflows")?;
-            let mut raw = [0u8; 16];
-            mem.read_slice(&mut raw, at)
+            mem.read_slice(&mut raw[have..have + take as usize], at)
                 .map_err(|e| format!("segment: {e}"))?;
+            have += take as usize;
+            off += take;
+            if have < raw.len() {
+                continue;
+            }
+            have = 0;
             let s = Segment {
                 sector: u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes")),
                 num_sectors: u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes")),
