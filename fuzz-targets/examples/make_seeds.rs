@@ -18,14 +18,21 @@ fn main() {
         .nth(1)
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus"));
-    let work = tempdir();
     let mut seeds = Seeds { out, count: 0 };
+    // `make_seeds <out> virtio_blk`: only that target's seeds (no images needed).
+    if std::env::args().nth(2).as_deref() == Some("virtio_blk") {
+        virtio_seeds(&mut seeds);
+        eprintln!("wrote {} seeds under {}", seeds.count, seeds.out.display());
+        return;
+    }
+    let work = tempdir();
     real_images(&mut seeds);
     created_vhd(&mut seeds, &work);
     created_vhdx(&mut seeds, &work);
     pairs(&mut seeds, &work);
     log_seeds(&mut seeds);
     oracle_seeds(&mut seeds);
+    virtio_seeds(&mut seeds);
     let _ = std::fs::remove_dir_all(&work);
     eprintln!("wrote {} seeds under {}", seeds.count, seeds.out.display());
 }
@@ -380,5 +387,12 @@ fn oracle_seeds(seeds: &mut Seeds) {
             }
             seeds.put("write_oracle", &format!("kind{kind}-{variant}"), &v);
         }
+    }
+}
+
+/// Well-formed driver sessions (the encoding is defined next to the target).
+fn virtio_seeds(seeds: &mut Seeds) {
+    for (name, bytes) in vhdkit_fuzz_targets::virtio_blk_seeds() {
+        seeds.put("virtio_blk", &name, &bytes);
     }
 }

@@ -18,6 +18,7 @@
 //! | `vhdx_log`     | GUID + log region, or entries to build   | built entries replay to exactly their pages |
 //! | `diff_pair`    | child + parent files (VHD or VHDX)       | the backend's chain read equals the layers composed by hand from the format crates; inputs unchanged |
 //! | `write_oracle` | image kind + operations                 | every write reads back, before and after reopen; no corruption; every power cut keeps all flushed bytes |
+//! | `virtio_blk`   | device config + driver operations       | used ring: popped heads only, each once, all once drained; valid statuses, OK exactly for well-formed requests; IN/OUT/DISCARD/WRITE_ZEROES/GET_ID against a flat disk model, and the reopened disk equals it; read-only never writes |
 //!
 //! Invariant: a target function panics only on a real bug (a panic inside the format crates, or
 //! a broken oracle). Bad inputs are normal and end quietly.
@@ -32,6 +33,7 @@ pub mod sparse;
 mod vhd_open;
 mod vhdx_log;
 mod vhdx_open;
+mod virtio_blk;
 mod write_oracle;
 
 pub use bounded::BoundedFile;
@@ -39,6 +41,7 @@ pub use diff_pair::diff_pair;
 pub use vhd_open::vhd_open;
 pub use vhdx_log::vhdx_log;
 pub use vhdx_open::vhdx_open;
+pub use virtio_blk::{virtio_blk, virtio_blk_seeds};
 pub use write_oracle::write_oracle;
 
 /// A target body: takes one fuzz input, panics only on a bug.
@@ -51,9 +54,12 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("vhdx_log", vhdx_log),
     ("diff_pair", diff_pair),
     ("write_oracle", write_oracle),
+    ("virtio_blk", virtio_blk),
 ];
 
-/// Removes the scratch directory the file-based targets (`diff_pair`) use in this process.
+/// Removes the scratch directories the file-based targets (`diff_pair`, `virtio_blk`) use in
+/// this process.
 pub fn cleanup() {
     diff_pair::cleanup();
+    virtio_blk::cleanup();
 }
