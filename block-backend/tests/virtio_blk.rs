@@ -563,3 +563,45 @@ fn two_queues_have_their_own_rings_over_one_chain_and_ordering_points_drain_both
     let report = vhdx::check(&path).unwrap();
     assert!(report.corruptions.is_empty(), "{report:?}");
 }
+
+#[test]
+fn discards_with_more_segments_than_advertised_are_refused_and_leave_data_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = make("raw", dir.path());
+    std::fs::write(&path, vec![0x44u8; SIZE as usize]).unwrap();
+    let mem = memory();
+    let mut rig = Rig::new(&mem, &path, EngineKind::IoUring, false);
+    let cfg = rig.dev.config_space();
+    assert_eq!(
+        u32::from_le_bytes(cfg[40..44].try_into().unwrap()),
+        1,
+        "max_discard_seg"
+    );
+    // Two segments of 8 sectors each.
+    for (i, sector) in [0u64, 64].into_iter().enumerate() {
+        let at = DATA + 16 * i as u64;
+        mem.write_obj(sector, GuestAddress(at)).unwrap();
+        mem.write_obj(8u32, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(0u32, GuestAddress(at + 12)).unwrap();
+    }
+    rig.header(VIRTIO_BLK_T_DISCARD, 0);
+    assert_eq!(
+        rig.run(&[(HDR, 16, false), (DATA, 32, false), (STATUS, 1, true)]),
+        Some((VIRTIO_BLK_S_IOERR as u8, 1))
+    );
+    // One segment is fine.
+    assert_eq!(
+        rig.run(&[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]),
+        Some((VIRTIO_BLK_S_OK as u8, 1))
+    );
+    drop(rig);
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(
+        bytes[..4096].iter().all(|&b| b == 0),
+        "the accepted discard zeroed sectors 0..8"
+    );
+    assert!(
+        bytes[64 * 512..72 * 512].iter().all(|&b| b == 0x44),
+        "the refused one did nothing"
+    );
+}

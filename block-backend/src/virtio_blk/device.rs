@@ -36,7 +36,9 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::request::{parse, segments, Limits, ParseError, Request, RequestType, SECTOR};
+use super::request::{
+    parse, segments, Limits, ParseError, Request, RequestType, SECTOR, SEGMENT_SIZE,
+};
 use crate::engine::{Engine, IoCompletion, IoKind, IoRequest};
 use crate::{Disk, Error, Result};
 
@@ -46,6 +48,9 @@ pub const SEG_MAX: u32 = 128;
 pub const SIZE_MAX: u32 = 1 << 20;
 /// Largest discard / write-zeroes range in sectors (1 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Most segments in one discard or write-zeroes request (advertised as max_discard_seg and
+/// max_write_zeroes_seg; more is refused, so one request cannot ask for unbounded work).
+pub const MAX_DISCARD_SEG: u32 = 1;
 
 /// A chain waiting for its segments.
 struct Pending {
@@ -200,10 +205,10 @@ impl VirtioBlk {
         c[26..28].copy_from_slice(&1u16.to_le_bytes());
         c[34..36].copy_from_slice(&self.config.num_queues.to_le_bytes());
         c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-        c[40..44].copy_from_slice(&1u32.to_le_bytes());
+        c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
         c[44..48].copy_from_slice(&(self.blk_size / SECTOR as u32).to_le_bytes());
         c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-        c[52..56].copy_from_slice(&1u32.to_le_bytes());
+        c[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
         c[56] = 1;
         c
     }
@@ -321,6 +326,16 @@ impl VirtioBlk {
             RequestType::In | RequestType::Out => self.start_rw(queue, head, &req)?,
             RequestType::Flush => self.start_ops(queue, head, &req, vec![(IoKind::Flush, 0, 0)])?,
             RequestType::Discard | RequestType::WriteZeroes => {
+                let list: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
+                if list > u64::from(MAX_DISCARD_SEG * SEGMENT_SIZE) {
+                    tracing::warn!(
+                        queue,
+                        head,
+                        "{list}-byte segment list: more than the {MAX_DISCARD_SEG} segments advertised"
+                    );
+                    self.answer(queue, head, req.status, VIRTIO_BLK_S_IOERR, 1);
+                    return Ok(());
+                }
                 let segs = match segments(&req, &self.mem, self.capacity, MAX_DISCARD_SECTORS) {
                     Ok(s) => s,
                     Err(reason) => {
@@ -388,8 +403,12 @@ impl VirtioBlk {
         } else {
             IoKind::Write
         };
-        let mut offset = req.sector * SECTOR;
+        let mut next = req.sector * SECTOR;
         for &(addr, len) in &req.data {
+            // Each segment's disk offset follows the previous one's, whether or not that one
+            // could be started.
+            let offset = next;
+            next += u64::from(len);
             let ptr = match self.mem.get_slice(addr, len as usize) {
                 Ok(s) => s.ptr_guard_mut().as_ptr(),
                 Err(_) => {
@@ -410,7 +429,6 @@ impl VirtioBlk {
             // request, and the virtio contract forbids the driver from touching a buffer it
             // made available until it appears in the used ring, which happens after completion.
             unsafe { self.engines[usize::from(queue)].submit(r) }?;
-            offset += u64::from(len);
         }
         Ok(())
     }
