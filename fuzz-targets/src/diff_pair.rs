@@ -12,17 +12,7 @@ use std::sync::OnceLock;
 /// This process's scratch directory (in `/dev/shm` when there is one: every input is written).
 fn scratch_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let base = Path::new("/dev/shm");
-        let base = if base.is_dir() {
-            base.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!("vhdkit-fuzz-diff-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create the fuzz scratch directory");
-        dir
-    })
+    DIR.get_or_init(|| crate::make_scratch_dir("diff"))
 }
 
 pub(crate) fn cleanup() {

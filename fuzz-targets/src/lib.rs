@@ -63,3 +63,17 @@ pub fn cleanup() {
     diff_pair::cleanup();
     virtio_blk::cleanup();
 }
+
+/// Creates this process's scratch directory `vhdkit-fuzz-<name>-<pid>`: in `/dev/shm` when there
+/// is one (targets write every input to files), else in the temporary directory.
+pub(crate) fn make_scratch_dir(name: &str) -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!("vhdkit-fuzz-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the fuzz scratch directory");
+    dir
+}

@@ -22,7 +22,12 @@ fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
 }
 
+/// The targets share per-process scratch directories that `cleanup` removes: one replay at a
+/// time, so one test's cleanup never pulls a directory from under the other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn replay(kind: &str, min_inputs: usize) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut failures = Vec::new();
     for (target, body) in vhdkit_fuzz_targets::TARGETS {
         let files = inputs(&fuzz_dir().join(kind).join(target));
