@@ -138,7 +138,29 @@ fn render_error(e: &anyhow::Error) -> String {
     msg
 }
 
+/// Sends what the libraries log to stderr: warnings and errors by default, more with
+/// `VHDKIT_LOG=info|debug|trace` (`error` for less). The mount daemon redirects stderr to its
+/// `--log` file once detached.
+fn init_logging() {
+    use tracing_subscriber::filter::LevelFilter;
+    let level = match std::env::var("VHDKIT_LOG").as_deref() {
+        Ok("error") => LevelFilter::ERROR,
+        Ok("info") => LevelFilter::INFO,
+        Ok("debug") => LevelFilter::DEBUG,
+        Ok("trace") => LevelFilter::TRACE,
+        Ok("off") => LevelFilter::OFF,
+        _ => LevelFilter::WARN,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .try_init();
+}
+
 fn main() -> ExitCode {
+    init_logging();
     let cli = Cli::parse();
     match cli.command.run() {
         Ok(code) => ExitCode::from(code),

@@ -68,6 +68,9 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Threads serving requests.
     pub threads: usize,
+    /// Where the daemon's warnings and errors go once it has detached (appended); without
+    /// it they are discarded, as nobody reads the daemon's stderr.
+    pub log: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -77,6 +80,7 @@ impl Default for MountOptions {
             foreground: false,
             allow_other: false,
             threads: default_threads(),
+            log: None,
         }
     }
 }
@@ -231,8 +235,19 @@ impl Prepared {
             });
         }
         if opts.foreground {
-            return run(self, &dir, opts, None);
+            return run(self, &dir, opts, None, None);
         }
+        // Opened before detaching, so a bad path is reported to the caller.
+        let log = match &opts.log {
+            Some(path) => Some(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| MountError::sys(format!("open log {}", path.display()), e))?,
+            ),
+            None => None,
+        };
         let threads = thread_count();
         if threads > 1 {
             return Err(MountError::Threaded(threads));
@@ -249,7 +264,7 @@ impl Prepared {
             }
             ForkResult::Child => {
                 drop(ready_rd);
-                let code = match daemon_main(self, &dir, opts, ready_wr) {
+                let code = match daemon_main(self, &dir, opts, ready_wr, log) {
                     Ok(()) => 0,
                     Err(_) => 1,
                 };
@@ -282,7 +297,13 @@ fn wait_ready(ready: OwnedFd) -> Result<()> {
 }
 
 /// Child side: detach, then mount and serve.
-fn daemon_main(p: Prepared, dir: &Path, opts: &MountOptions, ready: OwnedFd) -> Result<()> {
+fn daemon_main(
+    p: Prepared,
+    dir: &Path,
+    opts: &MountOptions,
+    ready: OwnedFd,
+    log: Option<File>,
+) -> Result<()> {
     let mut ready = File::from(ready);
     let detached = (|| -> Result<()> {
         nix::unistd::setsid().map_err(|e| MountError::sys("setsid", e))?;
@@ -296,7 +317,7 @@ fn daemon_main(p: Prepared, dir: &Path, opts: &MountOptions, ready: OwnedFd) -> 
         let _ = write!(ready, "ERR {e}");
         return Err(e);
     }
-    run(p, dir, opts, Some(ready))
+    run(p, dir, opts, Some(ready), log)
 }
 
 fn dev_null() -> Result<File> {
@@ -327,7 +348,13 @@ fn fsname(image: &Path) -> String {
 }
 
 /// Mounts, reports readiness (daemon mode), serves until unmounted, flushes.
-fn run(p: Prepared, dir: &Path, opts: &MountOptions, mut ready: Option<File>) -> Result<()> {
+fn run(
+    p: Prepared,
+    dir: &Path,
+    opts: &MountOptions,
+    mut ready: Option<File>,
+    log: Option<File>,
+) -> Result<()> {
     let fail = |ready: &mut Option<File>, e: MountError| {
         if let Some(r) = ready {
             let _ = write!(r, "ERR {e}");
@@ -344,6 +371,7 @@ fn run(p: Prepared, dir: &Path, opts: &MountOptions, mut ready: Option<File>) ->
         return Err(fail(&mut ready, MountError::sys("block signals", e)));
     }
 
+    let image = p.image.display().to_string();
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(fsname(&p.image)),
@@ -391,10 +419,23 @@ fn run(p: Prepared, dir: &Path, opts: &MountOptions, mut ready: Option<File>) ->
     }
 
     if let Some(mut r) = ready.take() {
-        // From here on nobody reads our errors: stderr goes to /dev/null too, so that a
-        // caller capturing the output of `vhdtool mount` sees its end.
-        if let Ok(null) = dev_null() {
-            let _ = nix::unistd::dup2_stderr(&null);
+        // From here on nobody reads our stderr: it goes to the log file, or to /dev/null, so
+        // that a caller capturing the output of `vhdtool mount` sees its end.
+        match log {
+            Some(mut f) => {
+                let _ = writeln!(
+                    f,
+                    "vhdtool mount: serving {image} on {} (pid {})",
+                    dir.display(),
+                    std::process::id()
+                );
+                let _ = nix::unistd::dup2_stderr(&f);
+            }
+            None => {
+                if let Ok(null) = dev_null() {
+                    let _ = nix::unistd::dup2_stderr(&null);
+                }
+            }
         }
         let _ = r.write_all(b"OK");
     }

@@ -993,3 +993,40 @@ fn normal_user_mounts_and_unmounts_through_fusermount3() {
     vhdtool_check_clean(&image);
     assert_eq!(vhdtool_read(&image, 4096, 5), b"hello");
 }
+
+/// `--log FILE` keeps what the detached daemon reports: a startup line, and the warning for a
+/// read that fails (the image was truncated under a read-only mount: the reader gets EIO, the
+/// daemon keeps serving, and says why in the log).
+#[test]
+fn the_detached_daemon_logs_to_the_log_file() {
+    if !can_run(&[]) {
+        return;
+    }
+    let dir = fresh_scratch_dir();
+    let image = dir.join("log.raw");
+    fs::write(&image, vec![7u8; 4 * MIB as usize]).unwrap();
+    let log = dir.join("daemon.log");
+    let log_arg = log.to_str().unwrap().to_string();
+    let m = VhdMount::new(&image, &dir.join("m"), &["--read-only", "--log", &log_arg]);
+    let f = File::open(m.file("disk")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 3 * MIB).unwrap();
+    assert!(buf.iter().all(|&b| b == 7));
+    OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+    let err = f.read_exact_at(&mut buf, 3 * MIB).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EIO), "{err}");
+    f.read_exact_at(&mut buf, 0).unwrap();
+    drop(f);
+    m.unmount();
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("vhdtool mount: serving"), "{text}");
+    assert!(
+        text.contains("WARN") && text.contains("read disk at"),
+        "{text}"
+    );
+}

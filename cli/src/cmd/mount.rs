@@ -24,6 +24,10 @@ pub struct Args {
     /// Let other users access the mount (non-root: needs user_allow_other in /etc/fuse.conf).
     #[arg(long)]
     pub allow_other: bool,
+    /// Append the daemon's warnings and errors to FILE once it has detached (otherwise they
+    /// are discarded; with --foreground they go to stderr).
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
     /// Threads serving requests (default: one per CPU, 2 to 8).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: Option<u16>,
@@ -49,6 +53,7 @@ pub fn run(a: &Args) -> Result<u8> {
         threads: a
             .threads
             .map_or_else(fuse_mount::daemon::default_threads, usize::from),
+        log: a.log.clone(),
     };
     let prepared = fuse_mount::prepare(&a.image, &opts)
         .with_context(|| format!("open {}", a.image.display()))?;
