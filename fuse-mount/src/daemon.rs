@@ -212,7 +212,7 @@ pub fn prepare(image: &Path, opts: &MountOptions) -> Result<Prepared> {
 
 impl Prepared {
     /// The files the mount will show, `disk` first.
-    pub fn files(&self) -> &[FileNode] {
+    pub fn files(&self) -> Vec<FileNode> {
         self.fs.files()
     }
 

@@ -30,9 +30,13 @@
 //! their disk I/O on a cold cache) run in parallel. `benches/fuse.sh` measures both.
 //!
 //! Invariants:
-//! - File sizes never change: writes at or past the end fail with `ENOSPC` (as on a block
-//!   device), a write crossing the end is cut short, truncation to another size is `EINVAL`, and
-//!   `O_TRUNC` is ignored (`FUSE_ATOMIC_O_TRUNC`), as block devices do.
+//! - Writes never change a file's size: writes at or past the end fail with `ENOSPC` (as on a
+//!   block device), a write crossing the end is cut short, truncation to another size is
+//!   `EINVAL`, and `O_TRUNC` is ignored (`FUSE_ATOMIC_O_TRUNC`), as block devices do.
+//! - The partition files follow the partition table: a write within the first or last MiB of
+//!   the disk marks it for a rescan at the next flush or fsync (what sfdisk and friends do when
+//!   they finish), after which `p1`, `p2`, … are rebuilt from the table as it now reads. Names
+//!   and attributes are cached by the kernel for one second, so the change shows within it.
 //! - A read-only mount refuses every modification with `EROFS` (open for writing, write,
 //!   fallocate, truncate); the disk itself is open read-only as well.
 //! - Every write goes through [`Disk::write_at`] at `file offset + partition offset`, with the
@@ -47,8 +51,8 @@
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
 
 use block_backend::{AlignedBuf, Disk, ErrorKind};
@@ -60,7 +64,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 
-use crate::partitions::PartitionTable;
+use crate::partitions::{self, PartitionTable};
 
 /// Largest read or write request (bytes), negotiated with the kernel as `max_write` and
 /// `max_read`.
@@ -70,8 +74,11 @@ pub const MAX_IO: u32 = 1 << 20;
 const ROOT: u64 = 1;
 /// Inode of the first file (`disk`); partitions follow.
 const FIRST_FILE: u64 = 2;
-/// How long the kernel may cache names and attributes (nothing ever changes).
-const TTL: Duration = Duration::from_secs(3600);
+/// Writes within this distance of either end of the disk may change a partition table.
+const TABLE_ZONE: u64 = 1 << 20;
+/// How long the kernel may cache names and attributes: they change only when the partition
+/// table is rewritten through the mount, and then should show within a second.
+const TTL: Duration = Duration::from_secs(1);
 /// `st_blksize` of the files: the I/O size tools like `cp` and `cat` should use.
 const BLKSIZE: u32 = 128 << 10;
 
@@ -323,7 +330,11 @@ pub struct FileNode {
 #[derive(Debug)]
 pub struct DiskFs {
     disk: Arc<SharedDisk>,
-    files: Vec<FileNode>,
+    /// `disk`, then one file per partition; replaced when the partition table is rewritten.
+    files: RwLock<Vec<FileNode>>,
+    /// A write touched where partition tables live (first or last MiB of the disk) since the
+    /// last rescan: rescan at the next flush/fsync.
+    table_dirty: AtomicBool,
     uid: u32,
     gid: u32,
     time: SystemTime,
@@ -353,7 +364,8 @@ impl DiskFs {
         }
         DiskFs {
             disk,
-            files,
+            files: RwLock::new(files),
+            table_dirty: AtomicBool::new(false),
             uid,
             gid,
             time,
@@ -361,8 +373,42 @@ impl DiskFs {
     }
 
     /// The files, `disk` first.
-    pub fn files(&self) -> &[FileNode] {
-        &self.files
+    pub fn files(&self) -> Vec<FileNode> {
+        self.files_now().clone()
+    }
+
+    fn files_now(&self) -> std::sync::RwLockReadGuard<'_, Vec<FileNode>> {
+        self.files.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rereads the partition table if a write may have changed it: `p1`, `p2`, … then match
+    /// the new table (a tool like sfdisk run on `DIR/disk` needs no remount). Names and
+    /// attributes are cached by the kernel for [`TTL`] only.
+    fn rescan_if_needed(&self) {
+        if !self.table_dirty.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let table = match self.disk.with_reader(|d| Ok(partitions::scan_disk(d))) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("rescan the partition table: {e}");
+                return;
+            }
+        };
+        let mut files = vec![FileNode {
+            name: "disk".to_string(),
+            offset: 0,
+            size: self.disk.size(),
+        }];
+        match table {
+            Ok(t) => files.extend(t.partitions.iter().map(|p| FileNode {
+                name: format!("p{}", p.number),
+                offset: p.offset,
+                size: p.size,
+            })),
+            Err(e) => tracing::warn!("partition table ignored after a rewrite: {e}"),
+        }
+        *self.files.write().unwrap_or_else(|p| p.into_inner()) = files;
     }
 
     /// The shared disk (for flushing from outside the request loop).
@@ -370,9 +416,9 @@ impl DiskFs {
         self.disk.clone()
     }
 
-    fn node(&self, ino: u64) -> Option<&FileNode> {
+    fn node(&self, ino: u64) -> Option<FileNode> {
         let i = ino.checked_sub(FIRST_FILE)?;
-        self.files.get(usize::try_from(i).ok()?)
+        self.files_now().get(usize::try_from(i).ok()?).cloned()
     }
 
     fn attr(&self, ino: u64) -> Option<FileAttr> {
@@ -407,7 +453,7 @@ impl DiskFs {
     }
 
     /// The file for `ino`, or `ENOENT` (`EISDIR` for the directory).
-    fn file(&self, ino: u64) -> Result<&FileNode, Errno> {
+    fn file(&self, ino: u64) -> Result<FileNode, Errno> {
         if ino == ROOT {
             return Err(Errno::EISDIR);
         }
@@ -468,8 +514,13 @@ impl DiskFs {
             return Err(Errno::ENOSPC);
         }
         let n = (node.size - offset).min(data.len() as u64) as usize;
+        let at = node.offset + offset;
+        // MBR, GPT header and entries live in the first MiB, the GPT backup in the last.
+        if at < TABLE_ZONE || at + n as u64 > self.disk.size().saturating_sub(TABLE_ZONE) {
+            self.table_dirty.store(true, Ordering::Release);
+        }
         self.disk
-            .write_at(&data[..n], node.offset + offset)
+            .write_at(&data[..n], at)
             .map_err(|e| errno("write", &node.name, offset, &e))?;
         // n <= data.len(), which the kernel bounds by max_write (1 MiB).
         Ok(n as u32)
@@ -523,13 +574,15 @@ impl DiskFs {
         }
     }
 
-    /// Flushes the disk for `fsync` (always) or `close` (`if_dirty`).
+    /// Flushes the disk for `fsync` (always) or `close` (`if_dirty`), then rescans the
+    /// partition table if a write may have changed it.
     fn flush_disk(&self, if_dirty: bool) -> Result<(), Errno> {
         let r = if if_dirty {
             self.disk.flush_if_dirty()
         } else {
             self.disk.flush()
         };
+        self.rescan_if_needed();
         r.map_err(|e| errno("flush", "disk", 0, &e))
     }
 }
@@ -582,7 +635,10 @@ impl fuser::Filesystem for DiskFs {
         if parent.0 != ROOT {
             return reply.error(Errno::ENOENT);
         }
-        let found = self.files.iter().position(|f| OsStr::new(&f.name) == name);
+        let found = self
+            .files_now()
+            .iter()
+            .position(|f| OsStr::new(&f.name) == name);
         match found.and_then(|i| self.attr(FIRST_FILE + i as u64)) {
             Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -738,14 +794,15 @@ impl fuser::Filesystem for DiskFs {
             (ROOT, FileType::Directory, ".."),
         ]
         .into_iter()
-        .chain(self.files.iter().enumerate().map(|(i, f)| {
-            (
-                FIRST_FILE + i as u64,
-                FileType::RegularFile,
-                f.name.as_str(),
-            )
-        }));
-        for (i, (ino, kind, name)) in entries.enumerate().skip(offset as usize) {
+        .map(|(ino, kind, name)| (ino, kind, name.to_string()))
+        .chain(
+            self.files_now()
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (FIRST_FILE + i as u64, FileType::RegularFile, f.name.clone())),
+        )
+        .collect::<Vec<_>>();
+        for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
             // The offset given is that of the next entry.
             if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
                 break;
@@ -760,7 +817,7 @@ impl fuser::Filesystem for DiskFs {
             blocks,
             0,
             0,
-            self.files.len() as u64 + 1,
+            self.files_now().len() as u64 + 1,
             0,
             4096,
             255,
@@ -836,7 +893,8 @@ mod tests {
     #[test]
     fn files_are_disk_then_partitions_with_exact_sizes() {
         let (_d, fs) = setup(true);
-        let names: Vec<_> = fs.files().iter().map(|f| f.name.as_str()).collect();
+        let files = fs.files();
+        let names: Vec<_> = files.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["disk", "p1"]);
         assert_eq!(fs.attr(DISK).unwrap().size, 4 << 20);
         assert_eq!(fs.attr(P1).unwrap().size, 2 << 20);

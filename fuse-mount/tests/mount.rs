@@ -1030,3 +1030,56 @@ fn the_detached_daemon_logs_to_the_log_file() {
         "{text}"
     );
 }
+
+/// sfdisk run on `DIR/disk` of a live mount: `p1`, `p2` appear (and later change) without a
+/// remount, at sfdisk's offsets and sizes.
+#[test]
+fn partitions_written_through_the_mount_appear_without_a_remount() {
+    if !can_run(&["sfdisk", "mkfs.ext4"]) {
+        return;
+    }
+    let dir = fresh_scratch_dir();
+    let image = dir.join("rescan.vhdx");
+    run(vhdtool().arg("create").arg(&image).arg("128M"));
+    let m = VhdMount::new(&image, &dir.join("m"), &[]);
+    assert_eq!(m.names(), ["disk"]);
+    sfdisk(
+        &m.file("disk"),
+        "label: gpt\nstart=2048, size=40MiB, name=one\nsize=20MiB, name=two\n",
+    );
+    // The kernel may cache the directory's names and sizes for up to a second.
+    let wait_for = |want: &[&str]| {
+        let start = Instant::now();
+        while m.names() != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "files {:?}, expected {want:?}",
+                m.names()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(&["disk", "p1", "p2"]);
+    let expected = sfdisk_partitions(&m.file("disk"));
+    assert_eq!(expected, [(1, MIB, 40 * MIB), (2, 41 * MIB, 20 * MIB)]);
+    assert_partition_files_match(&m, &expected);
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(m.file("p1")));
+    // Rewritten with one bigger partition: p2 goes, p1 grows.
+    sfdisk(
+        &m.file("disk"),
+        "label: gpt\nstart=2048, size=100MiB, name=big\n",
+    );
+    wait_for(&["disk", "p1"]);
+    let start = Instant::now();
+    while fs::metadata(m.file("p1")).unwrap().len() != 100 * MIB {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "p1 keeps its old size"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    m.unmount();
+    vhdtool_check_clean(&image);
+}
