@@ -331,7 +331,8 @@ pub struct FileNode {
 pub struct DiskFs {
     disk: Arc<SharedDisk>,
     /// `disk`, then one file per partition; replaced when the partition table is rewritten.
-    files: RwLock<Vec<FileNode>>,
+    /// Shared so a request takes its file without copying the name.
+    files: RwLock<Vec<Arc<FileNode>>>,
     /// A write touched where partition tables live (first or last MiB of the disk) since the
     /// last rescan: rescan at the next flush/fsync.
     table_dirty: AtomicBool,
@@ -350,18 +351,7 @@ impl DiskFs {
         gid: u32,
         time: SystemTime,
     ) -> DiskFs {
-        let mut files = vec![FileNode {
-            name: "disk".to_string(),
-            offset: 0,
-            size: disk.size(),
-        }];
-        if let Some(t) = table {
-            files.extend(t.partitions.iter().map(|p| FileNode {
-                name: format!("p{}", p.number),
-                offset: p.offset,
-                size: p.size,
-            }));
-        }
+        let files = file_nodes(disk.size(), table);
         DiskFs {
             disk,
             files: RwLock::new(files),
@@ -374,10 +364,10 @@ impl DiskFs {
 
     /// The files, `disk` first.
     pub fn files(&self) -> Vec<FileNode> {
-        self.files_now().clone()
+        self.files_now().iter().map(|f| (**f).clone()).collect()
     }
 
-    fn files_now(&self) -> std::sync::RwLockReadGuard<'_, Vec<FileNode>> {
+    fn files_now(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<FileNode>>> {
         self.files.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -395,19 +385,10 @@ impl DiskFs {
                 return;
             }
         };
-        let mut files = vec![FileNode {
-            name: "disk".to_string(),
-            offset: 0,
-            size: self.disk.size(),
-        }];
-        match table {
-            Ok(t) => files.extend(t.partitions.iter().map(|p| FileNode {
-                name: format!("p{}", p.number),
-                offset: p.offset,
-                size: p.size,
-            })),
-            Err(e) => tracing::warn!("partition table ignored after a rewrite: {e}"),
+        if let Err(e) = &table {
+            tracing::warn!("partition table ignored after a rewrite: {e}");
         }
+        let files = file_nodes(self.disk.size(), table.as_ref().ok());
         *self.files.write().unwrap_or_else(|p| p.into_inner()) = files;
     }
 
@@ -416,7 +397,7 @@ impl DiskFs {
         self.disk.clone()
     }
 
-    fn node(&self, ino: u64) -> Option<FileNode> {
+    fn node(&self, ino: u64) -> Option<Arc<FileNode>> {
         let i = ino.checked_sub(FIRST_FILE)?;
         self.files_now().get(usize::try_from(i).ok()?).cloned()
     }
@@ -453,7 +434,7 @@ impl DiskFs {
     }
 
     /// The file for `ino`, or `ENOENT` (`EISDIR` for the directory).
-    fn file(&self, ino: u64) -> Result<FileNode, Errno> {
+    fn file(&self, ino: u64) -> Result<Arc<FileNode>, Errno> {
         if ino == ROOT {
             return Err(Errno::EISDIR);
         }
@@ -469,8 +450,26 @@ impl DiskFs {
         size: u32,
         buf: &mut AlignedBuf,
     ) -> Result<(), Errno> {
+        let (node, n) = self.read_span(ino, offset, size)?;
+        self.read_node(&node, offset, n, buf)
+    }
+
+    /// The file `ino` and how many of `size` bytes at `offset` it holds (short at its end, 0
+    /// past it).
+    fn read_span(&self, ino: u64, offset: u64, size: u32) -> Result<(Arc<FileNode>, usize), Errno> {
         let node = self.file(ino)?;
         let n = node.size.saturating_sub(offset).min(u64::from(size)) as usize;
+        Ok((node, n))
+    }
+
+    /// Reads `n` bytes (from [`DiskFs::read_span`]) at `offset` of `node` into `buf`.
+    fn read_node(
+        &self,
+        node: &FileNode,
+        offset: u64,
+        n: usize,
+        buf: &mut AlignedBuf,
+    ) -> Result<(), Errno> {
         buf.resize(n);
         if n == 0 {
             return Ok(());
@@ -479,25 +478,6 @@ impl DiskFs {
         self.disk
             .read_at(buf, node.offset + offset)
             .map_err(|e| errno("read", &node.name, offset, &e))
-    }
-
-    /// The mapped bytes a read of file `ino` returns, when the disk can serve it that way:
-    /// `(mapping, offset in the mapped file, length)` (see [`SharedDisk::read_mapped`]).
-    fn read_mapped(
-        &self,
-        ino: u64,
-        offset: u64,
-        size: u32,
-    ) -> Result<Option<(Arc<Mapping>, u64, usize)>, Errno> {
-        let node = self.file(ino)?;
-        let n = node.size.saturating_sub(offset).min(u64::from(size)) as usize;
-        if n == 0 {
-            return Ok(None);
-        }
-        match self.disk.read_mapped(node.offset + offset, n) {
-            Ok(m) => Ok(m.map(|(m, at)| (m, at, n))),
-            Err(_) => Ok(None), // the ordinary read reports the error
-        }
     }
 
     /// Writes `data` at `offset` of file `ino`; returns the number of bytes written (short if
@@ -585,6 +565,25 @@ impl DiskFs {
         self.rescan_if_needed();
         r.map_err(|e| errno("flush", "disk", 0, &e))
     }
+}
+
+/// The files of a disk of `size` bytes: `disk`, then `p1`, `p2`, … for each partition of
+/// `table`, at the partition's offset and size.
+fn file_nodes(size: u64, table: Option<&PartitionTable>) -> Vec<Arc<FileNode>> {
+    let disk = FileNode {
+        name: "disk".to_string(),
+        offset: 0,
+        size,
+    };
+    let parts = table
+        .into_iter()
+        .flat_map(|t| &t.partitions)
+        .map(|p| FileNode {
+            name: format!("p{}", p.number),
+            offset: p.offset,
+            size: p.size,
+        });
+    std::iter::once(disk).chain(parts).map(Arc::new).collect()
 }
 
 /// The errno for a disk error (logged): the OS error it carries, `EROFS`, else `EIO`.
@@ -706,15 +705,22 @@ impl fuser::Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        // Read-only mounts reply straight from the image file's page cache where they can.
-        if let Ok(Some(mapped)) = self.read_mapped(ino.0, offset, size.min(MAX_IO)) {
-            if let Some(bytes) = mapped.0.get(mapped.1, mapped.2) {
-                return reply.data(bytes);
+        let (node, n) = match self.read_span(ino.0, offset, size.min(MAX_IO)) {
+            Ok(span) => span,
+            Err(e) => return reply.error(e),
+        };
+        // Read-only mounts reply straight from the image file's page cache where they can; an
+        // error here is reported by the ordinary read below.
+        if n > 0 {
+            if let Ok(Some((map, at))) = self.disk.read_mapped(node.offset + offset, n) {
+                if let Some(bytes) = map.get(at, n) {
+                    return reply.data(bytes);
+                }
             }
         }
         READ_BUF.with(|b| {
             let mut buf = b.borrow_mut();
-            match self.read_file(ino.0, offset, size.min(MAX_IO), &mut buf) {
+            match self.read_node(&node, offset, n, &mut buf) {
                 Ok(()) => reply.data(&buf),
                 Err(e) => reply.error(e),
             }
