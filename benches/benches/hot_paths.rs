@@ -83,6 +83,7 @@ fn parse(c: &mut Criterion) {
         capacity: 1 << 30,
         seg_max: 128,
         size_max: 1 << 20,
+        max_discard_seg: 1,
     };
     c.bench_function("virtio-blk parse 4K read", |b| {
         b.iter(|| black_box(parse(black_box(&descs), &mem, &limits).unwrap()))

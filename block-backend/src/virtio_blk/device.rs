@@ -36,9 +36,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::request::{
-    parse, segments, Limits, ParseError, Request, RequestType, SECTOR, SEGMENT_SIZE,
-};
+use super::request::{parse, segments, Limits, ParseError, Request, RequestType, SECTOR};
 use crate::engine::{Engine, IoCompletion, IoKind, IoRequest};
 use crate::{Disk, Error, Result};
 
@@ -218,6 +216,7 @@ impl VirtioBlk {
             capacity: self.capacity,
             seg_max: SEG_MAX,
             size_max: SIZE_MAX,
+            max_discard_seg: MAX_DISCARD_SEG,
         }
     }
 
@@ -326,16 +325,6 @@ impl VirtioBlk {
             RequestType::In | RequestType::Out => self.start_rw(queue, head, &req)?,
             RequestType::Flush => self.start_ops(queue, head, &req, vec![(IoKind::Flush, 0, 0)])?,
             RequestType::Discard | RequestType::WriteZeroes => {
-                let list: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
-                if list > u64::from(MAX_DISCARD_SEG * SEGMENT_SIZE) {
-                    tracing::warn!(
-                        queue,
-                        head,
-                        "{list}-byte segment list: more than the {MAX_DISCARD_SEG} segments advertised"
-                    );
-                    self.answer(queue, head, req.status, VIRTIO_BLK_S_IOERR, 1);
-                    return Ok(());
-                }
                 let segs = match segments(&req, &self.mem, self.capacity, MAX_DISCARD_SECTORS) {
                     Ok(s) => s,
                     Err(reason) => {

@@ -78,6 +78,8 @@ pub struct Limits {
     pub seg_max: u32,
     /// Largest data segment in bytes.
     pub size_max: u32,
+    /// Most segments in a discard or write-zeroes request.
+    pub max_discard_seg: u32,
 }
 
 /// Validates a descriptor chain.
@@ -173,6 +175,12 @@ pub fn parse(
             if total == 0 || total % u64::from(SEGMENT_SIZE) != 0 {
                 return Err(bad(format!(
                     "segment list of {total} bytes is not a whole number of 16-byte segments"
+                )));
+            }
+            if total > u64::from(limits.max_discard_seg) * u64::from(SEGMENT_SIZE) {
+                return Err(bad(format!(
+                    "{total}-byte segment list: more than the {} segments advertised",
+                    limits.max_discard_seg
                 )));
             }
         }
