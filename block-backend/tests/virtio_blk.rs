@@ -440,7 +440,7 @@ fn two_queues_have_their_own_rings_over_one_chain_and_ordering_points_drain_both
         "num_queues in the config space"
     );
     assert_eq!(
-        dev.completion_fds().len(),
+        dev.completion_fds().unwrap().len(),
         2,
         "one completion eventfd per ring"
     );

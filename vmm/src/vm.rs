@@ -412,7 +412,7 @@ fn disk_worker(t: &VirtioMmio, stop: &EventFd) -> block_backend::Result<()> {
         what: e.to_string(),
     };
     let epoll = Epoll::new().map_err(io)?;
-    let completion_fds = t.with_device(|d| d.completion_fds());
+    let completion_fds = t.with_device(|d| d.completion_fds())?;
     let watched = [(t.kick_evt().as_raw_fd(), KICK), (stop.as_raw_fd(), STOP)]
         .into_iter()
         .chain(

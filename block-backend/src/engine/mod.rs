@@ -107,8 +107,9 @@ pub trait Engine: Send {
     fn chain(&self) -> MutexGuard<'_, Chain>;
     /// An eventfd the engine signals whenever a transfer completes, for callers that wait in
     /// epoll rather than in [`Engine::reap`]: read it (to reset it), then `reap(0, ..)`.
-    /// `None` when completions are only produced inside `submit` (the sync engine).
-    fn completion_fd(&self) -> Option<RawFd>;
+    /// Made on the first call, so engines nobody waits on in epoll signal nothing. `None` when
+    /// completions are only produced inside `submit` (the sync engine).
+    fn completion_fd(&mut self) -> Result<Option<RawFd>>;
     /// Engine name for reports (`sync`, `io_uring`, `io_uring (buffered)`).
     fn name(&self) -> String;
 }

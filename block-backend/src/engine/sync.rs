@@ -68,8 +68,8 @@ impl Engine for SyncEngine {
         lock_chain(&self.chain)
     }
 
-    fn completion_fd(&self) -> Option<RawFd> {
-        None
+    fn completion_fd(&mut self) -> Result<Option<RawFd>> {
+        Ok(None)
     }
 
     fn name(&self) -> String {

@@ -46,8 +46,9 @@ pub struct UringEngine {
     chain: SharedChain,
     /// The top image's path, for errors.
     path: PathBuf,
-    /// Signalled by the kernel on every completion (registered with the ring).
-    completion_evt: OwnedFd,
+    /// Signalled by the kernel on every completion once registered with the ring, which
+    /// happens on the first [`Engine::completion_fd`] call.
+    completion_evt: Option<OwnedFd>,
     /// O_DIRECT descriptors kept open for registration (index = level).
     _direct: Vec<Option<File>>,
     /// Registered-file index of each level's buffered and direct descriptor.
@@ -143,28 +144,12 @@ impl UringEngine {
         ring.submitter()
             .register_files(&fds)
             .map_err(|e| Error::io(&path, "io_uring register files", 0, e))?;
-        // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor that
-        // nothing else owns.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if efd < 0 {
-            return Err(Error::io(
-                &path,
-                "eventfd",
-                0,
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: `efd` was just created and is owned by nobody else.
-        let completion_evt = unsafe { OwnedFd::from_raw_fd(efd) };
-        ring.submitter()
-            .register_eventfd(completion_evt.as_raw_fd())
-            .map_err(|e| Error::io(&path, "io_uring register eventfd", 0, e))?;
         drop(chain);
         Ok(UringEngine {
             ring,
             chain: shared,
             path,
-            completion_evt,
+            completion_evt: None,
             _direct: direct,
             buffered_idx,
             direct_idx,
@@ -505,8 +490,26 @@ impl Engine for UringEngine {
         lock_chain(&self.chain)
     }
 
-    fn completion_fd(&self) -> Option<RawFd> {
-        Some(self.completion_evt.as_raw_fd())
+    fn completion_fd(&mut self) -> Result<Option<RawFd>> {
+        if let Some(evt) = &self.completion_evt {
+            return Ok(Some(evt.as_raw_fd()));
+        }
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor that
+        // nothing else owns.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::io(&self.path, "eventfd", 0, e));
+        }
+        // SAFETY: `efd` was just created and is owned by nobody else.
+        let evt = unsafe { OwnedFd::from_raw_fd(efd) };
+        self.ring
+            .submitter()
+            .register_eventfd(evt.as_raw_fd())
+            .map_err(|e| Error::io(&self.path, "io_uring register eventfd", 0, e))?;
+        let fd = evt.as_raw_fd();
+        self.completion_evt = Some(evt);
+        Ok(Some(fd))
     }
 
     fn name(&self) -> String {

@@ -147,11 +147,12 @@ impl VirtioBlk {
 
     /// The engines' completion eventfds (one per queue that has one): after one becomes
     /// readable, read it and call [`VirtioBlk::process_completions`] with `wait = false`.
-    pub fn completion_fds(&self) -> Vec<std::os::fd::RawFd> {
-        self.engines
-            .iter()
-            .filter_map(|e| e.completion_fd())
-            .collect()
+    pub fn completion_fds(&mut self) -> Result<Vec<std::os::fd::RawFd>> {
+        let mut fds = Vec::new();
+        for e in &mut self.engines {
+            fds.extend(e.completion_fd()?);
+        }
+        Ok(fds)
     }
 
     /// Features the device offers.
