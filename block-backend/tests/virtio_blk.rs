@@ -108,7 +108,6 @@ impl<'a> Rig<'a> {
             vec![q],
             Config {
                 id: "vhdkit-disk-0".into(),
-                num_queues: 1,
             },
             Box::new(move |_| {
                 n.fetch_add(1, Ordering::SeqCst);
@@ -425,10 +424,7 @@ fn two_queues_have_their_own_rings_over_one_chain_and_ordering_points_drain_both
         engines,
         mem.clone(),
         vec![vq0.create_queue().unwrap(), vq1.create_queue().unwrap()],
-        Config {
-            id: "mq".into(),
-            num_queues: 2,
-        },
+        Config { id: "mq".into() },
         Box::new(|_| {}),
     )
     .unwrap();

@@ -1647,10 +1647,7 @@ pub fn virtio_blk(data: &[u8]) {
         engines,
         mem.clone(),
         queues,
-        Config {
-            id: ID.into(),
-            num_queues: nq as u16,
-        },
+        Config { id: ID.into() },
         Box::new(move |q| {
             n2[usize::from(q) % 2].fetch_add(1, Ordering::SeqCst);
         }),

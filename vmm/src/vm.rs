@@ -382,7 +382,6 @@ fn make_disk(
         queues,
         Config {
             id: format!("vhdkit{i}"),
-            num_queues: nq as u16,
         },
         Box::new(move |_queue| {
             s.fetch_or(INT_VRING, Ordering::SeqCst);

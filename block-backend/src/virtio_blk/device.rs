@@ -65,8 +65,6 @@ struct Pending {
 pub struct Config {
     /// Serial / id string (up to 20 bytes).
     pub id: String,
-    /// Number of virtqueues.
-    pub num_queues: u16,
 }
 
 /// A virtio-blk device over one engine per queue.
@@ -105,7 +103,7 @@ impl VirtioBlk {
         engines: Vec<Box<dyn Engine>>,
         mem: GuestMemoryMmap,
         queues: Vec<Queue>,
-        mut config: Config,
+        config: Config,
         notify: Box<dyn FnMut(u16) + Send>,
     ) -> Result<VirtioBlk> {
         if engines.is_empty()
@@ -121,7 +119,6 @@ impl VirtioBlk {
                 ),
             });
         }
-        config.num_queues = queues.len() as u16;
         let chain = engines[0].chain();
         let read_only = chain.is_read_only();
         let capacity = chain.size() / SECTOR;
@@ -202,7 +199,7 @@ impl VirtioBlk {
         // Topology: physical block exponent (physical / logical), min_io and opt_io in blocks.
         c[24] = (self.physical / self.blk_size).trailing_zeros() as u8;
         c[26..28].copy_from_slice(&1u16.to_le_bytes());
-        c[34..36].copy_from_slice(&self.config.num_queues.to_le_bytes());
+        c[34..36].copy_from_slice(&self.num_queues().to_le_bytes());
         c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
         c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
         c[44..48].copy_from_slice(&(self.blk_size / SECTOR as u32).to_le_bytes());

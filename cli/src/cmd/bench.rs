@@ -278,7 +278,6 @@ fn run_virtio(a: &Args, engine: Box<dyn block_backend::engine::Engine>, slots: u
         vec![queue],
         Config {
             id: "vhdtool-bench".into(),
-            num_queues: 1,
         },
         Box::new(|_| {}),
     )?;

@@ -306,10 +306,7 @@ mod tests {
             vec![engine],
             mem,
             vec![Queue::new(256).unwrap()],
-            Config {
-                id: "test".into(),
-                num_queues: 1,
-            },
+            Config { id: "test".into() },
             Box::new(move |_| {
                 s.fetch_or(INT_VRING, Ordering::SeqCst);
                 let _ = i.write(1);
@@ -447,10 +444,7 @@ mod tests {
             vec![engine],
             mem.clone(),
             vec![Queue::new(256).unwrap()],
-            Config {
-                id: "t".into(),
-                num_queues: 1,
-            },
+            Config { id: "t".into() },
             Box::new(move |_| {
                 s.fetch_or(INT_VRING, Ordering::SeqCst);
                 let _ = i.write(1);
