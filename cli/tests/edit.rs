@@ -3,8 +3,10 @@
 //! `vhdtool compare` and, where qemu-img reads the format (VHD fixed/dynamic, 512-byte VHDX),
 //! with `qemu-img compare`; `vhdtool check` must be clean after every operation.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
@@ -52,6 +54,19 @@ fn have(tool: &str) -> bool {
 }
 
 /// `vhdtool check` exits 0 (clean).
+/// Runs vhdtool with `args` and kills it with SIGKILL after `delay_ms` (if still running).
+fn run_killed_after(args: &[&OsStr], delay_ms: u64) {
+    let mut p = Command::new(env!("CARGO_BIN_EXE_vhdtool"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(delay_ms));
+    let _ = p.kill();
+    let _ = p.wait();
+}
+
 fn assert_clean(img: &Path) {
     let o = vhdtool(&[&"check", &img]);
     assert_eq!(
@@ -399,7 +414,6 @@ fn merge_refuses_a_disk_that_is_not_differencing() {
 
 #[test]
 fn merge_killed_at_random_points_finishes_when_run_again() {
-    use std::time::Duration;
     for (ext, opts, _) in DYNAMIC {
         let d = tmp();
         let raw = raw_disk(d.path());
@@ -415,16 +429,7 @@ fn merge_killed_at_random_points_finishes_when_run_again() {
             if !child.exists() {
                 break;
             }
-            let mut p = Command::new(env!("CARGO_BIN_EXE_vhdtool"))
-                .args(["merge"])
-                .arg(&child)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            std::thread::sleep(Duration::from_millis(delay_ms));
-            let _ = p.kill();
-            let _ = p.wait();
+            run_killed_after(&[OsStr::new("merge"), child.as_os_str()], delay_ms);
             if child.exists() {
                 // Interrupted: the chain still reads as before.
                 ok(&vhdtool(&[&"check", &"--repair", &base]));
@@ -760,7 +765,6 @@ fn convert_syncs_its_output_before_giving_it_its_name() {
 
 #[test]
 fn compact_killed_at_random_points_keeps_content_and_finishes_when_run_again() {
-    use std::time::Duration;
     for (ext, opts, qfmt) in DYNAMIC {
         let d = tmp();
         let raw = raw_disk(d.path());
@@ -772,16 +776,7 @@ fn compact_killed_at_random_points_keeps_content_and_finishes_when_run_again() {
             write_raw(&raw, at << 20, &vec![0; 2 << 20]);
         }
         for delay_ms in [1u64, 5, 15, 40] {
-            let mut p = Command::new(env!("CARGO_BIN_EXE_vhdtool"))
-                .arg("compact")
-                .arg(&img)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            std::thread::sleep(Duration::from_millis(delay_ms));
-            let _ = p.kill();
-            let _ = p.wait();
+            run_killed_after(&[OsStr::new("compact"), img.as_os_str()], delay_ms);
             // Whatever point it reached, the image reads the same (a VHDX log left by the
             // kill is replayed in memory by a read-only open) and, once a pending log is
             // replayed by --repair, shows no corruption (leaks allowed).
