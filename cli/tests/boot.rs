@@ -96,6 +96,20 @@ struct Run {
     stderr: String,
 }
 
+/// Guest code that runs each of `checks` (a compare instruction) followed by `jne fail`; when
+/// all pass it prints `message`, resets and parks; `fail` (right after) is `ud2`, a triple fault
+/// since there is no IDT.
+fn checks_then_print(checks: &[&[u8]], message: &str) -> Asm {
+    let ok_path = Asm::default().print(message).reset().park().0;
+    let mut code = Asm::default();
+    for (i, c) in checks.iter().enumerate() {
+        let rest: usize =
+            checks[i + 1..].iter().map(|c| c.len() + 2).sum::<usize>() + ok_path.len();
+        code = code.raw(c).raw(&[0x75, u8::try_from(rest).unwrap()]);
+    }
+    code.raw(&ok_path).raw(&[0x0f, 0x0b])
+}
+
 fn boot(dir: &Path, code: Asm, extra: &[&str]) -> Run {
     let kernel: PathBuf = dir.join("tiny.bzImage");
     std::fs::write(&kernel, bzimage(&code.0)).unwrap();
@@ -136,15 +150,7 @@ fn entry_state_follows_the_64_bit_boot_protocol_and_reset_exits_0() {
             0x81, 0x3c, 0x25, 0x00, 0x00, 0x02, 0x00, b'c', b'o', b'n', b's',
         ], // cmp dword [0x20000], "cons"
     ];
-    let ok_path = Asm::default().print("entry ok\n").reset().park().0;
-    // Each check is followed by `jne fail`, where fail sits right after the ok path.
-    let mut code = Asm::default();
-    for (i, c) in checks.iter().enumerate() {
-        let rest: usize =
-            checks[i + 1..].iter().map(|c| c.len() + 2).sum::<usize>() + ok_path.len();
-        code = code.raw(c).raw(&[0x75, u8::try_from(rest).unwrap()]);
-    }
-    let code = code.raw(&ok_path).raw(&[0x0f, 0x0b]);
+    let code = checks_then_print(checks, "entry ok\n");
     let r = boot(dir.path(), code, &["--cpus", "2"]);
     assert!(
         r.out.status.success(),
@@ -358,14 +364,7 @@ fn memory_above_the_3g_hole_continues_at_4g_in_the_e820() {
         &[0x81, 0xbe, 0x0c, 0x03, 0, 0, 0, 0, 0, 0], // cmp dword [rsi+0x30c], 0
         &[0x81, 0xbe, 0x10, 0x03, 0, 0, 1, 0, 0, 0], // cmp dword [rsi+0x310], 1
     ];
-    let ok_path = Asm::default().print("e820 ok\n").reset().park().0;
-    let mut code = Asm::default();
-    for (i, c) in checks.iter().enumerate() {
-        let rest: usize =
-            checks[i + 1..].iter().map(|c| c.len() + 2).sum::<usize>() + ok_path.len();
-        code = code.raw(c).raw(&[0x75, u8::try_from(rest).unwrap()]);
-    }
-    let code = code.raw(&ok_path).raw(&[0x0f, 0x0b]);
+    let code = checks_then_print(checks, "e820 ok\n");
     let r = boot(dir.path(), code, &["--memory", "5G"]);
     assert!(r.out.status.success(), "{}: {}", r.out.status, r.stderr);
     assert_eq!(r.stdout, "e820 ok\n");
