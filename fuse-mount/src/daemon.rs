@@ -36,7 +36,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -389,9 +389,11 @@ fn run(
         SessionACL::Owner
     };
     config.n_threads = Some(opts.threads.max(1));
-    config.clone_fd = true;
+    // One descriptor for every thread: spliced replies are written to a duplicate of it.
+    config.clone_fd = false;
 
     let shared = p.fs.shared();
+    let reply_dev = p.fs.reply_device();
     let mut session = match Session::new(p.fs, dir, &config) {
         Ok(s) => s,
         Err(e) => {
@@ -404,6 +406,9 @@ fn run(
             return Err(fail(&mut ready, MountError::sys(op, e)));
         }
     };
+    if let Ok(fd) = session.as_fd().try_clone_to_owned() {
+        let _ = reply_dev.set(fd);
+    }
     let unmounter = session.unmount_callable();
     let watcher_disk = shared.clone();
     let watcher_dir = dir.to_path_buf();

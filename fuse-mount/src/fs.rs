@@ -17,10 +17,13 @@
 //! `mmap` working where the kernel offers it.
 //!
 //! A read-only mount answers a read whose bytes lie in one contiguous extent of one image file
-//! straight from a mapping of that file ([`crate::mapped`]): the kernel copies once, from the
-//! image's page cache into the reader's buffer, where reading into our buffer first would copy
-//! twice. Everything else (writable mounts, zeros, ranges spanning extents, a VHDX log replayed
-//! in memory) is read through the [`Disk`] API.
+//! without copying them itself: it splices them from the file's page cache into `/dev/fuse`
+//! ([`crate::spliced`]), so the kernel copies once, into the reader's buffer. Where the pipe
+//! cannot hold the reply (a 1 MiB reply needs a 2 MiB pipe: `fs.pipe-max-size` or
+//! `CAP_SYS_RESOURCE`), it replies from a mapping of the file instead ([`crate::mapped`]): also
+//! one copy, but the kernel pins each source page first. Everything else (writable mounts,
+//! zeros, ranges spanning extents, a VHDX log replayed in memory) is read through the [`Disk`]
+//! API into a buffer.
 //!
 //! Requests are served by several threads. The [`Disk`] API takes `&mut self`, so a writable
 //! disk sits behind one mutex: a request holds it only for its own `read_at`/`write_at`, while
@@ -51,13 +54,15 @@
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use block_backend::{AlignedBuf, Disk, ErrorKind};
 
 use crate::mapped::{Mapping, Maps};
+use crate::spliced::ReplyPipe;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
@@ -90,6 +95,8 @@ const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 thread_local! {
     /// Per-thread read buffer, reused so a 1 MiB read does not map and fault in fresh memory.
     static READ_BUF: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::new(MAX_IO as usize));
+    /// Per-thread pipe for spliced read replies; `None` until first used or after a failure.
+    static REPLY_PIPE: RefCell<Option<ReplyPipe>> = const { RefCell::new(None) };
 }
 
 /// Errors of [`SharedDisk`].
@@ -213,6 +220,28 @@ impl SharedDisk {
     /// Reads `buf` at byte `offset` of the disk (on any free handle of a read-only disk).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> SharedResult<()> {
         self.with_reader(|disk| Ok(disk.read_at(buf, offset)?))
+    }
+
+    /// On a read-only disk whose range `[offset, offset + len)` lies in one extent of one image
+    /// file, puts the reply to request `unique` (header and those bytes, as page references)
+    /// into `pipe` and returns true; false when the range must be read another way. After
+    /// false the pipe may hold part of a reply and must be dropped.
+    pub fn read_spliced(
+        &self,
+        offset: u64,
+        len: usize,
+        unique: u64,
+        pipe: &mut ReplyPipe,
+    ) -> SharedResult<bool> {
+        if !self.read_only || len == 0 {
+            return Ok(false);
+        }
+        self.with_reader(|disk| {
+            Ok(match disk.contiguous_extent(offset, len as u64)? {
+                Some((file, at)) => pipe.fill(unique, file.as_fd(), at, len).unwrap_or(false),
+                None => false,
+            })
+        })
     }
 
     /// On a read-only disk, the mapped image-file bytes that `[offset, offset + len)` reads as,
@@ -339,6 +368,11 @@ pub struct DiskFs {
     uid: u32,
     gid: u32,
     time: SystemTime,
+    /// A duplicate of the session's `/dev/fuse` descriptor, for spliced read replies; unset
+    /// (no splicing) until the session tells it, see [`DiskFs::reply_device`].
+    reply_dev: Arc<OnceLock<OwnedFd>>,
+    /// `/dev/fuse` refused a spliced reply: reply by copy from now on.
+    splice_refused: AtomicBool,
 }
 
 impl DiskFs {
@@ -359,7 +393,56 @@ impl DiskFs {
             uid,
             gid,
             time,
+            reply_dev: Arc::default(),
+            splice_refused: AtomicBool::new(false),
         }
+    }
+
+    /// Where the session puts a duplicate of its `/dev/fuse` descriptor once mounted, to let
+    /// read-only mounts splice replies (only valid when every request is read from that one
+    /// descriptor: no cloned descriptors per thread).
+    pub fn reply_device(&self) -> Arc<OnceLock<OwnedFd>> {
+        self.reply_dev.clone()
+    }
+
+    /// Replies to request `unique`, a read of `n` bytes at disk offset `offset`, by splicing
+    /// them from the image file; false if that could not be done and nothing was sent (the
+    /// caller replies another way). Turned off for good by an error of `/dev/fuse` other than
+    /// "request gone", so a kernel that refuses spliced replies costs one attempt.
+    fn reply_spliced(&self, unique: u64, offset: u64, n: usize) -> bool {
+        let Some(dev) = self.reply_dev.get() else {
+            return false;
+        };
+        if self.splice_refused.load(Ordering::Relaxed) {
+            return false;
+        }
+        REPLY_PIPE.with(|p| {
+            let mut slot = p.borrow_mut();
+            if slot.is_none() {
+                *slot = ReplyPipe::new(MAX_IO as usize).ok();
+            }
+            let Some(pipe) = slot.as_mut() else {
+                return false;
+            };
+            if !matches!(self.disk.read_spliced(offset, n, unique, pipe), Ok(true)) {
+                // The pipe may hold part of a reply: start the next one on a fresh pipe.
+                *slot = None;
+                return false;
+            }
+            match pipe.send(dev.as_fd(), n) {
+                Ok(()) => true,
+                Err(e) => {
+                    *slot = None;
+                    if e.raw_os_error() == Some(libc::ENOENT) {
+                        // The request was interrupted and is gone: nothing is left to answer.
+                        return true;
+                    }
+                    tracing::warn!("/dev/fuse refused a spliced reply ({e}); replying by copy");
+                    self.splice_refused.store(true, Ordering::Relaxed);
+                    false
+                }
+            }
+        })
     }
 
     /// The files, `disk` first.
@@ -696,7 +779,7 @@ impl fuser::Filesystem for DiskFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -709,8 +792,15 @@ impl fuser::Filesystem for DiskFs {
             Ok(span) => span,
             Err(e) => return reply.error(e),
         };
-        // Read-only mounts reply straight from the image file's page cache where they can; an
-        // error here is reported by the ordinary read below.
+        // Read-only mounts reply straight from the image file's page cache where they can
+        // (spliced, else mapped); an error there is reported by the ordinary read below.
+        if n > 0 && self.reply_spliced(req.unique().0, node.offset + offset, n) {
+            // Answered already. Dropping `reply` would make fuser answer again (an EIO the
+            // kernel rejects, and a warning): forget it instead, which only leaves one more
+            // reference to the session's descriptor that is never released.
+            std::mem::forget(reply);
+            return;
+        }
         if n > 0 {
             if let Ok(Some((map, at))) = self.disk.read_mapped(node.offset + offset, n) {
                 if let Some(bytes) = map.get(at, n) {

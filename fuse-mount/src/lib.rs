@@ -31,5 +31,6 @@ pub mod daemon;
 pub mod fs;
 pub mod mapped;
 pub mod partitions;
+pub mod spliced;
 
 pub use daemon::{prepare, unmount, MountError, MountOptions, Prepared, Unmounted};
