@@ -7,6 +7,12 @@
 # vary on shared machines.
 #
 #   benches/fuse.sh [DIR] [ROUNDS] [FIO_SECONDS]
+#   PIPE_MAX_SIZE=2097152 benches/fuse.sh ...   # as root: set fs.pipe-max-size for the run
+#
+# Read-only mounts splice replies through a pipe; a 1 MiB reply needs a 2 MiB pipe, which a
+# process gets with CAP_SYS_RESOURCE (root on most hosts) or when fs.pipe-max-size allows it.
+# Otherwise the mount asks for reads of at most what its pipes carry (1016 KiB with the default
+# 1 MiB limit). The script prints which case it measured.
 #
 # Needs root (or FUSE access), vhdimount, fusermount3, fio, python3. DIR default: target/bench-fuse.
 # The image files are read once before measuring, so both mounts read from the page cache: what
@@ -35,7 +41,12 @@ for f in vhd vhdx; do
 done
 
 mounts=()
+pipe_max_was=$(cat /proc/sys/fs/pipe-max-size)
+if [ -n "${PIPE_MAX_SIZE:-}" ]; then
+  echo "$PIPE_MAX_SIZE" >/proc/sys/fs/pipe-max-size
+fi
 cleanup() {
+  echo "$pipe_max_was" >/proc/sys/fs/pipe-max-size 2>/dev/null || true
   for m in "${mounts[@]}"; do
     case $m in
       ours:*) "$vt" umount "${m#ours:}" 2>/dev/null || umount -l "${m#ours:}" 2>/dev/null || true ;;
@@ -95,6 +106,8 @@ median() { python3 -c "import statistics,sys; print(statistics.median(float(x) f
 ratio() { python3 -c "print(f'{$(median "$1") / $(median "$2"):.1f}x')"; }
 
 echo
+echo "fs.pipe-max-size $(cat /proc/sys/fs/pipe-max-size); vhdtool mount max_read" \
+  "$(grep -o 'max_read=[0-9]*' <(grep " $dir/ours-vhdx " /proc/mounts) | cut -d= -f2)"
 echo "sequential read of 1 GiB, MB/s, median (min..max) of $rounds, interleaved:"
 for f in vhd vhdx; do
   printf '  %-5s vhdtool mount %-22s vhdimount %-22s ratio %s\n' "$f" \

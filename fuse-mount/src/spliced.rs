@@ -80,6 +80,11 @@ impl ReplyPipe {
         })
     }
 
+    /// The largest reply that fits the pipe from any file offset (a multiple of the page size).
+    pub fn max_reply(&self) -> usize {
+        self.slots.saturating_sub(2) * PAGE
+    }
+
     /// Whether a reply of `len` bytes read from file offset `at` fits the pipe.
     pub fn fits(&self, at: u64, len: usize) -> bool {
         let lead = (at % PAGE as u64) as usize;
