@@ -7,7 +7,7 @@
 #   qemu-img convert -t writeback      (also flushes its output before exiting)
 #   cp --sparse=always SRC DST && sync DST   (the page-cache copy limit, made durable)
 # Each case runs ROUNDS times, interleaved (the order rotating every round), page cache
-# warm, outputs deleted between runs; the median is printed with the ratios the issue sets:
+# warm, outputs deleted and the file system synced before each run; the median is printed with the ratios the issue sets:
 # vhdtool/qemu-img <= 1.00 and vhdtool/(cp+sync) <= 1.25. Then the peak RSS of vhdtool convert
 # (/usr/bin/time -v) and, without a peer, the throughput of dynamic VHD -> raw and of a 3-deep
 # differencing chain -> raw.
@@ -31,6 +31,7 @@ trap 'rm -f "$WORK"/out.* "$WORK"/chain*.vhd' EXIT
 
 now() { date +%s.%N; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+spread() { sort -g | awk 'NR==1 {lo=$1} {hi=$1} END {printf "%.2f..%.2f", lo, hi}'; }
 
 # Sources.
 make_source() { # $1 = holes|zeros
@@ -59,10 +60,19 @@ for k in holes zeros; do
     cat "$WORK/src-$k.raw" "$WORK/src-$k.vhdx" >/dev/null   # warm the page cache
 done
 
+# Every timed run starts on a quiet disk: the previous output is deleted and the file system
+# synced first. (Deleting 512 MiB just written, on a file system mounted with `discard` as this
+# one is, sends discards that otherwise land in the next run and decide its time.)
+quiesce() {
+    rm -f "$WORK"/out.*
+    sync -f "$WORK" 2>/dev/null || sync
+    sleep 0.3
+}
+
 # One timed run: prints seconds. $1 = tool, $2 = source, $3 = direction
 run_once() {
     local tool=$1 src=$2 dir=$3 out="$WORK/out.$1" t0 t1
-    rm -f "$out"
+    quiesce
     case "$tool:$dir" in
         vhdtool:raw-vhdx)  t0=$(now); "$VHDTOOL" convert -O vhdx "$src" "$out"; t1=$(now) ;;
         vhdtool:raw-vhd)   t0=$(now); "$VHDTOOL" convert -O vhd "$src" "$out"; t1=$(now) ;;
@@ -72,7 +82,7 @@ run_once() {
         qemu:vhdx-raw)     t0=$(now); qemu-img convert -t writeback -f vhdx -O raw "$src" "$out"; t1=$(now) ;;
         cp:*)              t0=$(now); cp --sparse=always "$src" "$out" && sync "$out"; t1=$(now) ;;
     esac
-    rm -f "$out"
+    quiesce
     echo "$t1 - $t0" | bc -l
 }
 
@@ -102,6 +112,8 @@ for kind in holes zeros; do
         [[ $okq == 1 && $okc == 1 ]] || fail=1
         printf '%-6s %-9s %8.3fs %8.3fs %8.3fs %7.2fx %-4s %7.2fx %-4s\n' "$kind" "$dir" "$mv" "$mq" "$mc" \
             "$rq" "$([[ $okq == 1 ]] && echo ok || echo OVER)" "$rc" "$([[ $okc == 1 ]] && echo ok || echo OVER)"
+        printf '%-16s %10s %10s %10s   (spread, s)\n' "" "$(printf '%s\n' "${tv[@]}" | spread)" \
+            "$(printf '%s\n' "${tq[@]}" | spread)" "$(printf '%s\n' "${tc[@]}" | spread)"
     done
 done
 

@@ -5,7 +5,7 @@
 //!   reader thread:  SRC chain ──map (1 GiB windows)──> data runs ──read 2 MiB aligned chunks──┐
 //!                                                               (≤ 4 buffers in flight)     │
 //!   main thread:    skip zero 4 KiB granules ──> write .DST.vhdtool-tmp-<pid> <──────────────┘
-//!                   (writeback started every 32 MiB) ──fdatasync──> link/rename to DST ──fsync dir
+//!                   (writeback thread: started every 128 MiB) ──fdatasync──> link/rename to DST ──fsync dir
 //! ```
 //!
 //! The source is read through the Disk API, so a differencing chain comes out flattened; a
@@ -17,6 +17,7 @@
 //! `--force`. Memory is bounded by the buffers in flight, whatever the disk size.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -34,8 +35,12 @@ use crate::size::parse_size;
 const ZERO_GRANULE: u64 = 4096;
 
 /// Bytes written between two requests to start writeback of the output, so that the disk
-/// writes while we copy and the final fsync finds little left to do.
-const WRITEBACK_STEP: u64 = 32 << 20;
+/// writes while we copy and the final fsync finds little left to do. The requests are made by
+/// a thread of their own, because one blocks while the device queue is full: made inline they
+/// stalled the copy. Measured on raw→vhdx and vhdx→raw (medians of 9 interleaved runs each):
+/// inline every 128 MiB 1.38 s / 1.44 s, own thread every 32 MiB 0.92 s / 1.22 s, own thread
+/// every 128 MiB 0.86 s / 0.92 s (cp + sync of the same bytes: 0.95 s / 1.04 s).
+const WRITEBACK_STEP: u64 = 128 << 20;
 
 /// Arguments of `convert`.
 #[derive(Debug, clap::Args)]
@@ -145,7 +150,16 @@ fn copy(src: &mut Chain, sink: &mut Sink, size: u64, progress: &mut Progress) ->
             .send(AlignedBuf::new(CHUNK as usize))
             .expect("receiver is alive");
     }
+    let out_fd = sink.output_fd();
+    let (kick_tx, kick_rx) = std::sync::mpsc::sync_channel::<()>(1);
     std::thread::scope(|scope| -> Result<()> {
+        // Starting writeback can block while the device queue is full: a thread of its own
+        // does it, so the copy never waits for the disk before the final flush.
+        let flusher = scope.spawn(move || {
+            for () in kick_rx {
+                start_writeback(out_fd);
+            }
+        });
         let reader = scope.spawn(move || {
             let mut window = 0;
             while window < size {
@@ -193,7 +207,8 @@ fn copy(src: &mut Chain, sink: &mut Sink, size: u64, progress: &mut Progress) ->
                 };
                 dirty += write_nonzero(sink, &buf, offset)?;
                 if dirty >= WRITEBACK_STEP {
-                    sink.start_writeback();
+                    // One request pending is enough: it covers everything dirty by then.
+                    let _ = kick_tx.try_send(());
                     dirty = 0;
                 }
                 progress.inc(buf.len() as u64);
@@ -205,9 +220,13 @@ fn copy(src: &mut Chain, sink: &mut Sink, size: u64, progress: &mut Progress) ->
         // On an error, dropping the receivers stops the reader at its next send.
         drop(full_rx);
         drop(free_tx);
+        drop(kick_tx);
         reader
             .join()
             .map_err(|_| anyhow::anyhow!("the reading thread panicked"))?;
+        flusher
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writeback thread panicked"))?;
         result
     })
 }
@@ -334,11 +353,9 @@ impl Sink {
         }
     }
 
-    /// Asks the kernel to start writing the output's dirty pages back now, without waiting
-    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`); the final flush still waits for all of it.
-    fn start_writeback(&self) {
-        use std::os::unix::io::AsRawFd;
-        let fd = match self {
+    /// The output file's descriptor (valid as long as the sink).
+    fn output_fd(&self) -> RawFd {
+        match self {
             Sink::Raw { file, .. } => file.as_raw_fd(),
             Sink::Image(d) => match d.top() {
                 block_backend::Layer::Raw(r) => r.file().as_raw_fd(),
@@ -347,11 +364,6 @@ impl Sink {
                     block_backend::Image::Vhdx(v) => v.file().as_raw_fd(),
                 },
             },
-        };
-        // SAFETY: sync_file_range takes integers only; `fd` belongs to a file this sink owns
-        // and keeps open for the duration of the call. It is a hint: errors are ignored.
-        unsafe {
-            libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE);
         }
     }
 
@@ -363,6 +375,17 @@ impl Sink {
                 .with_context(|| format!("{}: flush", path.display())),
             Sink::Image(mut d) => Ok(d.flush()?),
         }
+    }
+}
+
+/// Asks the kernel to start writing the dirty pages of `fd` back now, without waiting for them
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`); the final flush still waits for all of it.
+fn start_writeback(fd: RawFd) {
+    // SAFETY: sync_file_range takes integers only. `fd` is the output's, which stays open until
+    // the sink is finished, after the copy (and this call's thread) has ended. It is a hint:
+    // errors are ignored.
+    unsafe {
+        libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
