@@ -85,8 +85,14 @@ add() { res[$1]="${res[$1]:-} $2"; }
 for r in $(seq "$rounds"); do
   echo "round $r/$rounds"
   for f in vhd vhdx; do
-    add "seq_ours_$f" "$(seq_read "$dir/ours-$f/disk")"
-    add "seq_vhdi_$f" "$(seq_read "$dir/vhdi-$f/vhdi1")"
+    # Which mount reads first alternates every round (A B, B A, ...).
+    if ((r % 2)); then
+      add "seq_ours_$f" "$(seq_read "$dir/ours-$f/disk")"
+      add "seq_vhdi_$f" "$(seq_read "$dir/vhdi-$f/vhdi1")"
+    else
+      add "seq_vhdi_$f" "$(seq_read "$dir/vhdi-$f/vhdi1")"
+      add "seq_ours_$f" "$(seq_read "$dir/ours-$f/disk")"
+    fi
   done
 done
 for f in vhd vhdx; do
