@@ -105,6 +105,14 @@ impl Layer {
         }
     }
 
+    /// The open file (for payload I/O and writeback hints; the layer owns it).
+    pub fn file(&self) -> &std::fs::File {
+        match self {
+            Layer::Raw(r) => r.file(),
+            Layer::Image(i) => i.file(),
+        }
+    }
+
     /// Size of the virtual disk this layer describes.
     pub fn size(&self) -> u64 {
         match self {
@@ -405,10 +413,7 @@ impl Chain {
 
     /// The file of layer `level`, for payload I/O by an engine.
     pub(crate) fn layer_file(&self, level: usize) -> &std::fs::File {
-        match &self.layers[level] {
-            Layer::Raw(r) => r.file(),
-            Layer::Image(i) => i.file(),
-        }
+        self.layers[level].file()
     }
 
     /// Where each byte of `[offset, offset + len)` comes from, for an engine that moves the

@@ -357,13 +357,7 @@ impl Sink {
     fn output_fd(&self) -> RawFd {
         match self {
             Sink::Raw { file, .. } => file.as_raw_fd(),
-            Sink::Image(d) => match d.top() {
-                block_backend::Layer::Raw(r) => r.file().as_raw_fd(),
-                block_backend::Layer::Image(i) => match &**i {
-                    block_backend::Image::Vhd(v) => v.file().as_raw_fd(),
-                    block_backend::Image::Vhdx(v) => v.file().as_raw_fd(),
-                },
-            },
+            Sink::Image(d) => d.top().file().as_raw_fd(),
         }
     }
 
