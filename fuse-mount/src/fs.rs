@@ -225,7 +225,7 @@ impl SharedDisk {
     /// On a read-only disk whose range `[offset, offset + len)` lies in one extent of one image
     /// file, puts the reply to request `unique` (header and those bytes, as page references)
     /// into `pipe` and returns true; false when the range must be read another way. After
-    /// false the pipe may hold part of a reply and must be dropped.
+    /// false the pipe may hold part of a reply (see [`ReplyPipe::is_empty`]).
     pub fn read_spliced(
         &self,
         offset: u64,
@@ -233,15 +233,10 @@ impl SharedDisk {
         unique: u64,
         pipe: &mut ReplyPipe,
     ) -> SharedResult<bool> {
-        if !self.read_only || len == 0 {
-            return Ok(false);
-        }
-        self.with_reader(|disk| {
-            Ok(match disk.contiguous_extent(offset, len as u64)? {
-                Some((file, at)) => pipe.fill(unique, file.as_fd(), at, len).unwrap_or(false),
-                None => false,
-            })
-        })
+        let filled = self.in_one_extent(offset, len, |file, at| {
+            pipe.fill(unique, file.as_fd(), at, len).unwrap_or(false)
+        })?;
+        Ok(filled == Some(true))
     }
 
     /// On a read-only disk, the mapped image-file bytes that `[offset, offset + len)` reads as,
@@ -254,14 +249,27 @@ impl SharedDisk {
         offset: u64,
         len: usize,
     ) -> SharedResult<Option<(Arc<Mapping>, u64)>> {
-        if !self.read_only {
+        let mapped =
+            self.in_one_extent(offset, len, |file, at| self.maps.of(file).map(|m| (m, at)))?;
+        Ok(mapped.flatten())
+    }
+
+    /// On a read-only disk, `f(file, offset in it)` when `[offset, offset + len)` lies in one
+    /// extent of one image file; `None` otherwise (writable disk, empty range, several
+    /// extents, zeros, a log overlay).
+    fn in_one_extent<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&std::fs::File, u64) -> R,
+    ) -> SharedResult<Option<R>> {
+        if !self.read_only || len == 0 {
             return Ok(None);
         }
         self.with_reader(|disk| {
-            Ok(match disk.contiguous_extent(offset, len as u64)? {
-                Some((file, at)) => self.maps.of(file).map(|m| (m, at)),
-                None => None,
-            })
+            Ok(disk
+                .contiguous_extent(offset, len as u64)?
+                .map(|(file, at)| f(file, at)))
         })
     }
 
@@ -413,7 +421,7 @@ impl DiskFs {
         let Some(dev) = self.reply_dev.get() else {
             return false;
         };
-        if self.splice_refused.load(Ordering::Relaxed) {
+        if !self.disk.is_read_only() || self.splice_refused.load(Ordering::Relaxed) {
             return false;
         }
         REPLY_PIPE.with(|p| {
@@ -425,8 +433,10 @@ impl DiskFs {
                 return false;
             };
             if !matches!(self.disk.read_spliced(offset, n, unique, pipe), Ok(true)) {
-                // The pipe may hold part of a reply: start the next one on a fresh pipe.
-                *slot = None;
+                if !pipe.is_empty() {
+                    // It holds part of a reply: start the next one on a fresh pipe.
+                    *slot = None;
+                }
                 return false;
             }
             match pipe.send(dev.as_fd(), n) {

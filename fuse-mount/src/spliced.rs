@@ -170,6 +170,15 @@ impl ReplyPipe {
         }
     }
 
+    /// Whether the pipe holds no bytes (after a refused [`ReplyPipe::fill`]: whether it can
+    /// still carry the next reply). A pipe that cannot be asked counts as not empty.
+    pub fn is_empty(&self) -> bool {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int to a live local.
+        let rc = unsafe { libc::ioctl(self.read.as_raw_fd(), libc::FIONREAD, &mut n) };
+        rc == 0 && n == 0
+    }
+
     /// The pipe's read end (tests read a filled reply back from it).
     pub fn reader(&self) -> BorrowedFd<'_> {
         self.read.as_fd()

@@ -129,15 +129,6 @@ fn drain(pipe: &ReplyPipe, len: usize) -> Vec<u8> {
     out
 }
 
-/// Whether `pipe` holds nothing.
-fn is_empty(pipe: &ReplyPipe) -> bool {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int to a live local.
-    let rc = unsafe { libc::ioctl(pipe.reader().as_raw_fd(), libc::FIONREAD, &mut n) };
-    assert_eq!(rc, 0);
-    n == 0
-}
-
 #[test]
 fn spliced_replies_carry_the_reply_header_and_exactly_the_disk_bytes() {
     let dir = tempfile::tempdir().unwrap();
@@ -157,7 +148,7 @@ fn spliced_replies_carry_the_reply_header_and_exactly_the_disk_bytes() {
         if !pipe.fits(offset, len) {
             // A 1 MiB reply needs a 2 MiB pipe, which fs.pipe-max-size may not allow.
             assert!(!ro.read_spliced(offset, len, unique, &mut pipe).unwrap());
-            assert!(is_empty(&pipe), "refused before writing anything");
+            assert!(pipe.is_empty(), "refused before writing anything");
             continue;
         }
         assert!(
@@ -165,7 +156,7 @@ fn spliced_replies_carry_the_reply_header_and_exactly_the_disk_bytes() {
             "one extent: spliced ({offset}+{len})"
         );
         let reply = drain(&pipe, 16 + len);
-        assert!(is_empty(&pipe), "nothing past the reply");
+        assert!(pipe.is_empty(), "nothing past the reply");
         assert_eq!(reply[0..4], ((16 + len) as u32).to_ne_bytes(), "length");
         assert_eq!(reply[4..8], 0i32.to_ne_bytes(), "no error");
         assert_eq!(reply[8..16], unique.to_ne_bytes(), "request id");
@@ -175,7 +166,7 @@ fn spliced_replies_carry_the_reply_header_and_exactly_the_disk_bytes() {
     // Unallocated (reads as zeros, no file bytes), or from data into an unallocated block.
     assert!(!ro.read_spliced(5 * MIB, 4096, 1, &mut pipe).unwrap());
     assert!(!ro.read_spliced(3 * MIB - 4096, 8192, 1, &mut pipe).unwrap());
-    assert!(is_empty(&pipe));
+    assert!(pipe.is_empty());
     // A writable disk never replies from the page cache.
     drop(ro);
     let rw = shared(&path, false);
@@ -192,7 +183,7 @@ fn a_reply_larger_than_the_pipe_is_refused_before_anything_is_written() {
     assert!(small.fits(0, 64 * 1024));
     assert!(!small.fits(0, MIB as usize));
     assert!(!ro.read_spliced(MIB, MIB as usize, 7, &mut small).unwrap());
-    assert!(is_empty(&small));
+    assert!(small.is_empty());
     assert!(ro.read_spliced(MIB + 1, 64 * 1024, 7, &mut small).unwrap());
     assert!(drain(&small, 16 + 64 * 1024)[16..]
         .iter()
@@ -217,6 +208,10 @@ fn a_file_truncated_under_the_mount_is_not_spliced_short() {
     // Part of the range is gone: refused (the caller drops this pipe and reads another way,
     // which reports the error), never a reply with fewer bytes than its header says.
     assert!(!ro.read_spliced(2 * MIB, 4096, 10, &mut pipe).unwrap());
+    assert!(
+        !pipe.is_empty(),
+        "its header went in: this pipe must not carry the next reply"
+    );
     assert!(ro
         .read_spliced(MIB, 4096, 11, &mut ReplyPipe::new(MIB as usize).unwrap())
         .unwrap());
