@@ -53,7 +53,6 @@ fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// `vhdtool check` exits 0 (clean).
 /// Runs vhdtool with `args` and kills it with SIGKILL after `delay_ms` (if still running).
 fn run_killed_after(args: &[&OsStr], delay_ms: u64) {
     let mut p = Command::new(env!("CARGO_BIN_EXE_vhdtool"))
@@ -67,6 +66,7 @@ fn run_killed_after(args: &[&OsStr], delay_ms: u64) {
     let _ = p.wait();
 }
 
+/// `vhdtool check` exits 0 (clean).
 fn assert_clean(img: &Path) {
     let o = vhdtool(&[&"check", &img]);
     assert_eq!(
