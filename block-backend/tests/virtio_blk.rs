@@ -154,9 +154,7 @@ impl<'a> Rig<'a> {
     }
 
     fn header(&self, kind: u32, sector: u64) {
-        self.mem.write_obj(kind, GuestAddress(HDR)).unwrap();
-        self.mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
-        self.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+        header_at(self.mem, HDR, kind, sector);
     }
 }
 
