@@ -696,17 +696,44 @@ impl Disk for Chain {
         self.layers.iter().map(|l| l.path().to_path_buf()).collect()
     }
 
-    fn contiguous_extent(
+    fn leading_extent(
         &mut self,
         offset: u64,
         len: u64,
-    ) -> Result<Option<(&std::fs::File, u64)>> {
-        match self.plan_read(offset, len)?.as_slice() {
-            [Piece::File {
-                level, file_offset, ..
-            }] => Ok(Some((self.layer_file(*level), *file_offset))),
-            _ => Ok(None),
+    ) -> Result<Option<(&std::fs::File, u64, u64)>> {
+        // Pieces in disk order; the leading run goes on through pieces that continue it in
+        // the same file (blocks allocated one after another).
+        let mut plan = self.plan_read(offset, len)?;
+        plan.sort_by_key(|p| match p {
+            Piece::File { buf_off, .. }
+            | Piece::Slow { buf_off, .. }
+            | Piece::Zero { buf_off, .. } => *buf_off,
+        });
+        let mut run: Option<(usize, u64, usize)> = None; // (level, file offset, length)
+        for p in &plan {
+            match (p, &mut run) {
+                (
+                    Piece::File {
+                        level,
+                        file_offset,
+                        buf_off: 0,
+                        len,
+                    },
+                    None,
+                ) => run = Some((*level, *file_offset, *len)),
+                (
+                    Piece::File {
+                        level,
+                        file_offset,
+                        buf_off,
+                        len,
+                    },
+                    Some((l, at, n)),
+                ) if level == l && *buf_off == *n && *file_offset == *at + *n as u64 => *n += len,
+                _ => break,
+            }
         }
+        Ok(run.map(|(level, at, n)| (self.layer_file(level), at, n as u64)))
     }
 }
 

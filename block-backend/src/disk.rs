@@ -210,15 +210,16 @@ pub trait Disk: Send {
         self.layers().into_iter().map(|l| l.path).collect()
     }
 
-    /// The one file range that holds all of `[offset, offset + len)` as it reads, if there is
-    /// one: `(file, offset in it)`. For callers that map image files and copy from the page
-    /// cache themselves. `None` when the range spans several extents or layers, holds zeros,
-    /// or must be read through the format crate (a VHDX log replayed in memory).
-    fn contiguous_extent(
+    /// The file range that holds the first bytes of `[offset, offset + len)` as they read:
+    /// `(file, offset in it, length)`, the length being how many bytes from `offset` on that
+    /// range covers (at most `len`). For callers that splice or map image files and copy from
+    /// the page cache themselves. `None` when the range starts with zeros or must be read
+    /// through the format crate (a VHDX log replayed in memory).
+    fn leading_extent(
         &mut self,
         _offset: u64,
         _len: u64,
-    ) -> Result<Option<(&std::fs::File, u64)>> {
+    ) -> Result<Option<(&std::fs::File, u64, u64)>> {
         Ok(None)
     }
 }
@@ -242,12 +243,12 @@ impl<D: Disk + ?Sized> Disk for Box<D> {
     fn flush(&mut self) -> Result<()> {
         (**self).flush()
     }
-    fn contiguous_extent(
+    fn leading_extent(
         &mut self,
         offset: u64,
         len: u64,
-    ) -> Result<Option<(&std::fs::File, u64)>> {
-        (**self).contiguous_extent(offset, len)
+    ) -> Result<Option<(&std::fs::File, u64, u64)>> {
+        (**self).leading_extent(offset, len)
     }
     fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         (**self).discard(offset, len)

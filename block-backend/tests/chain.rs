@@ -299,3 +299,82 @@ fn raw_map_reports_holes_of_sparse_files() {
         assert!(!map[0].data && map[0].zero);
     }
 }
+
+#[test]
+fn leading_extent_runs_through_blocks_adjacent_in_the_file_and_stops_at_zeros_or_a_parent() {
+    use std::os::unix::fs::FileExt;
+    let d = tmp();
+    // VHDX blocks written in order lie back to back in the file: one run across them.
+    let x = d.path().join("d.vhdx");
+    let opts = vhdx::CreateOptions {
+        size: 8 * MIB,
+        block_size: Some(MIB as u32),
+        ..Default::default()
+    };
+    vhdx::VhdxImage::create(&x, &opts).unwrap().close().unwrap();
+    let bytes: Vec<u8> = (0..3 * MIB).map(|i| (i % 251) as u8).collect();
+    let mut v = open(&x, OpenOptions::read_write()).unwrap();
+    v.write_at(&bytes, 0).unwrap();
+    let (f, at, n) = v.leading_extent(4096, 4 * MIB).unwrap().expect("data");
+    assert_eq!(
+        n,
+        3 * MIB - 4096,
+        "through blocks 0..3, up to the unallocated block 3"
+    );
+    let mut got = vec![0u8; n as usize];
+    f.read_exact_at(&mut got, at).unwrap();
+    assert_eq!(got, bytes[4096..]);
+    drop(v);
+
+    let (base, top) = (d.path().join("base.vhd"), d.path().join("top.vhd"));
+    dynamic(&base, 4 * MIB);
+    let data: Vec<u8> = (0..MIB + 4096).map(|i| (i % 253) as u8).collect();
+    {
+        // Blocks 0, 1 and 2 (512 KiB each) allocated in that order: one run in the file.
+        let mut b = open(&base, OpenOptions::read_write()).unwrap();
+        b.write_at(&data, 4096).unwrap();
+        b.flush().unwrap();
+    }
+    let mut b = open(&base, OpenOptions::read_only()).unwrap();
+    let check = |file: &std::fs::File, at: u64, n: u64, from: u64| {
+        let mut got = vec![0u8; n as usize];
+        file.read_exact_at(&mut got, at).unwrap();
+        let start = (from - 4096) as usize;
+        assert_eq!(
+            got,
+            data[start..start + n as usize],
+            "run from disk offset {from}"
+        );
+    };
+    // A VHD puts each block's sector bitmap before its data: runs end at block boundaries.
+    let (f, at, n) = b.leading_extent(4096, MIB).unwrap().expect("data");
+    assert_eq!(n, 512 * 1024 - 4096, "run ends at the block boundary");
+    check(f, at, n, 4096);
+    // Block 2 is allocated whole (the rest of it reads from the file as zeros); the run stops
+    // at its end, before the unallocated block 3.
+    let (f, at, n) = b
+        .leading_extent(MIB + 512 * 1024 - 4096, MIB)
+        .unwrap()
+        .expect("data");
+    assert_eq!(n, 4096);
+    let mut got = [1u8; 4096];
+    f.read_exact_at(&mut got, at).unwrap();
+    assert_eq!(got, [0u8; 4096]);
+    let (f, at, n) = b.leading_extent(MIB, 8192).unwrap().expect("data");
+    check(f, at, n, MIB);
+    // Starting in an unallocated block: none.
+    assert!(b.leading_extent(3 * MIB, 4096).unwrap().is_none());
+    assert!(b.leading_extent(2 * MIB - 4096, 8192).unwrap().is_none());
+    drop(b);
+    // A child's own sector ends a run that continues in its parent.
+    child(&top, &base);
+    let mut t = open(&top, OpenOptions::read_write()).unwrap();
+    t.write_at(&[9u8; 512], 8192).unwrap();
+    let (_, _, n) = t.leading_extent(4096, 8192).unwrap().expect("parent data");
+    assert_eq!(n, 4096, "parent's run stops at the child's sector");
+    let (f, at, n) = t.leading_extent(8192, 4096).unwrap().expect("child data");
+    assert_eq!(n, 512);
+    let mut got = [0u8; 512];
+    f.read_exact_at(&mut got, at).unwrap();
+    assert_eq!(got, [9u8; 512]);
+}

@@ -267,9 +267,10 @@ impl SharedDisk {
             return Ok(None);
         }
         self.with_reader(|disk| {
-            Ok(disk
-                .contiguous_extent(offset, len as u64)?
-                .map(|(file, at)| f(file, at)))
+            Ok(match disk.leading_extent(offset, len as u64)? {
+                Some((file, at, n)) if n == len as u64 => Some(f(file, at)),
+                _ => None,
+            })
         })
     }
 
