@@ -84,8 +84,10 @@ const TABLE_ZONE: u64 = 1 << 20;
 /// How long the kernel may cache names and attributes: they change only when the partition
 /// table is rewritten through the mount, and then should show within a second.
 const TTL: Duration = Duration::from_secs(1);
-/// `st_blksize` of the files: the I/O size tools like `cp` and `cat` should use.
-const BLKSIZE: u32 = 128 << 10;
+/// `st_blksize` of the files: the I/O size tools like `cp` and `cat` use. Every read is a round
+/// trip to the daemon (direct I/O, no read-ahead), so they should ask for whole requests:
+/// with 128 KiB, `cat` and `cp` read a VHDX here at 1.8–2.5 GB/s, with 1 MiB at 2.8–3.7 GB/s.
+const BLKSIZE: u32 = MAX_IO;
 
 /// `fallocate` mode bits (linux/falloc.h).
 const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
@@ -1008,6 +1010,8 @@ mod tests {
         assert_eq!(fs.attr(ROOT).unwrap().kind, FileType::Directory);
         assert!(fs.attr(P1 + 1).is_none());
         assert_eq!(fs.attr(P1).unwrap().perm, 0o444);
+        // cp and cat size their reads by st_blksize: one whole request each.
+        assert_eq!(fs.attr(DISK).unwrap().blksize, MAX_IO);
     }
 
     #[test]
