@@ -4,8 +4,10 @@
 # `dd bs=1M`, and for the VHDX also by `cat`, which reads in st_blksize units as `cp` does), on
 # the same fully allocated 1 GiB dynamic VHD and VHDX, runs interleaved A B A B, ROUNDS rounds,
 # medians and spread (min..max); then fio random 4 KiB read IOPS through both mounts (1 and 4
-# jobs: the 4-job number shows what the one mutex around the Disk costs). Not a test: numbers
-# vary on shared machines.
+# jobs: the 4-job number shows what the one mutex around the Disk costs). Beside them, the same
+# sequential reads of a FUSE file system that answers from RAM and does nothing else
+# (fuse-mount/examples/memory_fs.rs): the most any daemon can get through this kernel's FUSE
+# here. Not a test: numbers vary on shared machines.
 #
 #   benches/fuse.sh [DIR] [ROUNDS] [FIO_SECONDS]
 #   PIPE_MAX_SIZE=2097152 benches/fuse.sh ...   # as root: set fs.pipe-max-size for the run
@@ -30,6 +32,7 @@ done
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 cargo build --release -q -p vhdtool
+cargo build --release -q -p fuse-mount --example memory_fs
 vt=$PWD/target/release/vhdtool
 
 raw=$dir/full.raw
@@ -51,7 +54,7 @@ cleanup() {
   for m in "${mounts[@]}"; do
     case $m in
       ours:*) "$vt" umount "${m#ours:}" 2>/dev/null || umount -l "${m#ours:}" 2>/dev/null || true ;;
-      vhdi:*) fusermount3 -u "${m#vhdi:}" 2>/dev/null || umount -l "${m#vhdi:}" 2>/dev/null || true ;;
+      vhdi:* | mem:*) fusermount3 -u "${m#*:}" 2>/dev/null || umount -l "${m#*:}" 2>/dev/null || true ;;
     esac
   done
 }
@@ -66,6 +69,14 @@ for f in vhd vhdx; do
   while [ ! -f "$dir/vhdi-$f/vhdi1" ]; do sleep 0.1; done
   cmp -n $((64 << 20)) "$dir/ours-$f/disk" "$dir/vhdi-$f/vhdi1" || { echo "mounts differ!" >&2; exit 1; }
 done
+
+# The ceiling: a FUSE file system that answers every read from a buffer in its memory and does
+# nothing else (fuse-mount/examples/memory_fs.rs), with the same largest request as our mount.
+max_read=$(grep " $dir/ours-vhdx " /proc/mounts | grep -o 'max_read=[0-9]*' | cut -d= -f2)
+mkdir -p "$dir/mem"
+"$PWD/target/release/examples/memory_fs" "$dir/mem" "$size" "$max_read" &
+mounts+=("mem:$dir/mem")
+while [ ! -f "$dir/mem/mem" ]; do sleep 0.1; done
 
 seq_read() { # reader file -> MB/s (whole file; the file's page cache dropped first).
   # Readers: dd with 1 MiB reads, and cat, which reads in the file's st_blksize (as cp does).
@@ -92,6 +103,7 @@ for r in $(seq "$rounds"); do
   for f in vhd vhdx; do
     for rd in dd cat; do
       [ "$f/$rd" = vhd/cat ] && continue # vhdimount's VHD at ~40 MB/s: once (dd) is enough
+      [ "$f" = vhdx ] && add "${rd}_mem" "$(seq_read $rd "$dir/mem/mem")"
       # Which mount reads first alternates every round (A B, B A, ...).
       if ((r % 2)); then
         add "${rd}_ours_$f" "$(seq_read $rd "$dir/ours-$f/disk")"
@@ -120,14 +132,15 @@ median() { python3 -c "import statistics,sys; print(statistics.median(float(x) f
 ratio() { python3 -c "print(f'{$(median "$1") / $(median "$2"):.1f}x')"; }
 
 echo
-echo "fs.pipe-max-size $(cat /proc/sys/fs/pipe-max-size); vhdtool mount max_read" \
-  "$(grep -o 'max_read=[0-9]*' <(grep " $dir/ours-vhdx " /proc/mounts) | cut -d= -f2)"
+echo "fs.pipe-max-size $(cat /proc/sys/fs/pipe-max-size); vhdtool mount max_read $max_read"
 echo "sequential read of 1 GiB, MB/s, median (min..max) of $rounds, interleaved:"
 for k in dd/vhd dd/vhdx cat/vhdx; do
   rd=${k%/*} f=${k#*/}
   printf '  %-5s %-4s vhdtool mount %-22s vhdimount %-22s ratio %s\n' "$f" "$rd" \
     "$(summary ${rd}_ours_$f)" "$(summary ${rd}_vhdi_$f)" "$(ratio ${rd}_ours_$f ${rd}_vhdi_$f)"
 done
+printf '  ceiling: a FUSE daemon answering from RAM, same max_read: dd %s, cat %s\n' \
+  "$(summary dd_mem)" "$(summary cat_mem)"
 echo "random 4 KiB reads (fio psync, O_DIRECT, ${runtime}s), IOPS:"
 for f in vhd vhdx; do
   for j in 1 4; do

@@ -1,0 +1,111 @@
+//! The ceiling of a FUSE read path on this host: a file system whose one file, `mem`, is a
+//! buffer in the daemon's memory (filled with bytes, so every page is real), opened with
+//! direct I/O like `vhdtool mount`'s files. A read is answered straight from the buffer, with
+//! no work beyond the reply, so a sequential read of it shows what the kernel's round trip and
+//! its copy from memory cost; `benches/fuse.sh` runs it beside the real mounts.
+//!
+//!   memory_fs DIR [SIZE_BYTES] [MAX_READ] [THREADS]   (foreground; `fusermount3 -u DIR` ends it)
+
+use std::ffi::OsStr;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyEntry, ReplyOpen, Request,
+    Session,
+};
+
+const MAX_IO: u32 = 1 << 20;
+const TTL: Duration = Duration::from_secs(60);
+const FILE: u64 = 2;
+
+struct MemoryFs {
+    bytes: Vec<u8>,
+}
+
+impl MemoryFs {
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let (kind, size, perm) = match ino {
+            1 => (FileType::Directory, 0, 0o555),
+            FILE => (FileType::RegularFile, self.bytes.len() as u64, 0o444),
+            _ => return None,
+        };
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: SystemTime::UNIX_EPOCH,
+            mtime: SystemTime::UNIX_EPOCH,
+            ctime: SystemTime::UNIX_EPOCH,
+            crtime: SystemTime::UNIX_EPOCH,
+            kind,
+            perm,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: MAX_IO,
+            flags: 0,
+        })
+    }
+}
+
+impl fuser::Filesystem for MemoryFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(MAX_IO);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match (parent.0, name.to_str()) {
+            (1, Some("mem")) => reply.entry(&TTL, &self.attr(FILE).unwrap(), Generation(0)),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino.0) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let start = offset.min(self.bytes.len() as u64) as usize;
+        let n = (self.bytes.len() - start).min(size.min(MAX_IO) as usize);
+        reply.data(&self.bytes[start..start + n]);
+    }
+}
+
+fn main() -> std::io::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let dir = args
+        .next()
+        .expect("usage: memory_fs DIR [SIZE_BYTES] [MAX_READ] [THREADS]");
+    let size: usize = args.next().map_or(1 << 30, |s| s.parse().expect("size"));
+    let max_read: u32 = args.next().map_or(MAX_IO, |s| s.parse().expect("max_read"));
+    let threads = args.next().map_or(2, |s| s.parse().expect("threads"));
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("memory_fs".into()),
+        MountOption::RO,
+        MountOption::CUSTOM(format!("max_read={}", max_read.min(MAX_IO))),
+    ];
+    config.n_threads = Some(threads);
+    let bytes = (0..size).map(|i| (i / 4096) as u8 ^ (i as u8)).collect();
+    Session::new(MemoryFs { bytes }, dir, &config)?.run()
+}
