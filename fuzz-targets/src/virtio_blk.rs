@@ -8,7 +8,8 @@
 //! input: config (3 bytes) | op*
 //!   config: engine, queues, EVENT_IDX, read-only, disk kind, memory fill | memory size and
 //!           layout, queue size | seed
-//!   op: request (built: header, data, status; direct or indirect; hostile variants)
+//!   op: request (built: header, data, status; direct or indirect; reframed into other
+//!       descriptor cuts; hostile variants)
 //!     | raw descriptor | publish head | bump avail idx | memory write | kick queue
 //!     | process completions | used_event / avail flags
 //! ```
@@ -261,6 +262,25 @@ fn overlap(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.1 && b.0 < a.1 && a.0 < a.1 && b.0 < b.1
 }
 
+/// The buffers holding bytes `[from, to)` of `bufs` read as one array (`to` at most their
+/// total); `None` if one of them would run past the end of the address space.
+fn cut(bufs: &[D], from: u64, to: u64) -> Option<Vec<D>> {
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    for d in bufs {
+        let (start, end) = (at.max(from), (at + u64::from(d.len)).min(to));
+        if start < end {
+            out.push(D {
+                addr: d.addr.checked_add(start - at)?,
+                len: (end - start) as u32,
+                write: d.write,
+            });
+        }
+        at += u64::from(d.len);
+    }
+    Some(out)
+}
+
 /// `[addr, addr + len)`, saturating.
 fn span(addr: u64, len: u64) -> (u64, u64) {
     (addr, addr.saturating_add(len))
@@ -436,7 +456,8 @@ struct Rec {
     w: Vec<(u64, u64)>,
     writable_total: u64,
     status: Option<u64>,
-    header: Option<u64>,
+    /// Guest ranges holding the 16 header bytes.
+    header: Vec<(u64, u64)>,
     op: Option<Op>,
     /// False when another request may have overwritten the header or segment list before the
     /// device read it: then what this request did is unknown.
@@ -688,6 +709,45 @@ impl Harness {
         self.poke(self.lay.avail(q) + 2, &self.avail_idx[q].to_le_bytes());
     }
 
+    /// The same request cut into other descriptors (virtio 1.x lets a driver frame it as it
+    /// likes): the readable bytes copied to one place and split at an input-chosen point, the
+    /// writable ones likewise (so a header may share a buffer with data, or be split, and the
+    /// status may end a data buffer), and an empty buffer at a wild address in between. A chain
+    /// with a buffer outside memory is left as it is.
+    fn reframe(&mut self, chain: Vec<(u64, u32, u16)>, inp: &mut Input) -> Vec<(u64, u32, u16)> {
+        let w = VRING_DESC_F_WRITE as u16;
+        if !chain
+            .iter()
+            .all(|&(a, l, _)| self.lay.in_mem(a, u64::from(l)))
+        {
+            return chain;
+        }
+        let mut out = Vec::new();
+        for write in [false, true] {
+            let bytes: Vec<u8> = chain
+                .iter()
+                .filter(|c| (c.2 & w != 0) == write)
+                .flat_map(|&(a, l, _)| self.lay.read(&self.mem, a, l as usize))
+                .collect();
+            if bytes.is_empty() {
+                continue;
+            }
+            let at = self.alloc(bytes.len() as u64, 1);
+            self.poke(at, &bytes);
+            let len = bytes.len() as u32;
+            let split = u32::from(inp.u8()) * 97 % len;
+            let flags = if write { w } else { 0 };
+            if split > 0 {
+                out.push((at, split, flags));
+            }
+            if inp.u8() & 1 != 0 {
+                out.push((0xdead_beef_0000, 0, flags));
+            }
+            out.push((at + u64::from(split), len - split, flags));
+        }
+        out
+    }
+
     /// Op 0: a request chain built from a few input bytes, published.
     fn op_request(&mut self, inp: &mut Input) {
         let (b0, b1) = (inp.u8(), inp.u8());
@@ -792,6 +852,9 @@ impl Harness {
             chain.push((a, l, if data_write { w } else { 0 }));
         }
         chain.push((status, 1, if variant == 5 { 0 } else { w }));
+        if b1 & 0x10 != 0 && variant < 4 {
+            chain = self.reframe(chain, inp);
+        }
         let k = chain.len() as u16;
         let head = self.next_desc[q] % self.lay.qsize;
         if indirect {
@@ -895,8 +958,7 @@ impl Harness {
         if !self.unchecked {
             for i in first_new..self.records.len() {
                 let r = &self.records[i];
-                let mut reads: Vec<(u64, u64)> =
-                    r.header.map(|h| span(h, 16)).into_iter().collect();
+                let mut reads: Vec<(u64, u64)> = r.header.clone();
                 if matches!(r.op, Some(Op::Discard | Op::WriteZeroes)) {
                     reads.extend(r.data.iter().map(D::range));
                 }
@@ -1365,29 +1427,30 @@ impl Harness {
     /// byte at the start of the last one, the buffers in between are the data, read as one
     /// byte array).
     fn classify(&self, queue: usize, head: u16, pop: u32, descs: Vec<D>) -> Rec {
-        let n = descs.len();
-        let mut w = Vec::new();
-        if n >= 2 {
-            w.extend(descs[1..n - 1].iter().filter(|d| d.write).map(D::range));
-            if descs[n - 1].write {
-                w.push(span(descs[n - 1].addr, 1));
-            }
-        }
-        let writable_total = descs
+        // virtio 1.x framing: the request is the device-readable bytes followed by the
+        // device-writable ones, however the chain cuts them; empty buffers count for nothing.
+        let readable: Vec<D> = descs
             .iter()
-            .filter(|d| d.write)
-            .map(|d| u64::from(d.len))
-            .sum();
+            .filter(|d| !d.write && d.len > 0)
+            .copied()
+            .collect();
+        let writable: Vec<D> = descs
+            .iter()
+            .filter(|d| d.write && d.len > 0)
+            .copied()
+            .collect();
+        let rlen: u64 = readable.iter().map(|d| u64::from(d.len)).sum();
+        let wlen: u64 = writable.iter().map(|d| u64::from(d.len)).sum();
         let mut rec = Rec {
             queue,
             head,
             pop,
             answer: None,
             descs: Vec::new(),
-            w,
-            writable_total,
+            w: writable.iter().map(D::range).collect(),
+            writable_total: wlen,
             status: None,
-            header: None,
+            header: Vec::new(),
             op: None,
             op_known: true,
             sector: 0,
@@ -1405,26 +1468,37 @@ impl Harness {
             ambiguous: false,
             used_len: 0,
         };
-        match descs.last() {
-            Some(s) if n >= 2 && s.write && s.len >= 1 && self.lay.in_mem(s.addr, 1) => {
-                rec.status = Some(s.addr);
-            }
+        // The status: the last writable byte.
+        match writable
+            .last()
+            .and_then(|d| d.addr.checked_add(u64::from(d.len) - 1))
+        {
+            Some(at) if self.lay.in_mem(at, 1) => rec.status = Some(at),
             _ => {
                 rec.descs = descs;
                 return rec;
             }
         }
-        let h = descs[0];
-        if h.write || h.len < 16 || !self.lay.in_mem(h.addr, 16) {
+        let fail = |mut rec: Rec, descs: Vec<D>| {
             rec.expect = Expect::MustFail;
             rec.descs = descs;
-            return rec;
+            rec
+        };
+        let first_w = descs.iter().position(|d| d.write && d.len > 0);
+        let misordered = first_w.is_some_and(|i| descs[i..].iter().any(|d| !d.write && d.len > 0));
+        let header = cut(&readable, 0, 16);
+        let header_ok = rlen >= 16
+            && header
+                .as_ref()
+                .is_some_and(|h| h.iter().all(|d| self.lay.in_mem(d.addr, u64::from(d.len))));
+        if misordered || !header_ok {
+            return fail(rec, descs);
         }
-        rec.header = Some(h.addr);
-        let raw: Vec<u8> = self
-            .lay
-            .peek(&self.mem, h.addr, 16)
-            .into_iter()
+        let header = header.expect("checked");
+        rec.header = header.iter().map(D::range).collect();
+        let raw: Vec<u8> = header
+            .iter()
+            .flat_map(|d| self.lay.peek(&self.mem, d.addr, d.len as usize))
             .map(|b| b.unwrap_or(0))
             .collect();
         let type_ = u32::from_le_bytes(raw[0..4].try_into().expect("4"));
@@ -1438,18 +1512,24 @@ impl Harness {
             VIRTIO_BLK_T_WRITE_ZEROES => Op::WriteZeroes,
             other => Op::Other(other),
         };
-        let data = descs[1..n - 1].to_vec();
+        // Data: writable bytes before the status (IN, GET_ID) or readable bytes after the
+        // header (OUT, DISCARD, WRITE_ZEROES); bytes on the other side make the request
+        // malformed. FLUSH and unknown types carry none (other bytes are ignored).
+        let (data, misplaced) = match op {
+            Op::In | Op::GetId => (cut(&writable, 0, wlen - 1), rlen > 16),
+            Op::Out | Op::Discard | Op::WriteZeroes => (cut(&readable, 16, rlen), wlen > 1),
+            Op::Flush | Op::Other(_) => (Some(Vec::new()), false),
+        };
+        let Some(data) = data else {
+            return fail(rec, descs);
+        };
         let total: u64 = data.iter().map(|d| u64::from(d.len)).sum();
         let l = self.limits;
-        let device_writes = matches!(op, Op::In | Op::GetId);
-        let dir_ok = data.iter().all(|d| d.write == device_writes);
         let limits_ok =
             data.len() <= l.seg_max as usize && data.iter().all(|d| d.len <= l.size_max);
-        let any_empty = data.iter().any(|d| d.len == 0);
-        // Non-empty buffers: a zero-length one anywhere is left to the device.
         let in_mem = data
             .iter()
-            .all(|d| d.len == 0 || self.lay.in_mem(d.addr, u64::from(d.len)));
+            .all(|d| self.lay.in_mem(d.addr, u64::from(d.len)));
         let one_region = data
             .iter()
             .all(|d| self.lay.one_region(d.addr, u64::from(d.len)));
@@ -1486,7 +1566,7 @@ impl Harness {
         // First everything that makes the device refuse the request, then what leaves it free.
         let refused = match op {
             Op::Other(_) => true,
-            _ if !limits_ok || !dir_ok || !in_mem => true,
+            _ if misplaced || !limits_ok || !in_mem => true,
             Op::In | Op::Out => {
                 !total.is_multiple_of(SECTOR)
                     || sector
@@ -1506,11 +1586,9 @@ impl Harness {
             }
             Op::Flush | Op::GetId => false,
         };
-        let free = any_empty
-            || !one_region
+        let free = !one_region
             || match op {
                 Op::In | Op::Out => total == 0,
-                Op::Flush => !data.is_empty(),
                 Op::Discard | Op::WriteZeroes => {
                     rec.segs.len() > max_seg as usize || rec.segs.iter().any(|s| s.1 == 0)
                 }

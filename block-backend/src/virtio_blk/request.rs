@@ -1,15 +1,25 @@
 //! Parsing and validating one virtio-blk descriptor chain, before any I/O.
 //!
+//! A request is one byte array, `struct virtio_blk_req`, laid over the chain's buffers in
+//! order; virtio 1.x forbids a device to assume how the driver cut it into descriptors
+//! (message framing, 2.7.4). Device-readable buffers come first, then device-writable ones:
+//!
 //! ```text
-//! [ header (device-readable, 16 B: type, reserved, sector) ]
-//! [ data ... (device-writable for IN / GET_ID, readable for OUT / DISCARD / WRITE_ZEROES) ]
-//! [ status (device-writable, >= 1 B) ]
+//!   device-readable bytes                    device-writable bytes
+//!   [ header 16 B | data (OUT, DISCARD, …) ] [ data (IN, GET_ID) | status 1 B ]
+//!     type, reserved, sector                                       the last writable byte
 //! ```
 //!
-//! Everything a driver controls is checked here: descriptor directions, lengths (data in whole
-//! 512-byte sectors, at most `seg_max` segments and `size_max` bytes each), the sector range
-//! against the capacity, and that every buffer lies inside guest memory. A malformed chain gets
-//! an error that becomes VIRTIO_BLK_S_IOERR or _UNSUPP, never a panic or an out-of-bounds access.
+//! Linux puts the header, each data segment and the status in descriptors of their own, but a
+//! header and data may share one, a status may end a data buffer, and empty descriptors count
+//! for nothing. Data pieces are cut from the descriptors where those boundaries fall.
+//!
+//! Everything a driver controls is checked here: the order of directions, that no bytes lie
+//! where the request type has none (data of a read in the readable part, of a write in the
+//! writable part), lengths (data in whole 512-byte sectors, at most `seg_max` pieces of at
+//! most `size_max` bytes), the sector range against the capacity, and that every buffer lies
+//! inside guest memory. A malformed chain gets an error that becomes VIRTIO_BLK_S_IOERR or
+//! _UNSUPP, never a panic or an out-of-bounds access.
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -82,33 +92,78 @@ pub struct Limits {
     pub max_discard_seg: u32,
 }
 
+/// The non-empty buffers of one direction, as one byte array.
+struct Stream {
+    pieces: Vec<(GuestAddress, u32)>,
+    len: u64,
+}
+
+impl Stream {
+    fn of<'a>(descs: impl Iterator<Item = &'a Descriptor>) -> Stream {
+        let pieces: Vec<_> = descs
+            .filter(|d| d.len() > 0)
+            .map(|d| (d.addr(), d.len()))
+            .collect();
+        let len = pieces.iter().map(|p| u64::from(p.1)).sum();
+        Stream { pieces, len }
+    }
+
+    /// The buffers holding bytes `[from, to)` of the array (`to` at most its length); `None`
+    /// if a descriptor names addresses past the end of the address space.
+    fn range(&self, from: u64, to: u64) -> Option<Vec<(GuestAddress, u32)>> {
+        let mut out = Vec::new();
+        let mut at = 0u64;
+        for &(addr, len) in &self.pieces {
+            let (start, end) = (at.max(from), (at + u64::from(len)).min(to));
+            if start < end {
+                out.push((addr.checked_add(start - at)?, (end - start) as u32));
+            }
+            at += u64::from(len);
+        }
+        Some(out)
+    }
+}
+
 /// Validates a descriptor chain.
 pub fn parse(
     descs: &[Descriptor],
     mem: &GuestMemoryMmap,
     limits: &Limits,
 ) -> Result<Request, ParseError> {
-    let (Some(status_desc), true) = (descs.last(), descs.len() >= 2) else {
+    let readable = Stream::of(descs.iter().filter(|d| !d.is_write_only()));
+    let writable = Stream::of(descs.iter().filter(|d| d.is_write_only()));
+    // The status is the last writable byte.
+    let Some(&(last, last_len)) = writable.pieces.last() else {
         return Err(ParseError::NoStatus);
     };
-    if !status_desc.is_write_only()
-        || status_desc.len() < 1
-        || !mem.check_range(status_desc.addr(), 1)
-    {
-        return Err(ParseError::NoStatus);
-    }
-    let status = status_desc.addr();
+    let status = match last.checked_add(u64::from(last_len) - 1) {
+        Some(s) if mem.check_range(s, 1) => s,
+        _ => return Err(ParseError::NoStatus),
+    };
     let bad = |reason: String| ParseError::Invalid { status, reason };
-    let header = &descs[0];
-    if header.is_write_only() || header.len() < 16 {
+    let first_writable = descs.iter().position(|d| d.is_write_only() && d.len() > 0);
+    if let Some(i) = first_writable {
+        if descs[i..].iter().any(|d| !d.is_write_only() && d.len() > 0) {
+            return Err(bad(
+                "a device-readable buffer follows a device-writable one".into(),
+            ));
+        }
+    }
+    if readable.len < 16 {
         return Err(bad(format!(
-            "header descriptor is {} bytes or device-writable",
-            header.len()
+            "{} device-readable bytes, less than a 16-byte header",
+            readable.len
         )));
     }
     let mut raw = [0u8; 16];
-    mem.read_slice(&mut raw, header.addr())
-        .map_err(|e| bad(format!("header: {e}")))?;
+    let mut got = 0usize;
+    let overflow = || bad("a buffer runs past the end of the address space".into());
+    for (addr, len) in readable.range(0, 16).ok_or_else(overflow)? {
+        let to = got + len as usize;
+        mem.read_slice(&mut raw[got..to], addr)
+            .map_err(|e| bad(format!("header: {e}")))?;
+        got = to;
+    }
     let kind_raw = u32::from_le_bytes(raw[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(raw[8..16].try_into().expect("8 bytes"));
     let kind = match kind_raw {
@@ -120,40 +175,51 @@ pub fn parse(
         VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
         other => RequestType::Unsupported(other),
     };
-    let middle = &descs[1..descs.len() - 1];
-    let device_writes = matches!(kind, RequestType::In | RequestType::GetId);
-    if middle.len() > limits.seg_max as usize {
+    // Data: the writable bytes before the status for IN / GET_ID, the readable bytes after the
+    // header for the rest. Bytes on the other side belong to no field of the request.
+    let (readable_extra, writable_extra) = (readable.len - 16, writable.len - 1);
+    let data = match kind {
+        RequestType::In | RequestType::GetId => {
+            if readable_extra > 0 {
+                return Err(bad(format!(
+                    "{readable_extra} device-readable bytes after the header of a read"
+                )));
+            }
+            writable.range(0, writable_extra).ok_or_else(overflow)?
+        }
+        RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => {
+            if writable_extra > 0 {
+                return Err(bad(format!(
+                    "{writable_extra} device-writable bytes before the status of a write"
+                )));
+            }
+            readable.range(16, readable.len).ok_or_else(overflow)?
+        }
+        // Nothing is read or written: any other bytes are ignored.
+        RequestType::Flush | RequestType::Unsupported(_) => Vec::new(),
+    };
+    if data.len() > limits.seg_max as usize {
         return Err(bad(format!(
             "{} data segments, more than seg_max {}",
-            middle.len(),
+            data.len(),
             limits.seg_max
         )));
     }
-    let mut data = Vec::with_capacity(middle.len());
     let mut total: u64 = 0;
-    for d in middle {
-        if d.is_write_only() != device_writes {
+    for &(addr, len) in &data {
+        if len > limits.size_max {
             return Err(bad(format!(
-                "data descriptor at {:#x} has the wrong direction",
-                d.addr().0
-            )));
-        }
-        if d.len() > limits.size_max {
-            return Err(bad(format!(
-                "data segment of {} bytes exceeds size_max {}",
-                d.len(),
+                "data segment of {len} bytes exceeds size_max {}",
                 limits.size_max
             )));
         }
-        if !mem.check_range(d.addr(), d.len() as usize) {
+        if !mem.check_range(addr, len as usize) {
             return Err(bad(format!(
-                "data buffer {:#x}+{} is outside guest memory",
-                d.addr().0,
-                d.len()
+                "data buffer {:#x}+{len} is outside guest memory",
+                addr.0
             )));
         }
-        total += u64::from(d.len());
-        data.push((d.addr(), d.len()));
+        total += u64::from(len);
     }
     match kind {
         RequestType::In | RequestType::Out => {
