@@ -27,7 +27,7 @@ pub use uring::UringEngine;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::{Chain, Result};
+use crate::{Chain, Disk, Result};
 
 /// A chain several engines share (one per virtqueue): each locks it only to plan a request,
 /// to commit a write's metadata, and for flush, discard and write-zeroes. Payload transfers run
@@ -39,6 +39,29 @@ pub type SharedChain = Arc<Mutex<Chain>>;
 /// poisoned lock is taken as is.
 pub fn lock_chain(chain: &SharedChain) -> MutexGuard<'_, Chain> {
     chain.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Carries out `req` on `chain` synchronously.
+///
+/// # Safety
+/// For reads and writes, `req.buf` must be valid for `req.len` bytes (writable for reads) and
+/// not accessed by anything else during the call, as [`Engine::submit`] requires of its caller.
+pub(crate) unsafe fn run_on_chain(chain: &mut Chain, req: &IoRequest) -> Result<()> {
+    match req.kind {
+        IoKind::Read => {
+            // SAFETY: the caller guarantees `buf` is valid and unaliased for `len` bytes.
+            let buf = unsafe { std::slice::from_raw_parts_mut(req.buf, req.len) };
+            chain.read_at(buf, req.offset)
+        }
+        IoKind::Write => {
+            // SAFETY: as above; the buffer is only read.
+            let buf = unsafe { std::slice::from_raw_parts(req.buf, req.len) };
+            chain.write_at(buf, req.offset)
+        }
+        IoKind::Flush => chain.flush(),
+        IoKind::Discard => chain.discard(req.offset, req.len as u64),
+        IoKind::WriteZeroes => chain.write_zeroes(req.offset, req.len as u64),
+    }
 }
 
 /// What a request asks for.

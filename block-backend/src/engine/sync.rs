@@ -4,8 +4,8 @@
 use std::os::fd::RawFd;
 use std::sync::MutexGuard;
 
-use super::{lock_chain, Engine, IoCompletion, IoKind, IoRequest, SharedChain};
-use crate::{Chain, Disk, Result};
+use super::{lock_chain, run_on_chain, Engine, IoCompletion, IoRequest, SharedChain};
+use crate::{Chain, Result};
 
 /// Runs requests synchronously.
 #[derive(Debug)]
@@ -26,24 +26,9 @@ impl SyncEngine {
 
 impl Engine for SyncEngine {
     unsafe fn submit(&mut self, req: IoRequest) -> Result<()> {
-        let mut chain = lock_chain(&self.chain);
-        let result = match req.kind {
-            IoKind::Read => {
-                // SAFETY: the caller guarantees `buf` is valid for `len` bytes and unaliased
-                // until the completion (Engine::submit contract).
-                let buf = unsafe { std::slice::from_raw_parts_mut(req.buf, req.len) };
-                chain.read_at(buf, req.offset)
-            }
-            IoKind::Write => {
-                // SAFETY: as above; the buffer is only read.
-                let buf = unsafe { std::slice::from_raw_parts(req.buf, req.len) };
-                chain.write_at(buf, req.offset)
-            }
-            IoKind::Flush => chain.flush(),
-            IoKind::Discard => chain.discard(req.offset, req.len as u64),
-            IoKind::WriteZeroes => chain.write_zeroes(req.offset, req.len as u64),
-        };
-        drop(chain);
+        // SAFETY: the caller's guarantee for `req.buf` (Engine::submit contract) is the one
+        // `run_on_chain` asks for.
+        let result = unsafe { run_on_chain(&mut lock_chain(&self.chain), &req) };
         self.done.push(IoCompletion {
             tag: req.tag,
             result,

@@ -16,7 +16,7 @@ use std::sync::MutexGuard;
 
 use io_uring::{opcode, types, IoUring};
 
-use super::{lock_chain, Engine, IoCompletion, IoKind, IoRequest, SharedChain};
+use super::{lock_chain, run_on_chain, Engine, IoCompletion, IoKind, IoRequest, SharedChain};
 use crate::chain::Piece;
 use crate::image_layer::Commit;
 use crate::{Chain, Disk, Error, Result};
@@ -446,16 +446,11 @@ impl Engine for UringEngine {
         match req.kind {
             IoKind::Read => self.submit_read(&req),
             IoKind::Write => self.submit_write(&req),
-            kind => {
+            _ => {
                 // Ordering points: everything before them completes (and commits) first.
                 self.drain_all()?;
-                let mut chain = lock_chain(&self.chain);
-                let result = match kind {
-                    IoKind::Flush => chain.flush(),
-                    IoKind::Discard => chain.discard(req.offset, req.len as u64),
-                    _ => chain.write_zeroes(req.offset, req.len as u64),
-                };
-                drop(chain);
+                // SAFETY: not a read or write (handled above), so no buffer is touched.
+                let result = unsafe { run_on_chain(&mut lock_chain(&self.chain), &req) };
                 self.done.push(IoCompletion {
                     tag: req.tag,
                     result,
