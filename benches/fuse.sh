@@ -76,7 +76,8 @@ max_read=$(grep " $dir/ours-vhdx " /proc/mounts | grep -o 'max_read=[0-9]*' | cu
 mkdir -p "$dir/mem"
 "$PWD/target/release/examples/memory_fs" "$dir/mem" "$size" "$max_read" &
 mounts+=("mem:$dir/mem")
-while [ ! -f "$dir/mem/mem" ]; do sleep 0.1; done
+for _ in $(seq 300); do [ -f "$dir/mem/mem" ] && break; sleep 0.1; done
+[ -f "$dir/mem/mem" ] || { echo "memory_fs did not mount on $dir/mem" >&2; exit 1; }
 
 seq_read() { # reader file -> MB/s (whole file; the file's page cache dropped first).
   # Readers: dd with 1 MiB reads, and cat, which reads in the file's st_blksize (as cp does).
