@@ -1,8 +1,9 @@
 //! The ceiling of a FUSE read path on this host: a file system whose one file, `mem`, is a
-//! buffer in the daemon's memory (filled with bytes, so every page is real), opened with
-//! direct I/O like `vhdtool mount`'s files. A read is answered straight from the buffer, with
-//! no work beyond the reply, so a sequential read of it shows what the kernel's round trip and
-//! its copy from memory cost; `benches/fuse.sh` runs it beside the real mounts.
+//! buffer in the daemon's memory (in transparent huge pages where the kernel grants them, as
+//! the large folios of a page cache filled by readahead are; filled, so every page exists),
+//! opened with direct I/O like `vhdtool mount`'s files. A read is answered straight from the
+//! buffer, with no work beyond the reply, so a sequential read of it shows what the kernel's
+//! round trip and its copy from memory cost; `benches/fuse.sh` runs it beside the real mounts.
 //!
 //!   memory_fs DIR [SIZE_BYTES] [MAX_READ] [THREADS]   (foreground; `fusermount3 -u DIR` ends it)
 
@@ -20,7 +21,34 @@ const TTL: Duration = Duration::from_secs(60);
 const FILE: u64 = 2;
 
 struct MemoryFs {
-    bytes: Vec<u8>,
+    bytes: &'static [u8],
+}
+
+/// `len` bytes of anonymous memory with transparent huge pages asked for, filled with a
+/// pattern. Never unmapped: the process serves it until it exits.
+fn huge_buffer(len: usize) -> &'static [u8] {
+    let size = len.next_multiple_of(2 << 20);
+    // SAFETY: a fresh private anonymous mapping; no memory of ours is touched.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert!(p != libc::MAP_FAILED, "mmap of {size} bytes failed");
+    // SAFETY: advice about the mapping just made; refusal only means small pages.
+    unsafe { libc::madvise(p, size, libc::MADV_HUGEPAGE) };
+    // SAFETY: the mapping is `size` >= `len` bytes, readable and writable, owned by nothing
+    // else and never unmapped.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) };
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = (i / 4096) as u8 ^ (i as u8);
+    }
+    bytes
 }
 
 impl MemoryFs {
@@ -106,6 +134,6 @@ fn main() -> std::io::Result<()> {
         MountOption::CUSTOM(format!("max_read={}", max_read.min(MAX_IO))),
     ];
     config.n_threads = Some(threads);
-    let bytes = (0..size).map(|i| (i / 4096) as u8 ^ (i as u8)).collect();
+    let bytes = huge_buffer(size);
     Session::new(MemoryFs { bytes }, dir, &config)?.run()
 }
