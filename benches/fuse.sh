@@ -5,9 +5,10 @@
 # the same fully allocated 1 GiB dynamic VHD and VHDX, runs interleaved A B A B, ROUNDS rounds,
 # medians and spread (min..max); then fio random 4 KiB read IOPS through both mounts (1 and 4
 # jobs: the 4-job number shows what the one mutex around the Disk costs). Beside them, the same
-# sequential reads of a FUSE file system that answers from RAM and does nothing else
-# (fuse-mount/examples/memory_fs.rs): the most any daemon can get through this kernel's FUSE
-# here. Not a test: numbers vary on shared machines.
+# sequential reads of a FUSE file system that answers from RAM (huge pages) and does nothing else
+# (fuse-mount/examples/memory_fs.rs): what a daemon with no work to do gets through this kernel's
+# FUSE (a spliced reply can beat it: the kernel then pins no daemon pages). Not a test: numbers
+# vary on shared machines.
 #
 #   benches/fuse.sh [DIR] [ROUNDS] [FIO_SECONDS]
 #   PIPE_MAX_SIZE=2097152 benches/fuse.sh ...   # as root: set fs.pipe-max-size for the run
@@ -74,7 +75,7 @@ for f in vhd vhdx; do
   cmp -n $((64 << 20)) "$dir/ours-$f/disk" "$dir/vhdi-$f/vhdi1" || { echo "mounts differ!" >&2; exit 1; }
 done
 
-# The ceiling: a FUSE file system that answers every read from a buffer in its memory and does
+# The reference: a FUSE file system that answers every read from a buffer in its memory and does
 # nothing else (fuse-mount/examples/memory_fs.rs), with the same largest request as our mount.
 max_read=$(grep " $dir/ours-vhdx " /proc/mounts | grep -o 'max_read=[0-9]*' | cut -d= -f2)
 mkdir -p "$dir/mem"
@@ -144,7 +145,7 @@ for k in dd/vhd dd/vhdx cat/vhdx; do
   printf '  %-5s %-4s vhdtool mount %-22s vhdimount %-22s ratio %s\n' "$f" "$rd" \
     "$(summary ${rd}_ours_$f)" "$(summary ${rd}_vhdi_$f)" "$(ratio ${rd}_ours_$f ${rd}_vhdi_$f)"
 done
-printf '  ceiling: a FUSE daemon answering from RAM (huge pages), same max_read: dd %s, cat %s\n' \
+printf '  reference: a FUSE daemon answering from RAM (huge pages), same max_read: dd %s, cat %s\n' \
   "$(summary dd_mem)" "$(summary cat_mem)"
 echo "random 4 KiB reads (fio psync, O_DIRECT, ${runtime}s), IOPS:"
 for f in vhd vhdx; do

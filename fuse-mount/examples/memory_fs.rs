@@ -1,9 +1,10 @@
-//! The ceiling of a FUSE read path on this host: a file system whose one file, `mem`, is a
-//! buffer in the daemon's memory (in transparent huge pages where the kernel grants them, as
-//! the large folios of a page cache filled by readahead are; filled, so every page exists),
-//! opened with direct I/O like `vhdtool mount`'s files. A read is answered straight from the
-//! buffer, with no work beyond the reply, so a sequential read of it shows what the kernel's
-//! round trip and its copy from memory cost; `benches/fuse.sh` runs it beside the real mounts.
+//! What a FUSE read costs on this host when the daemon has no work to do: a file system whose
+//! one file, `mem`, is a buffer in the daemon's memory (in transparent huge pages where the
+//! kernel grants them, as the large folios of a page cache filled by readahead are; filled, so
+//! every page exists), opened with direct I/O like `vhdtool mount`'s files. A read is answered
+//! straight from the buffer with one `writev`, so a sequential read of it shows what the
+//! kernel's round trip and its copy from memory cost; `benches/fuse.sh` runs it beside the real
+//! mounts. (A spliced reply can beat it: the kernel then pins no daemon pages.)
 //!
 //!   memory_fs DIR [SIZE_BYTES] [MAX_READ] [THREADS]   (foreground; `fusermount3 -u DIR` ends it)
 
