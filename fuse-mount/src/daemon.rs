@@ -379,7 +379,7 @@ fn run(
         MountOption::Subtype("vhdtool".into()),
         MountOption::DefaultPermissions,
         MountOption::NoAtime,
-        MountOption::CUSTOM(format!("max_read={}", max_read(opts.read_only))),
+        MountOption::CUSTOM(format!("max_read={}", max_read())),
     ];
     if opts.read_only {
         config.mount_options.push(MountOption::RO);
@@ -454,15 +454,12 @@ fn run(
     Ok(())
 }
 
-/// The largest read request the kernel should send. 1 MiB, except on a read-only mount whose
-/// pipes cannot carry a spliced 1 MiB reply (no `CAP_SYS_RESOURCE` and `fs.pipe-max-size`
-/// below 2 MiB): there it is the largest reply they can carry, if that is at least 512 KiB. A
-/// 1 MiB read then takes two requests, both spliced, which measured faster than one reply
-/// from a mapping of the file (`benches/fuse.sh`).
-fn max_read(read_only: bool) -> u32 {
-    if !read_only {
-        return MAX_IO;
-    }
+/// The largest read request the kernel should send. 1 MiB, except where pipes cannot carry a
+/// spliced 1 MiB reply (no `CAP_SYS_RESOURCE` and `fs.pipe-max-size` below 2 MiB): there it is
+/// the largest reply they can carry, if that is at least 512 KiB. A 1 MiB read then takes two
+/// requests, both spliced, which measured faster than one reply from a mapping of the file or
+/// from a buffer (`benches/fuse.sh`).
+fn max_read() -> u32 {
     match ReplyPipe::new(MAX_IO as usize).map(|p| p.max_reply()) {
         Ok(n) if (MAX_IO as usize / 2..MAX_IO as usize).contains(&n) => n as u32,
         _ => MAX_IO,

@@ -16,14 +16,17 @@
 //! a loop device or file system on top is not cached twice. `FUSE_DIRECT_IO_ALLOW_MMAP` keeps
 //! `mmap` working where the kernel offers it.
 //!
-//! A read-only mount answers a read whose bytes lie in one contiguous extent of one image file
-//! without copying them itself: it splices them from the file's page cache into `/dev/fuse`
-//! ([`crate::spliced`]), so the kernel copies once, into the reader's buffer. Where the pipe
-//! cannot hold the reply (a 1 MiB reply needs a 2 MiB pipe: `fs.pipe-max-size` or
-//! `CAP_SYS_RESOURCE`), it replies from a mapping of the file instead ([`crate::mapped`]): also
-//! one copy, but the kernel pins each source page first. Everything else (writable mounts,
-//! zeros, ranges spanning extents, a VHDX log replayed in memory) is read through the [`Disk`]
-//! API into a buffer.
+//! A read whose bytes lie in one contiguous extent of one image file is answered without the
+//! daemon copying them: they are spliced from the file's page cache into `/dev/fuse`
+//! ([`crate::spliced`]), so the kernel copies once, into the reader's buffer. On a writable
+//! mount the extent is looked up and its pages taken into the pipe under the disk's lock, so
+//! no write or discard can give the range other file bytes in between; a write racing the read
+//! may show in the reply, as on a block device. Where the pipe cannot hold the reply (a 1 MiB
+//! reply needs a 2 MiB pipe: `fs.pipe-max-size` or `CAP_SYS_RESOURCE`), a read-only mount
+//! replies from a mapping of the file instead ([`crate::mapped`]): also one copy, but the
+//! kernel pins each source page first (never on a writable mount: the copy happens after the
+//! lock is gone). Everything else (zeros, ranges spanning extents, a VHDX log replayed in
+//! memory) is read through the [`Disk`] API into a buffer.
 //!
 //! Requests are served by several threads. The [`Disk`] API takes `&mut self`, so a writable
 //! disk sits behind one mutex: a request holds it only for its own `read_at`/`write_at`, while
@@ -224,10 +227,11 @@ impl SharedDisk {
         self.with_reader(|disk| Ok(disk.read_at(buf, offset)?))
     }
 
-    /// On a read-only disk whose range `[offset, offset + len)` lies in one extent of one image
-    /// file, puts the reply to request `unique` (header and those bytes, as page references)
-    /// into `pipe` and returns true; false when the range must be read another way. After
-    /// false the pipe may hold part of a reply (see [`ReplyPipe::is_empty`]).
+    /// When `[offset, offset + len)` lies in one extent of one image file, puts the reply to
+    /// request `unique` (header and those bytes, as page references) into `pipe` and returns
+    /// true; false when the range must be read another way. After false the pipe may hold part
+    /// of a reply (see [`ReplyPipe::is_empty`]). On a writable disk this happens under the lock
+    /// of its writes, see [`SharedDisk::in_one_extent`].
     pub fn read_spliced(
         &self,
         offset: u64,
@@ -251,21 +255,25 @@ impl SharedDisk {
         offset: u64,
         len: usize,
     ) -> SharedResult<Option<(Arc<Mapping>, u64)>> {
+        if !self.read_only {
+            return Ok(None);
+        }
         let mapped =
             self.in_one_extent(offset, len, |file, at| self.maps.of(file).map(|m| (m, at)))?;
         Ok(mapped.flatten())
     }
 
-    /// On a read-only disk, `f(file, offset in it)` when `[offset, offset + len)` lies in one
-    /// extent of one image file; `None` otherwise (writable disk, empty range, several
-    /// extents, zeros, a log overlay).
+    /// `f(file, offset in it)` when `[offset, offset + len)` lies in one extent of one image
+    /// file; `None` otherwise (empty range, several extents, zeros, a log overlay). `f` runs
+    /// while the handle is held: on a writable disk, under the lock every write and discard
+    /// takes, so the range cannot move to other bytes of the file while `f` looks at it.
     fn in_one_extent<R>(
         &self,
         offset: u64,
         len: usize,
         f: impl FnOnce(&std::fs::File, u64) -> R,
     ) -> SharedResult<Option<R>> {
-        if !self.read_only || len == 0 {
+        if len == 0 {
             return Ok(None);
         }
         self.with_reader(|disk| {
@@ -424,7 +432,7 @@ impl DiskFs {
         let Some(dev) = self.reply_dev.get() else {
             return false;
         };
-        if !self.disk.is_read_only() || self.splice_refused.load(Ordering::Relaxed) {
+        if self.splice_refused.load(Ordering::Relaxed) {
             return false;
         }
         REPLY_PIPE.with(|p| {

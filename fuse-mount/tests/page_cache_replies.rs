@@ -169,10 +169,38 @@ fn spliced_replies_carry_the_reply_header_and_exactly_the_disk_bytes() {
     assert!(!ro.read_spliced(5 * MIB, 4096, 1, &mut pipe).unwrap());
     assert!(!ro.read_spliced(3 * MIB - 4096, 8192, 1, &mut pipe).unwrap());
     assert!(pipe.is_empty());
-    // A writable disk never replies from the page cache.
-    drop(ro);
+}
+
+/// A writable disk splices too: a reply carries what was written before it, and the page
+/// references it holds keep the bytes it was given even when the range is discarded and the
+/// file space may go to another block right after (never another block's bytes).
+#[test]
+fn writable_disks_splice_what_was_written_and_a_reply_keeps_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhdx");
+    vhdx_with_data(&path);
     let rw = shared(&path, false);
-    assert!(!rw.read_spliced(MIB, 4096, 1, &mut pipe).unwrap());
+    let mine = vec![0xA1u8; MIB as usize];
+    rw.write_at(&mine, MIB).unwrap();
+    let mut pipe = ReplyPipe::new(MIB as usize).unwrap();
+    assert!(rw.read_spliced(MIB + 4096, 8192, 3, &mut pipe).unwrap());
+    assert!(drain(&pipe, 16 + 8192)[16..].iter().all(|&b| b == 0xA1));
+    // A reply sits in the pipe while block 1 is discarded and a new block is written.
+    assert!(rw.read_spliced(MIB, 65536, 4, &mut pipe).unwrap());
+    rw.discard(MIB, MIB).unwrap();
+    rw.write_at(&vec![0xB2u8; MIB as usize], 6 * MIB).unwrap();
+    let reply = drain(&pipe, 16 + 65536);
+    assert!(
+        reply[16..].iter().all(|&b| b == 0xA1) || reply[16..].iter().all(|&b| b == 0),
+        "a reply made before the discard shows its bytes or zeros, never the new block's"
+    );
+    let mut now = vec![1u8; 4096];
+    rw.read_at(&mut now, MIB).unwrap();
+    assert!(now.iter().all(|&b| b == 0), "discarded");
+    // Zeros of the discarded block are not in one file extent: not spliced.
+    assert!(!rw.read_spliced(MIB, 4096, 5, &mut pipe).unwrap());
+    // A writable disk is still never mapped.
+    assert!(rw.read_mapped(6 * MIB, 4096).unwrap().is_none());
 }
 
 #[test]
