@@ -13,7 +13,7 @@
 #   benches/fuse.sh [DIR] [ROUNDS] [FIO_SECONDS]
 #   PIPE_MAX_SIZE=2097152 benches/fuse.sh ...   # as root: set fs.pipe-max-size for the run
 #
-# Read-only mounts splice replies through a pipe; a 1 MiB reply needs a 2 MiB pipe, which a
+# Mounts splice replies through a pipe; a 1 MiB reply needs a 2 MiB pipe, which a
 # process gets with CAP_SYS_RESOURCE (root on most hosts) or when fs.pipe-max-size allows it.
 # Otherwise the mount asks for reads of at most what its pipes carry (1016 KiB with the default
 # 1 MiB limit). The script prints which case it measured.

@@ -418,7 +418,7 @@ impl DiskFs {
     }
 
     /// Where the session puts a duplicate of its `/dev/fuse` descriptor once mounted, to let
-    /// read-only mounts splice replies (only valid when every request is read from that one
+    /// read replies be spliced (only valid when every request is read from that one
     /// descriptor: no cloned descriptors per thread).
     pub fn reply_device(&self) -> Arc<OnceLock<OwnedFd>> {
         self.reply_dev.clone()
@@ -813,8 +813,8 @@ impl fuser::Filesystem for DiskFs {
             Ok(span) => span,
             Err(e) => return reply.error(e),
         };
-        // Read-only mounts reply straight from the image file's page cache where they can
-        // (spliced, else mapped); an error there is reported by the ordinary read below.
+        // Reply straight from the image file's page cache where possible (spliced, else mapped
+        // on a read-only mount); an error there is reported by the ordinary read below.
         if n > 0 && self.reply_spliced(req.unique().0, node.offset + offset, n) {
             // Answered already. Dropping `reply` would make fuser answer again (an EIO the
             // kernel rejects, and a warning): forget it instead, which only leaves one more

@@ -1,8 +1,9 @@
-//! Read-only mounts reply straight from the page cache of the image files, spliced through a
-//! pipe or from a mapping: the reply carries exactly what the disk reads as, only single-extent
-//! ranges of read-only disks go this way, a reply that does not fit the pipe is refused before
-//! anything is written, and a file truncated under the mount makes the read fall back instead
-//! of sending short data or raising SIGBUS.
+//! Mounts reply straight from the page cache of the image files, spliced through a pipe (any
+//! disk) or from a mapping (read-only disks): the reply carries exactly what the disk reads as,
+//! only single-extent ranges go this way, a reply that does not fit the pipe is refused before
+//! anything is written, a reply of a writable disk keeps its bytes while the range is discarded
+//! and reused, and a file truncated under the mount makes the read fall back instead of sending
+//! short data or raising SIGBUS.
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
