@@ -710,26 +710,23 @@ impl Disk for Chain {
             | Piece::Zero { buf_off, .. } => *buf_off,
         });
         let mut run: Option<(usize, u64, usize)> = None; // (level, file offset, length)
-        for p in &plan {
-            match (p, &mut run) {
-                (
-                    Piece::File {
-                        level,
-                        file_offset,
-                        buf_off: 0,
-                        len,
-                    },
-                    None,
-                ) => run = Some((*level, *file_offset, *len)),
-                (
-                    Piece::File {
-                        level,
-                        file_offset,
-                        buf_off,
-                        len,
-                    },
-                    Some((l, at, n)),
-                ) if level == l && *buf_off == *n && *file_offset == *at + *n as u64 => *n += len,
+        for &p in &plan {
+            let Piece::File {
+                level,
+                file_offset,
+                buf_off,
+                len,
+            } = p
+            else {
+                break;
+            };
+            match &mut run {
+                None if buf_off == 0 => run = Some((level, file_offset, len)),
+                Some((l, at, n))
+                    if level == *l && buf_off == *n && file_offset == *at + *n as u64 =>
+                {
+                    *n += len
+                }
                 _ => break,
             }
         }

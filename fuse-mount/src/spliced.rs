@@ -6,17 +6,17 @@
 //!                                                                         into the reader
 //! ```
 //!
-//! A read-only mount answers a read that lies in one extent of one image file this way: the
-//! pipe holds references to the page-cache pages, and the kernel copies them once into the
-//! reader's pinned buffer. Replying from a buffer costs a second copy; replying from a mapping
+//! A mount answers a read that lies in one extent of one image file this way: the pipe holds
+//! references to the page-cache pages, and the kernel copies them once into the reader's
+//! pinned buffer. Replying from a buffer costs a second copy; replying from a mapping
 //! of the file costs no copy but makes the kernel look up and pin every source page
 //! (`get_user_pages` on a file mapping: as much CPU as the copy itself here).
 //!
 //! Invariants:
-//! - A pipe is used for one reply at a time by one thread, and is empty between replies: a
-//!   reply whose data could not be spliced whole, or that `/dev/fuse` did not take, throws the
-//!   pipe away (a fresh one is made for the next reply), so no stray bytes ever prefix a later
-//!   reply.
+//! - A pipe is used for one reply at a time by one thread, and is empty between replies: after
+//!   a reply whose data could not be spliced whole the pipe is kept only if it holds nothing
+//!   ([`ReplyPipe::is_empty`]), and after one `/dev/fuse` did not take it is thrown away (a
+//!   fresh one is made for the next reply), so no stray bytes ever prefix a later reply.
 //! - Nothing blocks on the pipe: it is sized for the largest reply it is used for, and filling
 //!   it uses `SPLICE_F_NONBLOCK`, so a reply that does not fit ends as a short splice (the caller
 //!   then replies another way) instead of a deadlock.

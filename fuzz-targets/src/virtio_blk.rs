@@ -1423,9 +1423,9 @@ impl Harness {
         }
     }
 
-    /// The harness's own reading of a popped chain (header in the first descriptor, status
-    /// byte at the start of the last one, the buffers in between are the data, read as one
-    /// byte array).
+    /// The harness's own reading of a popped chain (the readable bytes, then the writable ones,
+    /// each read as one array however the descriptors cut them: header first, status the last
+    /// writable byte, data between).
     fn classify(&self, queue: usize, head: u16, pop: u32, descs: Vec<D>) -> Rec {
         // virtio 1.x framing: the request is the device-readable bytes followed by the
         // device-writable ones, however the chain cuts them; empty buffers count for nothing.
