@@ -1,41 +1,32 @@
 #!/usr/bin/env bash
 # Set up a Debian/Ubuntu machine for vhdkit:
-#   1. the system packages the tests use (.ci/apt-packages.txt), via apt-get as root or sudo;
-#      skipped when they are all installed already, or with a warning when neither works;
+#   1. the system packages the tests use (.ci/apt-packages.txt), by .ci/install-packages as root
+#      or through sudo, skipped when every command the tests use is there already
+#      (.ci/commands.txt); afterwards every one of them must be on PATH, or setup fails naming
+#      what is missing;
 #   2. `cargo install --path cli --locked`, which puts `vhdtool` into ~/.cargo/bin.
 # Afterwards: `vhdtool convert disk.raw disk.vhd`, and ./test.sh runs every test.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-mapfile -t packages < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' .ci/apt-packages.txt)
-missing=()
-for p in "${packages[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
-        missing+=("$p")
+if ! .ci/install-packages --check >/dev/null 2>&1; then
+    if ! command -v apt-get >/dev/null; then
+        echo "error: no apt-get: install the packages of .ci/apt-packages.txt yourself" >&2
+        .ci/install-packages --check || true
+        exit 1
     fi
-done
-
-if [ "${#missing[@]}" -eq 0 ]; then
-    echo "==> system packages already installed"
-elif ! command -v apt-get >/dev/null; then
-    echo "warning: no apt-get; install these yourself: ${missing[*]}" >&2
+    if [ "$(id -u)" -eq 0 ]; then
+        .ci/install-packages
+    elif command -v sudo >/dev/null; then
+        sudo .ci/install-packages
+    else
+        echo "error: not root and no sudo: run .ci/install-packages as root" >&2
+        .ci/install-packages --check || true
+        exit 1
+    fi
 else
-    sudo=()
-    if [ "$(id -u)" -ne 0 ]; then
-        if command -v sudo >/dev/null; then
-            sudo=(sudo)
-        else
-            echo "warning: not root and no sudo; install these yourself: ${missing[*]}" >&2
-            sudo=(skip)
-        fi
-    fi
-    if [ "${sudo[0]:-}" != "skip" ]; then
-        echo "==> installing ${missing[*]}"
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -q --no-install-recommends "${missing[@]}"
-    fi
+    echo "==> system packages already installed"
 fi
 
 if ! command -v cargo >/dev/null; then

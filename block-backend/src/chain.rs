@@ -24,6 +24,8 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use image_io::OpenMode;
+
 use crate::disk::{push_merged, Disk, LayerInfo, MapExtent, OpenOptions};
 use crate::image_layer::{Commit, Image, Source, SECTOR};
 use crate::raw::RawFile;
@@ -67,32 +69,16 @@ pub enum Layer {
 }
 
 impl Layer {
-    /// Opens `path`, choosing the format by content.
-    pub fn open(path: &Path, read_only: bool) -> Result<Layer> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| Error::io(path, "open", 0, e))?;
+    /// Opens and locks `path` for `mode` ([`image_io::lock`]), choosing the format by content.
+    pub fn open(path: &Path, mode: OpenMode) -> Result<Layer> {
+        let file = image_io::lock::open(path, mode).map_err(|e| Error::from_open(path, e))?;
         let image = match probe::probe(&file, path)? {
-            Format::Vhdx => {
-                let mode = if read_only {
-                    vhdx::OpenMode::ReadOnly
-                } else {
-                    vhdx::OpenMode::ReadWrite
-                };
-                Image::Vhdx(vhdx::VhdxImage::open_file(file, path, mode)?)
+            Format::Vhdx => Image::Vhdx(vhdx::VhdxImage::open_file(file, path, mode)?),
+            Format::Vhd => Image::Vhd(vhd::VhdImage::open_file(file, path, mode)?),
+            Format::Raw => {
+                let read_only = !mode.is_writable();
+                return Ok(Layer::Raw(RawFile::from_file(path, file, read_only)?));
             }
-            Format::Vhd => {
-                drop(file);
-                let mode = if read_only {
-                    vhd::OpenMode::ReadOnly
-                } else {
-                    vhd::OpenMode::ReadWrite
-                };
-                Image::Vhd(vhd::VhdImage::open(path, mode)?)
-            }
-            Format::Raw => return Ok(Layer::Raw(RawFile::from_file(path, file, read_only)?)),
         };
         Ok(Layer::Image(Box::new(image)))
     }
@@ -166,19 +152,25 @@ pub struct Chain {
 impl Chain {
     /// Opens the disk at `path` (format by content) with all its parents.
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Chain> {
-        let top = Layer::open(path, opts.read_only)?;
-        Chain::from_top(top, opts.read_only)
+        let top = Layer::open(path, opts.mode())?;
+        Chain::from_top(top, opts.mode())
     }
 
     /// Wraps an image just created or opened by the caller (for example a fresh conversion
     /// output), resolving its parents if it is a differencing image.
     pub fn from_image(image: Image) -> Result<Chain> {
-        let read_only = !image.is_writable();
-        Chain::from_top(Layer::Image(Box::new(image)), read_only)
+        let mode = if image.is_writable() {
+            OpenMode::ReadWrite
+        } else {
+            OpenMode::ReadOnly
+        };
+        Chain::from_top(Layer::Image(Box::new(image)), mode)
     }
 
-    /// Builds the chain under `top` by following parent links.
-    pub fn from_top(top: Layer, read_only: bool) -> Result<Chain> {
+    /// Builds the chain under `top`, opened with `mode`, by following parent links; parents are
+    /// opened read-only, sharing as `mode` does ([`OpenMode::for_parent`]).
+    pub fn from_top(top: Layer, mode: OpenMode) -> Result<Chain> {
+        let read_only = !mode.is_writable();
         let mut seen = HashSet::new();
         seen.insert(canonical(top.path())?);
         let top_path = top.path().to_path_buf();
@@ -216,7 +208,7 @@ impl Chain {
             }
             tracing::debug!(child = %child_path.display(), parent = %found.display(), "opening parent");
             // Parents are never written: always read-only.
-            let parent = Layer::open(&found, true)?;
+            let parent = Layer::open(&found, mode.for_parent())?;
             if parent.format() != link.format {
                 return Err(Error::ParentNotVhd {
                     child: child_path,

@@ -1,5 +1,5 @@
 //! The [`Disk`] conformance suite: one set of behaviours every disk implementation must show,
-//! run for every format (raw, VHD fixed/dynamic/differencing, and later VHDX and other engines).
+//! run for every format (raw; VHD and VHDX fixed, dynamic and differencing) and engine.
 //!
 //! ```text
 //!   fixture (Fn() -> Box<dyn TestDisk>) ──> fresh disk in its own temp dir

@@ -151,21 +151,52 @@ pub struct LayerInfo {
 }
 
 /// Options of [`crate::open`].
+///
+/// Every file of the chain is locked ([`image_io::lock`]): the top one for writing unless
+/// `read_only`, parents for reading, so a second writer of any layer is refused with
+/// [`crate::Error::InUse`], as is a writer while a reader has the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OpenOptions {
     /// Open every file without write access; writes fail with [`crate::Error::ReadOnly`].
     pub read_only: bool,
+    /// Read-only opens only: take no lock that stands in a writer's way (qemu-img's
+    /// `--force-share`), for inspecting an image in use. What is read may be changing.
+    pub force_share: bool,
 }
 
 impl OpenOptions {
     /// Options for a read-only open.
     pub fn read_only() -> Self {
-        OpenOptions { read_only: true }
+        OpenOptions {
+            read_only: true,
+            force_share: false,
+        }
+    }
+
+    /// Options for a read-only open of an image that may be in use ([`OpenOptions::force_share`]).
+    pub fn read_only_force_share() -> Self {
+        OpenOptions {
+            read_only: true,
+            force_share: true,
+        }
     }
 
     /// Options for a read-write open (parents of differencing images are still read-only).
     pub fn read_write() -> Self {
-        OpenOptions { read_only: false }
+        OpenOptions {
+            read_only: false,
+            force_share: false,
+        }
+    }
+
+    /// The mode the top file is opened and locked with (`force_share` only counts when
+    /// `read_only`).
+    pub fn mode(&self) -> image_io::OpenMode {
+        match (self.read_only, self.force_share) {
+            (false, _) => image_io::OpenMode::ReadWrite,
+            (true, false) => image_io::OpenMode::ReadOnly,
+            (true, true) => image_io::OpenMode::ReadOnlyForceShare,
+        }
     }
 }
 

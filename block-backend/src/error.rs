@@ -36,6 +36,8 @@ pub enum ErrorKind {
     ReadOnly,
     /// A valid file using something this build does not handle.
     Unsupported,
+    /// Another process has an image of the chain open in a way this open cannot share.
+    InUse,
 }
 
 /// Errors of the block backend.
@@ -59,6 +61,9 @@ pub enum Error {
     /// An error of the `vhdx` format crate, message kept as is.
     #[error(transparent)]
     Vhdx(#[from] vhdx::Error),
+    /// Another process has the file open in a way this open cannot share (image locking).
+    #[error(transparent)]
+    InUse(#[from] image_io::InUse),
     /// None of the candidate paths of a differencing image's parent exists.
     #[error(
         "{}: parent image '{name}' not found; tried: {}",
@@ -174,10 +179,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error of a failed locked open of `path` ([`image_io::lock::open`]).
+    pub fn from_open(path: &std::path::Path, e: image_io::lock::OpenError) -> Error {
+        match e {
+            image_io::lock::OpenError::InUse(e) => Error::InUse(e),
+            image_io::lock::OpenError::Io(e) => Error::io(path, "open", 0, e),
+        }
+    }
+
     /// The stable kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Io { .. } => ErrorKind::Io,
+            Error::InUse(_) => ErrorKind::InUse,
+            Error::Vhd(e) if e.kind() == vhd::ErrorKind::InUse => ErrorKind::InUse,
+            Error::Vhdx(e) if e.kind() == vhdx::ErrorKind::InUse => ErrorKind::InUse,
             Error::Vhd(e) if e.kind() == vhd::ErrorKind::Io => ErrorKind::Io,
             Error::Vhd(e) if e.kind() == vhd::ErrorKind::ReadOnly => ErrorKind::ReadOnly,
             Error::Vhd(e) if e.kind() == vhd::ErrorKind::Unsupported => ErrorKind::Unsupported,

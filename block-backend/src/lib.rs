@@ -1,4 +1,4 @@
-//! One [`Disk`] API over raw files and VHD images (VHDX to come), including differencing chains.
+//! One [`Disk`] API over raw files, VHD and VHDX images, including differencing chains.
 //!
 //! ```text
 //!        vhdtool / fuse-mount / vmm
@@ -9,7 +9,7 @@
 //!   │ layer 1  parent         always read-only          │
 //!   │ ...      (≤ 64 layers, no file twice)             │
 //!   └──────────────────────┬────────────────────────────┘
-//!            Layer::Raw    │    Layer::Vhd
+//!            Layer::Raw    │    Layer::Image (VHD or VHDX)
 //!        raw.rs (pread/    │    vhd_layer.rs: vhd::VhdImage resolves ranges,
 //!        pwrite, holes)    │    this crate moves the payload (pread/pwrite on image.file())
 //!                          ▼
@@ -28,6 +28,9 @@
 //!   tile the request before a byte moves.
 //! - `discard` leaves the range reading as zeros, whatever the format could free.
 //! - No panics on bad input: malformed images, missing parents and loops are typed errors.
+//! - Every file of a chain is locked while open ([`image_io::lock`], QEMU-compatible): the top
+//!   for writing unless read-only, parents for reading. Another writer is refused with
+//!   [`Error::InUse`] at once, never waited for.
 
 #![warn(missing_docs)]
 

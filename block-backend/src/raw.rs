@@ -34,14 +34,11 @@ pub struct RawFile {
 }
 
 impl RawFile {
-    /// Opens `path` as a raw disk; read-only opens use `O_RDONLY`.
-    pub fn open(path: &Path, read_only: bool) -> Result<RawFile> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| Error::io(path, "open", 0, e))?;
-        RawFile::from_file(path, file, read_only)
+    /// Opens and locks `path` as a raw disk ([`image_io::lock`]); read-only opens use
+    /// `O_RDONLY`.
+    pub fn open(path: &Path, mode: image_io::OpenMode) -> Result<RawFile> {
+        let file = image_io::lock::open(path, mode).map_err(|e| Error::from_open(path, e))?;
+        RawFile::from_file(path, file, !mode.is_writable())
     }
 
     /// Wraps an already opened file. `read_only` must be true if `file` lacks write access.

@@ -61,7 +61,7 @@ impl TestDisk for Fixture {
 
     fn open_read_only(&mut self) -> Option<Box<dyn Disk>> {
         Some(Box::new(
-            open(&self.path, OpenOptions::read_only()).expect("read-only open"),
+            open(&self.path, OpenOptions::read_only_force_share()).expect("read-only open"),
         ))
     }
 

@@ -286,9 +286,10 @@ fn run(kind: Kind, batches: &[(Vec<Op>, u8)]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// The initial content (a differencing child shows its parent).
+/// The initial content (a differencing child shows its parent), read beside the writable open
+/// (which holds the image's lock: this view shares it).
 fn chain_initial(path: &Path, model: &mut [u8]) {
-    let mut d = open(path, OpenOptions::read_only()).unwrap();
+    let mut d = open(path, OpenOptions::read_only_force_share()).unwrap();
     d.read_at(model, 0).unwrap();
 }
 

@@ -1,5 +1,5 @@
-//! `vhdtool`: create, inspect, check, convert, map and compare virtual disks (raw and VHD; VHDX
-//! to come), in the manner of `qemu-img`.
+//! `vhdtool`: create, inspect, check, convert, map, compare, edit, mount and boot virtual disks
+//! (raw, VHD and VHDX, differencing chains), in the manner of `qemu-img`.
 //!
 //! ```text
 //!   argv ──clap──> Command ──> cmd::<verb>::run(args) -> Result<exit code>
@@ -15,6 +15,9 @@
 //!   read-only and never write.
 //! - New outputs are never written over an existing file without `--force`, and appear under
 //!   their name only once complete (temporary name, then rename).
+//! - Every image is locked while open (QEMU-compatible OFD locks): one writer, or readers.
+//! - A reader that goes away ends vhdtool quietly (SIGPIPE, like other filters), except for the
+//!   long-running verbs (`boot`, `mount`), which must flush their disks whatever stdout does.
 //! - Errors print `vhdtool: <message with its causes>` on stderr; exit 1 (2 for `compare`);
 //!   `check` exits 0 clean, 2 corrupt, 3 leaks only, 1 could not check.
 
@@ -33,8 +36,11 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "vhdtool",
     version,
-    about = "Create, inspect, check, convert and compare VHD virtual disks",
-    long_about = "Create, inspect, check, convert and compare VHD virtual disks.\n\n\
+    about = "Create, inspect, check, convert, edit, mount and boot VHD and VHDX virtual disks",
+    long_about = "Create, inspect, check, convert, edit, mount and boot VHD and VHDX virtual \
+                  disks (and raw images, and differencing chains of either format).\n\n\
+                  An image written by one process (vhdtool, qemu) is refused to every other \
+                  writer; readers need --force-share to look at it meanwhile.\n\n\
                   Existing images are recognised by content. Sizes take binary suffixes: \
                   512, 1K, 64M, 1G, 1T (1K = 1024), also 1GiB."
 )]
@@ -159,9 +165,30 @@ fn init_logging() {
         .try_init();
 }
 
+/// Sets SIGPIPE's disposition: default (the process ends quietly, as `head` expects of a
+/// filter) or ignored (writes to a closed pipe fail with EPIPE, which the caller handles). Rust
+/// starts programs with it ignored, and then `println!` panics on a closed stdout.
+fn sigpipe(default: bool) {
+    let action = if default {
+        libc::SIG_DFL
+    } else {
+        libc::SIG_IGN
+    };
+    // SAFETY: installs a disposition (no handler function) for one signal; no memory is shared.
+    unsafe {
+        libc::signal(libc::SIGPIPE, action);
+    }
+}
+
 fn main() -> ExitCode {
     init_logging();
+    sigpipe(true);
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Boot(_) | Command::Mount(_)) {
+        // They run for long and own open disks: a closed stdout must not kill them unflushed
+        // (the console ignores write errors; the mount daemon logs to a file).
+        sigpipe(false);
+    }
     match cli.command.run() {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

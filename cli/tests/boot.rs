@@ -22,9 +22,7 @@ fn kvm_or_skip() -> bool {
         .open("/dev/kvm")
         .is_ok();
     if !ok {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-        assert!(!ci, "/dev/kvm is not usable, and CI=true requires it");
-        eprintln!("SKIP: /dev/kvm is not usable");
+        vhdkit_tests::skip_unless_ci("/dev/kvm is not usable");
     }
     ok
 }
@@ -368,4 +366,153 @@ fn memory_above_the_3g_hole_continues_at_4g_in_the_e820() {
     let r = boot(dir.path(), code, &["--memory", "5G"]);
     assert!(r.out.status.success(), "{}: {}", r.out.status, r.stderr);
     assert_eq!(r.stdout, "e820 ok\n");
+}
+
+/// A guest that prints "spinning" and then spins, booted over `disk`; returns once it printed.
+fn spinning_guest(dir: &Path, disk: &Path) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let kernel = dir.join("spin.bzImage");
+    let code = Asm::default().print("spinning\n").raw(&[0xeb, 0xfe]);
+    std::fs::write(&kernel, bzimage(&code.0)).unwrap();
+    let mut child = vhdtool()
+        .arg("boot")
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "128M", "--disk"])
+        .arg(disk)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "spinning\n");
+    (child, line)
+}
+
+fn sigterm(child: std::process::Child) -> Output {
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_running_guest_holds_its_disk_against_every_other_writer_and_unshared_reader() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.vhdx");
+    let o = vhdtool()
+        .args(["create", "--type", "dynamic"])
+        .arg(&disk)
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let (child, _) = spinning_guest(dir.path(), &disk);
+    let input = dir.path().join("in");
+    std::fs::write(&input, [9u8; 512]).unwrap();
+    let before = std::fs::read(&disk).unwrap();
+    let refused = |args: &[&std::ffi::OsStr]| {
+        let o = vhdtool().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(
+            !o.status.success() && err.contains("in use"),
+            "{args:?}: {err}"
+        );
+    };
+    let d = disk.as_os_str();
+    refused(&[
+        "write".as_ref(),
+        d,
+        "--offset".as_ref(),
+        "0".as_ref(),
+        "--input".as_ref(),
+        input.as_os_str(),
+    ]);
+    refused(&["info".as_ref(), d]);
+    refused(&["resize".as_ref(), d, "+1M".as_ref()]);
+    // A second VM on the same disk.
+    let kernel = dir.path().join("spin.bzImage");
+    refused(&[
+        "boot".as_ref(),
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--disk".as_ref(),
+        d,
+    ]);
+    let o = vhdtool()
+        .args(["info", "--force-share"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        before,
+        "a refused verb wrote the disk"
+    );
+    let out = sigterm(child);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stopped by SIGTERM"), "{err}");
+    // Once the VMM is gone, the disk is free again.
+    let o = vhdtool().args(["check"]).arg(&disk).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+}
+
+#[test]
+fn boot_warns_first_when_dev_kvm_is_a_software_hypervisor() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let r = boot(dir.path(), Asm::default().reset(), &[]);
+    assert_eq!(r.out.status.code(), Some(0), "{}", r.stderr);
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let first = r.stderr.lines().next().unwrap_or("");
+    assert_eq!(
+        first.contains("warning") && first.contains("kvm_pvm"),
+        pvm,
+        "kvm_pvm loaded: {pvm}; stderr: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_guest_whose_console_reader_went_away_still_exits_0_with_its_disks_flushed() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("chatty.bzImage");
+    let code = Asm::default().print(&"chatter\n".repeat(64)).reset().park();
+    std::fs::write(&kernel, bzimage(&code.0)).unwrap();
+    let disk = dir.path().join("d.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut child = vhdtool()
+        .arg("boot")
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "128M", "--disk"])
+        .arg(&disk)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away before the guest says anything
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{}: {err}", out.status);
+    assert!(
+        err.contains("disks flushed") && !err.contains("panicked"),
+        "{err}"
+    );
 }

@@ -45,12 +45,9 @@ fn tmp() -> TempDir {
     tempfile::tempdir().expect("tempdir")
 }
 
+/// Whether `tool` is on PATH; a missing one is a recorded skip (a failure under CI=true).
 fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    vhdkit_tests::tool_or_skip(tool)
 }
 
 /// Runs vhdtool with `args` and kills it with SIGKILL after `delay_ms` (if still running).
@@ -666,10 +663,10 @@ fn loop_device(file: &Path, offset: u64, len: u64) -> Option<PathBuf> {
         .output()
         .ok()?;
     if !o.status.success() {
-        eprintln!(
-            "SKIP: losetup failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        vhdkit_tests::skip_unless_ci(&format!(
+            "losetup failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
         return None;
     }
     Some(PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
@@ -722,8 +719,7 @@ fn p2v_converts_a_block_device_and_a_partition_read_as_raw() {
 
 #[test]
 fn convert_syncs_its_output_before_giving_it_its_name() {
-    if Command::new("strace").arg("-V").output().is_err() {
-        eprintln!("SKIP: strace not installed");
+    if !have("strace") {
         return;
     }
     let d = tmp();

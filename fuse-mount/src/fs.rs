@@ -1170,7 +1170,8 @@ mod tests {
         let path = dir.path().join("w.raw");
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
         let rw = block_backend::open(&path, OpenOptions::read_write()).unwrap();
-        let ro = block_backend::open(&path, OpenOptions::read_only()).unwrap();
+        // Beside the writable open, which holds the image's lock, a reader must share.
+        let ro = block_backend::open(&path, OpenOptions::read_only_force_share()).unwrap();
         let shared = SharedDisk::with_options(
             Box::new(rw),
             SharedOptions {

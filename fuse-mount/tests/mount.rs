@@ -30,10 +30,6 @@ const MIB: u64 = 1 << 20;
 // Environment
 // ---------------------------------------------------------------------------------------------
 
-fn ci() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
-}
-
 /// Root and /dev/fuse present, and every tool of `tools` on PATH; else skip (panic in CI).
 fn can_run(tools: &[&str]) -> bool {
     let reason = if !nix::unistd::geteuid().is_root() {
@@ -44,8 +40,7 @@ fn can_run(tools: &[&str]) -> bool {
         None
     };
     if let Some(r) = reason {
-        assert!(!ci(), "FUSE mount tests need root and /dev/fuse in CI: {r}");
-        eprintln!("SKIP: FUSE mount test: {r}");
+        vhdkit_tests::skip_unless_ci(&format!("FUSE mount test: {r}"));
         return false;
     }
     let present: Vec<bool> = tools.iter().map(|t| tool_or_skip(t)).collect();
@@ -1162,4 +1157,65 @@ fn partitions_written_through_the_mount_appear_without_a_remount() {
     }
     m.unmount();
     vhdtool_check_clean(&image);
+}
+
+/// Asserts that `vhdtool ARGS` fails because the image is in use, naming it.
+fn assert_in_use(args: &[&std::ffi::OsStr], image: &Path) {
+    let o = output(vhdtool().args(args));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("in use") && err.contains(&*image.to_string_lossy()),
+        "vhdtool {args:?} was not refused as in use: {err}"
+    );
+}
+
+#[test]
+fn a_mounted_image_is_refused_to_every_other_writer_and_a_read_only_mount_to_writers() {
+    if !can_run(&[]) {
+        return;
+    }
+    let dir = fresh_scratch_dir();
+    let image = dir.join("held.vhdx");
+    run(vhdtool().arg("create").arg(&image).arg("64M"));
+    let input = dir.join("in");
+    fs::write(&input, pattern(3, 4096)).unwrap();
+    let i = image.as_os_str();
+    let write: [&std::ffi::OsStr; 6] = [
+        "write".as_ref(),
+        i,
+        "--offset".as_ref(),
+        "0".as_ref(),
+        "--input".as_ref(),
+        input.as_os_str(),
+    ];
+    let second = dir.join("m2");
+    fs::create_dir_all(&second).unwrap();
+
+    let m = VhdMount::new(&image, &dir.join("m"), &[]);
+    assert_in_use(&write, &image);
+    assert_in_use(&["compact".as_ref(), i], &image);
+    assert_in_use(&["info".as_ref(), i], &image);
+    assert_in_use(&["mount".as_ref(), i, second.as_os_str()], &image);
+    assert_in_use(
+        &[
+            "mount".as_ref(),
+            "--read-only".as_ref(),
+            i,
+            second.as_os_str(),
+        ],
+        &image,
+    );
+    run(vhdtool().args(["info", "--force-share"]).arg(&image));
+    m.unmount();
+
+    // Readers share: two read-only mounts and an info, while writers stay out.
+    let a = VhdMount::new(&image, &dir.join("m"), &["--read-only"]);
+    let b = VhdMount::new(&image, &second, &["--read-only"]);
+    run(vhdtool().arg("info").arg(&image));
+    assert_in_use(&write, &image);
+    assert_in_use(&["mount".as_ref(), i, dir.join("m3").as_os_str()], &image);
+    a.unmount();
+    b.unmount();
+    // Unmounted, the image is free again.
+    run(vhdtool().args(write));
 }

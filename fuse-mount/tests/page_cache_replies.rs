@@ -85,7 +85,8 @@ fn mapped_reads_equal_disk_reads_and_only_single_extents_of_read_only_disks_are_
     );
     assert!(ro.read_mapped(3 * MIB - 4096, 8192).unwrap().is_none());
     assert!(ro.read_mapped(5 * MIB, 4096).unwrap().is_none());
-    // A writable disk is never mapped.
+    // A writable disk is never mapped. (A mapping holds the image open, and so its lock.)
+    drop(m);
     drop(ro);
     let rw = shared(&path, false);
     assert!(rw.read_mapped(MIB, 4096).unwrap().is_none());

@@ -9,6 +9,8 @@
 //!                          └──> CrashFile          (tests: volatile vs durable bytes)
 //! ```
 //!
+//! [`lock`] opens image files with QEMU-compatible locks: one writer or many readers per image.
+//!
 //! [`CrashFile`] keeps the durable bytes (what survived the last `sync_data`) apart from the
 //! writes issued since. [`CrashFile::crash`] returns a file as it could be after a power cut:
 //! the durable bytes plus any chosen subset of the unsynced writes, each of which may also be
@@ -16,6 +18,10 @@
 //! and holds every write that was flushed.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod lock;
+
+pub use lock::{InUse, OpenMode};
 
 use std::io;
 use std::sync::{Arc, Mutex};

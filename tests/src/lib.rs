@@ -97,7 +97,53 @@ fn skip_or_panic(reason: &str) {
     if require_images() {
         panic!("{reason} (images are required: {REQUIRE_ENV}=1 or CI=true)");
     }
+    skipped(reason);
+}
+
+/// Environment variable naming a file where every skip is recorded (`test.sh` sets it and
+/// reports the skipped tests and their reasons, so a skip never passes as green unseen).
+pub const SKIP_LOG_ENV: &str = "VHDKIT_SKIP_LOG";
+
+/// Records that the running test skipped what it checks (or a part of it) because of `reason`:
+/// prints `SKIP: reason` and appends `<test binary>::<test name>\t<reason>` to
+/// `$VHDKIT_SKIP_LOG`. Callers decide first whether skipping is allowed ([`ci`]).
+pub fn skipped(reason: &str) {
     eprintln!("SKIP: {reason}");
+    let Some(log) = env::var_os(SKIP_LOG_ENV) else {
+        return;
+    };
+    // libtest runs each test on a thread named after it.
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed>")
+        .to_string();
+    let binary = env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|s| match s.rsplit_once('-') {
+            Some((name, hash)) if hash.chars().all(|c| c.is_ascii_hexdigit()) => name.to_string(),
+            _ => s,
+        })
+        .unwrap_or_default();
+    let line = format!("{binary}::{test}\t{}\n", reason.replace(['\n', '\t'], " "));
+    // One append of one short line: concurrent tests never interleave within it.
+    if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(log) {
+        let _ = io::Write::write_all(&mut f, line.as_bytes());
+    }
+}
+
+/// True under `CI=true` (or `1`): every tool and device the tests use must be there, and a test
+/// that would skip fails instead.
+pub fn ci() -> bool {
+    env_flag("CI")
+}
+
+/// Skips the running test with `reason` ([`skipped`]), or panics with it under [`ci`].
+pub fn skip_unless_ci(reason: &str) {
+    if ci() {
+        panic!("{reason} (CI=true requires it)");
+    }
+    skipped(reason);
 }
 
 /// A writable temporary copy of the test image `rel_path` (relative to [`test_images_dir`], e.g.
@@ -370,10 +416,12 @@ pub fn tool_or_skip(name: &str) -> bool {
     if have_tool(name) {
         return true;
     }
-    if env_flag("CI") {
+    if ci() {
         panic!("required tool `{name}` not found on PATH (.ci/run should install it)");
     }
-    eprintln!("SKIP: tool `{name}` not found on PATH");
+    skipped(&format!(
+        "tool `{name}` not found on PATH (./setup.sh installs it)"
+    ));
     false
 }
 

@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 use crate::footer::{DiskType, Footer, FOOTER_SIZE};
 use crate::layout::{read_at, write_at, Layout, Severity};
 use image_io::ImageFile;
-use std::fs::{File, OpenOptions};
+use image_io::OpenMode;
+use std::fs::File;
 use std::path::Path;
 
 /// One problem found by [`check`].
@@ -95,14 +96,20 @@ fn report(layout: &Layout) -> CheckReport {
 }
 
 /// Checks every structure of the image at `path` without writing to it. `Err` only when the
-/// file cannot be read or is not a VHD at all.
+/// file cannot be read, is in use by a writer ([`Error::InUse`]) or is not a VHD at all.
 pub fn check(path: &Path) -> Result<CheckReport> {
-    let file = File::open(path).map_err(|source| Error::Io {
-        path: path.into(),
-        op: "open",
-        offset: 0,
-        source,
-    })?;
+    check_with(path, OpenMode::ReadOnly)
+}
+
+/// [`check`], opening the image with a read-only `mode` of the caller's choice
+/// ([`OpenMode::ReadOnlyForceShare`] checks an image in use, whose metadata may be changing).
+pub fn check_with(path: &Path, mode: OpenMode) -> Result<CheckReport> {
+    if mode.is_writable() {
+        return Err(Error::InvalidArgument(
+            "check opens images read-only".into(),
+        ));
+    }
+    let file = image_io::lock::open(path, mode).map_err(|e| Error::from_open(path, e))?;
     check_file(&file, path)
 }
 
@@ -114,16 +121,8 @@ pub fn check_file<F: ImageFile>(file: &F, path: &Path) -> Result<CheckReport> {
 /// Repairs what can be repaired without losing data, then checks again. The returned report
 /// holds the remaining problems and, in `repairs`, what was done.
 pub fn repair(path: &Path) -> Result<CheckReport> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|source| Error::Io {
-            path: path.into(),
-            op: "open for repair",
-            offset: 0,
-            source,
-        })?;
+    let file =
+        image_io::lock::open(path, OpenMode::ReadWrite).map_err(|e| Error::from_open(path, e))?;
     let mut repairs = Vec::new();
     // Each pass fixes one layer (footer, then header, then space); a few passes reach a fixpoint.
     for _ in 0..4 {

@@ -27,18 +27,11 @@ use crate::footer::{DiskType, Footer, FOOTER_SIZE};
 use crate::layout::{read_at, write_at, Layout, UNALLOCATED};
 use image_io::ImageFile;
 use std::collections::{BTreeSet, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
-/// Whether an image may be written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpenMode {
-    /// Never writes; the file is opened `O_RDONLY`.
-    ReadOnly,
-    /// Reads and writes.
-    ReadWrite,
-}
+pub use image_io::OpenMode;
 
 /// How strictly metadata updates are ordered against payload writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,18 +146,10 @@ impl VhdImage {
 
     /// Opens an image. Any checksum or structural problem is an error naming the structure and
     /// its offset (run `check --repair`); read-only opens never write.
+    /// The file is locked for `mode` (see [`image_io::lock`]): a second writer, or a writer
+    /// and a reader, are refused with [`Error::InUse`].
     pub fn open(path: &Path, mode: OpenMode) -> Result<VhdImage> {
-        let writable = mode == OpenMode::ReadWrite;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|source| Error::Io {
-                path: path.into(),
-                op: "open",
-                offset: 0,
-                source,
-            })?;
+        let file = image_io::lock::open(path, mode).map_err(|e| Error::from_open(path, e))?;
         VhdImage::open_file(file, path, mode)
     }
 }
@@ -177,7 +162,7 @@ impl<F: ImageFile> VhdImage<F> {
         if let Some(e) = layout.first_corruption() {
             return Err(e);
         }
-        Ok(Self::from_layout(layout, file, mode == OpenMode::ReadWrite))
+        Ok(Self::from_layout(layout, file, mode.is_writable()))
     }
 
     pub(crate) fn from_layout(layout: Layout, file: F, writable: bool) -> VhdImage<F> {

@@ -56,7 +56,7 @@ pub mod merge;
 pub mod rebase;
 pub mod resize;
 
-pub use check::{check, check_file, repair, CheckReport, Finding};
+pub use check::{check, check_file, check_with, repair, CheckReport, Finding};
 pub use compact::{CompactMode, CompactReport};
 pub use create::{CreateOptions, ParentInfo, VhdType};
 pub use error::{Error, ErrorKind, Result};

@@ -253,9 +253,20 @@ fn report<F: ImageFile>(img: &VhdxImage<F>) -> CheckReport {
 /// Checks the image without writing to it. `Err` only when the file is not a VHDX or cannot be
 /// read at all; anything `open` refuses is reported as a corruption.
 pub fn check(path: &Path) -> Result<CheckReport> {
-    match VhdxImage::open(path, OpenMode::ReadOnly) {
+    check_with(path, OpenMode::ReadOnly)
+}
+
+/// [`check`], opening the image with a read-only `mode` of the caller's choice
+/// ([`OpenMode::ReadOnlyForceShare`] checks an image in use, whose metadata may be changing).
+pub fn check_with(path: &Path, mode: OpenMode) -> Result<CheckReport> {
+    if mode.is_writable() {
+        return Err(Error::InvalidArgument(
+            "check opens images read-only".into(),
+        ));
+    }
+    match VhdxImage::open(path, mode) {
         Ok(img) => Ok(report(&img)),
-        Err(e @ (Error::Io { .. } | Error::NotVhdx { .. })) => Err(e),
+        Err(e @ (Error::Io { .. } | Error::NotVhdx { .. } | Error::InUse(_))) => Err(e),
         Err(e) => Ok(CheckReport {
             corruptions: vec![finding(&e)],
             ..Default::default()

@@ -24,6 +24,8 @@ pub enum ErrorKind {
     InvalidArgument,
     /// A write on an image opened read-only.
     ReadOnly,
+    /// Another process has the image open in a way this open cannot share (image locking).
+    InUse,
 }
 
 /// Errors of the `vhdx` crate.
@@ -95,6 +97,9 @@ pub enum Error {
         /// The image file.
         path: PathBuf,
     },
+    /// Another process has the image open in a way this open cannot share.
+    #[error(transparent)]
+    InUse(#[from] image_io::InUse),
 }
 
 impl Error {
@@ -108,6 +113,22 @@ impl Error {
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::ReadOnly { .. } => ErrorKind::ReadOnly,
+            Error::InUse(_) => ErrorKind::InUse,
+        }
+    }
+}
+
+impl Error {
+    /// The error of a failed locked open of the image at `path` ([`image_io::lock::open`]).
+    pub fn from_open(path: &std::path::Path, e: image_io::lock::OpenError) -> Error {
+        match e {
+            image_io::lock::OpenError::InUse(e) => Error::InUse(e),
+            image_io::lock::OpenError::Io(source) => Error::Io {
+                path: path.into(),
+                op: "open",
+                offset: 0,
+                source,
+            },
         }
     }
 }

@@ -25,14 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
-/// Whether an image may be written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpenMode {
-    /// Never writes; a pending log is replayed in memory.
-    ReadOnly,
-    /// Reads and writes; a pending log is replayed on disk.
-    ReadWrite,
-}
+pub use image_io::OpenMode;
 
 /// How strictly metadata updates are ordered against payload writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,13 +139,11 @@ const MAX_FILE_LEN: u64 = 2 * crate::format::MAX_VIRTUAL_SIZE;
 const MAX_OVERLAY_ZERO_PAGES: u64 = 16384;
 
 impl VhdxImage<std::fs::File> {
-    /// Opens the image at `path`.
+    /// Opens the image at `path`. The file is locked for `mode` (see [`image_io::lock`]): a second writer, or a writer
+    /// and a reader, are refused with [`Error::InUse`]. A pending log is replayed in memory
+    /// when read-only, on disk when writable.
     pub fn open(path: &Path, mode: OpenMode) -> Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(mode == OpenMode::ReadWrite)
-            .open(path)
-            .map_err(io(path, "open", 0))?;
+        let file = image_io::lock::open(path, mode).map_err(|e| Error::from_open(path, e))?;
         Self::open_file(file, path, mode)
     }
 
@@ -171,7 +162,7 @@ impl<F: ImageFile> VhdxImage<F> {
     /// Opens an image held in `file`; `path` names it in errors and anchors relative parent
     /// paths.
     pub fn open_file(file: F, path: &Path, mode: OpenMode) -> Result<Self> {
-        let writable = mode == OpenMode::ReadWrite;
+        let writable = mode.is_writable();
         let file_len = file.len().map_err(io(path, "stat", 0))?;
         let mut ident = [0u8; 520];
         if file_len < 4 * MIB / 4 {

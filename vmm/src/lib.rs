@@ -103,6 +103,21 @@ use std::path::PathBuf;
 
 pub use vm::run;
 
+/// Where `/dev/kvm` is the PVM software hypervisor: the module's sysfs folder.
+const KVM_PVM: &str = "/sys/module/kvm_pvm";
+
+/// A warning to show before booting when `/dev/kvm` is a software hypervisor (`kvm_pvm`), on
+/// which guest kernel code is emulated: a stock Linux runs far slower there, or does not boot,
+/// and would otherwise leave the user looking at a silent console.
+pub fn software_hypervisor_warning() -> Option<String> {
+    std::path::Path::new(KVM_PVM).exists().then(|| {
+        "/dev/kvm is the kvm_pvm software hypervisor (/sys/module/kvm_pvm): guest kernel code \
+         is emulated there, so a guest kernel runs far slower than on hardware KVM, and a stock \
+         Linux kernel may not boot at all (no output for minutes)"
+            .to_string()
+    })
+}
+
 /// One disk of the guest.
 #[derive(Debug, Clone)]
 pub struct DiskConfig {

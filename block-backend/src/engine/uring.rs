@@ -520,5 +520,9 @@ impl Drop for UringEngine {
     fn drop(&mut self) {
         // Never free the ring while the kernel may still write into caller memory.
         let _ = self.drain_all();
+        // Give the image files back now: a ring being closed drops its registered files later,
+        // from a kernel worker, and until then the image's lock (an open file description's)
+        // would outlive the disk, refusing the next open of the image.
+        let _ = self.ring.submitter().unregister_files();
     }
 }

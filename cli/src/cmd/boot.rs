@@ -60,6 +60,9 @@ fn parse_disk(s: &str) -> std::result::Result<vmm::DiskConfig, String> {
 
 /// Runs `boot`.
 pub fn run(args: &Args) -> Result<u8> {
+    if let Some(w) = vmm::software_hypervisor_warning() {
+        eprintln!("vhdtool: warning: {w}");
+    }
     let config = vmm::VmConfig {
         kernel: args.kernel.clone(),
         initrd: args.initrd.clone(),

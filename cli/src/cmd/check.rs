@@ -16,6 +16,8 @@ use crate::size::format_size;
 /// Arguments of `check`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub share: super::ShareArgs,
     /// Repair what can be repaired without losing data.
     #[arg(long, short = 'r')]
     pub repair: bool,
@@ -88,12 +90,21 @@ impl From<vhdx::CheckReport> for FormatReport {
 }
 
 /// Runs the format's check (or repair) on `path`.
-fn format_check(format: Format, path: &std::path::Path, repair: bool) -> Result<FormatReport> {
+fn format_check(
+    format: Format,
+    path: &std::path::Path,
+    repair: bool,
+    mode: vhd::OpenMode,
+) -> Result<FormatReport> {
     let what = if repair { "repair" } else { "check" };
     let r: Result<FormatReport, anyhow::Error> = match (format, repair) {
-        (Format::Vhdx, false) => vhdx::check(path).map(Into::into).map_err(Into::into),
+        (Format::Vhdx, false) => vhdx::check_with(path, mode)
+            .map(Into::into)
+            .map_err(Into::into),
         (Format::Vhdx, true) => vhdx::repair(path).map(Into::into).map_err(Into::into),
-        (_, false) => vhd::check(path).map(Into::into).map_err(Into::into),
+        (_, false) => vhd::check_with(path, mode)
+            .map(Into::into)
+            .map_err(Into::into),
         (_, true) => vhd::repair(path).map(Into::into).map_err(Into::into),
     };
     r.with_context(|| format!("cannot {what} {}", path.display()))
@@ -151,18 +162,22 @@ pub fn run(a: &Args) -> Result<u8> {
 
 fn check_image(a: &Args, format: Format) -> Result<Report> {
     let path = &a.file;
+    if a.repair && a.share.force_share {
+        anyhow::bail!("--force-share only reads: it cannot be combined with --repair");
+    }
+    let opts = a.share.open_options(path);
     let mut found_before_repair = Vec::new();
     let vreport = if a.repair {
-        let before = format_check(format, path, false)?;
+        let before = format_check(format, path, false, opts.mode())?;
         found_before_repair.extend(before.corruptions);
         found_before_repair.extend(before.leaks);
-        format_check(format, path, true)?
+        format_check(format, path, true, opts.mode())?
     } else {
-        format_check(format, path, false)?
+        format_check(format, path, false, opts.mode())?
     };
     let mut corruptions = vreport.corruptions;
     let leaks = vreport.leaks;
-    if let Some(f) = parent_link_finding(path) {
+    if let Some(f) = parent_link_finding(path, opts)? {
         corruptions.push(f);
     }
     let (result, exit_code) = if !corruptions.is_empty() {
@@ -185,19 +200,36 @@ fn check_image(a: &Args, format: Format) -> Result<Report> {
     })
 }
 
-/// For a differencing image that opens on its own: a finding if its chain does not.
-fn parent_link_finding(path: &std::path::Path) -> Option<Finding> {
+/// For a differencing image that opens on its own: a finding if its chain does not. A layer in
+/// use by another process is an error (the check could not be done), not a finding.
+fn parent_link_finding(
+    path: &std::path::Path,
+    opts: block_backend::OpenOptions,
+) -> Result<Option<Finding>> {
+    let in_use = |e: block_backend::Error| -> Result<Option<Finding>> {
+        if e.kind() == block_backend::ErrorKind::InUse {
+            Err(e.into())
+        } else {
+            Ok(None)
+        }
+    };
     // If the image itself does not open, the structural findings already say why.
-    let image = block_backend::Layer::open(path, true).ok()?;
-    image.info().parent_uuid?;
+    let image = match block_backend::Layer::open(path, opts.mode()) {
+        Ok(i) => i,
+        Err(e) => return in_use(e),
+    };
+    if image.info().parent_uuid.is_none() {
+        return Ok(None);
+    }
     drop(image);
-    match block_backend::open(path, block_backend::OpenOptions::read_only()) {
-        Ok(_) => None,
-        Err(e) => Some(Finding {
+    match block_backend::open(path, opts) {
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == block_backend::ErrorKind::InUse => Err(e.into()),
+        Err(e) => Ok(Some(Finding {
             structure: "parent link".into(),
             offset: 0,
             message: e.to_string(),
-        }),
+        })),
     }
 }
 

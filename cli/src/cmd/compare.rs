@@ -14,6 +14,8 @@ use super::{open_read_only, CHUNK, MAP_WINDOW};
 /// Arguments of `compare`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub share: super::ShareArgs,
     /// Print the result as JSON (`identical`, `size-mismatch`, `first-difference`).
     #[arg(long)]
     pub json: bool,
@@ -25,8 +27,8 @@ pub struct Args {
 
 /// Runs `compare`.
 pub fn run(args: &Args) -> Result<u8> {
-    let mut a = open_read_only(&args.a)?;
-    let mut b = open_read_only(&args.b)?;
+    let mut a = open_read_only(&args.a, args.share)?;
+    let mut b = open_read_only(&args.b, args.share)?;
     let (sa, sb) = (a.size(), b.size());
     if sa != sb && !args.json {
         println!("Warning: Image size mismatch!");

@@ -45,6 +45,8 @@ const WRITEBACK_STEP: u64 = 128 << 20;
 /// Arguments of `convert`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub share: super::ShareArgs,
     /// Output format (default: from DST's extension, else raw).
     #[arg(short = 'O', value_enum)]
     pub output_format: Option<ImageFormat>,
@@ -111,7 +113,7 @@ pub fn run(a: &Args) -> Result<u8> {
             a.dst.display()
         );
     }
-    let mut src = open_read_only(&a.src)?;
+    let mut src = open_read_only(&a.src, a.share)?;
     let size = src.size();
     let tmp = TempOutput::new(&a.dst)?;
     let mut sink = match format {

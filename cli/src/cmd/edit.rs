@@ -67,9 +67,10 @@ impl RwImage {
 }
 
 /// Path of the parent of the differencing image at `child`, as the block backend finds and
-/// verifies it.
+/// verifies it. The chain is looked at without locks (the caller may hold `child` open for
+/// writing already, and locks the files it then uses itself).
 pub fn parent_path(child: &Path) -> Result<PathBuf> {
-    let chain = block_backend::open(child, OpenOptions::read_only())
+    let chain = block_backend::open(child, OpenOptions::read_only_force_share())
         .with_context(|| format!("cannot open the chain of {}", child.display()))?;
     match chain.stack().get(1) {
         Some(p) => Ok(p.path().to_path_buf()),

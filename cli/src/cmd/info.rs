@@ -15,6 +15,8 @@ use crate::size::format_size;
 /// Arguments of `info`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub share: super::ShareArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -60,21 +62,21 @@ pub struct Info {
 }
 
 /// Gathers the information about `path`.
-pub fn gather(path: &Path) -> Result<Info> {
-    let (layers, sector_sizes, chain_error) =
-        match block_backend::open(path, block_backend::OpenOptions::read_only()) {
-            Ok(disk) => (
-                disk.layers(),
-                (disk.logical_sector_size(), disk.physical_sector_size()),
-                None,
-            ),
-            Err(e) if e.is_chain_error() => {
-                // The image itself may be fine: describe it alone.
-                let top = Layer::open(path, true)?;
-                (vec![top.info()], (512, 512), Some(e.to_string()))
-            }
-            Err(e) => return Err(e.into()),
-        };
+pub fn gather(path: &Path, share: super::ShareArgs) -> Result<Info> {
+    let opts = share.open_options(path);
+    let (layers, sector_sizes, chain_error) = match block_backend::open(path, opts) {
+        Ok(disk) => (
+            disk.layers(),
+            (disk.logical_sector_size(), disk.physical_sector_size()),
+            None,
+        ),
+        Err(e) if e.is_chain_error() => {
+            // The image itself may be fine: describe it alone.
+            let top = Layer::open(path, opts.mode())?;
+            (vec![top.info()], (512, 512), Some(e.to_string()))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let top: &LayerInfo = layers.first().context("no layers")?;
     let meta = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
     Ok(Info {
@@ -98,7 +100,7 @@ pub fn gather(path: &Path) -> Result<Info> {
 
 /// Runs `info`.
 pub fn run(a: &Args) -> Result<u8> {
-    let info = gather(&a.file)?;
+    let info = gather(&a.file, a.share)?;
     if let Some(e) = &info.chain_error {
         eprintln!("vhdtool: warning: {e}");
     }

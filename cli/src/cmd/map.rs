@@ -18,6 +18,8 @@ use super::{open_read_only, MAP_WINDOW};
 /// Arguments of `map`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub share: super::ShareArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -65,7 +67,7 @@ impl From<&MapExtent> for JsonExtent {
 
 /// Runs `map`.
 pub fn run(a: &Args) -> Result<u8> {
-    let mut disk = open_read_only(&a.file)?;
+    let mut disk = open_read_only(&a.file, a.share)?;
     let size = disk.size();
     let mut out = std::io::stdout().lock();
     let mut printer = Printer {

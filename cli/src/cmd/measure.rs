@@ -26,6 +26,8 @@ use crate::size::{format_size, parse_size};
 /// Arguments of `measure`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub share: super::ShareArgs,
     /// Output format to measure for.
     #[arg(short = 'O', value_enum)]
     pub output_format: ImageFormat,
@@ -117,7 +119,7 @@ fn data_blocks(disk: &mut block_backend::Chain, block: u64) -> Result<u64> {
 /// Computes the measure for `a`.
 pub fn measure(a: &Args) -> Result<Measure> {
     let mut disk = match &a.src {
-        Some(p) => Some(open_read_only(p)?),
+        Some(p) => Some(open_read_only(p, a.share)?),
         None => None,
     };
     let raw_size = match (&disk, a.size) {

@@ -50,9 +50,9 @@ pub fn run(a: &Args) -> Result<u8> {
     let format = block_backend::probe::probe_path(&a.child)?;
     let copied = match format {
         block_backend::Format::Vhd => {
-            let mut child = vhd::VhdImage::open(&a.child, vhd::OpenMode::ReadOnly)?;
             let mut p = vhd::VhdImage::open(&parent, vhd::OpenMode::ReadWrite)
                 .with_context(|| format!("cannot open parent {} for writing", parent.display()))?;
+            let mut child = vhd::VhdImage::open(&a.child, vhd::OpenMode::ReadOnly)?;
             let mut progress = Progress::new(child.virtual_size(), a.progress);
             let r = vhd::merge::merge_into(&mut child, &mut p, &mut |n| progress.inc(n))?;
             p.flush()?;
@@ -60,9 +60,11 @@ pub fn run(a: &Args) -> Result<u8> {
             r.bytes_copied
         }
         block_backend::Format::Vhdx => {
-            let mut child = vhdx::VhdxImage::open(&a.child, vhdx::OpenMode::ReadWrite)?;
+            // The parent first: opening a VHDX for writing updates its header, and a refused
+            // merge must leave the child as it was.
             let mut p = vhdx::VhdxImage::open(&parent, vhdx::OpenMode::ReadWrite)
                 .with_context(|| format!("cannot open parent {} for writing", parent.display()))?;
+            let mut child = vhdx::VhdxImage::open(&a.child, vhdx::OpenMode::ReadWrite)?;
             let mut progress = Progress::new(child.virtual_size(), a.progress);
             let r = vhdx::merge::merge_into(&mut child, &mut p, &mut |n| progress.inc(n))?;
             p.close()?;

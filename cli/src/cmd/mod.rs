@@ -122,9 +122,42 @@ pub fn vhdx_options(
     })
 }
 
-/// Opens a disk (with its whole chain) read-only.
-pub fn open_read_only(path: &Path) -> Result<Chain> {
-    Ok(block_backend::open(path, OpenOptions::read_only())?)
+/// `--force-share` of the verbs that only read images.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct ShareArgs {
+    /// Read the image even while another process (a VM, a mount, qemu) writes it, taking no lock
+    /// that stands in its way; what is read may be changing (qemu-img's -U).
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
+}
+
+impl ShareArgs {
+    /// The backend's options for a read-only open of `path`; warns on stderr when sharing.
+    pub fn open_options(&self, path: &Path) -> OpenOptions {
+        if self.force_share {
+            eprintln!(
+                "vhdtool: warning: --force-share: {} may be in use by another process; what is read may be changing",
+                path.display()
+            );
+            OpenOptions::read_only_force_share()
+        } else {
+            OpenOptions::read_only()
+        }
+    }
+}
+
+/// Opens a disk (with its whole chain) read-only, sharing it as `share` says.
+pub fn open_read_only(path: &Path, share: ShareArgs) -> Result<Chain> {
+    Ok(block_backend::open(path, share.open_options(path))?)
+}
+
+/// A second, read-only view of an image this process holds open for writing (the lock is
+/// ours: the view shares it rather than be refused by it).
+pub fn open_own_view(path: &Path) -> Result<Chain> {
+    Ok(block_backend::open(
+        path,
+        OpenOptions::read_only_force_share(),
+    )?)
 }
 
 /// Block size argument to the `u32` the formats take (`None`: the format's default).

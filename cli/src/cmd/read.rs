@@ -15,6 +15,8 @@ use crate::size::parse_size;
 /// Arguments of `read`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub share: super::ShareArgs,
     /// The image.
     pub file: PathBuf,
     /// First byte to read (suffixes and 0x hex accepted).
@@ -27,7 +29,7 @@ pub struct Args {
 
 /// Runs `read`.
 pub fn run(a: &Args) -> Result<u8> {
-    let mut disk = open_read_only(&a.file)?;
+    let mut disk = open_read_only(&a.file, a.share)?;
     let end = a.offset.checked_add(a.length).filter(|&e| e <= disk.size());
     let Some(end) = end else {
         anyhow::bail!(

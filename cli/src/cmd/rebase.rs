@@ -70,7 +70,7 @@ fn relative_windows_path(from_dir: &Path, target: &Path) -> String {
 
 /// Runs `rebase`.
 pub fn run(a: &Args) -> Result<u8> {
-    let new_parent = Layer::open(&a.parent, true)
+    let new_parent = Layer::open(&a.parent, vhd::OpenMode::ReadOnly)
         .with_context(|| format!("cannot open the new parent {}", a.parent.display()))?;
     let absolute = std::fs::canonicalize(&a.parent)
         .with_context(|| format!("cannot resolve {}", a.parent.display()))?;

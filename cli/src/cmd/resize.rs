@@ -17,7 +17,7 @@ use block_backend::Disk;
 use serde::Serialize;
 
 use super::edit::RwImage;
-use super::{is_zero, open_read_only, CHUNK, MAP_WINDOW};
+use super::{is_zero, open_own_view, CHUNK, MAP_WINDOW};
 use crate::progress::Progress;
 use crate::size::{format_size, parse_size};
 
@@ -86,7 +86,7 @@ pub fn run(a: &Args) -> Result<u8> {
     };
     if new < old && image.is_differencing() {
         // The parent's data past the new end would vanish from the child's view too.
-        let mut chain = open_read_only(&a.file)?;
+        let mut chain = open_own_view(&a.file)?;
         let (bytes, first) = nonzero_beyond(&mut chain, new)?;
         if let Some(first) = first {
             bail!(
