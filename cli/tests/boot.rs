@@ -278,39 +278,14 @@ fn an_instruction_kvm_cannot_emulate_exits_1_naming_the_internal_error() {
 
 #[test]
 fn sigterm_stops_a_spinning_guest_cleanly_with_exit_1() {
-    use std::io::BufRead;
     if !kvm_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let kernel = dir.path().join("spin.bzImage");
-    // Print, then spin in KVM_RUN forever (jmp $) on both vCPUs' worth of work.
-    let code = Asm::default().print("spinning\n").raw(&[0xeb, 0xfe]);
-    std::fs::write(&kernel, bzimage(&code.0)).unwrap();
     let disk = dir.path().join("d.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    let mut child = vhdtool()
-        .arg("boot")
-        .arg("--kernel")
-        .arg(&kernel)
-        .args(["--memory", "128M", "--cpus", "2", "--disk"])
-        .arg(&disk)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line, "spinning\n");
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let out = child.wait_with_output().unwrap();
+    let child = spinning_guest(dir.path(), &disk, &["--cpus", "2"]);
+    let out = sigterm(child);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("stopped by SIGTERM"), "{err}");
@@ -368,8 +343,9 @@ fn memory_above_the_3g_hole_continues_at_4g_in_the_e820() {
     assert_eq!(r.stdout, "e820 ok\n");
 }
 
-/// A guest that prints "spinning" and then spins, booted over `disk`; returns once it printed.
-fn spinning_guest(dir: &Path, disk: &Path) -> (std::process::Child, String) {
+/// A guest that prints "spinning" and then spins in KVM_RUN (jmp $), booted over `disk` with
+/// `extra` arguments; returns once it printed.
+fn spinning_guest(dir: &Path, disk: &Path, extra: &[&str]) -> std::process::Child {
     use std::io::BufRead;
     let kernel = dir.join("spin.bzImage");
     let code = Asm::default().print("spinning\n").raw(&[0xeb, 0xfe]);
@@ -378,7 +354,9 @@ fn spinning_guest(dir: &Path, disk: &Path) -> (std::process::Child, String) {
         .arg("boot")
         .arg("--kernel")
         .arg(&kernel)
-        .args(["--memory", "128M", "--disk"])
+        .args(["--memory", "128M"])
+        .args(extra)
+        .arg("--disk")
         .arg(disk)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -390,7 +368,7 @@ fn spinning_guest(dir: &Path, disk: &Path) -> (std::process::Child, String) {
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line, "spinning\n");
-    (child, line)
+    child
 }
 
 fn sigterm(child: std::process::Child) -> Output {
@@ -416,7 +394,7 @@ fn a_running_guest_holds_its_disk_against_every_other_writer_and_unshared_reader
         .output()
         .unwrap();
     assert!(o.status.success(), "{o:?}");
-    let (child, _) = spinning_guest(dir.path(), &disk);
+    let child = spinning_guest(dir.path(), &disk, &[]);
     let input = dir.path().join("in");
     std::fs::write(&input, [9u8; 512]).unwrap();
     let before = std::fs::read(&disk).unwrap();

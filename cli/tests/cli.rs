@@ -1,17 +1,13 @@
 //! `vhdtool` end to end: each verb run as a process on temporary images, checking output,
 //! exit codes and files left behind; cross-checked with qemu-img where it is installed.
 
+mod support;
+use support::{code, json, ok, vhdtool};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use tempfile::TempDir;
-
-fn vhdtool(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vhdtool"))
-        .args(args.iter().map(|a| a.as_ref()))
-        .output()
-        .expect("run vhdtool")
-}
 
 fn vhdtool_stdin(args: &[&dyn AsRef<std::ffi::OsStr>], input: &[u8]) -> Output {
     use std::io::Write;
@@ -31,26 +27,8 @@ fn vhdtool_stdin(args: &[&dyn AsRef<std::ffi::OsStr>], input: &[u8]) -> Output {
     child.wait_with_output().expect("wait vhdtool")
 }
 
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "vhdtool failed ({:?}): {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exit code")
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_str(&ok(o)).expect("valid JSON")
 }
 
 fn tmp() -> TempDir {

@@ -3,43 +3,15 @@
 //! `vhdtool compare` and, where qemu-img reads the format (VHD fixed/dynamic, 512-byte VHDX),
 //! with `qemu-img compare`; `vhdtool check` must be clean after every operation.
 
+mod support;
+use support::{fails, json, ok, vhdtool};
+
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use tempfile::TempDir;
-
-fn vhdtool(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vhdtool"))
-        .args(args.iter().map(|a| a.as_ref()))
-        .output()
-        .expect("run vhdtool")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "vhdtool failed ({:?}): {}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn fails(o: &Output) -> String {
-    assert!(
-        !o.status.success(),
-        "vhdtool succeeded but should not have: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_str(&ok(o)).expect("valid JSON")
-}
 
 fn tmp() -> TempDir {
     tempfile::tempdir().expect("tempdir")

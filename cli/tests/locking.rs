@@ -6,29 +6,14 @@
 //! image open for writing), `vhdtool mount` (fuse-mount tests), `vhdtool boot`
 //! (cli/tests/boot.rs), and `qemu-io` reading commands from a pipe.
 
+mod support;
+use support::{ok, vhdtool_args as vhdtool};
+
 use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn vhdtool<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vhdtool"))
-        .args(args)
-        .output()
-        .expect("run vhdtool")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "vhdtool failed ({:?}): {}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// A process holding an image until dropped (stdin closed, then killed if still running).
 struct Holder(Child);

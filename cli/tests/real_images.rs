@@ -3,9 +3,12 @@
 //! directory first: the folder is read-only. Outside CI a missing folder skips these tests with
 //! a printed reason; in CI (`CI` set) it fails them.
 
+mod support;
+use support::{code, vhdtool};
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use tempfile::TempDir;
 
@@ -49,17 +52,6 @@ fn fetch(images: &Path, rel: &str, dst_dir: &Path) -> PathBuf {
     };
     std::fs::write(&dst, bytes).expect("write copy");
     dst
-}
-
-fn vhdtool(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vhdtool"))
-        .args(args.iter().map(|a| a.as_ref()))
-        .output()
-        .expect("run vhdtool")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exit code")
 }
 
 fn info(path: &Path) -> serde_json::Value {

@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod lock;
+pub mod publish;
 
 pub use lock::{InUse, OpenMode};
 

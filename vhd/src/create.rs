@@ -19,7 +19,7 @@ use crate::locator::{
     base_name, encode_utf16le, relative_windows_path, LocatorEntry, PlatformCode,
 };
 use image_io::ImageFile;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
@@ -99,15 +99,8 @@ impl VhdImage {
                 "block size {block} must be a power of two from 4 KiB to 256 MiB"
             )));
         }
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.vhdkit-tmp-{}", std::process::id()));
+        let dir = image_io::publish::parent_dir(path);
+        let tmp = image_io::publish::temp_name(path);
         let parent = match &opts.parent {
             Some(p) => Some(ParentInfo::read(p, &dir)?),
             None => None,
@@ -120,21 +113,11 @@ impl VhdImage {
             .map_err(io_err(&tmp, "create"))
             .and_then(|file| write_new(&file, &tmp, opts, parent.as_ref()))
             .and_then(|()| {
-                std::fs::hard_link(&tmp, path)
-                    .or_else(|e| {
-                        if path.exists() {
-                            Err(e)
-                        } else {
-                            std::fs::rename(&tmp, path)
-                        }
-                    })
+                image_io::publish::publish(&tmp, path, false)
                     .map_err(io_err(path, "rename into place"))
             });
         let _ = std::fs::remove_file(&tmp);
         result?;
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
-        }
         VhdImage::open(path, OpenMode::ReadWrite)
     }
 }

@@ -129,11 +129,7 @@ impl VhdxImage<std::fs::File> {
             Some(p) => Some(ParentInfo::read(p, &dir)?),
             None => None,
         };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.vhdkit-tmp-{}", std::process::id()));
+        let tmp = image_io::publish::temp_name(path);
         let result = (|| {
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -142,21 +138,10 @@ impl VhdxImage<std::fs::File> {
                 .open(&tmp)
                 .map_err(io(&tmp, "create", 0))?;
             write_layout(&file, &tmp, opts, parent.as_ref())?;
-            std::fs::hard_link(&tmp, path)
-                .or_else(|e| {
-                    if path.exists() {
-                        Err(e)
-                    } else {
-                        std::fs::rename(&tmp, path)
-                    }
-                })
-                .map_err(io(path, "rename into place", 0))
+            image_io::publish::publish(&tmp, path, false).map_err(io(path, "rename into place", 0))
         })();
         let _ = std::fs::remove_file(&tmp);
         result?;
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
         VhdxImage::open(path, OpenMode::ReadWrite)
     }
 }

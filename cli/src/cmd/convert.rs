@@ -4,7 +4,7 @@
 //! ```text
 //!   reader thread:  SRC chain ──map (1 GiB windows)──> data runs ──read 2 MiB aligned chunks──┐
 //!                                                               (≤ 4 buffers in flight)     │
-//!   main thread:    skip zero 4 KiB granules ──> write .DST.vhdtool-tmp-<pid> <──────────────┘
+//!   main thread:    skip zero 4 KiB granules ──> write .DST.vhdkit-tmp-<pid> <──────────────┘
 //!                   (writeback thread: started every 128 MiB) ──fdatasync──> link/rename to DST ──fsync dir
 //! ```
 //!
@@ -393,18 +393,9 @@ struct TempOutput {
 
 impl TempOutput {
     fn new(dst: &Path) -> Result<TempOutput> {
-        let name = dst
-            .file_name()
+        dst.file_name()
             .with_context(|| format!("{} is not a file name", dst.display()))?;
-        let dir = match dst.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let path = dir.join(format!(
-            ".{}.vhdtool-tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let path = image_io::publish::temp_name(dst);
         // A leftover with our pid belongs to a dead process.
         let _ = std::fs::remove_file(&path);
         Ok(TempOutput {
@@ -419,43 +410,19 @@ impl TempOutput {
 
     /// Moves the finished output onto `dst` (replacing it only with `force`).
     fn commit(mut self, dst: &Path, force: bool) -> Result<()> {
-        if force {
-            std::fs::rename(&self.path, dst)
-                .with_context(|| format!("cannot rename output into {}", dst.display()))?;
-        } else {
-            // link(2) fails if dst appeared meanwhile: never overwrite without --force.
-            match std::fs::hard_link(&self.path, dst) {
-                Ok(()) => {
-                    let _ = std::fs::remove_file(&self.path);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    bail!(
-                        "{} already exists; use --force to replace it",
-                        dst.display()
-                    )
-                }
-                Err(_) => {
-                    // File systems without hard links: check, then rename.
-                    if dst.symlink_metadata().is_ok() {
-                        bail!(
-                            "{} already exists; use --force to replace it",
-                            dst.display()
-                        );
-                    }
-                    std::fs::rename(&self.path, dst)
-                        .with_context(|| format!("cannot rename output into {}", dst.display()))?;
-                }
+        // link(2) fails if dst appeared meanwhile: never overwrite without --force.
+        match image_io::publish::publish(&self.path, dst, force) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+                "{} already exists; use --force to replace it",
+                dst.display()
+            ),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot rename output into {}", dst.display()))
             }
         }
         self.committed = true;
-        // The new name is durable once its directory is synced (`.` for a bare file name).
-        let dir = match dst.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
         Ok(())
     }
 }

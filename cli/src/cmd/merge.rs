@@ -80,13 +80,7 @@ pub fn run(a: &Args) -> Result<u8> {
     // The parent is durable; only now may the child go.
     std::fs::remove_file(&a.child)
         .with_context(|| format!("cannot remove {}", a.child.display()))?;
-    let dir = match a.child.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    image_io::publish::sync_dir(&image_io::publish::parent_dir(&a.child));
     if a.json {
         let r = Report {
             child: a.child.clone(),
