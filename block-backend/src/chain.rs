@@ -73,8 +73,8 @@ impl Layer {
     pub fn open(path: &Path, mode: OpenMode) -> Result<Layer> {
         let file = image_io::lock::open(path, mode).map_err(|e| Error::from_open(path, e))?;
         let image = match probe::probe(&file, path)? {
-            Format::Vhdx => Image::Vhdx(vhdx::VhdxImage::open_file(file, path, mode)?),
-            Format::Vhd => Image::Vhd(vhd::VhdImage::open_file(file, path, mode)?),
+            Format::Vhdx => Image::new(Box::new(vhdx::VhdxImage::open_file(file, path, mode)?)),
+            Format::Vhd => Image::new(Box::new(vhd::VhdImage::open_file(file, path, mode)?)),
             Format::Raw => {
                 let read_only = !mode.is_writable();
                 return Ok(Layer::Raw(RawFile::from_file(path, file, read_only)?));

@@ -96,36 +96,7 @@ impl fmt::Display for Format {
     }
 }
 
-/// Disk type of a VHD or VHDX image, in Hyper-V's words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Subformat {
-    /// All blocks preallocated.
-    Fixed,
-    /// Blocks allocated on first write.
-    Dynamic,
-    /// Holds only the changes made over a parent image.
-    Differencing,
-}
-
-impl fmt::Display for Subformat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Subformat::Fixed => "fixed",
-            Subformat::Dynamic => "dynamic",
-            Subformat::Differencing => "differencing",
-        })
-    }
-}
-
-impl From<vhd::DiskType> for Subformat {
-    fn from(t: vhd::DiskType) -> Self {
-        match t {
-            vhd::DiskType::Fixed => Subformat::Fixed,
-            vhd::DiskType::Dynamic => Subformat::Dynamic,
-            vhd::DiskType::Differencing => Subformat::Differencing,
-        }
-    }
-}
+pub use image_io::format::Subformat;
 
 /// Description of one layer of a disk, for `info`-style output.
 #[derive(Debug, Clone, PartialEq, Eq)]

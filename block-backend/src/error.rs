@@ -4,6 +4,7 @@
 //! offset. Errors of the format crates are wrapped unchanged (their messages already carry the
 //! file, the structure and the offset), so nothing is lost on the way up to the CLI.
 
+use image_io::format::{ErrorKind as FormatErrorKind, FormatError};
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 pub enum ErrorKind {
     /// A file operation failed.
     Io,
-    /// The format crate rejected the image (see [`Error::Vhd`] for the inner kind).
+    /// The format crate rejected the image (see [`Error::Format`] for the inner kind).
     Format,
     /// A differencing image's parent could not be found.
     ParentNotFound,
@@ -55,12 +56,9 @@ pub enum Error {
         /// The OS error.
         source: io::Error,
     },
-    /// An error of the `vhd` format crate, message kept as is.
+    /// An error of a format crate, message kept as is ([`FormatError::kind`] tells what).
     #[error(transparent)]
-    Vhd(#[from] vhd::Error),
-    /// An error of the `vhdx` format crate, message kept as is.
-    #[error(transparent)]
-    Vhdx(#[from] vhdx::Error),
+    Format(#[from] FormatError),
     /// Another process has the file open in a way this open cannot share (image locking).
     #[error(transparent)]
     InUse(#[from] image_io::InUse),
@@ -192,15 +190,14 @@ impl Error {
         match self {
             Error::Io { .. } => ErrorKind::Io,
             Error::InUse(_) => ErrorKind::InUse,
-            Error::Vhd(e) if e.kind() == vhd::ErrorKind::InUse => ErrorKind::InUse,
-            Error::Vhdx(e) if e.kind() == vhdx::ErrorKind::InUse => ErrorKind::InUse,
-            Error::Vhd(e) if e.kind() == vhd::ErrorKind::Io => ErrorKind::Io,
-            Error::Vhd(e) if e.kind() == vhd::ErrorKind::ReadOnly => ErrorKind::ReadOnly,
-            Error::Vhd(e) if e.kind() == vhd::ErrorKind::Unsupported => ErrorKind::Unsupported,
-            Error::Vhdx(e) if e.kind() == vhdx::ErrorKind::Io => ErrorKind::Io,
-            Error::Vhdx(e) if e.kind() == vhdx::ErrorKind::ReadOnly => ErrorKind::ReadOnly,
-            Error::Vhdx(e) if e.kind() == vhdx::ErrorKind::Unsupported => ErrorKind::Unsupported,
-            Error::Vhd(_) | Error::Vhdx(_) | Error::Inconsistent { .. } => ErrorKind::Format,
+            Error::Format(e) => match e.kind() {
+                FormatErrorKind::InUse => ErrorKind::InUse,
+                FormatErrorKind::Io => ErrorKind::Io,
+                FormatErrorKind::ReadOnly => ErrorKind::ReadOnly,
+                FormatErrorKind::Unsupported => ErrorKind::Unsupported,
+                _ => ErrorKind::Format,
+            },
+            Error::Inconsistent { .. } => ErrorKind::Format,
             Error::ParentNotFound { .. } => ErrorKind::ParentNotFound,
             Error::ParentMismatch { .. } | Error::ParentNotVhd { .. } => ErrorKind::ParentMismatch,
             Error::ChainCycle { .. } => ErrorKind::ChainCycle,
@@ -249,5 +246,17 @@ impl fmt::Display for PathList<'_> {
             write!(f, "{}", p.display())?;
         }
         Ok(())
+    }
+}
+
+impl From<vhd::Error> for Error {
+    fn from(e: vhd::Error) -> Error {
+        Error::Format(e.into())
+    }
+}
+
+impl From<vhdx::Error> for Error {
+    fn from(e: vhdx::Error) -> Error {
+        Error::Format(e.into())
     }
 }

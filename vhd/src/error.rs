@@ -7,26 +7,8 @@ use std::path::PathBuf;
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Stable classification of an [`Error`], for callers that branch on the kind of failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The underlying file operation failed.
-    Io,
-    /// The file is not a VHD image at all.
-    NotVhd,
-    /// A structure failed its checksum.
-    Checksum,
-    /// A structure is present but inconsistent or out of bounds.
-    Corrupt,
-    /// A valid image using a feature this crate does not handle.
-    Unsupported,
-    /// The caller asked for something impossible (bad size, range past the end, ...).
-    InvalidArgument,
-    /// A write was attempted on an image opened read-only.
-    ReadOnly,
-    /// Another process has the image open in a way this open cannot share (image locking).
-    InUse,
-}
+/// Stable classification of an [`Error`]: the kind every format crate shares.
+pub use image_io::format::ErrorKind;
 
 /// Errors of the `vhd` crate.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +89,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Io { .. } => ErrorKind::Io,
-            Error::NotVhd { .. } => ErrorKind::NotVhd,
+            Error::NotVhd { .. } => ErrorKind::NotThisFormat,
             Error::Checksum { .. } => ErrorKind::Checksum,
             Error::Corrupt { .. } => ErrorKind::Corrupt,
             Error::Unsupported { .. } => ErrorKind::Unsupported,

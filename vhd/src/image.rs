@@ -33,62 +33,7 @@ use uuid::Uuid;
 
 pub use image_io::OpenMode;
 
-/// How strictly metadata updates are ordered against payload writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// Ordering barriers (fdatasync) so a crash at any point leaves a consistent image.
-    Durable,
-    /// No barriers until [`VhdImage::flush`]; for fresh outputs under a temporary name, where a
-    /// crash loses the whole file anyway.
-    Relaxed,
-}
-
-/// Where a piece of a virtual range lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadSource {
-    /// Stored in this file at `file_offset`.
-    Data {
-        /// Byte offset in the image file.
-        file_offset: u64,
-    },
-    /// Reads as zeros.
-    Zero,
-    /// Not in this image: ask the parent (differencing images only).
-    Parent,
-}
-
-/// A contiguous piece of a resolved virtual range.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadExtent {
-    /// Virtual byte offset.
-    pub offset: u64,
-    /// Length in bytes.
-    pub len: u64,
-    /// Where the bytes are.
-    pub source: ReadSource,
-}
-
-/// A file range to write payload to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WriteExtent {
-    /// Virtual byte offset.
-    pub offset: u64,
-    /// Length in bytes.
-    pub len: u64,
-    /// Byte offset in the image file.
-    pub file_offset: u64,
-}
-
-/// Result of [`VhdImage::resolve_write`]: write the payload to `extents`, then pass the plan to
-/// [`VhdImage::commit_write`].
-#[derive(Debug)]
-#[must_use = "commit_write makes the written sectors visible"]
-pub struct WritePlan {
-    /// File ranges, in virtual order, covering the requested range.
-    pub extents: Vec<WriteExtent>,
-    /// (block, first sector, end sector) whose bitmap bits commit sets.
-    sectors: Vec<(u32, u64, u64)>,
-}
+pub use image_io::format::{Durability, ReadExtent, ReadSource, WriteExtent, WritePlan};
 
 /// The parent a differencing image refers to.
 #[derive(Debug, Clone)]
@@ -409,7 +354,9 @@ impl<F: ImageFile> VhdImage<F> {
                     file_offset,
                 }),
             }
-            plan.sectors.push((block, first, last));
+            // As virtual sector numbers: commit_write finds the block again.
+            let block_first = block as u64 * (bs / 512);
+            plan.sectors.push((block_first + first, block_first + last));
             pos = block_end;
         }
         Ok(plan)
@@ -418,7 +365,18 @@ impl<F: ImageFile> VhdImage<F> {
     /// Marks the sectors of a completed payload write present. Durable at the next flush.
     pub fn commit_write(&mut self, plan: WritePlan) -> Result<()> {
         let spb = self.sectors_per_block();
-        for (block, first, last) in plan.sectors {
+        let per_block = spb;
+        for (vfirst, vlast) in plan.sectors {
+            let Ok(block) = u32::try_from(vfirst / per_block) else {
+                return Err(Error::InvalidArgument("write plan of another image".into()));
+            };
+            let (first, last) = (vfirst % per_block, vlast - block as u64 * per_block);
+            if block as usize >= self.bat.len() || first >= last || last > per_block {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: write plan of another image (sectors {vfirst}..{vlast})",
+                    self.path.display()
+                )));
+            }
             self.bitmap(block)?;
             let b = self.bitmaps.get_mut(&block).expect("loaded above");
             if b.set_range(first, last, spb) {

@@ -50,6 +50,7 @@ mod error;
 pub mod footer;
 pub mod geometry;
 pub mod image;
+mod interface;
 pub mod layout;
 pub mod locator;
 pub mod merge;

@@ -6,7 +6,7 @@
 //! `Mac ` (an alias blob, ignored). The spec says the data-space field counts sectors, Windows
 //! and Virtual PC write bytes: readers use only the data length, which is in bytes either way.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Number of locator entries in the header.
 pub const LOCATOR_COUNT: usize = 8;
@@ -147,24 +147,7 @@ pub fn base_name(path: &str) -> &str {
     path.rsplit(['\\', '/']).next().unwrap_or(path)
 }
 
-/// Path of `target` relative to directory `from`, Windows style (`.\x.vhd`, `..\d\x.vhd`).
-/// Both must be absolute and normalised.
-pub fn relative_windows_path(from_dir: &Path, target: &Path) -> String {
-    let from: Vec<_> = from_dir.components().collect();
-    let to: Vec<_> = target.components().collect();
-    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
-    let mut parts: Vec<String> = Vec::new();
-    if common == from.len() {
-        parts.push(".".into());
-    }
-    parts.extend(std::iter::repeat_n("..".to_string(), from.len() - common));
-    parts.extend(
-        to[common..]
-            .iter()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
-    );
-    parts.join("\\")
-}
+pub use image_io::format::relative_windows_path;
 
 /// UTF-16LE encoding of a path string, as W2ru/W2ku store it.
 pub fn encode_utf16le(s: &str) -> Vec<u8> {
@@ -174,6 +157,7 @@ pub fn encode_utf16le(s: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn entry_round_trips() {

@@ -247,7 +247,7 @@ fn hostile_inputs_give_typed_errors_and_leave_the_file_unchanged() {
                     .set_len(100)
                     .unwrap()
             },
-            ErrorKind::NotVhd,
+            ErrorKind::NotThisFormat,
         ),
         (
             "BAT entry past end of file",
@@ -333,7 +333,7 @@ fn hostile_inputs_give_typed_errors_and_leave_the_file_unchanged() {
             "{name}: error does not name the file: {e}"
         );
         let r = check(&p);
-        if *kind != ErrorKind::NotVhd {
+        if *kind != ErrorKind::NotThisFormat {
             assert_eq!(r.unwrap().exit_code(), 2, "{name}");
         }
         assert_eq!(std::fs::read(&p).unwrap(), before, "{name}: input changed");

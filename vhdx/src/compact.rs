@@ -32,30 +32,7 @@ use image_io::ImageFile;
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
-/// What compaction releases.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CompactMode {
-    /// Release only blocks with no sector present; close holes.
-    Quick,
-    /// Also release blocks that read as zeros or as the parent's bytes.
-    Full,
-}
-
-/// What [`VhdxImage::compact`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CompactReport {
-    /// Payload and sector-bitmap blocks released.
-    pub blocks_released: u64,
-    /// Blocks moved down to close holes.
-    pub blocks_moved: u64,
-    /// File length before.
-    pub file_size_before: u64,
-    /// File length after.
-    pub file_size_after: u64,
-}
-
-/// Reads the parent's view of a virtual range (differencing images in full mode).
-pub type BackingReader<'a> = &'a mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>;
+pub use image_io::format::{BackingReader, CompactMode, CompactReport};
 
 /// Bytes copied between two logged BAT updates.
 const BATCH_BYTES: u64 = 256 << 20;

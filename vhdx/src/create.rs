@@ -93,23 +93,7 @@ impl ParentInfo {
     }
 }
 
-/// `target` relative to `from_dir`, Windows style (`.\p.vhdx`, `..\d\p.vhdx`).
-fn relative_windows_path(from_dir: &Path, target: &Path) -> String {
-    let from: Vec<_> = from_dir.components().collect();
-    let to: Vec<_> = target.components().collect();
-    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
-    let mut parts: Vec<String> = Vec::new();
-    if common == from.len() {
-        parts.push(".".into());
-    }
-    parts.extend(std::iter::repeat_n("..".to_string(), from.len() - common));
-    parts.extend(
-        to[common..]
-            .iter()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
-    );
-    parts.join("\\")
-}
+use image_io::format::relative_windows_path;
 
 impl VhdxImage<std::fs::File> {
     /// Creates an image at `path` (which must not exist) through a temporary name, and opens

@@ -7,26 +7,8 @@ use std::path::PathBuf;
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Stable classification of an [`Error`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The underlying file operation failed.
-    Io,
-    /// The file is not a VHDX image.
-    NotVhdx,
-    /// A structure failed its CRC-32C.
-    Checksum,
-    /// A structure is inconsistent or out of bounds.
-    Corrupt,
-    /// A valid image using something this crate does not handle.
-    Unsupported,
-    /// The caller asked for something impossible.
-    InvalidArgument,
-    /// A write on an image opened read-only.
-    ReadOnly,
-    /// Another process has the image open in a way this open cannot share (image locking).
-    InUse,
-}
+/// Stable classification of an [`Error`]: the kind every format crate shares.
+pub use image_io::format::ErrorKind;
 
 /// Errors of the `vhdx` crate.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +89,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Io { .. } => ErrorKind::Io,
-            Error::NotVhdx { .. } => ErrorKind::NotVhdx,
+            Error::NotVhdx { .. } => ErrorKind::NotThisFormat,
             Error::Checksum { .. } => ErrorKind::Checksum,
             Error::Corrupt { .. } => ErrorKind::Corrupt,
             Error::Unsupported { .. } => ErrorKind::Unsupported,

@@ -27,60 +27,7 @@ use uuid::Uuid;
 
 pub use image_io::OpenMode;
 
-/// How strictly metadata updates are ordered against payload writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// Metadata through the log, with barriers: crash-safe at every point.
-    Durable,
-    /// Metadata written in place at flush, one sync: for fresh outputs under a temporary name.
-    Relaxed,
-}
-
-/// Where a piece of a virtual range lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadSource {
-    /// In this file at `file_offset` (read it with [`VhdxImage::read_file_at`]).
-    Data {
-        /// Byte offset in the file.
-        file_offset: u64,
-    },
-    /// Reads as zeros.
-    Zero,
-    /// Not in this image: ask the parent.
-    Parent,
-}
-
-/// A contiguous piece of a resolved virtual range.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadExtent {
-    /// Virtual byte offset.
-    pub offset: u64,
-    /// Length in bytes.
-    pub len: u64,
-    /// Where the bytes are.
-    pub source: ReadSource,
-}
-
-/// A file range to write payload to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WriteExtent {
-    /// Virtual byte offset.
-    pub offset: u64,
-    /// Length in bytes.
-    pub len: u64,
-    /// Byte offset in the file.
-    pub file_offset: u64,
-}
-
-/// Result of [`VhdxImage::resolve_write`]: write the payload, then [`VhdxImage::commit_write`].
-#[derive(Debug)]
-#[must_use = "commit_write makes the written sectors visible"]
-pub struct WritePlan {
-    /// File ranges in virtual order covering the requested range.
-    pub extents: Vec<WriteExtent>,
-    /// Virtual sector ranges of partially present blocks whose bitmap bits commit sets.
-    sectors: Vec<(u64, u64)>,
-}
+pub use image_io::format::{Durability, ReadExtent, ReadSource, WriteExtent, WritePlan};
 
 /// Parsed location of the two regions.
 #[derive(Debug, Clone, Copy)]

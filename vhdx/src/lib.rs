@@ -43,6 +43,7 @@ mod edit;
 mod error;
 pub mod format;
 pub mod image;
+mod interface;
 pub mod log;
 pub mod merge;
 pub mod meta;

@@ -23,6 +23,45 @@ use uuid::Uuid;
 const MAX_LOCATOR: usize = 64 << 10;
 
 impl<F: ImageFile> VhdxImage<F> {
+    /// Points the image at its parent's new location (Set-VHD -ParentPath): `relative_path`
+    /// and `absolute_win32_path` (Windows separators) replace every stored path (the
+    /// `volume_path` too, which names the old volume); other keys are kept. With `linkage`, the
+    /// parent link is re-made to that DataWriteGuid (an unsafe rebase onto another parent).
+    pub fn set_parent(
+        &mut self,
+        absolute: &std::path::Path,
+        relative: &str,
+        linkage: Option<Uuid>,
+    ) -> Result<()> {
+        let Some(link) = self.parent.clone() else {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a differencing image",
+                self.path.display()
+            )));
+        };
+        let mut entries: Vec<(String, String)> = link
+            .entries
+            .into_iter()
+            .filter(|(k, _)| {
+                let path_key = matches!(
+                    k.as_str(),
+                    "relative_path" | "absolute_win32_path" | "volume_path"
+                );
+                let replaced_link = linkage.is_some() && k.starts_with("parent_linkage");
+                !(path_key || replaced_link)
+            })
+            .collect();
+        if let Some(guid) = linkage {
+            entries.insert(0, ("parent_linkage".into(), format!("{{{guid}}}")));
+        }
+        entries.push(("relative_path".into(), relative.to_string()));
+        entries.push((
+            "absolute_win32_path".into(),
+            absolute.to_string_lossy().replace('/', "\\"),
+        ));
+        self.set_parent_locator(entries)
+    }
+
     /// Replaces the parent locator's key/value pairs; see the [module docs](self).
     pub fn set_parent_locator(&mut self, entries: Vec<(String, String)>) -> Result<()> {
         if !self.writable {

@@ -303,7 +303,7 @@ fn hostile_inputs_give_typed_errors_and_leave_the_file_unchanged() {
                     .set_len(4096)
                     .unwrap()
             },
-            ErrorKind::NotVhdx,
+            ErrorKind::NotThisFormat,
         ),
         (
             "both headers damaged",
@@ -348,7 +348,7 @@ fn hostile_inputs_give_typed_errors_and_leave_the_file_unchanged() {
         let e = VhdxImage::open(&p, OpenMode::ReadOnly).expect_err(name);
         assert_eq!(e.kind(), *kind, "{name}: {e}");
         assert!(e.to_string().contains("bad.vhdx"), "{name}: {e}");
-        if *kind != ErrorKind::NotVhdx {
+        if *kind != ErrorKind::NotThisFormat {
             assert_eq!(check(&p).unwrap().exit_code(), 2, "{name}");
         }
         assert_eq!(std::fs::read(&p).unwrap(), before, "{name}: input changed");

@@ -12,6 +12,7 @@
 //! left in the file and shorten it. Every step leaves a valid image with the same content, so an
 //! interrupted run loses nothing and can simply be run again.
 
+use image_io::format::{BackingReader, CompactMode};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -79,46 +80,22 @@ pub fn run(a: &Args) -> Result<u8> {
         None => Ok(()),
     };
     let has_parent = image.is_differencing() && full;
-    let total = match &image {
-        RwImage::Vhd(v) => v.allocated_blocks() as u64 * u64::from(v.block_size().unwrap_or(0)),
-        RwImage::Vhdx(v) => v.allocated_blocks() as u64 * u64::from(v.block_size()),
-    };
+    let total = image.allocated_blocks() as u64 * u64::from(image.info().block_size.unwrap_or(0));
     let mut progress = Progress::new(total, a.progress);
     let mut tick = |n: u64| progress.inc(n);
-    let (released, moved, before, after) = match &mut image {
-        RwImage::Vhd(v) => {
-            let mode = if full {
-                vhd::CompactMode::Full
-            } else {
-                vhd::CompactMode::Quick
-            };
-            let backing: Option<vhd::compact::BackingReader<'_>> =
-                has_parent.then_some(&mut read_parent);
-            let r = v.compact(mode, backing, &mut tick)?;
-            (
-                r.blocks_released,
-                r.blocks_moved,
-                r.file_size_before,
-                r.file_size_after,
-            )
-        }
-        RwImage::Vhdx(v) => {
-            let mode = if full {
-                vhdx::CompactMode::Full
-            } else {
-                vhdx::CompactMode::Quick
-            };
-            let backing: Option<vhdx::compact::BackingReader<'_>> =
-                has_parent.then_some(&mut read_parent);
-            let r = v.compact(mode, backing, &mut tick)?;
-            (
-                r.blocks_released,
-                r.blocks_moved,
-                r.file_size_before,
-                r.file_size_after,
-            )
-        }
+    let mode = if full {
+        CompactMode::Full
+    } else {
+        CompactMode::Quick
     };
+    let backing: Option<BackingReader<'_>> = has_parent.then_some(&mut read_parent);
+    let r = image.compact(mode, backing, &mut tick)?;
+    let (released, moved, before, after) = (
+        r.blocks_released,
+        r.blocks_moved,
+        r.file_size_before,
+        r.file_size_after,
+    );
     image
         .close()
         .with_context(|| format!("cannot close {}", a.file.display()))?;

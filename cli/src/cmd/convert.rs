@@ -320,7 +320,7 @@ impl Sink {
         }
         let image = vhd::VhdImage::create(path, &opts)
             .with_context(|| format!("cannot create {}", path.display()))?;
-        Sink::image(block_backend::Image::Vhd(image))
+        Sink::image(block_backend::Image::new(Box::new(image)))
     }
 
     fn vhdx(path: &Path, size: u64, a: &Args) -> Result<Sink> {
@@ -336,7 +336,7 @@ impl Sink {
         let opts = vhdx_options(vsize, fixed, a.block_size, a.sparse, a.sectors)?;
         let image = vhdx::VhdxImage::create(path, &opts)
             .with_context(|| format!("cannot create {}", path.display()))?;
-        Sink::image(block_backend::Image::Vhdx(image))
+        Sink::image(block_backend::Image::new(Box::new(image)))
     }
 
     fn image(image: block_backend::Image) -> Result<Sink> {

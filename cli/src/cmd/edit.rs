@@ -8,32 +8,21 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use block_backend::{Chain, Disk, Format, OpenOptions};
+use block_backend::{Chain, Disk, Layer, OpenOptions};
+use image_io::format::FormatImage;
 
-/// One image opened writable with its format crate.
-// One per command: the size difference between the variants costs nothing.
-#[allow(clippy::large_enum_variant)]
-pub enum RwImage {
-    /// A VHD.
-    Vhd(vhd::VhdImage),
-    /// A VHDX.
-    Vhdx(vhdx::VhdxImage),
-}
+/// One image opened writable, whatever its format (the shared format interface).
+pub struct RwImage(Box<dyn FormatImage>);
 
 impl RwImage {
     /// Opens `path` writable (format by content). Raw files are refused: they have no
     /// structure to edit.
     pub fn open(path: &Path, verb: &str) -> Result<RwImage> {
-        match block_backend::probe::probe_path(path)? {
-            Format::Vhd => Ok(RwImage::Vhd(
-                vhd::VhdImage::open(path, vhd::OpenMode::ReadWrite)
-                    .with_context(|| format!("cannot open {}", path.display()))?,
-            )),
-            Format::Vhdx => Ok(RwImage::Vhdx(
-                vhdx::VhdxImage::open(path, vhdx::OpenMode::ReadWrite)
-                    .with_context(|| format!("cannot open {}", path.display()))?,
-            )),
-            Format::Raw => bail!(
+        match Layer::open(path, vhd::OpenMode::ReadWrite)
+            .with_context(|| format!("cannot open {}", path.display()))?
+        {
+            Layer::Image(image) => Ok(RwImage(image.into_format_image())),
+            Layer::Raw(_) => bail!(
                 "{}: a raw file has no VHD/VHDX structure to {verb}",
                 path.display()
             ),
@@ -42,27 +31,25 @@ impl RwImage {
 
     /// Whether the image is a differencing image.
     pub fn is_differencing(&self) -> bool {
-        match self {
-            RwImage::Vhd(v) => v.parent().is_some(),
-            RwImage::Vhdx(v) => v.parent().is_some(),
-        }
-    }
-
-    /// Virtual size.
-    pub fn virtual_size(&self) -> u64 {
-        match self {
-            RwImage::Vhd(v) => v.virtual_size(),
-            RwImage::Vhdx(v) => v.virtual_size(),
-        }
+        self.0.parent_ref().is_some()
     }
 
     /// Flushes and closes (a VHDX's log GUID is cleared).
     pub fn close(self) -> Result<()> {
-        match self {
-            RwImage::Vhd(mut v) => v.flush()?,
-            RwImage::Vhdx(v) => v.close()?,
-        }
-        Ok(())
+        Ok(self.0.close()?)
+    }
+}
+
+impl std::ops::Deref for RwImage {
+    type Target = dyn FormatImage;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl std::ops::DerefMut for RwImage {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut *self.0
     }
 }
 

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use block_backend::{Format, Layer};
+use block_backend::Layer;
 use serde::Serialize;
 
 use super::edit::RwImage;
@@ -50,23 +50,7 @@ pub struct Report {
     pub unsafe_: bool,
 }
 
-/// `target` relative to `from_dir`, Windows style (`.\p.vhd`, `..\d\p.vhd`).
-fn relative_windows_path(from_dir: &Path, target: &Path) -> String {
-    let from: Vec<_> = from_dir.components().collect();
-    let to: Vec<_> = target.components().collect();
-    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
-    let mut parts: Vec<String> = Vec::new();
-    if common == from.len() {
-        parts.push(".".into());
-    }
-    parts.extend(std::iter::repeat_n("..".to_string(), from.len() - common));
-    parts.extend(
-        to[common..]
-            .iter()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
-    );
-    parts.join("\\")
-}
+use image_io::format::relative_windows_path;
 
 /// Runs `rebase`.
 pub fn run(a: &Args) -> Result<u8> {
@@ -79,37 +63,27 @@ pub fn run(a: &Args) -> Result<u8> {
     let dir = child_abs.parent().unwrap_or(Path::new("/"));
     let relative = relative_windows_path(dir, &absolute);
     // Identity first, read-only: a refused rebase writes nothing.
-    let (want, found, matches) = match (
-        block_backend::probe::probe_path(&a.child)?,
-        new_parent.format(),
-    ) {
-        (Format::Vhd, Format::Vhd) => {
-            let c = vhd::VhdImage::open(&a.child, vhd::OpenMode::ReadOnly)?;
-            let want = c
-                .parent()
-                .map(|p| p.uuid)
-                .context("not a differencing image")?;
-            let found = new_parent.info().uuid.unwrap_or_default();
-            (want, found, want == found)
-        }
-        (Format::Vhdx, Format::Vhdx) => {
-            let c = vhdx::VhdxImage::open(&a.child, vhdx::OpenMode::ReadOnly)?;
-            let link = c.parent().cloned().context("not a differencing image")?;
-            let Layer::Image(img) = &new_parent else {
-                bail!("{} is not a VHDX image", a.parent.display());
-            };
-            let block_backend::Image::Vhdx(p) = &**img else {
-                bail!("{} is not a VHDX image", a.parent.display());
-            };
-            let found = p.header().data_write_guid;
-            (link.linkage, found, link.matches(found))
-        }
-        (Format::Raw, _) => bail!("{} is not a differencing image", a.child.display()),
-        (c, f) => bail!(
+    let child = Layer::open(&a.child, vhd::OpenMode::ReadOnly)
+        .with_context(|| format!("cannot open {}", a.child.display()))?;
+    let (c, f) = (child.format(), new_parent.format());
+    let Some(link) = (match &child {
+        Layer::Image(img) => img.format_image().parent_ref(),
+        Layer::Raw(_) => None,
+    }) else {
+        bail!("{} is not a differencing image", a.child.display());
+    };
+    if c != f {
+        bail!(
             "{} is a {f} image: the parent of a {c} differencing image is a {c} image",
             a.parent.display()
-        ),
+        );
+    }
+    let Layer::Image(p) = &new_parent else {
+        bail!("{} is not a {c} image", a.parent.display());
     };
+    let (want, found) = (link.accepts[0], p.identity());
+    let matches = link.accepts.contains(&found);
+    drop(child);
     if !matches && !a.unsafe_ {
         bail!(
             "{} is not the parent of {}: it has identity {found}, the child was made over {want} (use --unsafe to re-link anyway)",
@@ -119,34 +93,7 @@ pub fn run(a: &Args) -> Result<u8> {
     }
     drop(new_parent);
     let mut image = RwImage::open(&a.child, "rebase")?;
-    match &mut image {
-        RwImage::Vhd(c) => c.set_parent(&absolute, &relative, a.unsafe_.then_some(found))?,
-        RwImage::Vhdx(c) => {
-            let link = c.parent().cloned().context("no parent link")?;
-            let mut entries: Vec<(String, String)> = link
-                .entries
-                .iter()
-                .filter(|(k, _)| {
-                    let path_key = matches!(
-                        k.as_str(),
-                        "relative_path" | "absolute_win32_path" | "volume_path"
-                    );
-                    let replaced_link = a.unsafe_ && k.starts_with("parent_linkage");
-                    !(path_key || replaced_link)
-                })
-                .cloned()
-                .collect();
-            if a.unsafe_ {
-                entries.insert(0, ("parent_linkage".into(), format!("{{{found}}}")));
-            }
-            entries.push(("relative_path".into(), relative.clone()));
-            entries.push((
-                "absolute_win32_path".into(),
-                absolute.to_string_lossy().replace('/', "\\"),
-            ));
-            c.set_parent_locator(entries)?;
-        }
-    }
+    image.set_parent(&absolute, &relative, a.unsafe_.then_some(found))?;
     image.close()?;
     if a.json {
         let r = Report {

@@ -97,10 +97,7 @@ pub fn run(a: &Args) -> Result<u8> {
     }
     let mut progress = Progress::new(new.saturating_sub(old), a.progress);
     let mut tick = |n: u64| progress.inc(n);
-    match &mut image {
-        RwImage::Vhd(v) => v.resize(new, &mut tick)?,
-        RwImage::Vhdx(v) => v.resize(new, &mut tick)?,
-    }
+    image.resize(new, &mut tick)?;
     image
         .close()
         .with_context(|| format!("cannot close {}", a.file.display()))?;
