@@ -154,7 +154,16 @@ pub(crate) fn bat_problems<F: ImageFile>(img: &VhdxImage<F>) -> Vec<(u64, String
             continue;
         }
         let start = e.file_offset();
-        if start < MIB || start.checked_add(size).is_none_or(|end| end > len) {
+        // The file must hold the block, except that a fixed image's last block needs to reach
+        // only the end of the virtual disk: qemu-img sizes fixed files to the disk, not to
+        // whole blocks, and nothing reads past the disk's end.
+        let block = i as u64 - i as u64 / (cr + 1);
+        let held = if is_sb || !img.params().leave_blocks_allocated {
+            size
+        } else {
+            size.min(img.virtual_size().saturating_sub(block * bs))
+        };
+        if start < MIB || start.checked_add(held).is_none_or(|end| end > len) {
             out.push((
                 at,
                 format!("entry {i} ({what}) points to {start:#x}, outside the file of {len} bytes"),

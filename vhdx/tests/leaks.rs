@@ -59,27 +59,31 @@ fn qemu_img_created_vhdx_checks_clean() {
         return;
     }
     let dir = scratch();
-    let cases: &[(&str, &str)] = &[
-        ("16M", ""),
-        ("1G", ""),
-        ("3G", "block_size=1M"),
-        ("200G", ""),
-        ("64M", "block_size=2M"),
-        ("16M", "block_size=256M"),
-        ("16M", "log_size=4M"),
-        ("40M", "block_state_zero=off"),
-        ("100M", "subformat=fixed"),
-        ("1G", "subformat=fixed,block_size=1M"),
-        ("100M", "subformat=fixed,log_size=3M,block_size=32M"),
+    // (virtual size in MiB, -o options)
+    let cases: &[(u64, &str)] = &[
+        (16, ""),
+        (1024, ""),
+        (3072, "block_size=1M"),
+        (200 << 10, ""),
+        (64, "block_size=2M"),
+        (16, "block_size=256M"),
+        (16, "log_size=4M"),
+        (40, "block_state_zero=off"),
+        (100, "subformat=fixed"),
+        (1024, "subformat=fixed,block_size=1M"),
+        (100, "subformat=fixed,log_size=3M,block_size=32M"),
+        // Blocks present from the start; the file ends with the disk, inside the last block.
+        (100, "subformat=fixed,block_state_zero=off"),
     ];
-    for (i, (size, opts)) in cases.iter().enumerate() {
+    for (i, &(mib, opts)) in cases.iter().enumerate() {
         let p = dir.join(format!("q{i}.vhdx"));
+        let size = format!("{}", mib * MIB);
         let mut args = vec!["create", "-q", "-f", "vhdx"];
         if !opts.is_empty() {
             args.extend(["-o", opts]);
         }
-        run("qemu-img", &args, &[&p, Path::new(size)]);
-        let what = format!("qemu-img create {opts} {size}");
+        run("qemu-img", &args, &[&p, Path::new(&size)]);
+        let what = format!("qemu-img create -o {opts:?} {mib}M");
         let r = check(&p).unwrap();
         assert!(r.leaks.is_empty(), "{what}: {r:?}");
         assert!(
@@ -87,8 +91,10 @@ fn qemu_img_created_vhdx_checks_clean() {
             "{what}: {r:?}"
         );
         assert_clean_and_kept_by_repair(&p, &what);
-        // Written by qemu afterwards (blocks appended past the creator's reserve): still clean.
+        // Written by qemu afterwards (blocks appended past the creator's reserve, or written in
+        // place): still clean, and reads what qemu wrote.
         if tool_or_skip("qemu-io") {
+            let last = format!("write -P 0x3c {} 4k", mib * MIB - 4096);
             run(
                 "qemu-io",
                 &[
@@ -98,10 +104,27 @@ fn qemu_img_created_vhdx_checks_clean() {
                     "write -P 0x5a 0 64k",
                     "-c",
                     "write -P 0xa5 5M 4k",
+                    "-c",
+                    &last,
                 ],
                 &[&p],
             );
-            assert_clean_and_kept_by_repair(&p, &format!("{what}, then written by qemu-io"));
+            let what = format!("{what}, then written by qemu-io");
+            assert_clean_and_kept_by_repair(&p, &what);
+            let mut img = VhdxImage::open(&p, OpenMode::ReadOnly).unwrap();
+            let head = read(&mut img, 0, 6 * MIB as usize);
+            assert!(head[..64 << 10].iter().all(|&b| b == 0x5a), "{what}");
+            assert!(
+                head[5 * MIB as usize..][..4096].iter().all(|&b| b == 0xa5),
+                "{what}"
+            );
+            assert_eq!(
+                head.iter().filter(|&&b| b != 0).count(),
+                (64 << 10) + 4096,
+                "{what}"
+            );
+            let tail = read(&mut img, mib * MIB - 8192, 8192);
+            assert_eq!(tail, [vec![0; 4096], vec![0x3c; 4096]].concat(), "{what}");
         }
     }
 }
