@@ -422,6 +422,70 @@ fn check_exit_codes_follow_qemu_img() {
 }
 
 #[test]
+fn qemu_img_made_vhdx_checks_clean_and_json_lists_the_unused_space() {
+    if !vhdkit_tests::tool_or_skip("qemu-img") {
+        return;
+    }
+    let d = tmp();
+    let raw = d.path().join("src.raw");
+    data_file(&raw, 3 << 20, 7);
+    for (name, args) in [
+        ("created.vhdx", vec!["create", "-q", "-f", "vhdx"]),
+        (
+            "fixed.vhdx",
+            vec!["create", "-q", "-f", "vhdx", "-o", "subformat=fixed"],
+        ),
+        (
+            "converted.vhdx",
+            vec!["convert", "-f", "raw", "-O", "vhdx", "-o", "block_size=1M"],
+        ),
+    ] {
+        let img = d.path().join(name);
+        let mut q = Command::new("qemu-img");
+        q.args(&args);
+        if args[0] == "convert" {
+            q.arg(&raw).arg(&img);
+        } else {
+            q.arg(&img).arg("16M");
+        }
+        assert!(q.status().unwrap().success(), "qemu-img {args:?}");
+        let o = vhdtool(&[&"check", &img]);
+        assert_eq!(code(&o), 0, "{name}: {}", ok_any(&o));
+        assert!(ok(&o).contains("No errors were found"), "{name}");
+        let rep = json(&vhdtool(&[&"check", &"--json", &img]));
+        assert_eq!(rep["result"], "clean", "{name}: {rep}");
+        assert_eq!(rep["leaks"].as_array().unwrap().len(), 0, "{name}: {rep}");
+        let unused = rep["unused"].as_array().unwrap();
+        assert!(
+            !unused.is_empty(),
+            "{name}: qemu-img keeps space free: {rep}"
+        );
+        let total: u64 = unused.iter().map(|u| u["length"].as_u64().unwrap()).sum();
+        assert_eq!(rep["unused-bytes"].as_u64(), Some(total), "{name}");
+        for u in unused {
+            assert!(u["offset"].as_u64().unwrap() >= 1 << 20, "{name}: {u}");
+            assert!(u["compact-releases"].is_boolean(), "{name}: {u}");
+            assert!(
+                u["message"].as_str().unwrap().contains("not a leak"),
+                "{name}: {u}"
+            );
+        }
+    }
+    // Space appended to a written qemu-img image is a leak: exit 3, and --repair gives it back.
+    let img = d.path().join("converted.vhdx");
+    let before = std::fs::metadata(&img).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(before + (2 << 20)).unwrap();
+    let o = vhdtool(&[&"check", &"--json", &img]);
+    assert_eq!(code(&o), 3, "{}", ok_any(&o));
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rep["result"], "leaks");
+    assert_eq!(rep["leaked-bytes"].as_u64(), Some(2 << 20));
+    assert_eq!(code(&vhdtool(&[&"check", &"--repair", &img])), 0);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), before);
+}
+
+#[test]
 fn map_text_and_json_agree_on_data() {
     let d = tmp();
     let img = d.path().join("m.vhd");

@@ -2,12 +2,40 @@
 //!
 //! Findings: unreadable or inconsistent structures (anything `open` refuses), blocks without
 //! data that still carry a file offset (Hyper-V refuses those), and, with the leaks (exit 3, no
-//! harm to data), file space no structure uses and a pending log. A pending log is what a crash
-//! inside a flush leaves by design: the check runs on the image as replayed (in memory), which is
-//! what every reader must see (MS-VHDX: the log is replayed before the file is used); a reader
-//! that ignores logs would see stale metadata until `repair` replays it on disk.
-//! `repair` opens the image writable, which replays a pending log on disk, and drops leaked
-//! space at the end of the file.
+//! harm to data), file space that `repair` or `compact` can give back and a pending log. A
+//! pending log is what a crash inside a flush leaves by design: the check runs on the image as
+//! replayed (in memory), which is what every reader must see (MS-VHDX: the log is replayed
+//! before the file is used); a reader that ignores logs would see stale metadata until `repair`
+//! replays it on disk. `repair` opens the image writable, which replays a pending log on disk,
+//! and drops leaked space at the end of the file.
+//!
+//! ## Unused file space: leak or layout
+//!
+//! MS-VHDX places the log, the regions and every block at any 1 MiB boundary past the header
+//! section and forbids only overlaps, so no free space is invalid: the question is only whether
+//! our tools can give it back. Every free range of at least 1 MiB is one of:
+//!
+//! ```text
+//! | hdr | log | BAT | meta | reserve | blk | blk | hole | blk | tail |      (written image)
+//! | hdr | log | BAT | meta | reserve ........................... |        (as its creator made it)
+//!                            ^ unused: layout          ^ leak     ^ leak
+//! ```
+//!
+//! - **Before the first data block** (payload or sector bitmap): space the creator left around
+//!   its regions, by alignment or as a reserve (qemu-img keeps 4 MiB after the metadata region;
+//!   its fixed images keep the preallocated area unused and append blocks after it; a relocated
+//!   BAT leaves its old place). Not a leak; reported in [`CheckReport::unused`], saying whether
+//!   `compact` can move blocks into it.
+//! - **At the end of the file**, past the last structure: a leak that `repair` cuts off (an
+//!   allocation a crash interrupted, blocks released at the end). Except in an image with no
+//!   data block whose log was never written: nothing has been written since it was made, so the
+//!   length is the one its creator chose (qemu-img's reserve, a fixed image's preallocation).
+//! - **Between data blocks**: a leak when `compact` can move a block after it into it (dynamic
+//!   and differencing images, a hole at least one block long); otherwise unused (a fixed image,
+//!   whose blocks compact does not move, or a hole smaller than every block after it).
+//!
+//! A block released below every other block is indistinguishable from a creator's reserve: it
+//! is reported as unused space that `compact` can fill, not as a leak.
 
 use crate::error::{Error, Result};
 use crate::format::{state, MIB};
@@ -26,15 +54,30 @@ pub struct Finding {
     pub message: String,
 }
 
+/// A free file range that is not a leak (see the [module docs](self)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unused {
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Whether `compact` gives it back (moves blocks into it or cuts it off).
+    pub compact_releases: bool,
+    /// Full message: where, why it is there, what releases it.
+    pub message: String,
+}
+
 /// Result of [`check`] or [`repair`].
 #[derive(Debug, Clone, Default)]
 pub struct CheckReport {
     /// Problems that make data read wrongly or the image unusable.
     pub corruptions: Vec<Finding>,
-    /// Unused file space.
+    /// File space `repair` or `compact` can give back (see the [module docs](self)).
     pub leaks: Vec<Finding>,
     /// Total leaked bytes.
     pub leaked_bytes: u64,
+    /// File space no structure uses that is not a leak: information, not a finding.
+    pub unused: Vec<Unused>,
     /// What [`repair`] did.
     pub repairs: Vec<String>,
 }
@@ -111,7 +154,16 @@ pub(crate) fn bat_problems<F: ImageFile>(img: &VhdxImage<F>) -> Vec<(u64, String
             continue;
         }
         let start = e.file_offset();
-        if start < MIB || start.checked_add(size).is_none_or(|end| end > len) {
+        // The file must hold the block, except that a fixed image's last block needs to reach
+        // only the end of the virtual disk: qemu-img sizes fixed files to the disk, not to
+        // whole blocks, and nothing reads past the disk's end.
+        let block = i as u64 - i as u64 / (cr + 1);
+        let held = if is_sb || !img.params().leave_blocks_allocated {
+            size
+        } else {
+            size.min(img.virtual_size().saturating_sub(block * bs))
+        };
+        if start < MIB || start.checked_add(held).is_none_or(|end| end > len) {
             out.push((
                 at,
                 format!("entry {i} ({what}) points to {start:#x}, outside the file of {len} bytes"),
@@ -145,38 +197,107 @@ pub(crate) fn bat_problems<F: ImageFile>(img: &VhdxImage<F>) -> Vec<(u64, String
     out
 }
 
-/// File ranges used by any structure, sorted and merged.
-fn used_ranges<F: ImageFile>(img: &VhdxImage<F>) -> Vec<(u64, u64)> {
-    let r = img.regions();
+/// Payload and sector-bitmap blocks with data: (file offset, size).
+fn data_blocks<F: ImageFile>(img: &VhdxImage<F>) -> Vec<(u64, u64)> {
     let bs = img.block_size() as u64;
     let cr = img.chunk_ratio();
-    let mut used = vec![
-        (0, MIB),
-        (
-            img.header().log_offset,
-            img.header().log_offset + img.header().log_length as u64,
-        ),
-        (r.bat_offset, r.bat_offset + r.bat_length),
-        (r.metadata_offset, r.metadata_offset + r.metadata_length),
-    ];
-    for (i, e) in img.bat().iter().enumerate() {
-        let is_sb = (i as u64 + 1).is_multiple_of(cr + 1);
-        if matches!(e.state(), state::FULLY_PRESENT | state::PARTIALLY_PRESENT) {
-            used.push((
-                e.file_offset(),
-                e.file_offset() + if is_sb { MIB } else { bs },
-            ));
-        }
+    img.bat()
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e.state(), state::FULLY_PRESENT | state::PARTIALLY_PRESENT))
+        .map(|(i, e)| {
+            let is_sb = (i as u64 + 1).is_multiple_of(cr + 1);
+            (e.file_offset(), if is_sb { MIB } else { bs })
+        })
+        .collect()
+}
+
+/// Whether anything was ever written to the log. Every log entry fills whole 4 KiB log sectors
+/// (entry header, descriptors, data sectors, each signed), so a log of zeros was never used:
+/// no BAT entry or other metadata changed through it since the image was made.
+fn log_ever_written<F: ImageFile>(img: &VhdxImage<F>) -> bool {
+    if img.replayed_log() {
+        return true;
     }
-    used.sort();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (s, e) in used {
-        match merged.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => merged.push((s, e)),
+    let (at, len) = (img.header().log_offset, img.header().log_length as u64);
+    let mut buf = vec![0u8; len.min(MIB) as usize];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(MIB) as usize;
+        // A log the file does not hold counts as written: the space is then judged a leak.
+        if img.read_file_at(&mut buf[..n], at + pos).is_err() || buf[..n].iter().any(|&b| b != 0) {
+            return true;
         }
+        pos += n as u64;
     }
-    merged
+    false
+}
+
+/// What a free file range is (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gap {
+    /// Past the last structure, to the end of the file: `repair` cuts it off.
+    Tail,
+    /// Between data blocks, and a block after it fits: `compact` moves blocks into it.
+    Hole,
+    /// Not a leak.
+    Unused {
+        compact_releases: bool,
+        why: &'static str,
+    },
+}
+
+/// Free ranges of at least 1 MiB (smaller ones hold no structure): (start, end, kind).
+fn free_space<F: ImageFile>(img: &VhdxImage<F>) -> Vec<(u64, u64, Gap)> {
+    let len = img.file_len();
+    let fixed = img.params().leave_blocks_allocated;
+    let blocks = data_blocks(img);
+    let first_block = blocks.iter().map(|b| b.0).min();
+    let mut used = img.structure_ranges();
+    used.extend(blocks.iter().map(|&(s, n)| (s, s + n)));
+    used.sort_unstable();
+    // `compact` moves a block down into free space that holds it whole.
+    let compact_fills =
+        |s: u64, e: u64| !fixed && blocks.iter().any(|&(at, n)| at >= e && n <= e - s);
+    let mut out = Vec::new();
+    let mut end = 0u64;
+    for (s, e) in used.into_iter().chain(std::iter::once((len, len))) {
+        let stop = s.min(len);
+        if stop >= end + MIB {
+            let kind = if stop == len {
+                if blocks.is_empty() && !log_ever_written(img) {
+                    Gap::Unused {
+                        compact_releases: !fixed,
+                        why:
+                            "the length its creator gave the file (nothing has been written since)",
+                    }
+                } else {
+                    Gap::Tail
+                }
+            } else if first_block.is_none_or(|f| stop <= f) {
+                Gap::Unused {
+                    compact_releases: compact_fills(end, stop),
+                    why: "before the first data block (the creator's alignment or reserve, or a region's old place)",
+                }
+            } else if compact_fills(end, stop) {
+                Gap::Hole
+            } else if fixed {
+                Gap::Unused {
+                    compact_releases: false,
+                    why:
+                        "after the first block of a fixed image, whose blocks compact does not move",
+                }
+            } else {
+                Gap::Unused {
+                    compact_releases: false,
+                    why: "after the first data block, and no block after it fits in it",
+                }
+            };
+            out.push((end, stop, kind));
+        }
+        end = end.max(e);
+    }
+    out
 }
 
 fn finding(e: &Error) -> Finding {
@@ -225,27 +346,40 @@ fn report<F: ImageFile>(img: &VhdxImage<F>) -> CheckReport {
             });
         }
     }
-    let len = img.file_len();
-    let mut end = 0u64;
-    for (s, e) in used_ranges(img).into_iter().chain(std::iter::once((
-        len.next_multiple_of(MIB),
-        len.next_multiple_of(MIB),
-    ))) {
-        if s > end && s - end >= MIB && end < len {
-            let bytes = s.min(len) - end;
-            if bytes >= MIB {
-                r.leaks.push(Finding {
-                    structure: "file space".into(),
-                    offset: end,
+    let path = img.path().display();
+    for (s, e, kind) in free_space(img) {
+        let bytes = e - s;
+        let leak = |how: &str| Finding {
+            structure: "file space".into(),
+            offset: s,
+            message: format!(
+                "{path}: {bytes} bytes at offset {s} not used by any structure; {how}"
+            ),
+        };
+        match kind {
+            Gap::Tail => r.leaks.push(leak("`check --repair` cuts them off")),
+            Gap::Hole => r.leaks.push(leak("`compact` moves blocks into them")),
+            Gap::Unused {
+                compact_releases,
+                why,
+            } => {
+                let release = if compact_releases {
+                    "not a leak; `compact` gives them back"
+                } else {
+                    "not a leak; no in-place tool gives them back"
+                };
+                r.unused.push(Unused {
+                    offset: s,
+                    length: bytes,
+                    compact_releases,
                     message: format!(
-                        "{}: {bytes} bytes at offset {end} not used by any structure",
-                        img.path().display()
+                        "{path}: {bytes} bytes at offset {s} unused: {why}; {release}"
                     ),
                 });
-                r.leaked_bytes += bytes;
+                continue;
             }
         }
-        end = end.max(e);
+        r.leaked_bytes += bytes;
     }
     r
 }
@@ -290,9 +424,12 @@ pub fn repair(path: &Path) -> Result<CheckReport> {
                 img.header().log_offset
             ));
         }
-        let used_end = used_ranges(&img).last().map_or(MIB, |r| r.1);
         let len = img.file_len();
-        if len >= used_end + MIB {
+        let tail = free_space(&img)
+            .into_iter()
+            .find(|g| g.2 == Gap::Tail)
+            .map(|g| g.0);
+        if let Some(used_end) = tail {
             img.file().set_len(used_end).map_err(|source| Error::Io {
                 path: path.into(),
                 op: "truncate leaked space",

@@ -50,7 +50,7 @@ pub mod meta;
 pub mod rebase;
 pub mod resize;
 
-pub use check::{check, check_with, repair, CheckReport, Finding};
+pub use check::{check, check_with, repair, CheckReport, Finding, Unused};
 pub use compact::{CompactMode, CompactReport};
 pub use create::{CreateOptions, ParentInfo};
 pub use error::{Error, ErrorKind, Result};

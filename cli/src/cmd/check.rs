@@ -4,6 +4,11 @@
 //! not be checked. Raw files have no structure: "nothing to check", exit 0. For differencing
 //! images the parent link is verified too (parent found, UUID matches, its own chain opens);
 //! a broken link is a corruption finding, not a failure to check.
+//!
+//! Leaks are file space `--repair` or `compact` can give back. Free VHDX space that is part of
+//! its creator's layout (qemu-img's reserve after the regions) or that nothing in place could
+//! reclaim is information, not a finding: `--json` lists it under `unused`, the text stays
+//! quiet about it.
 
 use std::path::PathBuf;
 
@@ -59,11 +64,38 @@ impl From<&vhdx::Finding> for Finding {
     }
 }
 
+/// File space no structure uses that is not a leak (VHDX), for output: what the image's
+/// creator left unused, or what nothing but `compact` or `convert` could give back.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Unused {
+    /// Byte offset in the file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Whether `compact` gives it back.
+    pub compact_releases: bool,
+    /// Where it is and why it is there.
+    pub message: String,
+}
+
+impl From<&vhdx::check::Unused> for Unused {
+    fn from(u: &vhdx::check::Unused) -> Self {
+        Unused {
+            offset: u.offset,
+            length: u.length,
+            compact_releases: u.compact_releases,
+            message: u.message.clone(),
+        }
+    }
+}
+
 /// A format crate's report, in the CLI's terms.
 struct FormatReport {
     corruptions: Vec<Finding>,
     leaks: Vec<Finding>,
     leaked_bytes: u64,
+    unused: Vec<Unused>,
     repairs: Vec<String>,
 }
 
@@ -73,6 +105,7 @@ impl From<vhd::CheckReport> for FormatReport {
             corruptions: r.corruptions.iter().map(Finding::from).collect(),
             leaks: r.leaks.iter().map(Finding::from).collect(),
             leaked_bytes: r.leaked_bytes,
+            unused: vec![],
             repairs: r.repairs,
         }
     }
@@ -84,6 +117,7 @@ impl From<vhdx::CheckReport> for FormatReport {
             corruptions: r.corruptions.iter().map(Finding::from).collect(),
             leaks: r.leaks.iter().map(Finding::from).collect(),
             leaked_bytes: r.leaked_bytes,
+            unused: r.unused.iter().map(Unused::from).collect(),
             repairs: r.repairs,
         }
     }
@@ -126,6 +160,10 @@ pub struct Report {
     pub leaks: Vec<Finding>,
     /// Total leaked bytes.
     pub leaked_bytes: u64,
+    /// Free file space that is no leak (information: not counted in the result).
+    pub unused: Vec<Unused>,
+    /// Total bytes of `unused`.
+    pub unused_bytes: u64,
     /// Problems found before repairing (with --repair).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub found_before_repair: Vec<Finding>,
@@ -146,6 +184,8 @@ pub fn run(a: &Args) -> Result<u8> {
             corruptions: vec![],
             leaks: vec![],
             leaked_bytes: 0,
+            unused: vec![],
+            unused_bytes: 0,
             found_before_repair: vec![],
             repairs: vec![],
             exit_code: 0,
@@ -194,6 +234,8 @@ fn check_image(a: &Args, format: Format) -> Result<Report> {
         corruptions,
         leaks,
         leaked_bytes: vreport.leaked_bytes,
+        unused_bytes: vreport.unused.iter().map(|u| u.length).sum(),
+        unused: vreport.unused,
         found_before_repair,
         repairs: vreport.repairs,
         exit_code,
