@@ -233,7 +233,7 @@ impl SharedDisk {
     /// allocated), a MiB at a time; the lock is let go between pieces.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> SharedResult<()> {
         let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
-        let end = offset.checked_add(len).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(len);
         let mut pos = offset;
         while pos < end {
             let n = (end - pos).min(ZERO_CHUNK) as usize;

@@ -84,6 +84,8 @@ enum Command {
     Mount(cmd::mount::Args),
     /// Flush and unmount a `vhdtool mount`, waiting for its daemon to exit.
     Umount(cmd::mount::UmountArgs),
+    /// Serve the image over NBD (Unix socket or TCP) until SIGINT/SIGTERM.
+    Serve(cmd::serve::Args),
 }
 
 impl Command {
@@ -109,6 +111,7 @@ impl Command {
             Command::Man(a) => cmd::completions::run_man(a),
             Command::Mount(a) => cmd::mount::run(a),
             Command::Umount(a) => cmd::mount::run_umount(a),
+            Command::Serve(a) => cmd::serve::run(a),
         }
     }
 
