@@ -31,6 +31,7 @@ pub mod error;
 pub mod io;
 pub mod negotiate;
 pub mod protocol;
+pub mod raw_client;
 pub mod server;
 pub mod tls;
 pub mod transmission;

@@ -562,7 +562,7 @@ mod tests {
             parse_info_request(&d),
             Err(ParseError::Short { .. })
         ));
-        let mut ok = d[..9].to_vec();
+        let mut ok = d[..7].to_vec();
         ok.extend_from_slice(&1u16.to_be_bytes());
         ok.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
         assert_eq!(

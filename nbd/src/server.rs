@@ -119,6 +119,7 @@ pub struct ServerConfig {
 pub struct Server {
     cfg: Arc<ServerConfig>,
     active: Arc<AtomicUsize>,
+    panicked: Arc<AtomicUsize>,
 }
 
 impl Server {
@@ -127,6 +128,7 @@ impl Server {
         Server {
             cfg: Arc::new(cfg),
             active: Arc::new(AtomicUsize::new(0)),
+            panicked: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -138,6 +140,12 @@ impl Server {
     /// Connections being served now.
     pub fn active_connections(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Connections that ended in a panic (a bug: logged, the connection closed, the others
+    /// served on). Tests assert it stays 0.
+    pub fn panicked_connections(&self) -> usize {
+        self.panicked.load(Ordering::Relaxed)
     }
 
     /// Accepts connections on a Unix socket for ever.
@@ -195,12 +203,20 @@ impl Server {
         let spawned = std::thread::Builder::new()
             .name("nbd-conn".into())
             .spawn(move || {
-                let r = server.serve_connection(stream, &peer);
+                // A bug in one connection must not take the others down: the disk's lock
+                // survives a panic (SharedDisk takes poisoned locks over).
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    server.serve_connection(stream, &peer)
+                }));
                 server.active.fetch_sub(1, Ordering::SeqCst);
                 match r {
-                    Ok(()) => tracing::debug!("{peer}: disconnected"),
-                    Err(e) if e.is_disconnect() => tracing::debug!("{e}"),
-                    Err(e) => tracing::warn!("{e}"),
+                    Ok(Ok(())) => tracing::debug!("{peer}: disconnected"),
+                    Ok(Err(e)) if e.is_disconnect() => tracing::debug!("{e}"),
+                    Ok(Err(e)) => tracing::warn!("{e}"),
+                    Err(_) => {
+                        server.panicked.fetch_add(1, Ordering::SeqCst);
+                        tracing::error!("{peer}: connection panicked (a bug); closed");
+                    }
                 }
             });
         if let Err(e) = spawned {
