@@ -449,3 +449,131 @@ fn a_server_killed_after_a_flush_leaves_an_image_that_opens_with_the_flushed_dat
         .args(["--length", &flushed.len().to_string()]));
     assert!(out.stdout == flushed, "flushed write lost");
 }
+
+/// A CA, a server certificate for localhost and a client certificate, made with openssl, in
+/// `dir` under the names libnbd's `tls-certificates` directory uses.
+fn make_pki(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "[srv]\nsubjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n\
+         [cli]\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    let ossl = |args: &[&str]| {
+        run(Command::new("openssl").current_dir(dir).args(args));
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    ossl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca-key.pem",
+                "-out",
+                "ca-cert.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test-ca",
+            ],
+        ]
+        .concat(),
+    );
+    for (who, ext) in [("server", "srv"), ("client", "cli")] {
+        let key = format!("{who}-key.pem");
+        let csr = format!("{who}.csr");
+        let cert = format!("{who}-cert.pem");
+        ossl(
+            &[
+                &["req"][..],
+                &ec,
+                &["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"],
+            ]
+            .concat(),
+        );
+        ossl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-extensions",
+            ext,
+        ]);
+    }
+}
+
+#[test]
+fn tls_is_required_when_certificates_are_given_and_client_certificates_are_checked() {
+    if !tool_or_skip("openssl") || !tool_or_skip("nbdinfo") || !tool_or_skip("nbdcopy") {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let pki = dir.path().join("pki");
+    make_pki(&pki);
+    let data = random_bytes(12, (4 * MIB) as usize);
+    let image = image_with(dir.path(), "t.vhdx", 4 * MIB, &[(0, data.clone())]);
+    let p = |f: &str| pki.join(f).display().to_string();
+    let (cert, key, ca) = (p("server-cert.pem"), p("server-key.pem"), p("ca-cert.pem"));
+    let s = Served::start(
+        dir.path(),
+        &image,
+        &[
+            "--read-only",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-ca",
+            &ca,
+        ],
+    );
+    let tls_uri = format!(
+        "nbds+unix:///?socket={}&tls-certificates={}",
+        s.socket.display(),
+        pki.display()
+    );
+    let info = run(Command::new("nbdinfo").arg(&tls_uri));
+    assert!(String::from_utf8_lossy(&info.stdout).contains("with TLS"));
+    let out = dir.path().join("out.raw");
+    run(Command::new("nbdcopy").arg(&tls_uri).arg(&out));
+    assert!(std::fs::read(&out).unwrap() == data);
+    // Without TLS nothing is told about the export.
+    let plain = Command::new("nbdinfo").arg(s.uri()).output().unwrap();
+    assert!(!plain.status.success());
+    // With TLS but no client certificate: refused.
+    let nocert = dir.path().join("nocert");
+    std::fs::create_dir_all(&nocert).unwrap();
+    std::fs::copy(pki.join("ca-cert.pem"), nocert.join("ca-cert.pem")).unwrap();
+    let anon = Command::new("nbdinfo")
+        .arg(format!(
+            "nbds+unix:///?socket={}&tls-certificates={}",
+            s.socket.display(),
+            nocert.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        !anon.status.success(),
+        "a client without a certificate got in"
+    );
+    assert!(s.stop().success());
+}
