@@ -44,6 +44,7 @@ mod error;
 mod image_layer;
 pub mod probe;
 mod raw;
+mod shared;
 pub mod virtio_blk;
 
 pub use aligned::AlignedBuf;
@@ -52,3 +53,4 @@ pub use disk::{Disk, Format, LayerInfo, MapExtent, OpenOptions, Subformat};
 pub use error::{Error, ErrorKind, Result, MAX_CHAIN_DEPTH};
 pub use image_layer::{Image, SECTOR};
 pub use raw::RawFile;
+pub use shared::{SharedDisk, SharedDiskError, SharedOptions, SharedResult};

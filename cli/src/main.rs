@@ -17,7 +17,7 @@
 //!   their name only once complete (temporary name, then rename).
 //! - Every image is locked while open (QEMU-compatible OFD locks): one writer, or readers.
 //! - A reader that goes away ends vhdtool quietly (SIGPIPE, like other filters), except for the
-//!   long-running verbs (`boot`, `mount`), which must flush their disks whatever stdout does.
+//!   long-running verbs (`boot`, `mount`, `serve`), which must flush their disks whatever stdout does.
 //! - Errors print `vhdtool: <message with its causes>` on stderr; exit 1 (2 for `compare`);
 //!   `check` exits 0 clean, 2 corrupt, 3 leaks only, 1 could not check.
 
@@ -90,6 +90,8 @@ enum Command {
     Mount(cmd::mount::Args),
     /// Flush and unmount a `vhdtool mount`, waiting for its daemon to exit.
     Umount(cmd::mount::UmountArgs),
+    /// Serve the image over NBD (Unix socket or TCP) until SIGINT/SIGTERM.
+    Serve(cmd::serve::Args),
 }
 
 impl Command {
@@ -115,6 +117,7 @@ impl Command {
             Command::Man(a) => cmd::completions::run_man(a),
             Command::Mount(a) => cmd::mount::run(a),
             Command::Umount(a) => cmd::mount::run_umount(a),
+            Command::Serve(a) => cmd::serve::run(a),
         }
     }
 
@@ -184,9 +187,13 @@ fn main() -> ExitCode {
     init_logging();
     sigpipe(true);
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Boot(_) | Command::Mount(_)) {
-        // They run for long and own open disks: a closed stdout must not kill them unflushed
-        // (the console ignores write errors; the mount daemon logs to a file).
+    if matches!(
+        cli.command,
+        Command::Boot(_) | Command::Mount(_) | Command::Serve(_)
+    ) {
+        // They run for long and own open disks: a closed stdout (or, for serve, a client's
+        // socket) must not kill them unflushed (the console ignores write errors; the mount
+        // daemon logs to a file; the server ends the connection).
         sigpipe(false);
     }
     match cli.command.run() {

@@ -58,8 +58,8 @@
 use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use block_backend::{AlignedBuf, Disk, ErrorKind};
@@ -104,70 +104,25 @@ thread_local! {
     static REPLY_PIPE: RefCell<Option<ReplyPipe>> = const { RefCell::new(None) };
 }
 
-/// Errors of [`SharedDisk`].
-#[derive(Debug, thiserror::Error)]
-pub enum SharedDiskError {
-    /// The disk reported an error.
-    #[error(transparent)]
-    Disk(#[from] block_backend::Error),
-    /// The disk was closed (the mount is ending).
-    #[error("the disk is closed")]
-    Closed,
-}
+pub use block_backend::{SharedDiskError, SharedOptions, SharedResult};
 
-/// The disk shared by the worker threads (and the signal handler, which flushes it).
+/// The disk shared by the worker threads (and the signal handler, which flushes it):
+/// [`block_backend::SharedDisk`] (reads, writes, flushes; extra read handles on a read-only
+/// mount) plus the mappings of the image files the page-cache replies use. Derefs to the
+/// former.
+#[derive(Debug)]
 pub struct SharedDisk {
-    state: Mutex<DiskState>,
-    /// Extra read-only handles of the same image (read-only mounts only): reads take whichever
-    /// handle is free, so they proceed in parallel.
-    readers: Vec<Mutex<Option<Box<dyn Disk>>>>,
-    /// Round-robin start for reads when every handle is busy.
-    next_reader: AtomicUsize,
+    inner: block_backend::SharedDisk,
     /// Mappings of the image files (read-only mounts only), see [`SharedDisk::read_mapped`].
     maps: Maps,
-    size: u64,
-    read_only: bool,
-    discard: bool,
 }
 
-/// How a [`SharedDisk`] treats discards and flushes.
-pub struct SharedOptions {
-    /// Pass hole punching (`fallocate`) to [`Disk::discard`]; when false it is refused with
-    /// `EOPNOTSUPP`, and callers (mkfs, loop devices) skip it or write zeros themselves.
-    pub discard: bool,
-    /// More read-only handles of the same disk, for parallel reads. Only used when the disk is
-    /// read-only (a writable disk has one state, so one handle).
-    pub readers: Vec<Box<dyn Disk>>,
-}
-
-impl Default for SharedOptions {
-    fn default() -> Self {
-        SharedOptions {
-            discard: true,
-            readers: Vec::new(),
-        }
+impl std::ops::Deref for SharedDisk {
+    type Target = block_backend::SharedDisk;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
     }
 }
-
-struct DiskState {
-    /// `None` once closed.
-    disk: Option<Box<dyn Disk>>,
-    /// Something was written since the last successful flush.
-    dirty: bool,
-}
-
-impl std::fmt::Debug for SharedDisk {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedDisk")
-            .field("size", &self.size)
-            .field("read_only", &self.read_only)
-            .field("discard", &self.discard)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Result of [`SharedDisk`] calls.
-pub type SharedResult<T> = Result<T, SharedDiskError>;
 
 impl SharedDisk {
     /// Wraps an open disk (discards passed on, no extra read handles).
@@ -177,61 +132,17 @@ impl SharedDisk {
 
     /// Wraps an open disk.
     pub fn with_options(disk: Box<dyn Disk>, opts: SharedOptions) -> Arc<SharedDisk> {
-        let read_only = disk.is_read_only();
-        let readers = if read_only {
-            opts.readers
-                .into_iter()
-                .filter(|r| r.is_read_only() && r.size() == disk.size())
-                .map(|r| Mutex::new(Some(r)))
-                .collect()
-        } else {
-            Vec::new()
-        };
         Arc::new(SharedDisk {
-            readers,
-            next_reader: AtomicUsize::new(0),
+            inner: block_backend::SharedDisk::unshared(disk, opts),
             maps: Maps::default(),
-            size: disk.size(),
-            read_only,
-            discard: opts.discard,
-            state: Mutex::new(DiskState {
-                disk: Some(disk),
-                dirty: false,
-            }),
         })
-    }
-
-    /// Size of the virtual disk.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// True if the disk refuses writes.
-    pub fn is_read_only(&self) -> bool {
-        self.read_only
-    }
-
-    /// True if hole punching reaches [`Disk::discard`].
-    pub fn supports_discard(&self) -> bool {
-        self.discard
-    }
-
-    fn lock(&self) -> MutexGuard<'_, DiskState> {
-        // A panic while holding the lock cannot leave the Disk half-updated in a way the next
-        // caller could make worse than an error: keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Reads `buf` at byte `offset` of the disk (on any free handle of a read-only disk).
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> SharedResult<()> {
-        self.with_reader(|disk| Ok(disk.read_at(buf, offset)?))
     }
 
     /// When `[offset, offset + len)` lies in one extent of one image file, puts the reply to
     /// request `unique` (header and those bytes, as page references) into `pipe` and returns
     /// true; false when the range must be read another way. After false the pipe may hold part
     /// of a reply (see [`ReplyPipe::is_empty`]). On a writable disk this happens under the lock
-    /// of its writes, see [`SharedDisk::in_one_extent`].
+    /// of its writes, see [`block_backend::SharedDisk::in_one_extent`].
     pub fn read_spliced(
         &self,
         offset: u64,
@@ -247,119 +158,20 @@ impl SharedDisk {
 
     /// On a read-only disk, the mapped image-file bytes that `[offset, offset + len)` reads as,
     /// when they lie in one contiguous extent: `(mapping, offset in the file)`. `None` when the
-    /// range must be read with [`SharedDisk::read_at`] (writable disk, several extents, zeros,
-    /// a log overlay, a file that cannot be mapped). A writable disk is never mapped: its
-    /// metadata changes under the mapping.
+    /// range must be read with [`block_backend::SharedDisk::read_at`] (writable disk, several
+    /// extents, zeros, a log overlay, a file that cannot be mapped). A writable disk is never
+    /// mapped: its metadata changes under the mapping.
     pub fn read_mapped(
         &self,
         offset: u64,
         len: usize,
     ) -> SharedResult<Option<(Arc<Mapping>, u64)>> {
-        if !self.read_only {
+        if !self.is_read_only() {
             return Ok(None);
         }
         let mapped =
             self.in_one_extent(offset, len, |file, at| self.maps.of(file).map(|m| (m, at)))?;
         Ok(mapped.flatten())
-    }
-
-    /// `f(file, offset in it)` when `[offset, offset + len)` lies in one extent of one image
-    /// file; `None` otherwise (empty range, several extents, zeros, a log overlay). `f` runs
-    /// while the handle is held: on a writable disk, under the lock every write and discard
-    /// takes, so the range cannot move to other bytes of the file while `f` looks at it.
-    fn in_one_extent<R>(
-        &self,
-        offset: u64,
-        len: usize,
-        f: impl FnOnce(&std::fs::File, u64) -> R,
-    ) -> SharedResult<Option<R>> {
-        if len == 0 {
-            return Ok(None);
-        }
-        self.with_reader(|disk| {
-            Ok(match disk.leading_extent(offset, len as u64)? {
-                Some((file, at, n)) if n == len as u64 => Some(f(file, at)),
-                _ => None,
-            })
-        })
-    }
-
-    /// Runs `f` on a handle of the disk: the only one of a writable disk, any free one of a
-    /// read-only disk.
-    fn with_reader<R>(&self, f: impl FnOnce(&mut dyn Disk) -> SharedResult<R>) -> SharedResult<R> {
-        if self.readers.is_empty() {
-            let mut s = self.lock();
-            let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
-            return f(disk.as_mut());
-        }
-        if let Ok(mut s) = self.state.try_lock() {
-            let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
-            return f(disk.as_mut());
-        }
-        let n = self.readers.len();
-        let start = self.next_reader.fetch_add(1, Ordering::Relaxed) % n;
-        let free = (0..n).find_map(|i| self.readers[(start + i) % n].try_lock().ok());
-        // All busy: wait for one (a different one each time).
-        let mut r = match free {
-            Some(r) => r,
-            None => self.readers[start]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        };
-        let disk = r.as_mut().ok_or(SharedDiskError::Closed)?;
-        f(disk.as_mut())
-    }
-
-    /// Writes `buf` at byte `offset` of the disk.
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> SharedResult<()> {
-        let mut s = self.lock();
-        s.dirty = true;
-        let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
-        Ok(disk.write_at(buf, offset)?)
-    }
-
-    /// Discards `[offset, offset + len)` (reads as zeros afterwards).
-    pub fn discard(&self, offset: u64, len: u64) -> SharedResult<()> {
-        let mut s = self.lock();
-        s.dirty = true;
-        let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
-        Ok(disk.discard(offset, len)?)
-    }
-
-    /// Makes everything written so far durable ([`Disk::flush`]).
-    pub fn flush(&self) -> SharedResult<()> {
-        let mut s = self.lock();
-        self.flush_locked(&mut s)
-    }
-
-    /// Flushes only if something was written since the last flush.
-    pub fn flush_if_dirty(&self) -> SharedResult<()> {
-        let mut s = self.lock();
-        if s.dirty {
-            self.flush_locked(&mut s)?;
-        }
-        Ok(())
-    }
-
-    fn flush_locked(&self, s: &mut DiskState) -> SharedResult<()> {
-        let disk = s.disk.as_mut().ok_or(SharedDiskError::Closed)?;
-        disk.flush()?;
-        s.dirty = false;
-        Ok(())
-    }
-
-    /// Flushes and closes the disk; later calls fail with [`SharedDiskError::Closed`].
-    pub fn close(&self) -> SharedResult<()> {
-        for r in &self.readers {
-            *r.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        }
-        let mut s = self.lock();
-        if s.disk.is_none() {
-            return Ok(());
-        }
-        let flushed = s.disk.as_mut().map_or(Ok(()), |d| d.flush());
-        s.disk = None;
-        Ok(flushed?)
     }
 }
 
@@ -1141,7 +953,7 @@ mod tests {
                 ..SharedOptions::default()
             },
         );
-        assert_eq!(shared.readers.len(), 3);
+        assert_eq!(shared.reader_count(), 3);
         std::thread::scope(|s| {
             for t in 0..4u64 {
                 let shared = &shared;
@@ -1179,7 +991,7 @@ mod tests {
                 ..SharedOptions::default()
             },
         );
-        assert!(shared.readers.is_empty(), "reads must see the writes");
+        assert_eq!(shared.reader_count(), 0, "reads must see the writes");
     }
 
     #[test]

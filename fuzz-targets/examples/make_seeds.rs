@@ -25,6 +25,12 @@ fn main() {
         eprintln!("wrote {} seeds under {}", seeds.count, seeds.out.display());
         return;
     }
+    // `make_seeds <out> nbd_server`: only the NBD client sessions.
+    if std::env::args().nth(2).as_deref() == Some("nbd_server") {
+        nbd_seeds(&mut seeds);
+        eprintln!("wrote {} seeds under {}", seeds.count, seeds.out.display());
+        return;
+    }
     let work = tempdir();
     real_images(&mut seeds);
     created_vhd(&mut seeds, &work);
@@ -33,6 +39,7 @@ fn main() {
     log_seeds(&mut seeds);
     oracle_seeds(&mut seeds);
     virtio_seeds(&mut seeds);
+    nbd_seeds(&mut seeds);
     let _ = std::fs::remove_dir_all(&work);
     eprintln!("wrote {} seeds under {}", seeds.count, seeds.out.display());
 }
@@ -394,5 +401,13 @@ fn oracle_seeds(seeds: &mut Seeds) {
 fn virtio_seeds(seeds: &mut Seeds) {
     for (name, bytes) in vhdkit_fuzz_targets::virtio_blk_seeds() {
         seeds.put("virtio_blk", &name, &bytes);
+    }
+}
+
+/// Well-formed NBD client sessions (the encoding is defined next to the target).
+fn nbd_seeds(seeds: &mut Seeds) {
+    for (name, bytes) in vhdkit_fuzz_targets::nbd_server_seeds() {
+        let name = name.trim_start_matches("seed-");
+        seeds.put("nbd_server", name, &bytes);
     }
 }

@@ -18,6 +18,7 @@
 //! | `vhdx_log`     | GUID + log region, or entries to build   | built entries replay to exactly their pages |
 //! | `diff_pair`    | child + parent files (VHD or VHDX)       | the backend's chain read equals the layers composed by hand from the format crates; inputs unchanged |
 //! | `write_oracle` | image kind + operations                 | every write reads back, before and after reopen; no corruption; every power cut keeps all flushed bytes |
+//! | `nbd_server`   | mode byte + a client's byte stream       | the connection ends; the disk keeps its size; a read-only export is never written; the server greets first |
 //! | `virtio_blk`   | device config + driver operations       | used ring: popped heads only, each once, all once drained; valid statuses, OK exactly for well-formed requests; IN/OUT/DISCARD/WRITE_ZEROES/GET_ID against a flat disk model, and the reopened disk equals it; read-only never writes |
 //!
 //! Invariant: a target function panics only on a real bug (a panic inside the format crates, or
@@ -28,6 +29,7 @@
 mod bounded;
 mod diff_pair;
 mod input;
+mod nbd_server;
 pub mod reseal;
 pub mod sparse;
 mod vhd_open;
@@ -38,6 +40,7 @@ mod write_oracle;
 
 pub use bounded::BoundedFile;
 pub use diff_pair::diff_pair;
+pub use nbd_server::{nbd_server, nbd_server_seeds};
 pub use vhd_open::vhd_open;
 pub use vhdx_log::vhdx_log;
 pub use vhdx_open::vhdx_open;
@@ -55,6 +58,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("diff_pair", diff_pair),
     ("write_oracle", write_oracle),
     ("virtio_blk", virtio_blk),
+    ("nbd_server", nbd_server),
 ];
 
 /// Removes the scratch directories the file-based targets (`diff_pair`, `virtio_blk`) use in
@@ -62,6 +66,7 @@ pub const TARGETS: &[(&str, Target)] = &[
 pub fn cleanup() {
     diff_pair::cleanup();
     virtio_blk::cleanup();
+    nbd_server::cleanup();
 }
 
 /// Creates this process's scratch directory `vhdkit-fuzz-<name>-<pid>`: in `/dev/shm` when there

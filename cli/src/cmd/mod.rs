@@ -19,6 +19,7 @@ pub mod mount;
 pub mod read;
 pub mod rebase;
 pub mod resize;
+pub mod serve;
 pub mod write;
 
 use std::path::Path;
