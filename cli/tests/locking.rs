@@ -250,7 +250,7 @@ impl AsRef<OsStr> for PathBufOrStr {
 
 /// While `img` is held for writing, every writing and reading verb is refused and leaves every
 /// file as it was; reading verbs succeed with --force-share and warn.
-fn verbs_refused_while_written(t: &Images, img: &Path, hold: impl FnOnce() -> Holder) {
+fn verbs_refused_while_written<H>(t: &Images, img: &Path, hold: impl FnOnce() -> H) {
     let ext = img.extension().unwrap().to_str().unwrap();
     let child = t.child(img, &format!("child.{ext}"));
     let other_parent = t.image(&format!("other.{ext}"));
@@ -299,6 +299,81 @@ fn every_verb_is_refused_while_vhdtool_writes_the_image() {
         let t = Images::new();
         let img = t.image(&format!("disk.{ext}"));
         verbs_refused_while_written(&t, &img, || vhdtool_writer(&img));
+    }
+}
+
+/// `vhdtool mount IMG DIR` (returns once mounted; the daemon holds the image); unmounted on drop.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let o = vhdtool(&[OsStr::new("umount"), self.0.as_os_str()]);
+        if !o.status.success() {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+#[test]
+fn every_verb_is_refused_while_vhdtool_mount_holds_the_image() {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .unwrap()
+        .stdout
+        == b"0\n";
+    if !root || !Path::new("/dev/fuse").exists() {
+        vhdkit_tests::skip_unless_ci("vhdtool mount needs root and /dev/fuse");
+        return;
+    }
+    for ext in ["vhd", "vhdx"] {
+        let t = Images::new();
+        let img = t.image(&format!("disk.{ext}"));
+        let dir = t.dir.join("mnt");
+        std::fs::create_dir_all(&dir).unwrap();
+        verbs_refused_while_written(&t, &img, || {
+            ok(&vhdtool(&[
+                OsStr::new("mount"),
+                img.as_os_str(),
+                dir.as_os_str(),
+            ]));
+            Mounted(dir.clone())
+        });
+    }
+}
+
+/// `vhdtool serve --unix SOCKET IMG`: holds the image for writing; SIGTERM on drop.
+struct Serving(Child);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn every_verb_is_refused_while_vhdtool_serve_exports_the_image() {
+    for ext in ["vhd", "vhdx"] {
+        let t = Images::new();
+        let img = t.image(&format!("disk.{ext}"));
+        let socket = t.dir.join("nbd.sock");
+        verbs_refused_while_written(&t, &img, || {
+            let child = Command::new(env!("CARGO_BIN_EXE_vhdtool"))
+                .args([
+                    OsStr::new("serve"),
+                    OsStr::new("--unix"),
+                    socket.as_os_str(),
+                ])
+                .arg(&img)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("spawn vhdtool serve");
+            wait_for_lock_byte(&img, 101);
+            Serving(child)
+        });
     }
 }
 
