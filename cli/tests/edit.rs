@@ -5,6 +5,7 @@
 
 mod support;
 use support::{fails, json, ok, vhdtool};
+use vhdkit_tests::noise;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -68,22 +69,9 @@ fn assert_same(raw: &Path, img: &Path, qemu_fmt: Option<&str>) {
     }
 }
 
-/// Pseudo-random bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A 48 MiB raw disk: data, a zeroed stretch, data, and zeros at the end.
 fn raw_disk(dir: &Path) -> PathBuf {
-    let mut d = noise(48 << 20, 1);
+    let mut d = noise(1, 48 << 20);
     d[(8 << 20)..(20 << 20)].fill(0);
     d[(40 << 20)..].fill(0);
     let p = dir.join("disk.raw");
@@ -183,7 +171,7 @@ fn compact_of_a_differencing_child_drops_blocks_equal_to_the_parent() {
         // Rewrites of data the parent already has, and one real change.
         let same: Vec<u8> = std::fs::read(&raw).unwrap()[..(6 << 20)].to_vec();
         write_img(&child, 0, &same, d.path());
-        let change = noise(1 << 20, 9);
+        let change = noise(9, 1 << 20);
         write_img(&child, 30 << 20, &change, d.path());
         write_raw(&raw, 30 << 20, &change);
         let before = file_len(&child);
@@ -317,12 +305,12 @@ fn three_deep(d: &Path, ext: &str, opts: &[&str]) -> (PathBuf, PathBuf, PathBuf,
     convert(&raw, &base, opts);
     let mid = d.join(format!("mid.{ext}"));
     ok(&vhdtool(&[&"create", &"--parent", &base, &mid]));
-    let a = noise(3 << 20, 5);
+    let a = noise(5, 3 << 20);
     write_img(&mid, (1 << 20) + 512, &a, d);
     write_raw(&raw, (1 << 20) + 512, &a);
     let top = d.join(format!("top.{ext}"));
     ok(&vhdtool(&[&"create", &"--parent", &mid, &top]));
-    let b = noise(5 << 20, 6);
+    let b = noise(6, 5 << 20);
     write_img(&top, 2 << 20, &b, d);
     write_raw(&raw, 2 << 20, &b);
     write_img(&top, 36 << 20, &vec![0; 1 << 20], d);
@@ -361,7 +349,7 @@ fn merge_into_a_fixed_parent_writes_in_place() {
         convert(&raw, &base, &["-O", fmt, "--type", "fixed"]);
         let child = d.path().join(format!("c.{ext}"));
         ok(&vhdtool(&[&"create", &"--parent", &base, &child]));
-        let b = noise(3 << 20, 8);
+        let b = noise(8, 3 << 20);
         write_img(&child, 10 << 20, &b, d.path());
         write_raw(&raw, 10 << 20, &b);
         let size = file_len(&base);
@@ -390,7 +378,7 @@ fn merge_killed_at_random_points_finishes_when_run_again() {
         convert(&raw, &base, opts);
         let child = d.path().join(format!("c.{ext}"));
         ok(&vhdtool(&[&"create", &"--parent", &base, &child]));
-        let b = noise(24 << 20, 10);
+        let b = noise(10, 24 << 20);
         write_img(&child, 12 << 20, &b, d.path());
         write_raw(&raw, 12 << 20, &b);
         // Kill the merge at a spread of moments (no timing assumption: whatever point it reached).
@@ -423,7 +411,7 @@ fn rebase_relinks_a_moved_parent_and_refuses_a_different_disk() {
         convert(&raw, &base, opts);
         let child = d.path().join(format!("c.{ext}"));
         ok(&vhdtool(&[&"create", &"--parent", &base, &child]));
-        let b = noise(1 << 20, 11);
+        let b = noise(11, 1 << 20);
         write_img(&child, 4 << 20, &b, d.path());
         write_raw(&raw, 4 << 20, &b);
         // The parent moves to another directory: the chain breaks.
@@ -479,8 +467,8 @@ fn sparse_disk(dir: &Path) -> PathBuf {
     let f = std::fs::File::create(&p).unwrap();
     f.set_len(100 << 20).unwrap();
     drop(f);
-    write_raw(&p, 10 << 20, &noise(3 << 20, 20));
-    write_raw(&p, (77 << 20) + 4096, &noise(1 << 20, 21));
+    write_raw(&p, 10 << 20, &noise(20, 3 << 20));
+    write_raw(&p, (77 << 20) + 4096, &noise(21, 1 << 20));
     p
 }
 
@@ -537,7 +525,7 @@ fn measure_of_a_size_matches_an_empty_and_a_full_image() {
 fn azure_output_is_a_fixed_vhd_of_whole_mebibytes_exact_in_qemu() {
     let d = tmp();
     let raw = d.path().join("odd.raw");
-    std::fs::write(&raw, noise(3_000_000, 30)).unwrap();
+    std::fs::write(&raw, noise(30, 3_000_000)).unwrap();
     let vhd = d.path().join("azure.vhd");
     ok(&vhdtool(&[&"convert", &"--azure", &raw, &vhd]));
     let created = d.path().join("new.vhd");
@@ -656,7 +644,7 @@ impl Drop for Detach {
 fn p2v_converts_a_block_device_and_a_partition_read_as_raw() {
     let d = tmp();
     let disk = d.path().join("physical.img");
-    let bytes = noise(24 << 20, 40);
+    let bytes = noise(40, 24 << 20);
     std::fs::write(&disk, &bytes).unwrap();
     let Some(whole) = loop_device(&disk, 0, 24 << 20) else {
         return;

@@ -531,8 +531,10 @@ fn a_reader_of_the_whole_chain_keeps_the_parent_from_being_written() {
     let t = Images::new();
     let parent = t.image("base.vhdx");
     let child = t.child(&parent, "child.vhdx");
-    // The writer of the child holds the parent for reading.
+    // The writer of the child holds the parent for reading (once the chain is open: the
+    // parent is locked right after the child).
     let _h = vhdtool_writer(&child);
+    wait_for_lock_byte(&parent, 201);
     let o = vhdtool(&[OsStr::new("resize"), parent.as_os_str(), OsStr::new("+1M")]);
     assert_refused("resize of a parent in use", &o, &parent);
     // Reading the parent is fine beside another reader.

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
+use vhdkit_tests::noise as pattern;
 
 use fuse_mount::daemon::find_mount;
 use vhdkit_tests::{fresh_scratch_dir, output, run, run_expect_code, tool_or_skip, vhdtool};
@@ -199,25 +200,6 @@ impl Drop for VhdiMount {
 // ---------------------------------------------------------------------------------------------
 // Data helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Never-zero bytes that differ with `seed` (xorshift64*).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    for b in &mut out {
-        if *b == 0 {
-            *b = 0xA5;
-        }
-    }
-    out
-}
 
 fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));

@@ -9,6 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vhdkit_tests::pattern_at as pattern;
 
 use block_backend::{OpenOptions, SharedDisk, SharedOptions};
 use nbd::protocol::{self as p, cflag, chunk, cmd, errno, opt, rep};
@@ -22,10 +23,6 @@ struct Rig {
     image: PathBuf,
     socket: PathBuf,
     server: Server,
-}
-
-fn pattern(off: u64, len: usize) -> Vec<u8> {
-    (0..len as u64).map(|i| ((off + i) % 251) as u8).collect()
 }
 
 fn rig(max_connections: usize) -> Rig {

@@ -394,6 +394,35 @@ pub fn run_expect_code(mut cmd: impl BorrowMut<Command>, code: i32) -> Output {
     out
 }
 
+/// Reproducible pseudo-random test data: `len` bytes from `seed` (xorshift64*), none of them
+/// zero, so written data never reads back equal to a hole or a dropped sector by luck.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    for b in &mut out {
+        if *b == 0 {
+            *b = 0xA5;
+        }
+    }
+    out
+}
+
+/// Bytes that depend only on their position (never zero): `pattern_at(start, len)[i]` is byte
+/// `start + i` of one endless pattern, so a range read back from anywhere can be checked
+/// against `pattern_at(offset, len)`, and different `start`s give different data.
+pub fn pattern_at(start: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| ((start.wrapping_add(i)) % 253 * 31 % 253 + 1) as u8)
+        .collect()
+}
+
 /// True if an executable called `name` is on `PATH` (or `name` is a path to one).
 pub fn have_tool(name: &str) -> bool {
     fn is_executable(p: &Path) -> bool {

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vhdkit_tests::noise;
 
 use vhdkit_tests::{fresh_scratch_dir, output, run, tool_or_skip, vhdtool, vhdtool_bin};
 
@@ -83,19 +84,6 @@ fn mode() -> Mode {
     } else {
         Mode::Nested
     }
-}
-
-/// Deterministic pseudo-random bytes.
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        v.extend_from_slice(&seed.to_le_bytes());
-    }
-    v.truncate(len);
-    v
 }
 
 fn sha256(path: &Path) -> String {
@@ -247,7 +235,7 @@ struct Expect {
 fn make_images(dir: &Path, kernel: &Kernel, initrd: &Path) -> Expect {
     let work = dir.join("build");
     fs::create_dir_all(work.join("content")).unwrap();
-    fs::write(work.join("content/known.bin"), noise(1 << 20, 0x9e37_79b9)).unwrap();
+    fs::write(work.join("content/known.bin"), noise(0x9e37_79b9, 1 << 20)).unwrap();
     let known_sha = sha256(&work.join("content/known.bin"));
     let p1 = work.join("p1.img");
     run(Command::new("mkfs.ext4")
@@ -302,7 +290,7 @@ fn make_images(dir: &Path, kernel: &Kernel, initrd: &Path) -> Expect {
     run(vhdtool()
         .args(["create", "--parent", "parent.vhd", "child.vhd"])
         .current_dir(dir));
-    fs::write(dir.join("ro.raw"), noise(4 << 20, 77)).unwrap();
+    fs::write(dir.join("ro.raw"), noise(77, 4 << 20)).unwrap();
 
     // L2 initramfs.
     let root = work.join("initrd");
@@ -323,7 +311,7 @@ fn make_images(dir: &Path, kernel: &Kernel, initrd: &Path) -> Expect {
         format!("{known_sha}  known.bin\n"),
     )
     .unwrap();
-    let pattern = noise(PATTERN_LEN, 4242);
+    let pattern = noise(4242, PATTERN_LEN);
     fs::write(root.join("pattern.bin"), &pattern).unwrap();
     cpio(&root, initrd);
 

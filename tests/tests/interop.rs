@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
+use vhdkit_tests::noise as pattern;
 
 use vhdkit_tests::{fresh_scratch_dir, have_tool, output, run, tool_or_skip, vhdtool};
 
@@ -37,27 +38,6 @@ const CHUNK: usize = MIB as usize;
 // ---------------------------------------------------------------------------------------------
 // Test data
 // ---------------------------------------------------------------------------------------------
-
-/// Bytes that are never all zero and differ with `seed` (xorshift64*), so a reader that returns
-/// zeros, the wrong block or shifted data cannot pass a comparison.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    // Keep every byte non-zero: a dropped sector never compares equal by luck.
-    for b in &mut out {
-        if *b == 0 {
-            *b = 0xA5;
-        }
-    }
-    out
-}
 
 /// A sparse raw file of exactly `size` bytes holding [`pattern`] data at each `(offset, len)`.
 fn make_sparse_raw(path: &Path, size: u64, extents: &[(u64, u64)]) {

@@ -5,15 +5,10 @@
 use image_io::{CrashFile, ImageFile, Survivors};
 use std::path::Path;
 use vhd::{check_file, CompactMode, CreateOptions, OpenMode, ParentInfo, ReadSource, VhdImage};
+use vhdkit_tests::pattern_at as pattern;
 
 const SIZE: u64 = 4 << 20;
 const BLOCK: u32 = 64 << 10;
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((seed + i) * 31 % 253 + 1) as u8)
-        .collect()
-}
 
 fn read_all<F: ImageFile>(img: &mut VhdImage<F>, parent: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; SIZE as usize];

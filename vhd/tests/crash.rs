@@ -8,15 +8,10 @@
 use image_io::{CrashFile, ImageFile, Survivors};
 use std::path::Path;
 use vhd::{check_file, CreateOptions, OpenMode, ParentInfo, ReadSource, VhdImage, VhdType};
+use vhdkit_tests::pattern_at as pattern;
 
 const SIZE: u64 = 16 << 20;
 const BLOCK: u32 = 1 << 20;
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((seed + i) * 31 % 253 + 1) as u8)
-        .collect()
-}
 
 /// What a round expects a region to hold afterwards (`None`: zeros, i.e. discarded).
 struct Round {

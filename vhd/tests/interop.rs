@@ -6,15 +6,10 @@ mod common;
 
 use std::process::Command;
 use vhd::{CreateOptions, VhdImage, VhdType};
+use vhdkit_tests::pattern_at as pattern;
 use vhdkit_tests::tool_or_skip;
 
 const SIZE: u64 = (1 << 30) + (3 << 20);
-
-fn pattern(offset: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((offset + i) * 7 % 253) as u8)
-        .collect()
-}
 
 /// Builds a raw file and a VHD of the given type with the same scattered content.
 fn make_pair(vhd_type: VhdType) -> (std::path::PathBuf, std::path::PathBuf) {

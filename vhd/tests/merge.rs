@@ -6,15 +6,10 @@ use image_io::{CrashFile, ImageFile, Survivors};
 use std::path::Path;
 use vhd::merge::merge_into;
 use vhd::{check_file, CreateOptions, OpenMode, ParentInfo, ReadSource, VhdImage};
+use vhdkit_tests::pattern_at as pattern;
 
 const SIZE: u64 = 4 << 20;
 const BLOCK: u32 = 64 << 10;
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((seed + i) * 29 % 251 + 1) as u8)
-        .collect()
-}
 
 fn write<F: ImageFile>(img: &mut VhdImage<F>, offset: u64, data: &[u8]) {
     let plan = img.resolve_write(offset, data.len() as u64).unwrap();

@@ -5,12 +5,7 @@
 use image_io::{CrashFile, ImageFile};
 use std::path::Path;
 use vhd::{check_file, CreateOptions, OpenMode, ParentInfo, ReadSource, VhdImage, VhdType};
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((seed + i) * 31 % 253 + 1) as u8)
-        .collect()
-}
+use vhdkit_tests::pattern_at as pattern;
 
 fn read<F: ImageFile>(img: &mut VhdImage<F>, offset: u64, len: u64) -> Vec<u8> {
     let mut out = vec![0u8; len as usize];

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use image_io::ImageFile;
+pub use vhdkit_tests::pattern_at as pattern;
 use vhdx::{ReadSource, VhdxImage};
 
 /// Reads `len` bytes at `offset`; `Parent` extents read as 0xEE.
@@ -30,11 +31,4 @@ pub fn write<F: ImageFile>(img: &mut VhdxImage<F>, offset: u64, data: &[u8]) {
             .unwrap();
     }
     img.commit_write(plan).unwrap();
-}
-
-/// Deterministic bytes for an offset range.
-pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((offset + i) * 13 % 251) as u8)
-        .collect()
 }

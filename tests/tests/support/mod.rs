@@ -10,6 +10,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+pub use vhdkit_tests::noise as pattern;
 
 /// Longest a `vhdtool` run may take on any input.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
@@ -160,19 +161,6 @@ pub fn vhdtool_write(image: &Path, offset: u64, data: &[u8]) {
         input.as_os_str(),
     ]);
     std::fs::remove_file(input).unwrap();
-}
-
-/// Deterministic non-zero bytes.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x as u8) | 1
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
