@@ -166,6 +166,32 @@ pub enum Survivors {
     },
 }
 
+impl Survivors {
+    /// The crash shapes a crash test tries at every cut, by name: no pending write survives,
+    /// all do, every other one (odd indexes), and the even ones with write `torn` cut after its
+    /// first sector.
+    pub fn matrix(torn: usize) -> [(&'static str, Survivors); 4] {
+        [
+            ("none", Survivors::None),
+            ("all", Survivors::All),
+            (
+                "odd",
+                Survivors::Mask {
+                    mask: 0xAAAA_AAAA_AAAA_AAAA,
+                    torn: None,
+                },
+            ),
+            (
+                "even+torn",
+                Survivors::Mask {
+                    mask: 0x5555_5555_5555_5555,
+                    torn: Some(torn),
+                },
+            ),
+        ]
+    }
+}
+
 fn apply(buf: &mut Vec<u8>, op: &Pending, limit: Option<usize>) {
     match op {
         Pending::Write { offset, data } => {

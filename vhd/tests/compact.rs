@@ -103,24 +103,7 @@ fn run(diff: bool, mode: CompactMode) {
     assert!(f.len().unwrap() < size_before, "file did not shrink");
     let r = check_file(&f, path).unwrap();
     assert!(r.is_clean(), "{r:?}");
-    let survivors = [
-        ("none", Survivors::None),
-        ("all", Survivors::All),
-        (
-            "odd",
-            Survivors::Mask {
-                mask: 0xAAAA_AAAA_AAAA_AAAA,
-                torn: None,
-            },
-        ),
-        (
-            "even+torn",
-            Survivors::Mask {
-                mask: 0x5555_5555_5555_5555,
-                torn: Some(0),
-            },
-        ),
-    ];
+    let survivors = Survivors::matrix(0);
     for cut in start..=end {
         for (name, s) in survivors {
             let what = format!("cut after op {cut} of {start}..{end}, survivors {name}");

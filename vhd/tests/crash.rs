@@ -110,24 +110,7 @@ fn run(parent_data: Option<Vec<u8>>) {
         "workload too small to mean anything"
     );
     for cut in created_at_op..=f.op_count() {
-        for (name, s) in [
-            ("none", Survivors::None),
-            ("all", Survivors::All),
-            (
-                "odd",
-                Survivors::Mask {
-                    mask: 0xAAAA_AAAA_AAAA_AAAA,
-                    torn: None,
-                },
-            ),
-            (
-                "even+torn",
-                Survivors::Mask {
-                    mask: 0x5555_5555_5555_5555,
-                    torn: Some(0),
-                },
-            ),
-        ] {
+        for (name, s) in Survivors::matrix(0) {
             let what = format!("cut after op {cut}, survivors {name}");
             let state = f.crash_after_op(cut, s);
             let report = check_file(&state, path).unwrap();

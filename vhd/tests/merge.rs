@@ -91,24 +91,7 @@ fn merge_lands_the_childs_view_in_the_parent_at_every_power_cut() {
     assert_eq!(cf.contents(), child_before, "the child was written");
     let end = pf.op_count();
     for cut in pf_start..=end {
-        for (name, s) in [
-            ("none", Survivors::None),
-            ("all", Survivors::All),
-            (
-                "odd",
-                Survivors::Mask {
-                    mask: 0xAAAA_AAAA_AAAA_AAAA,
-                    torn: None,
-                },
-            ),
-            (
-                "even+torn",
-                Survivors::Mask {
-                    mask: 0x5555_5555_5555_5555,
-                    torn: Some(0),
-                },
-            ),
-        ] {
+        for (name, s) in Survivors::matrix(0) {
             let what = format!("cut after parent op {cut} of {pf_start}..{end}, survivors {name}");
             let state = pf.crash_after_op(cut, s);
             let rep = check_file(&state, pp).unwrap();

@@ -98,24 +98,7 @@ fn run(diff: bool, mode: CompactMode) {
     let r = check_image(&after);
     assert!(r.is_clean(), "{r:?}");
     drop(after);
-    let survivors = [
-        ("none", Survivors::None),
-        ("all", Survivors::All),
-        (
-            "odd",
-            Survivors::Mask {
-                mask: 0xAAAA_AAAA_AAAA_AAAA,
-                torn: None,
-            },
-        ),
-        (
-            "even+torn",
-            Survivors::Mask {
-                mask: 0x5555_5555_5555_5555,
-                torn: Some(2),
-            },
-        ),
-    ];
+    let survivors = Survivors::matrix(2);
     for cut in start..=end {
         for (name, s) in survivors {
             let what = format!("cut after op {cut} of {start}..{end}, survivors {name}");

@@ -115,24 +115,7 @@ fn every_power_cut_leaves_a_consistent_image_with_all_flushed_writes() {
         "workload too small to mean anything"
     );
     for cut in created_at_op..=f.op_count() {
-        for (name, s) in [
-            ("none", Survivors::None),
-            ("all", Survivors::All),
-            (
-                "odd",
-                Survivors::Mask {
-                    mask: 0xAAAA_AAAA_AAAA_AAAA,
-                    torn: None,
-                },
-            ),
-            (
-                "even+torn",
-                Survivors::Mask {
-                    mask: 0x5555_5555_5555_5555,
-                    torn: Some(2),
-                },
-            ),
-        ] {
+        for (name, s) in Survivors::matrix(2) {
             verify(
                 f.crash_after_op(cut, s),
                 &rounds,
