@@ -251,4 +251,3 @@ impl fuser::Filesystem for DiskFs {
         }
     }
 }
-
