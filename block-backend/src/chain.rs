@@ -210,7 +210,7 @@ impl Chain {
             // Parents are never written: always read-only.
             let parent = Layer::open(&found, mode.for_parent())?;
             if parent.format() != link.format {
-                return Err(Error::ParentNotVhd {
+                return Err(Error::ParentFormat {
                     child: child_path,
                     parent: found,
                     format: parent.format(),

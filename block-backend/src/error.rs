@@ -99,7 +99,7 @@ pub enum Error {
         child.display(),
         parent.display()
     )]
-    ParentNotVhd {
+    ParentFormat {
         /// The differencing image.
         child: PathBuf,
         /// The file that was found.
@@ -199,7 +199,7 @@ impl Error {
             },
             Error::Inconsistent { .. } => ErrorKind::Format,
             Error::ParentNotFound { .. } => ErrorKind::ParentNotFound,
-            Error::ParentMismatch { .. } | Error::ParentNotVhd { .. } => ErrorKind::ParentMismatch,
+            Error::ParentMismatch { .. } | Error::ParentFormat { .. } => ErrorKind::ParentMismatch,
             Error::ChainCycle { .. } => ErrorKind::ChainCycle,
             Error::ChainTooDeep { .. } => ErrorKind::ChainTooDeep,
             Error::OutOfRange { .. } => ErrorKind::OutOfRange,

@@ -193,7 +193,7 @@ fn raw_file_in_place_of_parent_is_refused() {
     child(&c, &parent);
     std::fs::write(&parent, vec![0u8; 4 << 20]).unwrap();
     let e = open(&c, OpenOptions::read_only()).unwrap_err();
-    assert!(matches!(e, Error::ParentNotVhd { .. }), "{e}");
+    assert!(matches!(e, Error::ParentFormat { .. }), "{e}");
 }
 
 #[test]

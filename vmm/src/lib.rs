@@ -200,6 +200,14 @@ pub enum Error {
         /// The backend error.
         source: block_backend::Error,
     },
+    /// A disk's worker could not wait for its queue and completion events (epoll).
+    #[error("disk {path}: worker event loop: {source}")]
+    DiskWorker {
+        /// The image.
+        path: PathBuf,
+        /// The error of epoll.
+        source: std::io::Error,
+    },
     /// The VMM could not set something up (threads, eventfds, guest memory).
     #[error("{0}")]
     Setup(String),

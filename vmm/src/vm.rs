@@ -237,7 +237,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
             .name(format!("disk{i}"))
             .spawn(move || {
                 block_stop_signals();
-                let r = disk_worker(&t, &stop).map_err(|source| Error::Disk { path, source });
+                let r = disk_worker(&t, &stop, &path);
                 if let Err(e) = &r {
                     let _ = tx.send(Err(Error::Setup(e.to_string())));
                 }
@@ -402,16 +402,20 @@ fn make_disk(
 /// eventfd, every queue engine's completion eventfd and `stop`), used-ring entries out, until
 /// `stop`; then drains and flushes. It sleeps only in epoll, never while holding the device
 /// lock, so vCPUs reading registers are never held up behind a disk request.
-fn disk_worker(t: &VirtioMmio, stop: &EventFd) -> block_backend::Result<()> {
+fn disk_worker(t: &VirtioMmio, stop: &EventFd, path: &std::path::Path) -> Result<()> {
     const KICK: u64 = 0;
     const STOP: u64 = 1;
     const COMPLETION: u64 = 2;
-    let io = |e: std::io::Error| block_backend::Error::Unsupported {
-        path: "epoll".into(),
-        what: e.to_string(),
+    let io = |e: std::io::Error| Error::DiskWorker {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let disk = |source: block_backend::Error| Error::Disk {
+        path: path.to_path_buf(),
+        source,
     };
     let epoll = Epoll::new().map_err(io)?;
-    let completion_fds = t.with_device(|d| d.completion_fds())?;
+    let completion_fds = t.with_device(|d| d.completion_fds()).map_err(disk)?;
     let watched = [(t.kick_evt().as_raw_fd(), KICK), (stop.as_raw_fd(), STOP)]
         .into_iter()
         .chain(
@@ -438,7 +442,7 @@ fn disk_worker(t: &VirtioMmio, stop: &EventFd) -> block_backend::Result<()> {
         let mut kicked = false;
         for e in &events[..n] {
             match e.data() {
-                STOP => return t.with_device(|d| d.flush()),
+                STOP => return t.with_device(|d| d.flush()).map_err(disk),
                 KICK => {
                     let _ = t.kick_evt().read();
                     kicked = true;
@@ -456,9 +460,11 @@ fn disk_worker(t: &VirtioMmio, stop: &EventFd) -> block_backend::Result<()> {
         }
         if kicked {
             t.with_active_device(|d| (0..d.num_queues()).try_for_each(|q| d.process_queue(q)))
-                .unwrap_or(Ok(()))?;
+                .unwrap_or(Ok(()))
+                .map_err(disk)?;
         }
-        t.with_device(|d| d.process_completions(false))?;
+        t.with_device(|d| d.process_completions(false))
+            .map_err(disk)?;
     }
 }
 
