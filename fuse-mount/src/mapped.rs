@@ -16,18 +16,11 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-/// One file mapped whole, read-only.
-#[derive(Debug)]
-pub struct Mapping {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
+use memmap2::{Advice, Mmap, MmapOptions};
 
-// SAFETY: the mapping is read-only and never written through; sharing the pointer between
-// threads only allows concurrent reads of it.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
+/// One file mapped whole, read-only (memmap2: unmapped when dropped).
+#[derive(Debug)]
+pub struct Mapping(Mmap);
 
 impl Mapping {
     /// Maps `file` whole; `None` if it is empty or cannot be mapped.
@@ -36,19 +29,11 @@ impl Mapping {
         if len == 0 {
             return None;
         }
-        // SAFETY: a fresh shared read-only mapping of an open descriptor; the kernel picks the
-        // address, so no existing memory is affected.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        (ptr != libc::MAP_FAILED).then_some(Mapping { ptr, len })
+        // SAFETY: a shared read-only mapping of an image file; the bytes may change under it
+        // (writes through another handle show, as in the page cache they come from), and a
+        // shrinking file is caught before each use by MADV_POPULATE_READ (see the module docs).
+        let map = unsafe { MmapOptions::new().len(len).map(file) }.ok()?;
+        Some(Mapping(map))
     }
 
     /// `len` bytes at `offset` of the file, populated, or `None` if out of range or no longer
@@ -56,35 +41,13 @@ impl Mapping {
     pub fn get(&self, offset: u64, len: usize) -> Option<&[u8]> {
         let start = usize::try_from(offset).ok()?;
         let end = start.checked_add(len)?;
-        if end > self.len || len == 0 {
+        if end > self.0.len() || len == 0 {
             return None;
         }
-        let page = 4096;
-        let first = start - start % page;
-        // SAFETY: `first..end` lies inside the mapping; MADV_POPULATE_READ only faults pages in
-        // (and reports EFAULT for pages past the end of the file instead of raising SIGBUS).
-        let rc = unsafe {
-            libc::madvise(
-                self.ptr.cast::<u8>().add(first).cast(),
-                end - first,
-                libc::MADV_POPULATE_READ,
-            )
-        };
-        if rc != 0 {
-            return None;
-        }
-        // SAFETY: `start..end` lies inside the live mapping (unmapped only on drop, and `self`
-        // is borrowed), whose pages were just populated.
-        Some(unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>().add(start), len) })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly what mmap returned; no slice of it outlives `self`.
-        unsafe {
-            libc::munmap(self.ptr, self.len);
-        }
+        // Faults the pages in, and reports EFAULT for pages past the end of the file instead
+        // of raising SIGBUS.
+        self.0.advise_range(Advice::PopulateRead, start, len).ok()?;
+        Some(&self.0[start..end])
     }
 }
 
