@@ -24,6 +24,8 @@
 //! byte (`F_OFD_GETLK`): only another open file description's shared lock stands in the way,
 //! never our own. The locks are applied first and checked afterwards, so two processes opening
 //! at the same instant cannot both miss each other (both may be refused; neither runs unlocked).
+//! A conflict is looked at again for up to 100 ms before it counts: a description closed by its
+//! owner can live on for a moment in a child process between `fork` and `exec`.
 //!
 //! Invariants:
 //! - The lock lives as long as the returned `File` (closing the description releases it);
@@ -181,19 +183,43 @@ pub fn lock(file: &File, path: &Path, mode: OpenMode) -> Result<(), OpenError> {
             }
         }
     }
+    // A conflict seen for a moment may be a lock already released: a file description
+    // outlives its `close` while a child process forked meanwhile (by any thread) has not yet
+    // reached `exec`, or while a closed io_uring still holds its registered files. So a
+    // conflict is looked at again a few times over 100 ms before it counts.
+    let mut tries = 0;
+    loop {
+        match conflict(file, held, unshared)? {
+            None => return Ok(()),
+            Some((i, other_holds)) if tries == RECHECKS => {
+                return Err(in_use(path, mode, i, other_holds));
+            }
+            Some(_) => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// How many times a conflict is looked at again (20 ms apart) before it counts.
+const RECHECKS: u32 = 5;
+
+/// The first permission in conflict with another description's locks: `(permission, whether
+/// the other holds it)`. What we hold must not be unshared by another; what we do not share
+/// must not be held by another.
+fn conflict(file: &File, held: u8, unshared: u8) -> Result<Option<(usize, bool)>, OpenError> {
     for (i, _) in PERMS.iter().enumerate() {
         let bit = 1u8 << i;
-        // What we hold must not be unshared by another; what we do not share must not be
-        // held by another.
         for (mask, other_base, other_holds) in
             [(held, SHARED_BASE, false), (unshared, PERM_BASE, true)]
         {
             if mask & bit != 0 && locked_by_other(file, other_base + i as i64)? {
-                return Err(in_use(path, mode, i, other_holds));
+                return Ok(Some((i, other_holds)));
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn in_use(path: &Path, mode: OpenMode, perm: usize, held_by_other: bool) -> OpenError {
