@@ -12,7 +12,7 @@
 //! Leaked space inside the file (freed blocks) is reported but only `compact` reclaims it.
 //! Parent linkage needs the chain and is checked by the block backend.
 
-use crate::dynamic_header::{DynamicHeader, HEADER_SIZE};
+use crate::dynamic_header::{DynamicHeader, RawDynamicHeader};
 use crate::error::{Error, Result};
 use crate::footer::{DiskType, Footer, FOOTER_SIZE};
 use crate::layout::{read_at, write_at, Layout, Severity};
@@ -20,6 +20,7 @@ use image_io::ImageFile;
 use image_io::OpenMode;
 use std::fs::File;
 use std::path::Path;
+use zerocopy::{FromZeros, IntoBytes};
 
 /// One problem found by [`check`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,13 +204,13 @@ fn repair_once(file: &File, path: &Path, l: &Layout) -> Result<Vec<String>> {
     // 2. Dynamic header with only a checksum fault.
     if sparse_type && is_checksum(l, "dynamic header") {
         let at = l.footer.data_offset;
-        let mut raw = [0u8; HEADER_SIZE];
-        read_at(file, path, &mut raw, at, "read dynamic header")?;
-        let h = DynamicHeader::parse(&raw);
+        let mut raw = RawDynamicHeader::new_zeroed();
+        read_at(file, path, raw.as_mut_bytes(), at, "read dynamic header")?;
+        let h = DynamicHeader::from_raw(&raw);
         if h.problems(l.virtual_size()).is_empty() {
-            let computed = DynamicHeader::computed_checksum(&raw);
-            raw[36..40].copy_from_slice(&computed.to_be_bytes());
-            write_at(file, path, &raw, at, "rewrite dynamic header")?;
+            let computed = DynamicHeader::computed_checksum(&zerocopy::transmute!(raw));
+            raw.checksum = computed.into();
+            write_at(file, path, raw.as_bytes(), at, "rewrite dynamic header")?;
             done.push(format!(
                 "recomputed the dynamic header checksum ({:#010x} -> {computed:#010x}); every field is consistent",
                 h.checksum

@@ -163,16 +163,12 @@ impl<F: ImageFile> VhdImage<F> {
         for sector in std::mem::take(&mut self.dirty_bat) {
             let first = sector * 128;
             let last = (first + 128).min(self.bat.len());
-            let mut bytes = vec![0xFFu8; 512];
-            for (i, e) in self.bat[first..last].iter().enumerate() {
-                bytes[i * 4..i * 4 + 4].copy_from_slice(&e.to_be_bytes());
-            }
+            let bytes = crate::layout::bat_bytes(&self.bat[first..last]);
             // A BAT sector past the entries in use keeps whatever padding it had.
-            let n = (last - first) * 4;
             write_at(
                 &self.file,
                 &self.path,
-                &bytes[..n],
+                &bytes,
                 table + first as u64 * 4,
                 "write BAT",
             )?;

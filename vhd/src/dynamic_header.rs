@@ -10,8 +10,11 @@
 //! ```
 
 use crate::footer::ones_complement_checksum;
-use crate::locator::{LocatorEntry, LOCATOR_COUNT, LOCATOR_ENTRY_SIZE};
+use crate::locator::{LocatorEntry, RawLocatorEntry, LOCATOR_COUNT};
+use core::mem::offset_of;
 use uuid::Uuid;
+use zerocopy::byteorder::big_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Size of the header on disk.
 pub const HEADER_SIZE: usize = 1024;
@@ -21,12 +24,57 @@ pub const COOKIE: &[u8; 8] = b"cxsparse";
 pub const HEADER_VERSION: u32 = 0x0001_0000;
 /// Default block size: 2 MiB, what every Windows-made sample uses.
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
-/// Offset of the parent unicode name.
-const NAME_OFFSET: usize = 64;
-/// Bytes reserved for the parent unicode name.
-const NAME_BYTES: usize = 512;
-/// Offset of the first parent locator entry.
-const LOCATORS_OFFSET: usize = 576;
+/// UTF-16 units reserved for the parent unicode name.
+const NAME_UNITS: usize = 256;
+
+/// The dynamic disk header exactly as stored: big-endian fields at the spec's offsets.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct RawDynamicHeader {
+    /// `cxsparse` when valid.
+    pub cookie: [u8; 8],
+    /// Unused; all ones.
+    pub data_offset: U64,
+    /// Absolute file offset of the block allocation table.
+    pub table_offset: U64,
+    /// 0x00010000.
+    pub header_version: U32,
+    /// Number of BAT entries.
+    pub max_table_entries: U32,
+    /// Bytes of virtual disk per block.
+    pub block_size: U32,
+    /// One's complement of the byte sum of the header without this field.
+    pub checksum: U32,
+    /// Unique id of the parent (RFC 4122 byte order, as stored).
+    pub parent_unique_id: [u8; 16],
+    /// Parent modification time, seconds since 2000.
+    pub parent_timestamp: U32,
+    /// Reserved, zero.
+    pub reserved1: U32,
+    /// Parent file name, UTF-16 big-endian, NUL-terminated unless full.
+    pub parent_unicode_name: [U16; NAME_UNITS],
+    /// The eight parent locator entries.
+    pub parent_locators: [RawLocatorEntry; LOCATOR_COUNT],
+    /// Reserved, zero.
+    pub reserved2: [u8; 256],
+}
+
+const _: () = assert!(size_of::<RawDynamicHeader>() == HEADER_SIZE);
+const _: () = assert!(offset_of!(RawDynamicHeader, table_offset) == 16);
+const _: () = assert!(offset_of!(RawDynamicHeader, checksum) == 36);
+const _: () = assert!(offset_of!(RawDynamicHeader, parent_unique_id) == 40);
+const _: () = assert!(offset_of!(RawDynamicHeader, parent_unicode_name) == 64);
+const _: () = assert!(offset_of!(RawDynamicHeader, parent_locators) == 576);
+const _: () = assert!(offset_of!(RawDynamicHeader, reserved2) == 768);
+
+/// Offset of the checksum field in the header.
+pub const HEADER_CHECKSUM_OFFSET: usize = offset_of!(RawDynamicHeader, checksum);
+/// Offset of the BAT offset field in the header.
+pub const TABLE_OFFSET_OFFSET: usize = offset_of!(RawDynamicHeader, table_offset);
+/// Offset of the parent unique id in the header.
+pub const PARENT_UUID_OFFSET: usize = offset_of!(RawDynamicHeader, parent_unique_id);
+/// Offset of the first parent locator entry in the header.
+pub const LOCATORS_OFFSET: usize = offset_of!(RawDynamicHeader, parent_locators);
 
 /// A decoded dynamic disk header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,79 +103,73 @@ pub struct DynamicHeader {
     pub locators: [LocatorEntry; LOCATOR_COUNT],
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
-
 impl DynamicHeader {
     /// Decodes the header. Field validation is in [`DynamicHeader::problems`].
     pub fn parse(b: &[u8; HEADER_SIZE]) -> DynamicHeader {
-        let mut cookie = [0u8; 8];
-        cookie.copy_from_slice(&b[0..8]);
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&b[40..56]);
-        let units: Vec<u16> = b[NAME_OFFSET..NAME_OFFSET + NAME_BYTES]
-            .chunks_exact(2)
-            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        let raw: RawDynamicHeader = zerocopy::transmute!(*b);
+        DynamicHeader::from_raw(&raw)
+    }
+
+    /// Decodes the typed on-disk form.
+    pub fn from_raw(r: &RawDynamicHeader) -> DynamicHeader {
+        let units: Vec<u16> = r
+            .parent_unicode_name
+            .iter()
+            .map(|u| u.get())
             .take_while(|&u| u != 0)
             .collect();
-        let locators = std::array::from_fn(|i| {
-            let at = LOCATORS_OFFSET + i * LOCATOR_ENTRY_SIZE;
-            LocatorEntry::parse(&b[at..at + LOCATOR_ENTRY_SIZE])
-        });
         DynamicHeader {
-            cookie,
-            data_offset: be64(b, 8),
-            table_offset: be64(b, 16),
-            header_version: be32(b, 24),
-            max_table_entries: be32(b, 28),
-            block_size: be32(b, 32),
-            checksum: be32(b, 36),
-            parent_uuid: Uuid::from_bytes(id),
-            parent_timestamp: be32(b, 56),
+            cookie: r.cookie,
+            data_offset: r.data_offset.get(),
+            table_offset: r.table_offset.get(),
+            header_version: r.header_version.get(),
+            max_table_entries: r.max_table_entries.get(),
+            block_size: r.block_size.get(),
+            checksum: r.checksum.get(),
+            parent_uuid: Uuid::from_bytes(r.parent_unique_id),
+            parent_timestamp: r.parent_timestamp.get(),
             parent_unicode_name: String::from_utf16_lossy(&units),
-            locators,
+            locators: r.parent_locators.map(|l| LocatorEntry::from_raw(&l)),
         }
     }
 
-    /// Encodes the header with a fresh checksum. A parent name longer than 255 UTF-16 units is
-    /// truncated (the field holds 256 units including room for a terminator).
-    pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
-        let mut b = [0u8; HEADER_SIZE];
-        b[0..8].copy_from_slice(&self.cookie);
-        b[8..16].copy_from_slice(&self.data_offset.to_be_bytes());
-        b[16..24].copy_from_slice(&self.table_offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.header_version.to_be_bytes());
-        b[28..32].copy_from_slice(&self.max_table_entries.to_be_bytes());
-        b[32..36].copy_from_slice(&self.block_size.to_be_bytes());
-        b[40..56].copy_from_slice(self.parent_uuid.as_bytes());
-        b[56..60].copy_from_slice(&self.parent_timestamp.to_be_bytes());
-        for (i, u) in self
+    /// The typed on-disk form, with the `checksum` field as stored here (not recomputed) and
+    /// the reserved bytes zero. A parent name longer than 255 UTF-16 units is truncated (the
+    /// field holds 256 units including room for a terminator).
+    pub fn to_raw(&self) -> RawDynamicHeader {
+        let mut r = RawDynamicHeader::new_zeroed();
+        r.cookie = self.cookie;
+        r.data_offset = self.data_offset.into();
+        r.table_offset = self.table_offset.into();
+        r.header_version = self.header_version.into();
+        r.max_table_entries = self.max_table_entries.into();
+        r.block_size = self.block_size.into();
+        r.checksum = self.checksum.into();
+        r.parent_unique_id = *self.parent_uuid.as_bytes();
+        r.parent_timestamp = self.parent_timestamp.into();
+        for (slot, u) in r
             .parent_unicode_name
-            .encode_utf16()
-            .take(NAME_BYTES / 2 - 1)
-            .enumerate()
+            .iter_mut()
+            .zip(self.parent_unicode_name.encode_utf16().take(NAME_UNITS - 1))
         {
-            b[NAME_OFFSET + 2 * i..NAME_OFFSET + 2 * i + 2].copy_from_slice(&u.to_be_bytes());
+            *slot = u.into();
         }
-        for (i, l) in self.locators.iter().enumerate() {
-            let at = LOCATORS_OFFSET + i * LOCATOR_ENTRY_SIZE;
-            b[at..at + LOCATOR_ENTRY_SIZE].copy_from_slice(&l.to_bytes());
-        }
-        let sum = ones_complement_checksum(&b, 36);
-        b[36..40].copy_from_slice(&sum.to_be_bytes());
-        b
+        r.parent_locators = self.locators.map(|l| l.to_raw());
+        r
+    }
+
+    /// Encodes the header with a fresh checksum (the `checksum` field is ignored). A parent
+    /// name longer than 255 UTF-16 units is truncated.
+    pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
+        let mut raw = self.to_raw();
+        raw.checksum = U32::ZERO;
+        raw.checksum = ones_complement_checksum(raw.as_bytes(), HEADER_CHECKSUM_OFFSET).into();
+        zerocopy::transmute!(raw)
     }
 
     /// Checksum the stored bytes should carry.
     pub fn computed_checksum(raw: &[u8; HEADER_SIZE]) -> u32 {
-        ones_complement_checksum(raw, 36)
+        ones_complement_checksum(raw, HEADER_CHECKSUM_OFFSET)
     }
 
     /// A header for a new image.

@@ -13,8 +13,11 @@
 //! because the checksum covers exactly the bytes present.
 
 use crate::geometry::Geometry;
+use core::mem::offset_of;
 use std::fmt;
 use uuid::Uuid;
+use zerocopy::byteorder::big_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Size of the footer on disk.
 pub const FOOTER_SIZE: usize = 512;
@@ -124,69 +127,128 @@ pub fn ones_complement_checksum(bytes: &[u8], skip: usize) -> u32 {
     !sum
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+/// The footer exactly as stored: big-endian fields at the spec's offsets.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct RawFooter {
+    /// `conectix` when valid.
+    pub cookie: [u8; 8],
+    /// Feature bits (bit 0 temporary, bit 1 reserved = 1).
+    pub features: U32,
+    /// Format version, 0x00010000.
+    pub format_version: U32,
+    /// Absolute offset of the dynamic header; all ones for fixed disks.
+    pub data_offset: U64,
+    /// Seconds since 2000-01-01 UTC.
+    pub timestamp: U32,
+    /// Creator application, four characters.
+    pub creator_app: [u8; 4],
+    /// Creator version, major << 16 | minor.
+    pub creator_version: U32,
+    /// Creator host OS.
+    pub creator_host_os: U32,
+    /// Size at creation time.
+    pub original_size: U64,
+    /// Current size of the virtual disk in bytes.
+    pub current_size: U64,
+    /// CHS cylinders.
+    pub cylinders: U16,
+    /// CHS heads.
+    pub heads: u8,
+    /// CHS sectors per track.
+    pub sectors_per_track: u8,
+    /// Disk type (2 fixed, 3 dynamic, 4 differencing).
+    pub disk_type: U32,
+    /// One's complement of the byte sum of the footer without this field.
+    pub checksum: U32,
+    /// Unique id of this image (RFC 4122 byte order, as stored).
+    pub unique_id: [u8; 16],
+    /// Saved-state flag (absent from the legacy 511-byte footer).
+    pub saved_state: u8,
+    /// Reserved, zero.
+    pub reserved: [u8; 427],
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
+const _: () = assert!(size_of::<RawFooter>() == FOOTER_SIZE);
+const _: () = assert!(offset_of!(RawFooter, data_offset) == 16);
+const _: () = assert!(offset_of!(RawFooter, current_size) == 48);
+const _: () = assert!(offset_of!(RawFooter, cylinders) == 56);
+const _: () = assert!(offset_of!(RawFooter, disk_type) == 60);
+const _: () = assert!(offset_of!(RawFooter, checksum) == 64);
+const _: () = assert!(offset_of!(RawFooter, unique_id) == 68);
+const _: () = assert!(offset_of!(RawFooter, saved_state) == 84);
+
+/// Offset of the checksum field in the footer.
+pub const FOOTER_CHECKSUM_OFFSET: usize = offset_of!(RawFooter, checksum);
 
 impl Footer {
     /// Decodes a footer from 512 bytes (or 511 for the legacy layout, zero-padded by the caller).
     pub fn parse(b: &[u8; FOOTER_SIZE]) -> Footer {
-        let mut cookie = [0u8; 8];
-        cookie.copy_from_slice(&b[0..8]);
-        let mut creator_app = [0u8; 4];
-        creator_app.copy_from_slice(&b[28..32]);
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&b[68..84]);
+        let raw: RawFooter = zerocopy::transmute!(*b);
+        Footer::from_raw(&raw)
+    }
+
+    /// Decodes the typed on-disk form.
+    pub fn from_raw(r: &RawFooter) -> Footer {
         Footer {
-            cookie,
-            features: be32(b, 8),
-            format_version: be32(b, 12),
-            data_offset: be64(b, 16),
-            timestamp: be32(b, 24),
-            creator_app,
-            creator_version: be32(b, 32),
-            creator_host_os: be32(b, 36),
-            original_size: be64(b, 40),
-            current_size: be64(b, 48),
-            geometry: Geometry::from_be_bytes([b[56], b[57], b[58], b[59]]),
-            disk_type_code: be32(b, 60),
-            checksum: be32(b, 64),
-            uuid: Uuid::from_bytes(id),
-            saved_state: b[84],
+            cookie: r.cookie,
+            features: r.features.get(),
+            format_version: r.format_version.get(),
+            data_offset: r.data_offset.get(),
+            timestamp: r.timestamp.get(),
+            creator_app: r.creator_app,
+            creator_version: r.creator_version.get(),
+            creator_host_os: r.creator_host_os.get(),
+            original_size: r.original_size.get(),
+            current_size: r.current_size.get(),
+            geometry: Geometry {
+                cylinders: r.cylinders.get(),
+                heads: r.heads,
+                sectors_per_track: r.sectors_per_track,
+            },
+            disk_type_code: r.disk_type.get(),
+            checksum: r.checksum.get(),
+            uuid: Uuid::from_bytes(r.unique_id),
+            saved_state: r.saved_state,
+        }
+    }
+
+    /// The typed on-disk form, with the `checksum` field as stored here (not recomputed) and
+    /// the reserved bytes zero.
+    pub fn to_raw(&self) -> RawFooter {
+        RawFooter {
+            cookie: self.cookie,
+            features: self.features.into(),
+            format_version: self.format_version.into(),
+            data_offset: self.data_offset.into(),
+            timestamp: self.timestamp.into(),
+            creator_app: self.creator_app,
+            creator_version: self.creator_version.into(),
+            creator_host_os: self.creator_host_os.into(),
+            original_size: self.original_size.into(),
+            current_size: self.current_size.into(),
+            cylinders: self.geometry.cylinders.into(),
+            heads: self.geometry.heads,
+            sectors_per_track: self.geometry.sectors_per_track,
+            disk_type: self.disk_type_code.into(),
+            checksum: self.checksum.into(),
+            unique_id: *self.uuid.as_bytes(),
+            saved_state: self.saved_state,
+            reserved: [0; 427],
         }
     }
 
     /// Encodes the footer, computing a fresh checksum (the `checksum` field is ignored).
     pub fn to_bytes(&self) -> [u8; FOOTER_SIZE] {
-        let mut b = [0u8; FOOTER_SIZE];
-        b[0..8].copy_from_slice(&self.cookie);
-        b[8..12].copy_from_slice(&self.features.to_be_bytes());
-        b[12..16].copy_from_slice(&self.format_version.to_be_bytes());
-        b[16..24].copy_from_slice(&self.data_offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.timestamp.to_be_bytes());
-        b[28..32].copy_from_slice(&self.creator_app);
-        b[32..36].copy_from_slice(&self.creator_version.to_be_bytes());
-        b[36..40].copy_from_slice(&self.creator_host_os.to_be_bytes());
-        b[40..48].copy_from_slice(&self.original_size.to_be_bytes());
-        b[48..56].copy_from_slice(&self.current_size.to_be_bytes());
-        b[56..60].copy_from_slice(&self.geometry.to_be_bytes());
-        b[60..64].copy_from_slice(&self.disk_type_code.to_be_bytes());
-        b[68..84].copy_from_slice(self.uuid.as_bytes());
-        b[84] = self.saved_state;
-        let sum = ones_complement_checksum(&b, 64);
-        b[64..68].copy_from_slice(&sum.to_be_bytes());
-        b
+        let mut raw = self.to_raw();
+        raw.checksum = U32::ZERO;
+        raw.checksum = ones_complement_checksum(raw.as_bytes(), FOOTER_CHECKSUM_OFFSET).into();
+        zerocopy::transmute!(raw)
     }
 
     /// Checksum the stored bytes should carry.
     pub fn computed_checksum(raw: &[u8; FOOTER_SIZE]) -> u32 {
-        ones_complement_checksum(raw, 64)
+        ones_complement_checksum(raw, FOOTER_CHECKSUM_OFFSET)
     }
 
     /// The disk type, if the field holds a known value.

@@ -463,10 +463,7 @@ impl<F: ImageFile> VhdImage<F> {
         for sector in std::mem::take(&mut self.dirty_bat) {
             let first = sector * 128;
             let last = (first + 128).min(self.bat.len());
-            let bytes: Vec<u8> = self.bat[first..last]
-                .iter()
-                .flat_map(|e| e.to_be_bytes())
-                .collect();
+            let bytes = crate::layout::bat_bytes(&self.bat[first..last]);
             write_at(
                 &self.file,
                 &self.path,

@@ -7,12 +7,16 @@
 //! allocate beyond it.
 
 use crate::bitmap::bitmap_bytes;
-use crate::dynamic_header::{DynamicHeader, HEADER_SIZE};
+use crate::dynamic_header::{
+    DynamicHeader, HEADER_SIZE, LOCATORS_OFFSET, PARENT_UUID_OFFSET, TABLE_OFFSET_OFFSET,
+};
 use crate::error::{Error, Result};
 use crate::footer::{DiskType, Footer, COOKIE, FOOTER_SIZE};
-use crate::locator::{LocatorEntry, MAX_LOCATOR_DATA};
+use crate::locator::{LocatorEntry, LOCATOR_ENTRY_SIZE, MAX_LOCATOR_DATA};
 use image_io::ImageFile;
 use std::path::{Path, PathBuf};
+use zerocopy::byteorder::big_endian::U32;
+use zerocopy::IntoBytes;
 
 /// Smallest block size accepted. The spec allows smaller powers of two, but no known writer
 /// uses them and they would make the BAT of a large disk enormous.
@@ -21,6 +25,17 @@ pub const MIN_BLOCK_SIZE: u32 = 4096;
 pub const MAX_BLOCK_SIZE: u32 = 256 << 20;
 /// BAT value of an unallocated block.
 pub const UNALLOCATED: u32 = u32::MAX;
+
+/// A BAT entry as stored: the big-endian sector number of the block's bitmap, or all ones.
+pub type RawBatEntry = U32;
+
+const _: () = assert!(size_of::<RawBatEntry>() == 4);
+
+/// Encodes BAT entries as stored on disk.
+pub fn bat_bytes(entries: &[u32]) -> Vec<u8> {
+    let raw: Vec<RawBatEntry> = entries.iter().map(|&e| e.into()).collect();
+    raw.as_bytes().to_vec()
+}
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,7 +341,7 @@ impl Layout {
         {
             self.corrupt(
                 "dynamic header",
-                hdr_at + 16,
+                hdr_at + TABLE_OFFSET_OFFSET as u64,
                 format!(
                     "BAT at {:#x} ({} entries) extends past the end of the file",
                     h.table_offset, entries
@@ -334,12 +349,15 @@ impl Layout {
             );
             return Ok(());
         }
-        let mut bat_raw = vec![0u8; used_bytes as usize];
-        read_at(file, &path, &mut bat_raw, h.table_offset, "read BAT")?;
-        self.bat = bat_raw
-            .chunks_exact(4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let mut bat_raw = vec![RawBatEntry::ZERO; entries as usize];
+        read_at(
+            file,
+            &path,
+            bat_raw.as_mut_bytes(),
+            h.table_offset,
+            "read BAT",
+        )?;
+        self.bat = bat_raw.iter().map(|e| e.get()).collect();
         self.metadata.push((
             h.table_offset,
             bat_bytes.min(self.footer_offset - h.table_offset),
@@ -348,7 +366,7 @@ impl Layout {
         if h.parent_uuid.is_nil() && self.footer.disk_type() == Some(DiskType::Differencing) {
             self.corrupt(
                 "dynamic header",
-                hdr_at + 40,
+                hdr_at + PARENT_UUID_OFFSET as u64,
                 "differencing image without a parent unique id".into(),
             );
         }
@@ -364,7 +382,7 @@ impl Layout {
         let path = self.path.clone();
         let hdr_at = self.footer.data_offset;
         for (i, entry) in h.locators.iter().enumerate() {
-            let entry_at = hdr_at + 576 + 24 * i as u64;
+            let entry_at = hdr_at + (LOCATORS_OFFSET + LOCATOR_ENTRY_SIZE * i) as u64;
             if !entry.is_path() {
                 continue;
             }

@@ -6,7 +6,10 @@
 //! `Mac ` (an alias blob, ignored). The spec says the data-space field counts sectors, Windows
 //! and Virtual PC write bytes: readers use only the data length, which is in bytes either way.
 
+use core::mem::offset_of;
 use std::path::PathBuf;
+use zerocopy::byteorder::big_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Number of locator entries in the header.
 pub const LOCATOR_COUNT: usize = 8;
@@ -45,6 +48,26 @@ impl PlatformCode {
     }
 }
 
+/// One parent locator entry exactly as stored in the dynamic header (big-endian).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct RawLocatorEntry {
+    /// Platform code (`W2ru`, `W2ku`, ...).
+    pub platform_code: U32,
+    /// Space reserved for the data (bytes in Windows files, sectors per the spec).
+    pub platform_data_space: U32,
+    /// Length of the data in bytes.
+    pub platform_data_length: U32,
+    /// Reserved, zero.
+    pub reserved: U32,
+    /// Absolute file offset of the data.
+    pub platform_data_offset: U64,
+}
+
+const _: () = assert!(size_of::<RawLocatorEntry>() == LOCATOR_ENTRY_SIZE);
+const _: () = assert!(offset_of!(RawLocatorEntry, platform_data_length) == 8);
+const _: () = assert!(offset_of!(RawLocatorEntry, platform_data_offset) == 16);
+
 /// One 24-byte parent locator entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LocatorEntry {
@@ -62,28 +85,36 @@ pub struct LocatorEntry {
 
 impl LocatorEntry {
     /// Decodes 24 bytes.
-    pub fn parse(b: &[u8]) -> LocatorEntry {
-        let r32 = |at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        let mut o = [0u8; 8];
-        o.copy_from_slice(&b[16..24]);
+    pub fn parse(b: &[u8; LOCATOR_ENTRY_SIZE]) -> LocatorEntry {
+        let raw: RawLocatorEntry = zerocopy::transmute!(*b);
+        LocatorEntry::from_raw(&raw)
+    }
+
+    /// Decodes the typed on-disk form.
+    pub fn from_raw(r: &RawLocatorEntry) -> LocatorEntry {
         LocatorEntry {
-            code: PlatformCode(r32(0)),
-            data_space: r32(4),
-            data_length: r32(8),
-            reserved: r32(12),
-            data_offset: u64::from_be_bytes(o),
+            code: PlatformCode(r.platform_code.get()),
+            data_space: r.platform_data_space.get(),
+            data_length: r.platform_data_length.get(),
+            reserved: r.reserved.get(),
+            data_offset: r.platform_data_offset.get(),
+        }
+    }
+
+    /// The typed on-disk form.
+    pub fn to_raw(&self) -> RawLocatorEntry {
+        RawLocatorEntry {
+            platform_code: self.code.0.into(),
+            platform_data_space: self.data_space.into(),
+            platform_data_length: self.data_length.into(),
+            reserved: self.reserved.into(),
+            platform_data_offset: self.data_offset.into(),
         }
     }
 
     /// Encodes 24 bytes.
     pub fn to_bytes(&self) -> [u8; LOCATOR_ENTRY_SIZE] {
-        let mut b = [0u8; LOCATOR_ENTRY_SIZE];
-        b[0..4].copy_from_slice(&self.code.0.to_be_bytes());
-        b[4..8].copy_from_slice(&self.data_space.to_be_bytes());
-        b[8..12].copy_from_slice(&self.data_length.to_be_bytes());
-        b[12..16].copy_from_slice(&self.reserved.to_be_bytes());
-        b[16..24].copy_from_slice(&self.data_offset.to_be_bytes());
-        b
+        zerocopy::transmute!(self.to_raw())
     }
 
     /// Whether the entry describes a path we can decode.

@@ -10,14 +10,15 @@
 
 use crate::error::{Error, Result};
 use crate::format::{
-    guids, le, metadata_table_bytes, state, utf16le, BatEntry, Header, MetadataEntry,
-    ParentLocator, RegionEntry, RegionTable, BLOCK_SIZE_RANGE, HEADER_OFFSETS, HEADER_SIGNATURE,
-    IDENT_SIGNATURE, KIB64, MAX_VIRTUAL_SIZE, MIB, REGION_OFFSETS,
+    bat_bytes, guids, metadata_table_bytes, state, BatEntry, FileIdentifier, FileParameters,
+    Header, MetadataEntry, ParentLocator, RegionEntry, RegionTable, BLOCK_SIZE_RANGE,
+    HEADER_OFFSETS, HEADER_SIGNATURE, KIB64, MAX_VIRTUAL_SIZE, MIB, REGION_OFFSETS,
 };
 use crate::image::{io, OpenMode, VhdxImage};
 use image_io::ImageFile;
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
+use zerocopy::IntoBytes;
 
 /// Default block size of dynamic and fixed images (Hyper-V's).
 pub const DEFAULT_BLOCK_SIZE: u32 = 32 << 20;
@@ -184,9 +185,8 @@ fn write_layout<F: ImageFile>(
 
     // File type identifier.
     let mut ident = vec![0u8; KIB64 as usize];
-    ident[..8].copy_from_slice(IDENT_SIGNATURE);
-    let creator = utf16le(&format!("vhdkit {}", env!("CARGO_PKG_VERSION")));
-    ident[8..8 + creator.len()].copy_from_slice(&creator);
+    let id = FileIdentifier::new(&format!("vhdkit {}", env!("CARGO_PKG_VERSION")));
+    ident[..size_of::<FileIdentifier>()].copy_from_slice(id.as_bytes());
     w(&ident, 0, "write file identifier")?;
 
     // Headers: both valid, the second current.
@@ -243,10 +243,11 @@ fn write_layout<F: ImageFile>(
 
     // Metadata items, packed from 64 KiB.
     let mut items: Vec<(uuid::Uuid, Vec<u8>, bool)> = Vec::new();
-    let mut fp = vec![0u8; 8];
-    le::put_u32(&mut fp, 0, bs);
-    le::put_u32(&mut fp, 4, fixed as u32 | (parent.is_some() as u32) << 1);
-    items.push((guids::FILE_PARAMETERS, fp, false));
+    let fp = FileParameters {
+        block_size: bs.into(),
+        flags: (fixed as u32 | (parent.is_some() as u32) << 1).into(),
+    };
+    items.push((guids::FILE_PARAMETERS, fp.as_bytes().to_vec(), false));
     items.push((guids::VIRTUAL_DISK_SIZE, size.to_le_bytes().to_vec(), true));
     let page83 = parent.map_or_else(Uuid::new_v4, |p| p.page83);
     items.push((guids::PAGE_83_DATA, page83.to_bytes_le().to_vec(), true));
@@ -297,7 +298,7 @@ fn write_layout<F: ImageFile>(
 
     // BAT and payload.
     let data_at = bat_at + bat_len;
-    let mut bat = vec![0u8; (entries * 8) as usize];
+    let mut bat = vec![BatEntry::default(); entries as usize];
     let mut end = data_at;
     for b in 0..blocks {
         let idx = (b + b / chunk_ratio) as usize;
@@ -308,9 +309,9 @@ fn write_layout<F: ImageFile>(
         } else {
             BatEntry::new(state::ZERO, 0)
         };
-        le::put_u64(&mut bat, idx * 8, e.0);
+        bat[idx] = e;
     }
-    w(&bat, bat_at, "write BAT")?;
+    w(&bat_bytes(&bat), bat_at, "write BAT")?;
     if fixed {
         end = data_at + blocks * bs as u64;
         if !opts.sparse {

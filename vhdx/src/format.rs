@@ -8,7 +8,10 @@
 //! Everything past the first MiB is placed by the region table and the header's log fields, at
 //! 1 MiB alignment.
 
+use core::mem::offset_of;
 use uuid::Uuid;
+use zerocopy::byteorder::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// 1 MiB: alignment of regions, log and blocks.
 pub const MIB: u64 = 1 << 20;
@@ -69,42 +72,55 @@ pub mod guids {
     pub const PARENT_LOCATOR_TYPE: Uuid = uuid!("B04AEFB7-D19E-4A81-B789-25B8E9445913");
 }
 
-/// Little-endian field access on a byte slice (bounds are the caller's invariant).
-pub mod le {
-    use uuid::Uuid;
-    /// u16 at `at`.
-    pub fn u16(b: &[u8], at: usize) -> u16 {
-        u16::from_le_bytes([b[at], b[at + 1]])
+/// A GUID as stored: Microsoft's mixed-endian layout (first three fields little-endian).
+#[repr(transparent)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+pub struct Guid(pub [u8; 16]);
+
+const _: () = assert!(size_of::<Guid>() == 16);
+
+impl Guid {
+    /// Encodes `id`.
+    pub fn new(id: Uuid) -> Guid {
+        Guid(id.to_bytes_le())
     }
-    /// u32 at `at`.
-    pub fn u32(b: &[u8], at: usize) -> u32 {
-        u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-    }
-    /// u64 at `at`.
-    pub fn u64(b: &[u8], at: usize) -> u64 {
-        u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-    }
-    /// GUID (mixed-endian) at `at`.
-    pub fn guid(b: &[u8], at: usize) -> Uuid {
-        Uuid::from_bytes_le(b[at..at + 16].try_into().expect("16 bytes"))
-    }
-    /// Stores a u16.
-    pub fn put_u16(b: &mut [u8], at: usize, v: u16) {
-        b[at..at + 2].copy_from_slice(&v.to_le_bytes());
-    }
-    /// Stores a u32.
-    pub fn put_u32(b: &mut [u8], at: usize, v: u32) {
-        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    }
-    /// Stores a u64.
-    pub fn put_u64(b: &mut [u8], at: usize, v: u64) {
-        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-    }
-    /// Stores a GUID.
-    pub fn put_guid(b: &mut [u8], at: usize, v: Uuid) {
-        b[at..at + 16].copy_from_slice(&v.to_bytes_le());
+    /// Decodes the stored bytes.
+    pub fn get(self) -> Uuid {
+        Uuid::from_bytes_le(self.0)
     }
 }
+
+impl From<Uuid> for Guid {
+    fn from(id: Uuid) -> Guid {
+        Guid::new(id)
+    }
+}
+
+/// Decodes a `T` from the start of `b`, zero-filling whatever `b` lacks (callers check lengths
+/// first; a short buffer then decodes as zeros rather than panicking).
+pub fn read_padded<T: FromBytes + IntoBytes>(b: &[u8]) -> T {
+    let mut v = T::new_zeroed();
+    let dst = v.as_mut_bytes();
+    let n = dst.len().min(b.len());
+    dst[..n].copy_from_slice(&b[..n]);
+    v
+}
+
+/// Offset of the checksum field shared by the header, the region table header and the log
+/// entry header.
+pub const CHECKSUM_OFFSET: usize = 4;
 
 /// CRC-32C of `bytes` with the 4-byte field at `at` taken as zero.
 pub fn crc_with_zeroed(bytes: &[u8], at: usize) -> u32 {
@@ -116,7 +132,7 @@ pub fn crc_with_zeroed(bytes: &[u8], at: usize) -> u32 {
 /// Writes the CRC-32C of `bytes` into the field at `at`.
 pub fn seal(bytes: &mut [u8], at: usize) {
     let c = crc_with_zeroed(bytes, at);
-    le::put_u32(bytes, at, c);
+    bytes[at..at + 4].copy_from_slice(U32::new(c).as_bytes());
 }
 
 /// UTF-16LE encoding.
@@ -133,6 +149,72 @@ pub fn from_utf16le(b: &[u8]) -> String {
         .collect();
     String::from_utf16_lossy(&units)
 }
+
+/// The file type identifier at offset 0 as stored (the rest of its 64 KiB is reserved).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct FileIdentifier {
+    /// `vhdxfile`.
+    pub signature: [u8; 8],
+    /// Creator, UTF-16LE, NUL-terminated unless full.
+    pub creator: [U16; 256],
+}
+
+/// Bytes of the file type identifier that carry fields.
+pub const IDENT_SIZE: usize = 520;
+const _: () = assert!(size_of::<FileIdentifier>() == IDENT_SIZE);
+const _: () = assert!(offset_of!(FileIdentifier, creator) == 8);
+
+impl FileIdentifier {
+    /// The identifier vhdkit writes, creator `creator` (truncated to 256 UTF-16 units).
+    pub fn new(creator: &str) -> FileIdentifier {
+        let mut id = FileIdentifier::new_zeroed();
+        id.signature = *IDENT_SIGNATURE;
+        for (slot, u) in id.creator.iter_mut().zip(creator.encode_utf16()) {
+            *slot = u.into();
+        }
+        id
+    }
+
+    /// The creator text (lossy, up to the first NUL).
+    pub fn creator(&self) -> String {
+        from_utf16le(self.creator.as_bytes())
+    }
+}
+
+/// The 4 KiB header exactly as stored.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct RawHeader {
+    /// `head`.
+    pub signature: U32,
+    /// CRC-32C over the 4 KiB with this field zero.
+    pub checksum: U32,
+    /// Larger = newer.
+    pub sequence_number: U64,
+    /// Changes before the first write of each session.
+    pub file_write_guid: Guid,
+    /// Changes before the first user-visible data change.
+    pub data_write_guid: Guid,
+    /// Non-zero: the log holds entries with this GUID to replay.
+    pub log_guid: Guid,
+    /// 0.
+    pub log_version: U16,
+    /// 1.
+    pub version: U16,
+    /// Log size, 1 MiB multiple.
+    pub log_length: U32,
+    /// Log offset, 1 MiB multiple.
+    pub log_offset: U64,
+    /// Reserved, zero.
+    pub reserved: [u8; 4016],
+}
+
+const _: () = assert!(size_of::<RawHeader>() == HEADER_SIZE);
+const _: () = assert!(offset_of!(RawHeader, checksum) == CHECKSUM_OFFSET);
+const _: () = assert!(offset_of!(RawHeader, log_guid) == 48);
+const _: () = assert!(offset_of!(RawHeader, log_length) == 68);
+const _: () = assert!(offset_of!(RawHeader, log_offset) == 72);
 
 /// The 4 KiB header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,35 +242,46 @@ pub struct Header {
 }
 
 impl Header {
-    /// Decodes 4 KiB.
+    /// Decodes 4 KiB (a shorter buffer decodes as if zero-filled).
     pub fn parse(b: &[u8]) -> Header {
+        Header::from_raw(&read_padded(b))
+    }
+
+    /// Decodes the typed on-disk form.
+    pub fn from_raw(r: &RawHeader) -> Header {
         Header {
-            signature: le::u32(b, 0),
-            checksum: le::u32(b, 4),
-            sequence_number: le::u64(b, 8),
-            file_write_guid: le::guid(b, 16),
-            data_write_guid: le::guid(b, 32),
-            log_guid: le::guid(b, 48),
-            log_version: le::u16(b, 64),
-            version: le::u16(b, 66),
-            log_length: le::u32(b, 68),
-            log_offset: le::u64(b, 72),
+            signature: r.signature.get(),
+            checksum: r.checksum.get(),
+            sequence_number: r.sequence_number.get(),
+            file_write_guid: r.file_write_guid.get(),
+            data_write_guid: r.data_write_guid.get(),
+            log_guid: r.log_guid.get(),
+            log_version: r.log_version.get(),
+            version: r.version.get(),
+            log_length: r.log_length.get(),
+            log_offset: r.log_offset.get(),
         }
+    }
+
+    /// The typed on-disk form with the `head` signature and a zero checksum.
+    pub fn to_raw(&self) -> RawHeader {
+        let mut r = RawHeader::new_zeroed();
+        r.signature = HEADER_SIGNATURE.into();
+        r.sequence_number = self.sequence_number.into();
+        r.file_write_guid = self.file_write_guid.into();
+        r.data_write_guid = self.data_write_guid.into();
+        r.log_guid = self.log_guid.into();
+        r.log_version = self.log_version.into();
+        r.version = self.version.into();
+        r.log_length = self.log_length.into();
+        r.log_offset = self.log_offset.into();
+        r
     }
 
     /// Encodes with a fresh checksum.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut b = vec![0u8; HEADER_SIZE];
-        le::put_u32(&mut b, 0, HEADER_SIGNATURE);
-        le::put_u64(&mut b, 8, self.sequence_number);
-        le::put_guid(&mut b, 16, self.file_write_guid);
-        le::put_guid(&mut b, 32, self.data_write_guid);
-        le::put_guid(&mut b, 48, self.log_guid);
-        le::put_u16(&mut b, 64, self.log_version);
-        le::put_u16(&mut b, 66, self.version);
-        le::put_u32(&mut b, 68, self.log_length);
-        le::put_u64(&mut b, 72, self.log_offset);
-        seal(&mut b, 4);
+        let mut b = self.to_raw().as_bytes().to_vec();
+        seal(&mut b, CHECKSUM_OFFSET);
         b
     }
 
@@ -218,6 +311,57 @@ impl Header {
     }
 }
 
+/// Most entries a region table or the metadata table can hold.
+pub const MAX_TABLE_ENTRIES: usize = 2047;
+
+/// Region table header as stored.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct RegionTableHeader {
+    /// `regi`.
+    pub signature: U32,
+    /// CRC-32C over the 64 KiB table with this field zero.
+    pub checksum: U32,
+    /// Number of entries in use (at most 2047).
+    pub entry_count: U32,
+    /// Reserved, zero.
+    pub reserved: U32,
+}
+
+const _: () = assert!(size_of::<RegionTableHeader>() == 16);
+const _: () = assert!(offset_of!(RegionTableHeader, checksum) == CHECKSUM_OFFSET);
+
+/// Region table entry as stored.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct RegionTableEntry {
+    /// Region GUID.
+    pub guid: Guid,
+    /// File offset, 1 MiB multiple.
+    pub file_offset: U64,
+    /// Length, 1 MiB multiple.
+    pub length: U32,
+    /// Bit 0: required.
+    pub flags: U32,
+}
+
+const _: () = assert!(size_of::<RegionTableEntry>() == 32);
+
+/// The whole 64 KiB region table as stored.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct RawRegionTable {
+    /// Signature, checksum, count.
+    pub header: RegionTableHeader,
+    /// Entries; only the first `entry_count` are meaningful.
+    pub entries: [RegionTableEntry; MAX_TABLE_ENTRIES],
+    /// Reserved, zero.
+    pub reserved: [u8; 16],
+}
+
+const _: () = assert!(size_of::<RawRegionTable>() == TABLE_SIZE);
+const _: () = assert!(offset_of!(RawRegionTable, entries) == 16);
+
 /// A region table entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegionEntry {
@@ -243,45 +387,100 @@ pub struct RegionTable {
 }
 
 impl RegionTable {
-    /// Decodes a 64 KiB table. `None` if the entry count is impossible.
+    /// Decodes a 64 KiB table. `None` if the entry count is impossible (or `b` is shorter than
+    /// a table).
     pub fn parse(b: &[u8]) -> Option<RegionTable> {
-        let count = le::u32(b, 8) as usize;
-        if count > 2047 {
-            return None;
-        }
-        let entries = (0..count)
-            .map(|i| {
-                let at = 16 + 32 * i;
-                RegionEntry {
-                    guid: le::guid(b, at),
-                    file_offset: le::u64(b, at + 16),
-                    length: le::u32(b, at + 24),
-                    required: le::u32(b, at + 28) & 1 != 0,
-                }
-            })
-            .collect();
+        let (t, _) = RawRegionTable::ref_from_prefix(b).ok()?;
+        let count = t.header.entry_count.get() as usize;
+        let entries = t.entries.get(..count)?;
         Some(RegionTable {
-            signature: le::u32(b, 0),
-            checksum: le::u32(b, 4),
-            entries,
+            signature: t.header.signature.get(),
+            checksum: t.header.checksum.get(),
+            entries: entries
+                .iter()
+                .map(|e| RegionEntry {
+                    guid: e.guid.get(),
+                    file_offset: e.file_offset.get(),
+                    length: e.length.get(),
+                    required: e.flags.get() & 1 != 0,
+                })
+                .collect(),
         })
     }
 
-    /// Encodes 64 KiB with a fresh checksum.
+    /// Encodes 64 KiB with a fresh checksum (at most 2047 entries are kept).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = vec![0u8; TABLE_SIZE];
-        le::put_u32(&mut b, 0, REGION_SIGNATURE);
-        le::put_u32(&mut b, 8, self.entries.len() as u32);
-        for (i, e) in self.entries.iter().enumerate() {
-            let at = 16 + 32 * i;
-            le::put_guid(&mut b, at, e.guid);
-            le::put_u64(&mut b, at + 16, e.file_offset);
-            le::put_u32(&mut b, at + 24, e.length);
-            le::put_u32(&mut b, at + 28, e.required as u32);
+        if let Ok(t) = RawRegionTable::mut_from_bytes(&mut b) {
+            let mut count = 0u32;
+            for (slot, e) in t.entries.iter_mut().zip(&self.entries) {
+                *slot = RegionTableEntry {
+                    guid: e.guid.into(),
+                    file_offset: e.file_offset.into(),
+                    length: e.length.into(),
+                    flags: (e.required as u32).into(),
+                };
+                count += 1;
+            }
+            t.header.signature = REGION_SIGNATURE.into();
+            t.header.entry_count = count.into();
         }
-        seal(&mut b, 4);
+        seal(&mut b, CHECKSUM_OFFSET);
         b
     }
+}
+
+/// Metadata table header as stored.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct MetadataTableHeader {
+    /// `metadata`.
+    pub signature: [u8; 8],
+    /// Reserved, zero.
+    pub reserved: U16,
+    /// Number of entries in use (at most 2047).
+    pub entry_count: U16,
+    /// Reserved, zero.
+    pub reserved2: [u8; 20],
+}
+
+const _: () = assert!(size_of::<MetadataTableHeader>() == 32);
+const _: () = assert!(offset_of!(MetadataTableHeader, entry_count) == 10);
+
+/// Metadata table entry as stored.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct MetadataTableEntry {
+    /// Item GUID.
+    pub item_id: Guid,
+    /// Offset from the start of the metadata region.
+    pub offset: U32,
+    /// Length in bytes.
+    pub length: U32,
+    /// Bit 0 IsUser, bit 1 IsVirtualDisk, bit 2 IsRequired.
+    pub flags: U32,
+    /// Reserved, zero.
+    pub reserved: U32,
+}
+
+const _: () = assert!(size_of::<MetadataTableEntry>() == 32);
+const _: () = assert!(offset_of!(MetadataTableEntry, offset) == 16);
+
+/// The whole 64 KiB metadata table as stored.
+#[repr(C)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct RawMetadataTable {
+    /// Signature and count.
+    pub header: MetadataTableHeader,
+    /// Entries; only the first `entry_count` are meaningful.
+    pub entries: [MetadataTableEntry; MAX_TABLE_ENTRIES],
+}
+
+const _: () = assert!(size_of::<RawMetadataTable>() == TABLE_SIZE);
+
+/// Offset of metadata table entry `i` from the start of the metadata region.
+pub const fn metadata_entry_offset(i: usize) -> u64 {
+    (offset_of!(RawMetadataTable, entries) + i * size_of::<MetadataTableEntry>()) as u64
 }
 
 /// A metadata table entry.
@@ -301,24 +500,23 @@ pub struct MetadataEntry {
     pub is_required: bool,
 }
 
-/// Decodes the metadata table (64 KiB): `None` if the signature is wrong or the count impossible.
+/// Decodes the metadata table (64 KiB): `None` if the signature is wrong, the count impossible
+/// or `b` shorter than a table.
 pub fn parse_metadata_table(b: &[u8]) -> Option<Vec<MetadataEntry>> {
-    if &b[0..8] != METADATA_SIGNATURE {
+    let (t, _) = RawMetadataTable::ref_from_prefix(b).ok()?;
+    if &t.header.signature != METADATA_SIGNATURE {
         return None;
     }
-    let count = le::u16(b, 10) as usize;
-    if count > 2047 {
-        return None;
-    }
+    let entries = t.entries.get(..t.header.entry_count.get() as usize)?;
     Some(
-        (0..count)
-            .map(|i| {
-                let at = 32 + 32 * i;
-                let flags = le::u32(b, at + 24);
+        entries
+            .iter()
+            .map(|e| {
+                let flags = e.flags.get();
                 MetadataEntry {
-                    item_id: le::guid(b, at),
-                    offset: le::u32(b, at + 16),
-                    length: le::u32(b, at + 20),
+                    item_id: e.item_id.get(),
+                    offset: e.offset.get(),
+                    length: e.length.get(),
                     is_user: flags & 1 != 0,
                     is_virtual_disk: flags & 2 != 0,
                     is_required: flags & 4 != 0,
@@ -328,22 +526,70 @@ pub fn parse_metadata_table(b: &[u8]) -> Option<Vec<MetadataEntry>> {
     )
 }
 
-/// Encodes the metadata table.
+/// Encodes the metadata table (at most 2047 entries are kept).
 pub fn metadata_table_bytes(entries: &[MetadataEntry]) -> Vec<u8> {
     let mut b = vec![0u8; TABLE_SIZE];
-    b[0..8].copy_from_slice(METADATA_SIGNATURE);
-    le::put_u16(&mut b, 10, entries.len() as u16);
-    for (i, e) in entries.iter().enumerate() {
-        let at = 32 + 32 * i;
-        le::put_guid(&mut b, at, e.item_id);
-        le::put_u32(&mut b, at + 16, e.offset);
-        le::put_u32(&mut b, at + 20, e.length);
-        let flags =
-            e.is_user as u32 | (e.is_virtual_disk as u32) << 1 | (e.is_required as u32) << 2;
-        le::put_u32(&mut b, at + 24, flags);
+    if let Ok(t) = RawMetadataTable::mut_from_bytes(&mut b) {
+        let mut count = 0u16;
+        for (slot, e) in t.entries.iter_mut().zip(entries) {
+            let flags =
+                e.is_user as u32 | (e.is_virtual_disk as u32) << 1 | (e.is_required as u32) << 2;
+            *slot = MetadataTableEntry {
+                item_id: e.item_id.into(),
+                offset: e.offset.into(),
+                length: e.length.into(),
+                flags: flags.into(),
+                reserved: U32::ZERO,
+            };
+            count += 1;
+        }
+        t.header.signature = *METADATA_SIGNATURE;
+        t.header.entry_count = count.into();
     }
     b
 }
+
+/// The File Parameters metadata item as stored.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct FileParameters {
+    /// Block size in bytes.
+    pub block_size: U32,
+    /// Bit 0 LeaveBlocksAllocated, bit 1 HasParent.
+    pub flags: U32,
+}
+
+const _: () = assert!(size_of::<FileParameters>() == 8);
+
+/// Parent locator item header as stored.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct ParentLocatorHeader {
+    /// Locator type GUID.
+    pub locator_type: Guid,
+    /// Reserved, zero.
+    pub reserved: U16,
+    /// Number of key/value entries that follow.
+    pub key_value_count: U16,
+}
+
+const _: () = assert!(size_of::<ParentLocatorHeader>() == 20);
+
+/// Parent locator key/value entry as stored (offsets from the start of the item).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct ParentLocatorEntry {
+    /// Offset of the UTF-16LE key.
+    pub key_offset: U32,
+    /// Offset of the UTF-16LE value.
+    pub value_offset: U32,
+    /// Key length in bytes.
+    pub key_length: U16,
+    /// Value length in bytes.
+    pub value_length: U16,
+}
+
+const _: () = assert!(size_of::<ParentLocatorEntry>() == 12);
 
 /// Parent locator: key/value pairs (UTF-16LE strings).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -357,24 +603,23 @@ pub struct ParentLocator {
 impl ParentLocator {
     /// Decodes the item; `Err` with a reason if an offset or length falls outside it.
     pub fn parse(b: &[u8]) -> Result<ParentLocator, String> {
-        if b.len() < 20 {
+        let Ok((h, rest)) = ParentLocatorHeader::ref_from_prefix(b) else {
             return Err(format!(
                 "item is {} bytes, smaller than its header",
                 b.len()
             ));
-        }
-        let count = le::u16(b, 18) as usize;
-        if 20 + count * 12 > b.len() {
+        };
+        let count = h.key_value_count.get() as usize;
+        let Ok((kvs, _)) = <[ParentLocatorEntry]>::ref_from_prefix_with_elems(rest, count) else {
             return Err(format!(
                 "{count} key/value entries do not fit in {} bytes",
                 b.len()
             ));
-        }
+        };
         let mut entries = Vec::with_capacity(count);
-        for i in 0..count {
-            let at = 20 + 12 * i;
-            let (ko, vo) = (le::u32(b, at) as usize, le::u32(b, at + 4) as usize);
-            let (kl, vl) = (le::u16(b, at + 8) as usize, le::u16(b, at + 10) as usize);
+        for (i, kv) in kvs.iter().enumerate() {
+            let (ko, vo) = (kv.key_offset.get() as usize, kv.value_offset.get() as usize);
+            let (kl, vl) = (kv.key_length.get() as usize, kv.value_length.get() as usize);
             let key = b
                 .get(ko..ko + kl)
                 .ok_or_else(|| format!("key {i} at {ko}+{kl} outside the item"))?;
@@ -384,28 +629,37 @@ impl ParentLocator {
             entries.push((from_utf16le(key), from_utf16le(val)));
         }
         Ok(ParentLocator {
-            locator_type: le::guid(b, 0),
+            locator_type: h.locator_type.get(),
             entries,
         })
     }
 
     /// Encodes the item.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut b = vec![0u8; 20 + 12 * self.entries.len()];
-        le::put_guid(&mut b, 0, self.locator_type);
-        le::put_u16(&mut b, 18, self.entries.len() as u16);
-        for (i, (k, v)) in self.entries.iter().enumerate() {
+        let header = ParentLocatorHeader {
+            locator_type: self.locator_type.into(),
+            reserved: U16::ZERO,
+            key_value_count: (self.entries.len() as u16).into(),
+        };
+        let mut table = Vec::with_capacity(self.entries.len());
+        let mut data = Vec::new();
+        let mut at =
+            size_of::<ParentLocatorHeader>() + self.entries.len() * size_of::<ParentLocatorEntry>();
+        for (k, v) in &self.entries {
             let (kb, vb) = (utf16le(k), utf16le(v));
-            let at = 20 + 12 * i;
-            let ko = b.len();
-            b.extend_from_slice(&kb);
-            let vo = b.len();
-            b.extend_from_slice(&vb);
-            le::put_u32(&mut b, at, ko as u32);
-            le::put_u32(&mut b, at + 4, vo as u32);
-            le::put_u16(&mut b, at + 8, kb.len() as u16);
-            le::put_u16(&mut b, at + 10, vb.len() as u16);
+            table.push(ParentLocatorEntry {
+                key_offset: (at as u32).into(),
+                value_offset: ((at + kb.len()) as u32).into(),
+                key_length: (kb.len() as u16).into(),
+                value_length: (vb.len() as u16).into(),
+            });
+            at += kb.len() + vb.len();
+            data.extend_from_slice(&kb);
+            data.extend_from_slice(&vb);
         }
+        let mut b = header.as_bytes().to_vec();
+        b.extend_from_slice(table.as_bytes());
+        b.extend_from_slice(&data);
         b
     }
 
@@ -417,6 +671,98 @@ impl ParentLocator {
             .map(|(_, v)| v.as_str())
     }
 }
+
+/// Log entry header as stored at the start of an entry's first 4 KiB sector.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct LogEntryHeader {
+    /// `loge`.
+    pub signature: U32,
+    /// CRC-32C over the whole entry with this field zero.
+    pub checksum: U32,
+    /// Entry length in bytes, a 4 KiB multiple.
+    pub entry_length: U32,
+    /// Log offset of the first entry of this entry's sequence.
+    pub tail: U32,
+    /// Sequence number, non-zero.
+    pub sequence_number: U64,
+    /// Number of descriptors that follow.
+    pub descriptor_count: U32,
+    /// Reserved, zero.
+    pub reserved: U32,
+    /// Must equal the header's log GUID.
+    pub log_guid: Guid,
+    /// File size when the entry was written, as far as it was flushed.
+    pub flushed_file_offset: U64,
+    /// File size the entry's writes need.
+    pub last_file_offset: U64,
+}
+
+/// Size of the log entry header.
+pub const LOG_ENTRY_HEADER_SIZE: usize = 64;
+const _: () = assert!(size_of::<LogEntryHeader>() == LOG_ENTRY_HEADER_SIZE);
+const _: () = assert!(offset_of!(LogEntryHeader, checksum) == CHECKSUM_OFFSET);
+const _: () = assert!(offset_of!(LogEntryHeader, tail) == 12);
+const _: () = assert!(offset_of!(LogEntryHeader, log_guid) == 32);
+
+/// Zero descriptor (`zero`) as stored: a range the replay fills with zeros.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct ZeroDescriptor {
+    /// `zero`.
+    pub signature: U32,
+    /// Reserved, zero.
+    pub reserved: U32,
+    /// Bytes to zero, a 4 KiB multiple.
+    pub zero_length: U64,
+    /// File offset, 4 KiB aligned.
+    pub file_offset: U64,
+    /// The entry's sequence number.
+    pub sequence_number: U64,
+}
+
+/// Data descriptor (`desc`) as stored: one 4 KiB page, split with its data sector.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct DataDescriptor {
+    /// `desc`.
+    pub signature: U32,
+    /// The page's last 4 bytes.
+    pub trailing_bytes: [u8; 4],
+    /// The page's first 8 bytes.
+    pub leading_bytes: [u8; 8],
+    /// File offset, 4 KiB aligned.
+    pub file_offset: U64,
+    /// The entry's sequence number.
+    pub sequence_number: U64,
+}
+
+/// Size of a log descriptor of either kind.
+pub const LOG_DESCRIPTOR_SIZE: usize = 32;
+const _: () = assert!(size_of::<ZeroDescriptor>() == LOG_DESCRIPTOR_SIZE);
+const _: () = assert!(size_of::<DataDescriptor>() == LOG_DESCRIPTOR_SIZE);
+const _: () =
+    assert!(offset_of!(ZeroDescriptor, file_offset) == offset_of!(DataDescriptor, file_offset));
+const _: () = assert!(
+    offset_of!(ZeroDescriptor, sequence_number) == offset_of!(DataDescriptor, sequence_number)
+);
+
+/// Data sector (`data`) as stored: the middle 4084 bytes of a page between the halves of the
+/// sequence number.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct DataSector {
+    /// `data`.
+    pub signature: U32,
+    /// High 32 bits of the entry's sequence number.
+    pub sequence_high: U32,
+    /// The page's bytes 8..4092.
+    pub data: [u8; 4084],
+    /// Low 32 bits of the entry's sequence number.
+    pub sequence_low: U32,
+}
+
+const _: () = assert!(size_of::<DataSector>() == 4096);
 
 /// Payload and sector-bitmap block states (BAT entry bits 0..3).
 pub mod state {
@@ -436,6 +782,17 @@ pub mod state {
     pub const PARTIALLY_PRESENT: u8 = 7;
     /// Sector bitmap block present (same value as FULLY_PRESENT).
     pub const SB_PRESENT: u8 = 6;
+}
+
+/// A BAT entry as stored: a little-endian u64 (decoded as [`BatEntry`]).
+pub type RawBatEntry = U64;
+
+const _: () = assert!(size_of::<RawBatEntry>() == 8);
+
+/// Encodes BAT entries as stored on disk.
+pub fn bat_bytes(entries: &[BatEntry]) -> Vec<u8> {
+    let raw: Vec<RawBatEntry> = entries.iter().map(|e| e.0.into()).collect();
+    raw.as_bytes().to_vec()
 }
 
 /// A BAT entry: state in bits 0..3, file offset in MiB in bits 20..64.
@@ -508,8 +865,7 @@ mod tests {
 
     #[test]
     fn guids_use_microsoft_mixed_endian_layout() {
-        let mut b = [0u8; 16];
-        le::put_guid(&mut b, 0, guids::BAT_REGION);
+        let b = Guid::new(guids::BAT_REGION).0;
         assert_eq!(b[..4], [0x66, 0x77, 0xC2, 0x2D]);
         assert_eq!(b[8..10], [0x9D, 0x64]);
     }

@@ -15,8 +15,8 @@
 
 use crate::error::{Error, Result};
 use crate::format::{
-    guids, le, state, BatEntry, Header, RegionTable, HEADER_OFFSETS, HEADER_SIZE, IDENT_SIGNATURE,
-    MIB, REGION_OFFSETS, TABLE_SIZE,
+    bat_bytes, guids, state, BatEntry, FileIdentifier, Header, RawBatEntry, RawHeader, RegionTable,
+    CHECKSUM_OFFSET, HEADER_OFFSETS, IDENT_SIGNATURE, MIB, REGION_OFFSETS, TABLE_SIZE,
 };
 use crate::log::{build_entry, find_replay, LogWrite, MAX_PAGES_PER_ENTRY, SECTOR};
 use crate::meta::{DiskParams, ParentLink};
@@ -24,6 +24,7 @@ use image_io::ImageFile;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
+use zerocopy::{FromZeros, IntoBytes};
 
 pub use image_io::OpenMode;
 
@@ -111,22 +112,22 @@ impl<F: ImageFile> VhdxImage<F> {
     pub fn open_file(file: F, path: &Path, mode: OpenMode) -> Result<Self> {
         let writable = mode.is_writable();
         let file_len = file.len().map_err(io(path, "stat", 0))?;
-        let mut ident = [0u8; 520];
+        let mut ident = FileIdentifier::new_zeroed();
         if file_len < 4 * MIB / 4 {
             return Err(Error::NotVhdx {
                 path: path.into(),
                 reason: format!("file is {file_len} bytes, smaller than the VHDX header section"),
             });
         }
-        file.read_exact_at(&mut ident, 0)
+        file.read_exact_at(ident.as_mut_bytes(), 0)
             .map_err(io(path, "read file identifier", 0))?;
-        if &ident[..8] != IDENT_SIGNATURE {
+        if &ident.signature != IDENT_SIGNATURE {
             return Err(Error::NotVhdx {
                 path: path.into(),
                 reason: "no \"vhdxfile\" signature at offset 0".into(),
             });
         }
-        let creator = crate::format::from_utf16le(&ident[8..520]);
+        let creator = ident.creator();
         let (header, header_slot) = read_headers(&file, path)?;
         let mut img = VhdxImage {
             path: path.into(),
@@ -485,7 +486,7 @@ impl<F: ImageFile> VhdxImage<F> {
         if t.signature != crate::format::REGION_SIGNATURE {
             return Err(corrupt("bad signature (expected \"regi\")".into()));
         }
-        let computed = crate::format::crc_with_zeroed(b, 4);
+        let computed = crate::format::crc_with_zeroed(b, CHECKSUM_OFFSET);
         if computed != t.checksum {
             return Err(Error::Checksum {
                 path: self.path.clone(),
@@ -558,12 +559,9 @@ impl<F: ImageFile> VhdxImage<F> {
                 ),
             });
         }
-        let mut raw = vec![0u8; (entries * 8) as usize];
-        self.read_file_at(&mut raw, self.regions.bat_offset)?;
-        self.bat = raw
-            .chunks_exact(8)
-            .map(|c| BatEntry(le::u64(c, 0)))
-            .collect();
+        let mut raw = vec![RawBatEntry::ZERO; entries as usize];
+        self.read_file_at(raw.as_mut_bytes(), self.regions.bat_offset)?;
+        self.bat = raw.iter().map(|e| BatEntry(e.get())).collect();
         let problems = crate::check::bat_problems(self);
         if let Some((offset, reason)) = problems.into_iter().next() {
             return Err(Error::Corrupt {
@@ -894,9 +892,8 @@ impl<F: ImageFile> VhdxImage<F> {
             let mut page = Box::new([0u8; SECTOR]);
             let first = (p * SECTOR as u64 / 8) as usize;
             let end = (first + SECTOR / 8).min(self.bat.len());
-            for (i, e) in self.bat[first..end].iter().enumerate() {
-                page[i * 8..i * 8 + 8].copy_from_slice(&e.0.to_le_bytes());
-            }
+            let bytes = bat_bytes(&self.bat[first..end]);
+            page[..bytes.len()].copy_from_slice(&bytes);
             pages.push((self.regions.bat_offset + p * SECTOR as u64, page));
         }
         pages
@@ -1013,11 +1010,11 @@ fn read_headers<F: ImageFile>(file: &F, path: &Path) -> Result<(Header, usize)> 
     let mut best: Option<(Header, usize)> = None;
     let mut first_err = None;
     for (slot, at) in HEADER_OFFSETS.into_iter().enumerate() {
-        let mut b = vec![0u8; HEADER_SIZE];
-        file.read_exact_at(&mut b, at)
+        let mut raw = RawHeader::new_zeroed();
+        file.read_exact_at(raw.as_mut_bytes(), at)
             .map_err(io(path, "read header", at))?;
-        let h = Header::parse(&b);
-        let computed = crate::format::crc_with_zeroed(&b, 4);
+        let h = Header::from_raw(&raw);
+        let computed = crate::format::crc_with_zeroed(raw.as_bytes(), CHECKSUM_OFFSET);
         let err = if h.signature != crate::format::HEADER_SIGNATURE {
             Some(Error::Corrupt {
                 path: path.into(),

@@ -17,11 +17,13 @@
 //! next one, so every entry is a sequence of its own (tail = its own offset).
 
 use crate::format::{
-    crc_with_zeroed, le, seal, DATA_DESC_SIGNATURE, DATA_SECTOR_SIGNATURE, LOG_ENTRY_SIGNATURE,
-    ZERO_DESC_SIGNATURE,
+    crc_with_zeroed, seal, DataDescriptor, DataSector, LogEntryHeader, ZeroDescriptor,
+    CHECKSUM_OFFSET, DATA_DESC_SIGNATURE, DATA_SECTOR_SIGNATURE, LOG_ENTRY_HEADER_SIZE,
+    LOG_ENTRY_SIGNATURE, ZERO_DESC_SIGNATURE,
 };
 use std::collections::HashMap;
 use uuid::Uuid;
+use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 /// Log sector size.
 pub const SECTOR: usize = 4096;
@@ -104,13 +106,14 @@ fn circular(log: &[u8], at: u64, len: usize) -> Vec<u8> {
 /// Parses and fully validates the entry at log offset `at`; `None` if it is not a valid entry.
 fn parse_entry(log: &[u8], at: u64, guid: Uuid) -> Option<Entry> {
     let head = circular(log, at, SECTOR);
-    if le::u32(&head, 0) != LOG_ENTRY_SIGNATURE {
+    let (h, _) = LogEntryHeader::read_from_prefix(&head).ok()?;
+    if h.signature.get() != LOG_ENTRY_SIGNATURE {
         return None;
     }
-    let length = le::u32(&head, 8) as usize;
-    let tail = le::u32(&head, 12) as u64;
-    let sequence = le::u64(&head, 16);
-    let count = le::u32(&head, 24) as usize;
+    let length = h.entry_length.get() as usize;
+    let tail = h.tail.get() as u64;
+    let sequence = h.sequence_number.get();
+    let count = h.descriptor_count.get() as usize;
     if length == 0
         || !length.is_multiple_of(SECTOR)
         || length > log.len()
@@ -120,7 +123,7 @@ fn parse_entry(log: &[u8], at: u64, guid: Uuid) -> Option<Entry> {
     {
         return None;
     }
-    if le::guid(&head, 32) != guid {
+    if h.log_guid.get() != guid {
         return None;
     }
     let dsec = descriptor_sectors(count);
@@ -128,21 +131,24 @@ fn parse_entry(log: &[u8], at: u64, guid: Uuid) -> Option<Entry> {
         return None;
     }
     let bytes = circular(log, at, length);
-    if crc_with_zeroed(&bytes, 4) != le::u32(&head, 4) {
+    if crc_with_zeroed(&bytes, CHECKSUM_OFFSET) != h.checksum.get() {
         return None;
     }
+    let (descriptors, _) =
+        <[DataDescriptor]>::ref_from_prefix_with_elems(&bytes[LOG_ENTRY_HEADER_SIZE..], count)
+            .ok()?;
     let mut writes = Vec::with_capacity(count);
     let mut data_index = 0usize;
-    for i in 0..count {
-        let d = 64 + 32 * i;
-        let d = &bytes[d..d + 32];
-        let offset = le::u64(d, 16);
-        if le::u64(d, 24) != sequence || !offset.is_multiple_of(SECTOR as u64) {
+    for d in descriptors {
+        // Both descriptor kinds keep the file offset and sequence number at the same place.
+        let offset = d.file_offset.get();
+        if d.sequence_number.get() != sequence || !offset.is_multiple_of(SECTOR as u64) {
             return None;
         }
-        match le::u32(d, 0) {
+        match d.signature.get() {
             ZERO_DESC_SIGNATURE => {
-                let len = le::u64(d, 8);
+                let z: ZeroDescriptor = zerocopy::transmute!(*d);
+                let len = z.zero_length.get();
                 if !len.is_multiple_of(SECTOR as u64) {
                     return None;
                 }
@@ -157,15 +163,15 @@ fn parse_entry(log: &[u8], at: u64, guid: Uuid) -> Option<Entry> {
                 if s + SECTOR > length {
                     return None;
                 }
-                let sec = &bytes[s..s + SECTOR];
-                let seq = (le::u32(sec, 4) as u64) << 32 | le::u32(sec, 4092) as u64;
-                if le::u32(sec, 0) != DATA_SECTOR_SIGNATURE || seq != sequence {
+                let sec = DataSector::ref_from_bytes(&bytes[s..s + SECTOR]).ok()?;
+                let seq = (sec.sequence_high.get() as u64) << 32 | sec.sequence_low.get() as u64;
+                if sec.signature.get() != DATA_SECTOR_SIGNATURE || seq != sequence {
                     return None;
                 }
                 let mut page = Box::new([0u8; SECTOR]);
-                page[0..8].copy_from_slice(&d[8..16]);
-                page[8..4092].copy_from_slice(&sec[8..4092]);
-                page[4092..4096].copy_from_slice(&d[4..8]);
+                page[0..8].copy_from_slice(&d.leading_bytes);
+                page[8..4092].copy_from_slice(&sec.data);
+                page[4092..4096].copy_from_slice(&d.trailing_bytes);
                 writes.push(LogWrite::Page { offset, data: page });
             }
             _ => return None,
@@ -179,8 +185,8 @@ fn parse_entry(log: &[u8], at: u64, guid: Uuid) -> Option<Entry> {
         length: length as u64,
         tail,
         sequence,
-        flushed_file_offset: le::u64(&head, 48),
-        last_file_offset: le::u64(&head, 56),
+        flushed_file_offset: h.flushed_file_offset.get(),
+        last_file_offset: h.last_file_offset.get(),
         writes,
     })
 }
@@ -262,29 +268,39 @@ pub fn build_entry(
         "caller splits pages into entries"
     );
     let length = (1 + pages.len()) * SECTOR;
-    let mut b = vec![0u8; length];
-    le::put_u32(&mut b, 0, LOG_ENTRY_SIGNATURE);
-    le::put_u32(&mut b, 8, length as u32);
-    le::put_u32(&mut b, 12, log_offset as u32);
-    le::put_u64(&mut b, 16, sequence);
-    le::put_u32(&mut b, 24, pages.len() as u32);
-    le::put_guid(&mut b, 32, guid);
-    le::put_u64(&mut b, 48, flushed_file_offset);
-    le::put_u64(&mut b, 56, last_file_offset);
-    for (i, (offset, data)) in pages.iter().enumerate() {
-        let d = 64 + 32 * i;
-        le::put_u32(&mut b, d, DATA_DESC_SIGNATURE);
-        b[d + 4..d + 8].copy_from_slice(&data[4092..4096]);
-        b[d + 8..d + 16].copy_from_slice(&data[0..8]);
-        le::put_u64(&mut b, d + 16, *offset);
-        le::put_u64(&mut b, d + 24, sequence);
-        let s = (1 + i) * SECTOR;
-        le::put_u32(&mut b, s, DATA_SECTOR_SIGNATURE);
-        le::put_u32(&mut b, s + 4, (sequence >> 32) as u32);
-        b[s + 8..s + 4092].copy_from_slice(&data[8..4092]);
-        le::put_u32(&mut b, s + 4092, sequence as u32);
+    let header = LogEntryHeader {
+        signature: LOG_ENTRY_SIGNATURE.into(),
+        checksum: 0.into(),
+        entry_length: (length as u32).into(),
+        tail: (log_offset as u32).into(),
+        sequence_number: sequence.into(),
+        descriptor_count: (pages.len() as u32).into(),
+        reserved: 0.into(),
+        log_guid: guid.into(),
+        flushed_file_offset: flushed_file_offset.into(),
+        last_file_offset: last_file_offset.into(),
+    };
+    let mut b = Vec::with_capacity(length);
+    b.extend_from_slice(header.as_bytes());
+    for (offset, data) in pages {
+        let mut d = DataDescriptor::new_zeroed();
+        d.signature = DATA_DESC_SIGNATURE.into();
+        d.trailing_bytes.copy_from_slice(&data[4092..4096]);
+        d.leading_bytes.copy_from_slice(&data[0..8]);
+        d.file_offset = (*offset).into();
+        d.sequence_number = sequence.into();
+        b.extend_from_slice(d.as_bytes());
     }
-    seal(&mut b, 4);
+    b.resize(SECTOR, 0);
+    for (_, data) in pages {
+        let mut sec = DataSector::new_zeroed();
+        sec.signature = DATA_SECTOR_SIGNATURE.into();
+        sec.sequence_high = ((sequence >> 32) as u32).into();
+        sec.data.copy_from_slice(&data[8..4092]);
+        sec.sequence_low = (sequence as u32).into();
+        b.extend_from_slice(sec.as_bytes());
+    }
+    seal(&mut b, CHECKSUM_OFFSET);
     b
 }
 
@@ -374,8 +390,8 @@ mod tests {
         let e1 = build_entry(0, 3, g, 0, 0, &[(0, &a)]);
         // Second entry continues the sequence that starts at offset 0.
         let mut e2 = build_entry(8192, 4, g, 0, 0, &[(4096, &b)]);
-        le::put_u32(&mut e2, 12, 0);
-        seal(&mut e2, 4);
+        LogEntryHeader::mut_from_prefix(&mut e2).unwrap().0.tail = 0.into();
+        seal(&mut e2, CHECKSUM_OFFSET);
         let r = find_replay(&log_with(&[(0, e1), (8192, e2)]), g)
             .unwrap()
             .unwrap();

@@ -2,13 +2,14 @@
 
 use crate::error::{Error, Result};
 use crate::format::{
-    guids, le, parse_metadata_table, ParentLocator, BLOCK_SIZE_RANGE, KIB64, MAX_VIRTUAL_SIZE,
-    TABLE_SIZE,
+    guids, metadata_entry_offset, parse_metadata_table, read_padded, FileParameters, Guid,
+    ParentLocator, BLOCK_SIZE_RANGE, KIB64, MAX_VIRTUAL_SIZE, TABLE_SIZE,
 };
 use crate::image::VhdxImage;
 use image_io::ImageFile;
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
+use zerocopy::byteorder::little_endian::{U32, U64};
 
 /// Parameters from the metadata items.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -134,7 +135,7 @@ pub(crate) fn read_metadata<F: ImageFile>(
     let mut found = [false; 5];
     let mut locator = None;
     for (i, e) in entries.iter().enumerate() {
-        let entry_at = r.metadata_offset + 32 + 32 * i as u64;
+        let entry_at = r.metadata_offset + metadata_entry_offset(i);
         let end = e.offset as u64 + e.length as u64;
         if e.length > (1 << 20)
             || (e.length > 0 && ((e.offset as u64) < KIB64 || end > r.metadata_length))
@@ -161,30 +162,31 @@ pub(crate) fn read_metadata<F: ImageFile>(
         };
         match e.item_id {
             id if id == guids::FILE_PARAMETERS => {
-                need(8)?;
-                params.block_size = le::u32(&data, 0);
-                let flags = le::u32(&data, 4);
+                need(size_of::<FileParameters>())?;
+                let fp: FileParameters = read_padded(&data);
+                params.block_size = fp.block_size.get();
+                let flags = fp.flags.get();
                 params.leave_blocks_allocated = flags & 1 != 0;
                 params.has_parent = flags & 2 != 0;
                 found[0] = true;
             }
             id if id == guids::VIRTUAL_DISK_SIZE => {
                 need(8)?;
-                params.virtual_size = le::u64(&data, 0);
+                params.virtual_size = read_padded::<U64>(&data).get();
                 found[1] = true;
             }
             id if id == guids::PAGE_83_DATA => {
                 need(16)?;
-                params.page83 = le::guid(&data, 0);
+                params.page83 = read_padded::<Guid>(&data).get();
             }
             id if id == guids::LOGICAL_SECTOR_SIZE => {
                 need(4)?;
-                params.logical_sector_size = le::u32(&data, 0);
+                params.logical_sector_size = read_padded::<U32>(&data).get();
                 found[2] = true;
             }
             id if id == guids::PHYSICAL_SECTOR_SIZE => {
                 need(4)?;
-                params.physical_sector_size = le::u32(&data, 0);
+                params.physical_sector_size = read_padded::<U32>(&data).get();
                 found[3] = true;
             }
             id if id == guids::PARENT_LOCATOR => {

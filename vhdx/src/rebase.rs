@@ -13,11 +13,16 @@
 
 use crate::edit::Patch;
 use crate::error::{Error, Result};
-use crate::format::{guids, le, parse_metadata_table, ParentLocator, TABLE_SIZE};
+use crate::format::{
+    guids, metadata_entry_offset, parse_metadata_table, MetadataTableEntry, ParentLocator,
+    TABLE_SIZE,
+};
 use crate::image::VhdxImage;
 use crate::meta::ParentLink;
 use image_io::ImageFile;
 use uuid::Uuid;
+use zerocopy::byteorder::little_endian::U32;
+use zerocopy::IntoBytes;
 
 /// Largest locator item written (the metadata item limit is 1 MiB; real ones are < 2 KiB).
 const MAX_LOCATOR: usize = 64 << 10;
@@ -134,11 +139,10 @@ impl<F: ImageFile> VhdxImage<F> {
             end
         };
         let mut patch = Patch::default();
-        let entry_at = base + 32 + 32 * i as u64;
-        let mut field = [0u8; 8];
-        le::put_u32(&mut field, 0, offset as u32);
-        le::put_u32(&mut field, 4, len as u32);
-        patch.put(entry_at + 16, &field);
+        let entry_at = base + metadata_entry_offset(i);
+        let offset_field = std::mem::offset_of!(MetadataTableEntry, offset);
+        let field = [U32::new(offset as u32), U32::new(len as u32)];
+        patch.put(entry_at + offset_field as u64, field.as_bytes());
         patch.put(base + offset, &bytes);
         self.apply_logged(patch)?;
         self.parent = Some(link);

@@ -135,10 +135,8 @@ impl<F: ImageFile> VhdxImage<F> {
                 .any(|&(s, e)| s < to && e > from);
             let at = if blocked {
                 let at = self.take_space(len)?;
-                let mut raw = vec![0u8; (new_entries * 8).next_multiple_of(SECTOR)];
-                for (i, e) in self.bat.iter().enumerate() {
-                    raw[i * 8..i * 8 + 8].copy_from_slice(&e.0.to_le_bytes());
-                }
+                let mut raw = crate::format::bat_bytes(&self.bat);
+                raw.resize((new_entries * 8).next_multiple_of(SECTOR), 0);
                 self.file
                     .write_all_at(&raw, at)
                     .map_err(io(&self.path, "write new BAT", at))?;

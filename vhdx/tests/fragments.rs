@@ -2,8 +2,9 @@
 //! values Windows meant.
 
 use vhdx::format::{
-    crc_with_zeroed, from_utf16le, guids, le, parse_metadata_table, Header, ParentLocator,
-    RegionTable, HEADER_SIGNATURE, MIB,
+    crc_with_zeroed, from_utf16le, guids, parse_metadata_table, read_padded, Header,
+    MetadataTableHeader, ParentLocator, ParentLocatorEntry, ParentLocatorHeader, RegionTable,
+    RegionTableHeader, HEADER_SIGNATURE, MIB,
 };
 
 fn fragment(name: &str) -> Option<Vec<u8>> {
@@ -73,7 +74,10 @@ fn windows_region_table_places_metadata_and_bat_as_required() {
     let Some(header) = fragment("region_table_header.1") else {
         return;
     };
-    assert_eq!(le::u32(&header, 8), 2);
+    assert_eq!(
+        read_padded::<RegionTableHeader>(&header).entry_count.get(),
+        2
+    );
 }
 
 #[test]
@@ -87,7 +91,7 @@ fn windows_metadata_table_lists_file_parameters_first() {
     let mut table = h.clone();
     table.extend_from_slice(&e);
     table.resize(64 << 10, 0);
-    assert_eq!(le::u16(&h, 10), 5);
+    assert_eq!(read_padded::<MetadataTableHeader>(&h).entry_count.get(), 5);
     let entries = parse_metadata_table(&table).unwrap();
     assert_eq!(entries[0].item_id, guids::FILE_PARAMETERS);
     assert_eq!((entries[0].offset, entries[0].length), (64 << 10, 8));
@@ -102,11 +106,13 @@ fn windows_parent_locator_header_and_linkage_entry_decode() {
     let Some(e) = fragment("parent_locator_entry.1") else {
         return;
     };
-    assert_eq!(le::guid(&h, 0), guids::PARENT_LOCATOR_TYPE);
-    assert_eq!(le::u16(&h, 18), 5);
+    let header: ParentLocatorHeader = read_padded(&h);
+    assert_eq!(header.locator_type.get(), guids::PARENT_LOCATOR_TYPE);
+    assert_eq!(header.key_value_count.get(), 5);
     // The parent_linkage entry: key 28 bytes ("parent_linkage" in UTF-16), value 76 bytes
     // ("{GUID}" with braces).
-    assert_eq!((le::u16(&e, 8), le::u16(&e, 10)), (28, 76));
+    let entry: ParentLocatorEntry = read_padded(&e);
+    assert_eq!((entry.key_length.get(), entry.value_length.get()), (28, 76));
     // A locator built the same way round-trips through our parser with those lengths.
     let loc = ParentLocator {
         locator_type: guids::PARENT_LOCATOR_TYPE,
@@ -116,5 +122,6 @@ fn windows_parent_locator_header_and_linkage_entry_decode() {
         )],
     };
     let bytes = loc.to_bytes();
-    assert_eq!((le::u16(&bytes, 28), le::u16(&bytes, 30)), (28, 76));
+    let first: ParentLocatorEntry = read_padded(&bytes[20..]);
+    assert_eq!((first.key_length.get(), first.value_length.get()), (28, 76));
 }
