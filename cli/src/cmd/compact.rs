@@ -135,6 +135,19 @@ pub fn read_virtual(
     Ok(())
 }
 
+/// Reads every file system's map through a read-only open (the read lock refuses an image
+/// being written), failing as `compact --fs` would, without writing anything.
+fn precheck(path: &std::path::Path, force: bool) -> Result<()> {
+    use block_backend::{Disk, OpenOptions};
+    let mut disk = block_backend::open(path, OpenOptions::read_only())
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let (size, sector) = (disk.size(), disk.logical_sector_size());
+    let mut read = |off: u64, buf: &mut [u8]| disk.read_at(buf, off).map_err(std::io::Error::other);
+    fsfree::scan(size, sector, &mut read, force, &mut |_, _| {})
+        .with_context(|| format!("{}: compact --fs", path.display()))?;
+    Ok(())
+}
+
 /// Whether any byte of `[offset, offset + len)` is stored in `image` itself.
 fn stored(image: &mut dyn FormatImage, offset: u64, len: u64) -> Result<bool> {
     Ok(image
@@ -194,6 +207,12 @@ fn release_free_space(
 
 /// Runs `compact`.
 pub fn run(a: &Args) -> Result<u8> {
+    if a.fs {
+        // Read every map once without writing (a writable VHDX open already writes a new
+        // FileWriteGuid), so a refusal leaves the image byte-identical. The maps are read
+        // again under the write lock below, and that reading is the one acted on.
+        precheck(&a.file, a.force)?;
+    }
     let mut image = RwImage::open(&a.file, "compact")?;
     let full = a.mode == Mode::Full;
     let mut fs_part = None;
