@@ -71,10 +71,26 @@ impl Drop for Loop {
 /// A mount of a loop device, unmounted on drop.
 struct Mount(PathBuf);
 
+/// The driver that mounts a file system: the kernel's, or a FUSE one (`ntfs-3g`,
+/// `mount.exfat-fuse`), for file systems the kernel here may lack.
+fn driver(tool: &str) -> Option<&'static str> {
+    if tool.contains("ntfs") {
+        Some("ntfs-3g")
+    } else if tool.contains("exfat") {
+        Some("mount.exfat-fuse")
+    } else {
+        None
+    }
+}
+
 impl Mount {
     fn new(dev: &Path, dir: &Path, opts: &str) -> Mount {
+        Mount::with(None, dev, dir, opts)
+    }
+
+    fn with(driver: Option<&str>, dev: &Path, dir: &Path, opts: &str) -> Mount {
         fs::create_dir_all(dir).unwrap();
-        let mut c = Command::new("mount");
+        let mut c = Command::new(driver.unwrap_or("mount"));
         c.args(["-o", opts]).arg(dev).arg(dir);
         run(c);
         Mount(dir.to_path_buf())
@@ -148,7 +164,7 @@ fn make_disk(
     let mut c = Command::new(mkfs[0]);
     c.args(&mkfs[1..]).arg(&lo.0);
     run(c);
-    let mnt = Mount::new(&lo.0, &dir.join("mnt"), "rw");
+    let mnt = Mount::with(driver(mkfs[0]), &lo.0, &dir.join("mnt"), "rw");
     let mut kept = Vec::new();
     let mut deleted = 0;
     for i in 0..files {
@@ -206,7 +222,7 @@ fn verify(dir: &Path, img: &Path, m: &Made, fsck: &[&str], mount_opts: &str) {
     let mut c = Command::new(fsck[0]);
     c.args(&fsck[1..]).arg(&lo.0);
     run(c);
-    let mnt = Mount::new(&lo.0, &dir.join("check"), mount_opts);
+    let mnt = Mount::with(driver(fsck[0]), &lo.0, &dir.join("check"), mount_opts);
     for (name, data) in &m.kept {
         let got = fs::read(mnt.0.join(name)).unwrap();
         assert!(got == *data, "{name} changed");
@@ -295,6 +311,122 @@ fn ext2_in_a_gpt_partition_gives_back_deleted_space() {
         12,
         16,
     );
+}
+
+/// mtools on the partition of a raw disk (`-i FILE@@OFFSET`): the kernel here may have no vfat.
+fn mtools(tool: &str, raw: &Path, offset: u64, args: &[&OsStr]) -> std::process::Output {
+    let mut c = Command::new(tool);
+    let mut target = raw.as_os_str().to_os_string();
+    target.push(format!("@@{offset}"));
+    c.arg("-i").arg(target).args(args);
+    run(c)
+}
+
+#[test]
+fn fat32_in_an_mbr_partition_gives_back_deleted_space() {
+    if !have_tools(&[
+        "sfdisk",
+        "mkfs.vfat",
+        "fsck.vfat",
+        "mcopy",
+        "mdel",
+        "losetup",
+    ]) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("disk.raw");
+    fs::File::create(&raw).unwrap().set_len(256 * MIB).unwrap();
+    let sectors = (254 * MIB) / 512;
+    let mut c = Command::new("sfdisk");
+    c.arg("-q").arg(&raw).stdin(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write;
+    let script = format!("label: dos\nstart=2048, size={sectors}, type=c\n");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let (offset, len) = (MIB, sectors * 512);
+    let Some(lo) = Loop::attach(&raw, offset, len, false) else {
+        return;
+    };
+    let mut c = Command::new("mkfs.vfat");
+    c.args(["-F", "32"]).arg(&lo.0);
+    run(c);
+    drop(lo);
+    let (mut kept, mut deleted) = (Vec::new(), 0);
+    for i in 0..12u64 {
+        let data = noise((16 * MIB) as usize, i + 1);
+        let p = d.path().join(format!("f{i}"));
+        fs::write(&p, &data).unwrap();
+        mtools(
+            "mcopy",
+            &raw,
+            offset,
+            &[p.as_os_str(), OsStr::new(&format!("::f{i}"))],
+        );
+        if i % 6 == 0 {
+            kept.push((format!("f{i}"), data));
+        }
+    }
+    for i in (0..12).filter(|i| i % 6 != 0) {
+        mtools("mdel", &raw, offset, &[OsStr::new(&format!("::f{i}"))]);
+        deleted += 16 * MIB;
+    }
+    let img = d.path().join("disk.vhdx");
+    to_vhdx(&raw, &img);
+    let v = compact_gives_back(&img, deleted);
+    assert_eq!(v["partitions"][0]["type"], "fat32", "{v:#}");
+    ok(&vhdtool(&[OsStr::new("check"), img.as_os_str()]));
+    let back = d.path().join("back.raw");
+    ok(&vhdtool(&[
+        OsStr::new("convert"),
+        OsStr::new("-O"),
+        OsStr::new("raw"),
+        img.as_os_str(),
+        back.as_os_str(),
+    ]));
+    let lo = Loop::attach(&back, offset, len, true).unwrap();
+    let mut c = Command::new("fsck.vfat");
+    c.arg("-n").arg(&lo.0);
+    run(c);
+    drop(lo);
+    for (name, data) in &kept {
+        let out = d.path().join(format!("{name}.out"));
+        mtools(
+            "mcopy",
+            &back,
+            offset,
+            &[OsStr::new(&format!("::{name}")), out.as_os_str()],
+        );
+        assert!(fs::read(&out).unwrap() == *data, "{name} changed");
+    }
+}
+
+#[test]
+fn exfat_in_a_gpt_partition_gives_back_deleted_space() {
+    if !have_tools(&[
+        "losetup",
+        "sfdisk",
+        "mount.exfat-fuse",
+        "mkfs.exfat",
+        "fsck.exfat",
+    ]) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = make_disk(d.path(), Layout::Gpt, 256 * MIB, &["mkfs.exfat"], 12, 16, 6) else {
+        return;
+    };
+    let img = d.path().join("disk.vhdx");
+    to_vhdx(&m.raw, &img);
+    let v = compact_gives_back(&img, m.deleted);
+    assert_eq!(v["partitions"][0]["type"], "exfat", "{v:#}");
+    verify(d.path(), &img, &m, &["fsck.exfat", "-n"], "ro");
 }
 
 /// A VHDX of a small ext4 disk (whole-disk), for the refusals.

@@ -212,6 +212,48 @@ pub(crate) fn unsafe_state(
     }
 }
 
+/// Merges adjacent free ranges before they reach the sink, and sums them.
+pub(crate) struct Runs<'a, 'b> {
+    sink: &'a mut Sink<'b>,
+    cur: Option<(u64, u64)>,
+    total: u64,
+}
+
+impl<'a, 'b> Runs<'a, 'b> {
+    pub(crate) fn new(sink: &'a mut Sink<'b>) -> Self {
+        Runs {
+            sink,
+            cur: None,
+            total: 0,
+        }
+    }
+
+    /// Adds `[offset, offset + len)`; ranges come in ascending order.
+    pub(crate) fn push(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        self.total += len;
+        match &mut self.cur {
+            Some((o, l)) if *o + *l == offset => *l += len,
+            _ => {
+                if let Some((o, l)) = self.cur.take() {
+                    (self.sink)(o, l);
+                }
+                self.cur = Some((offset, len));
+            }
+        }
+    }
+
+    /// Flushes the last range; returns the sum.
+    pub(crate) fn finish(mut self) -> u64 {
+        if let Some((o, l)) = self.cur.take() {
+            (self.sink)(o, l);
+        }
+        self.total
+    }
+}
+
 /// Calls `emit(first, count)` for every run of clear bits among the first `nbits` bits of
 /// `bitmap` (LSB first in each byte, as every file system here stores them).
 pub(crate) fn clear_runs(bitmap: &[u8], nbits: u64, mut emit: impl FnMut(u64, u64)) {
