@@ -84,10 +84,6 @@ fn driver(tool: &str) -> Option<&'static str> {
 }
 
 impl Mount {
-    fn new(dev: &Path, dir: &Path, opts: &str) -> Mount {
-        Mount::with(None, dev, dir, opts)
-    }
-
     fn with(driver: Option<&str>, dev: &Path, dir: &Path, opts: &str) -> Mount {
         fs::create_dir_all(dir).unwrap();
         let mut c = Command::new(driver.unwrap_or("mount"));
