@@ -425,6 +425,79 @@ fn exfat_in_a_gpt_partition_gives_back_deleted_space() {
     verify(d.path(), &img, &m, &["fsck.exfat", "-n"], "ro");
 }
 
+#[test]
+fn ntfs_in_a_gpt_partition_gives_back_deleted_space() {
+    if !have_tools(&["losetup", "sfdisk", "mkntfs", "ntfs-3g", "ntfsfix"]) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let mkfs = ["mkntfs", "-q", "-Q", "-F"];
+    let Some(m) = make_disk(d.path(), Layout::Gpt, 256 * MIB, &mkfs, 12, 16, 6) else {
+        return;
+    };
+    let img = d.path().join("disk.vhdx");
+    to_vhdx(&m.raw, &img);
+    let v = compact_gives_back(&img, m.deleted);
+    assert_eq!(v["partitions"][0]["type"], "ntfs", "{v:#}");
+    verify(d.path(), &img, &m, &["ntfsfix", "-n"], "ro");
+}
+
+/// Sets the dirty flag of the NTFS volume at `offset` of `raw` ($Volume, MFT record 3).
+fn set_ntfs_dirty(raw: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(raw)
+        .unwrap();
+    let mut boot = [0u8; 512];
+    f.read_exact_at(&mut boot, offset).unwrap();
+    let bps = u64::from(u16::from_le_bytes([boot[11], boot[12]]));
+    let cluster = bps * u64::from(boot[13]);
+    let mft = u64::from_le_bytes(boot[0x30..0x38].try_into().unwrap()) * cluster;
+    let rec_at = offset + mft + 3 * 1024;
+    let mut rec = vec![0u8; 1024];
+    f.read_exact_at(&mut rec, rec_at).unwrap();
+    let mut pos = usize::from(u16::from_le_bytes([rec[0x14], rec[0x15]]));
+    loop {
+        let kind = u32::from_le_bytes(rec[pos..pos + 4].try_into().unwrap());
+        assert_ne!(kind, 0xFFFF_FFFF, "no $VOLUME_INFORMATION");
+        let len = u32::from_le_bytes(rec[pos + 4..pos + 8].try_into().unwrap()) as usize;
+        if kind == 0x70 {
+            let voff = usize::from(u16::from_le_bytes([rec[pos + 20], rec[pos + 21]]));
+            let flags_at = pos + voff + 10;
+            assert!(flags_at % 512 < 510, "flags under a fixup");
+            f.write_all_at(&[rec[flags_at] | 1], rec_at + flags_at as u64)
+                .unwrap();
+            return;
+        }
+        pos += len;
+    }
+}
+
+#[test]
+fn dirty_ntfs_is_refused_unless_forced() {
+    if !have_tools(&["losetup", "sfdisk", "mkntfs", "ntfs-3g"]) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let mkfs = ["mkntfs", "-q", "-Q", "-F"];
+    let Some(m) = make_disk(d.path(), Layout::Gpt, 64 * MIB, &mkfs, 4, 2, 2) else {
+        return;
+    };
+    set_ntfs_dirty(&m.raw, m.offset);
+    let img = d.path().join("disk.vhdx");
+    to_vhdx(&m.raw, &img);
+    let err = refused(&img, &[], "dirty");
+    assert!(err.contains("--force"), "{err}");
+    ok(&vhdtool(&[
+        OsStr::new("compact"),
+        OsStr::new("--fs"),
+        OsStr::new("--force"),
+        img.as_os_str(),
+    ]));
+}
+
 /// A VHDX of a small ext4 disk (whole-disk), for the refusals.
 fn small_ext4(dir: &Path) -> Option<(Made, PathBuf)> {
     if !have_tools(&["losetup", "mount", "mke2fs", "debugfs"]) {
