@@ -381,7 +381,7 @@ pub fn scan(vol: &mut Volume<'_>, opts: Options, mut sink: Sink<'_>) -> Result<S
         v if (-16..=-9).contains(&v) => 1u64 << (-i32::from(v)),
         v => return Err(bad(format!("MFT record size code {v}"))),
     };
-    if record > MAX_RECORD || record < 512 {
+    if !(512..=MAX_RECORD).contains(&record) {
         return Err(bad(format!("MFT records of {record} bytes")));
     }
     let mft_lcn = b.mft_lcn.get();
