@@ -658,3 +658,45 @@ fn image_being_written_or_mounted_is_refused() {
     };
     assert!(err.contains("in use"), "{err}");
 }
+
+#[test]
+fn convert_fs_does_not_copy_free_space() {
+    if !have_tools(&["losetup", "sfdisk", "mount", "mke2fs", "e2fsck"]) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let Some(m) = make_disk(
+        d.path(),
+        Layout::Gpt,
+        256 * MIB,
+        &["mkfs.ext4", "-q"],
+        24,
+        8,
+        8,
+    ) else {
+        return;
+    };
+    let plain = d.path().join("plain.vhdx");
+    to_vhdx(&m.raw, &plain);
+    let img = d.path().join("disk.vhdx");
+    ok(&vhdtool(&[
+        OsStr::new("convert"),
+        OsStr::new("--fs"),
+        OsStr::new("-O"),
+        OsStr::new("vhdx"),
+        OsStr::new("--block-size"),
+        OsStr::new("2M"),
+        m.raw.as_os_str(),
+        img.as_os_str(),
+    ]));
+    let (a, b) = (
+        fs::metadata(&plain).unwrap().len(),
+        fs::metadata(&img).unwrap().len(),
+    );
+    assert!(
+        a - b >= m.deleted * 9 / 10,
+        "plain {a}, --fs {b}, deleted {}",
+        m.deleted
+    );
+    verify(d.path(), &img, &m, &["e2fsck", "-fn"], "ro");
+}

@@ -51,6 +51,11 @@ impl FreeMap {
         self.block
     }
 
+    /// Size of the disk in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Number of blocks.
     pub fn blocks(&self) -> u64 {
         self.free.len() as u64
