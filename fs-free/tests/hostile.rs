@@ -72,7 +72,11 @@ fn damage(tool: &str, args: &[&str], mib: u64, hot: u64) {
         let mut disk = clean.clone();
         for _ in 0..(1 + rng(&mut seed) % 8) {
             // Mostly the metadata at the start, sometimes anywhere.
-            let span = if rng(&mut seed) % 4 == 0 { disk.len() as u64 } else { hot };
+            let span = if rng(&mut seed) % 4 == 0 {
+                disk.len() as u64
+            } else {
+                hot
+            };
             let at = (rng(&mut seed) % span) as usize;
             disk[at] = rng(&mut seed) as u8;
         }
@@ -87,7 +91,12 @@ fn damaged_ext4_never_panics() {
 
 #[test]
 fn damaged_ext2_with_1k_blocks_never_panics() {
-    damage("mke2fs", &["-q", "-F", "-t", "ext2", "-b", "1024"], 2, 16 << 10);
+    damage(
+        "mke2fs",
+        &["-q", "-F", "-t", "ext2", "-b", "1024"],
+        2,
+        16 << 10,
+    );
 }
 
 #[test]

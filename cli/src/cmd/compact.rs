@@ -10,8 +10,8 @@
 //!
 //! With `--fs`, every file system on the disk (MBR/GPT partitions, or one on the whole disk) is
 //! read from the image itself and every image block whose bytes all lie in free space is
-//! released first (it then reads as zeros, or in a differencing VHDX as zeros too; a
-//! differencing VHD keeps such blocks). Everything is read and checked before the first
+//! released first (it then reads as zeros, or in a differencing VHD as the parent's bytes,
+//! which the file system ignores as free space). Everything is read and checked before the first
 //! write: a file system whose map may be stale is refused unless `--force`, a damaged map
 //! always. The image lock makes `compact` fail while the image is mounted, booted or written.
 //!
@@ -189,10 +189,9 @@ pub fn release_free_space<F: ImageFile>(
         if !stored(&mut *image, off, len)? {
             continue;
         }
-        // The ranges discard leaves for the caller to zero are free space: left as they are.
-        image.discard(off, len)?;
-        if stored(&mut *image, off, len)? {
-            continue; // this image keeps the block (a differencing VHD)
+        // Free space: it may read as zeros or, in a differencing VHD, as the parent's bytes.
+        if image.release(off, len)? == 0 {
+            continue;
         }
         released += 1;
         if let Some(v) = volumes
