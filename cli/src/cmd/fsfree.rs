@@ -153,3 +153,96 @@ pub fn scan(
     }
     Ok(reports)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    const MIB: u64 = 1 << 20;
+
+    fn scan_bytes(disk: &[u8], force: bool) -> Result<(Vec<VolumeReport>, Vec<(u64, u64)>)> {
+        let mut read = |off: u64, buf: &mut [u8]| {
+            buf.copy_from_slice(&disk[off as usize..off as usize + buf.len()]);
+            Ok(())
+        };
+        let mut ranges = Vec::new();
+        let v = scan(disk.len() as u64, 512, &mut read, force, &mut |o, l| {
+            ranges.push((o, l))
+        })?;
+        Ok((v, ranges))
+    }
+
+    /// An MBR with `(type, first sector, sectors)` primaries.
+    fn mbr(disk: &mut [u8], parts: &[(u8, u32, u32)]) {
+        for (i, &(t, first, n)) in parts.iter().enumerate() {
+            let e = &mut disk[446 + 16 * i..446 + 16 * (i + 1)];
+            e[4] = t;
+            e[8..12].copy_from_slice(&first.to_le_bytes());
+            e[12..16].copy_from_slice(&n.to_le_bytes());
+        }
+        disk[510] = 0x55;
+        disk[511] = 0xAA;
+    }
+
+    #[test]
+    fn overlapping_partitions_are_refused() {
+        let mut disk = vec![0u8; 4 << 20];
+        mbr(&mut disk, &[(0x83, 2048, 4096), (0x83, 4096, 2048)]);
+        let e = scan_bytes(&disk, false).unwrap_err();
+        assert!(e.to_string().contains("overlap"), "{e}");
+    }
+
+    #[test]
+    fn unknown_file_systems_are_named_and_left_alone() {
+        let mut disk = vec![0x5Au8; 4 << 20];
+        disk[..512].fill(0);
+        mbr(&mut disk, &[(0x83, 2048, 2048), (0x07, 4096, 2048)]);
+        let (v, ranges) = scan_bytes(&disk, false).unwrap();
+        assert_eq!(v.len(), 2);
+        assert!(v.iter().all(|p| p.fs == "unknown" && p.free == 0), "{v:?}");
+        assert!(ranges.is_empty());
+    }
+
+    #[test]
+    fn ext4_beside_an_unknown_partition_reports_free_space_inside_it_only() {
+        if !vhdkit_tests::tool_or_skip("mke2fs") || !vhdkit_tests::tool_or_skip("sfdisk") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("d.raw");
+        std::fs::File::create(&raw)
+            .unwrap()
+            .set_len(64 * MIB)
+            .unwrap();
+        let mut c = Command::new("sfdisk");
+        c.arg("-q").arg(&raw).stdin(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        std::io::Write::write_all(
+            &mut child.stdin.take().unwrap(),
+            b"label: gpt\nstart=2048, size=65536, type=L\nstart=67584, size=40960, type=L\n",
+        )
+        .unwrap();
+        assert!(child.wait().unwrap().success());
+        let mut c = Command::new("mke2fs");
+        c.args(["-q", "-F", "-t", "ext4", "-E", "offset=1048576"])
+            .arg(&raw)
+            .arg("32M");
+        vhdkit_tests::run(c);
+        let mut disk = std::fs::read(&raw).unwrap();
+        for (i, b) in disk[(33 * MIB) as usize..(53 * MIB) as usize]
+            .iter_mut()
+            .enumerate()
+        {
+            *b = (i * 7 + 3) as u8;
+        }
+        let (v, ranges) = scan_bytes(&disk, false).unwrap();
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert_eq!((v[0].partition, v[0].fs.as_str()), (Some(1), "ext4"));
+        assert_eq!((v[1].partition, v[1].fs.as_str()), (Some(2), "unknown"));
+        assert!(v[0].free > 20 * MIB, "{v:?}");
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        assert_eq!(total, v[0].free);
+        assert!(ranges.iter().all(|&(o, l)| o >= MIB && o + l <= 33 * MIB));
+    }
+}
