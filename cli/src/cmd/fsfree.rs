@@ -161,7 +161,10 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    fn scan_bytes(disk: &[u8], force: bool) -> Result<(Vec<VolumeReport>, Vec<(u64, u64)>)> {
+    /// The volumes and the free ranges of a disk.
+    type Scanned = (Vec<VolumeReport>, Vec<(u64, u64)>);
+
+    fn scan_bytes(disk: &[u8], force: bool) -> Result<Scanned> {
         let mut read = |off: u64, buf: &mut [u8]| {
             buf.copy_from_slice(&disk[off as usize..off as usize + buf.len()]);
             Ok(())
