@@ -32,7 +32,8 @@ pub struct VolumeReport {
     pub offset: u64,
     /// Size of the partition (or disk), bytes.
     pub size: u64,
-    /// `ext4`, `ntfs`, `fat32`, `exfat`, …, or `unknown` (left alone).
+    /// `ext4`, `ntfs`, `fat32`, `exfat`, …, `unknown`, or `<type> (left alone: <why>)` for a
+    /// file system using what the readers do not handle; the last two are left alone.
     #[serde(rename = "type")]
     pub fs: String,
     /// Bytes the file system calls free.
@@ -136,6 +137,13 @@ pub fn scan(
             let mut s = |o: u64, l: u64| sink(offset + o, l);
             let summary = match fs_free::scan(&mut vol, fs, Options { force }, &mut s) {
                 Ok(s) => s,
+                // A valid file system using what the readers do not handle: left alone, like
+                // an unknown one (nothing was given to the sink before the error).
+                Err(e) if e.kind() == ErrorKind::Unsupported => {
+                    report.fs = format!("{fs} (left alone: {e})");
+                    reports.push(report);
+                    continue;
+                }
                 Err(e) if e.kind() == ErrorKind::Unsafe => bail!(
                     "{name} ({fs}): refusing to release its free space: {e} (--force releases \
                      it anyway, trusting the allocation map as it is)"
@@ -186,6 +194,30 @@ mod tests {
         }
         disk[510] = 0x55;
         disk[511] = 0xAA;
+    }
+
+    #[test]
+    fn file_system_with_an_unhandled_feature_is_left_alone() {
+        if !vhdkit_tests::tool_or_skip("mke2fs") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("d.raw");
+        std::fs::File::create(&raw)
+            .unwrap()
+            .set_len(4 * MIB)
+            .unwrap();
+        let mut c = Command::new("mke2fs");
+        c.args(["-q", "-F", "-t", "ext2"]).arg(&raw);
+        vhdkit_tests::run(c);
+        let mut disk = std::fs::read(&raw).unwrap();
+        disk[1024 + 0x60 + 3] |= 0x40; // an incompat feature no ext4 has (yet)
+        let (v, ranges) = scan_bytes(&disk, false).unwrap();
+        assert_eq!(v.len(), 1);
+        // An unknown incompat feature makes it no ext2 or ext3: probed as ext4.
+        assert!(v[0].fs.starts_with("ext4 (left alone: "), "{v:?}");
+        assert_eq!(v[0].free, 0);
+        assert!(ranges.is_empty());
     }
 
     #[test]
