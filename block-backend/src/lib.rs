@@ -42,6 +42,7 @@ mod disk;
 pub mod engine;
 mod error;
 mod image_layer;
+pub mod partitions;
 pub mod probe;
 mod raw;
 mod shared;

@@ -9,7 +9,7 @@
 //!                                   ▼
 //!                 block_backend::Disk (one Chain behind a mutex): read_at / write_at / flush
 //!                                   ▲
-//!               partitions.rs: MBR (primaries, EBR chain of logicals) and GPT, untrusted input
+//!        block_backend::partitions: MBR (primaries, EBR chain of logicals) and GPT, untrusted input
 //! ```
 //!
 //! Invariants:
@@ -30,7 +30,9 @@
 pub mod daemon;
 pub mod fs;
 pub mod mapped;
-pub mod partitions;
 pub mod spliced;
+
+/// The partition table parser, now shared with `vhdtool compact --fs` in the block backend.
+pub use block_backend::partitions;
 
 pub use daemon::{prepare, unmount, MountError, MountOptions, Prepared, Unmounted};

@@ -19,6 +19,7 @@
 //! | `diff_pair`    | child + parent files (VHD or VHDX)       | the backend's chain read equals the layers composed by hand from the format crates; inputs unchanged |
 //! | `write_oracle` | image kind + operations                 | every write reads back, before and after reopen; no corruption; every power cut keeps all flushed bytes |
 //! | `nbd_server`   | mode byte + a client's byte stream       | the connection ends; the disk keeps its size; a read-only export is never written; the server greets first |
+//! | `fs_free`      | a volume ([`sparse`] or raw): ext, NTFS, FAT, exFAT | free ranges ascending, disjoint, inside the volume, summing to `free`; forcing changes nothing a plain scan accepted |
 //! | `virtio_blk`   | device config + driver operations       | used ring: popped heads only, each once, all once drained; valid statuses, OK exactly for well-formed requests; IN/OUT/DISCARD/WRITE_ZEROES/GET_ID against a flat disk model, and the reopened disk equals it; read-only never writes |
 //!
 //! Invariant: a target function panics only on a real bug (a panic inside the format crates, or
@@ -28,6 +29,7 @@
 
 mod bounded;
 mod diff_pair;
+mod fs_free;
 mod input;
 mod nbd_server;
 pub mod reseal;
@@ -40,6 +42,7 @@ mod write_oracle;
 
 pub use bounded::BoundedFile;
 pub use diff_pair::diff_pair;
+pub use fs_free::fs_free;
 pub use nbd_server::{nbd_server, nbd_server_seeds};
 pub use vhd_open::vhd_open;
 pub use vhdx_log::vhdx_log;
@@ -59,6 +62,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("write_oracle", write_oracle),
     ("virtio_blk", virtio_blk),
     ("nbd_server", nbd_server),
+    ("fs_free", fs_free),
 ];
 
 /// Removes the scratch directories the file-based targets (`diff_pair`, `virtio_blk`) use in

@@ -277,6 +277,15 @@ pub trait FormatImage<F: ImageFile = std::fs::File>: Send + fmt::Debug {
     /// Frees what can be freed in `[offset, offset + len)`; returns the ranges the caller
     /// must zero itself.
     fn discard(&mut self, offset: u64, len: u64) -> FormatResult<Vec<(u64, u64)>>;
+    /// Drops the whole blocks of `[offset, offset + len)` from this image, for space whose
+    /// content does not matter (a file system's free space): they then read as zeros, or, in a
+    /// differencing image whose format cannot mark a block zero, as the parent's bytes. Returns
+    /// how many blocks were released. Durable at the next flush, crash-safe as `discard`.
+    fn release(&mut self, offset: u64, len: u64) -> FormatResult<u64> {
+        let before = self.allocated_blocks();
+        self.discard(offset, len)?;
+        Ok(before.saturating_sub(self.allocated_blocks()) as u64)
+    }
     /// Makes every committed write durable.
     fn flush(&mut self) -> FormatResult<()>;
     /// Sets the write ordering policy.

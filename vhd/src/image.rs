@@ -513,6 +513,42 @@ impl<F: ImageFile> VhdImage<F> {
         }
         Ok(rest)
     }
+
+    /// Unallocates the whole blocks of `[offset, offset+len)` of a dynamic or differencing
+    /// image, for space whose content does not matter (a file system's free space): they then
+    /// read as zeros (dynamic) or as the parent's bytes (differencing). Returns how many blocks
+    /// were released; their space stays in the file until the image is compacted. Durable at
+    /// the next flush (one BAT sector write each).
+    pub fn release(&mut self, offset: u64, len: u64) -> Result<u64> {
+        if !self.writable {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        self.check_range(offset, len)?;
+        if self.disk_type() == DiskType::Fixed || len == 0 {
+            return Ok(0);
+        }
+        let (bs, end) = (self.block_size, offset + len);
+        let mut released = 0;
+        let mut block = offset.div_ceil(bs);
+        while block * bs < end {
+            let block_end = (block * bs + bs).min(self.virtual_size);
+            if block_end > end {
+                break;
+            }
+            let b = block as u32;
+            if self.bat[b as usize] != UNALLOCATED {
+                self.bat[b as usize] = UNALLOCATED;
+                self.bitmaps.remove(&b);
+                self.dirty_bitmaps.remove(&b);
+                self.dirty_bat.insert(b as usize / 128);
+                released += 1;
+            }
+            block += 1;
+        }
+        Ok(released)
+    }
 }
 
 impl<F: ImageFile> Drop for VhdImage<F> {

@@ -101,6 +101,9 @@ impl<F: ImageFile> FormatImage<F> for VhdImage<F> {
     fn discard(&mut self, offset: u64, len: u64) -> FormatResult<Vec<(u64, u64)>> {
         Ok(VhdImage::discard(self, offset, len)?)
     }
+    fn release(&mut self, offset: u64, len: u64) -> FormatResult<u64> {
+        Ok(VhdImage::release(self, offset, len)?)
+    }
     fn flush(&mut self) -> FormatResult<()> {
         Ok(VhdImage::flush(self)?)
     }

@@ -15,6 +15,10 @@
 //! DST's directory until it is complete and synced; only then does it get its name, and the
 //! directory is synced after. On any error it is removed. An existing DST is only replaced with
 //! `--force`. Memory is bounded by the buffers in flight, whatever the disk size.
+//!
+//! With `--fs`, the file systems on SRC are read first (as `compact --fs` reads them,
+//! crate `fs-free`) into a map of wholly free granules (4 KiB, more on disks over 16 TiB);
+//! their bytes are zeroed before the zero check, so free space is never written to DST.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -69,9 +73,13 @@ pub struct Args {
     /// Show progress on stderr.
     #[arg(short = 'p', long = "progress")]
     pub progress: bool,
-    /// Replace DST if it exists.
+    /// Replace DST if it exists; with --fs, also read file systems whose map may be stale.
     #[arg(long)]
     pub force: bool,
+    /// Do not copy what the file systems (ext2/3/4, NTFS, FAT, exFAT) call free: it reads as
+    /// zeros in DST (and takes no space in a dynamic or sparse one).
+    #[arg(long)]
+    pub fs: bool,
     /// The source image (any format; differencing chains are flattened).
     pub src: PathBuf,
     /// The image to write.
@@ -121,12 +129,53 @@ pub fn run(a: &Args) -> Result<u8> {
         ImageFormat::Vhd => Sink::vhd(tmp.path(), size, a)?,
         ImageFormat::Vhdx => Sink::vhdx(tmp.path(), size, a)?,
     };
+    let free = if a.fs {
+        Some(free_map(&mut src, size, a.force)?)
+    } else {
+        None
+    };
     let mut progress = Progress::new(size, a.progress);
-    copy(&mut src, &mut sink, size, &mut progress)?;
+    copy(&mut src, &mut sink, size, &mut progress, free.as_ref())?;
     sink.finish()?;
     progress.finish();
     tmp.commit(&a.dst, a.force)?;
     Ok(0)
+}
+
+/// Most granules of the free map of `convert --fs` (16 MiB of counters).
+const MAX_FREE_GRANULES: u64 = 1 << 22;
+
+/// The free space of every file system on `src`, in granules of at least [`ZERO_GRANULE`].
+fn free_map(src: &mut Chain, size: u64, force: bool) -> Result<fs_free::FreeMap> {
+    let mut granule = ZERO_GRANULE;
+    while size.div_ceil(granule) > MAX_FREE_GRANULES {
+        granule *= 2;
+    }
+    let mut map = fs_free::FreeMap::new(size, granule)?;
+    let sector = src.logical_sector_size();
+    let mut read = |off: u64, buf: &mut [u8]| src.read_at(buf, off).map_err(std::io::Error::other);
+    let volumes = super::fsfree::scan(size, sector, &mut read, force, &mut |o, l| map.add(o, l))
+        .context("convert --fs")?;
+    for v in &volumes {
+        for w in &v.warnings {
+            eprintln!("vhdtool: warning: {}: {w} (--force)", v.name());
+        }
+    }
+    Ok(map)
+}
+
+/// Zeroes the parts of `buf` (at virtual `offset`) lying in granules `free` calls wholly free.
+fn drop_free(free: &fs_free::FreeMap, buf: &mut [u8], offset: u64) {
+    let g = free.block_size();
+    let end = offset + buf.len() as u64;
+    let mut b = offset / g;
+    while b * g < end {
+        if free.is_free(b) {
+            let (s, e) = ((b * g).max(offset), ((b + 1) * g).min(end));
+            buf[(s - offset) as usize..(e - offset) as usize].fill(0);
+        }
+        b += 1;
+    }
 }
 
 /// Buffers in flight between the reading and the writing thread (each CHUNK bytes): bounds
@@ -144,7 +193,13 @@ enum Piece {
 /// Copies the virtual disk of `src` into `sink`, skipping zeros: one thread reads (following
 /// the source's map, so holes are never read), this one detects zeros and writes, so reading
 /// and writing overlap. Buffers go round between them; at most [`BUFFERS`] exist.
-fn copy(src: &mut Chain, sink: &mut Sink, size: u64, progress: &mut Progress) -> Result<()> {
+fn copy(
+    src: &mut Chain,
+    sink: &mut Sink,
+    size: u64,
+    progress: &mut Progress,
+    free: Option<&fs_free::FreeMap>,
+) -> Result<()> {
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Piece>>(BUFFERS);
     let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<AlignedBuf>(BUFFERS);
     for _ in 0..BUFFERS {
@@ -207,6 +262,10 @@ fn copy(src: &mut Chain, sink: &mut Sink, size: u64, progress: &mut Progress) ->
                     }
                     Piece::Data(offset, buf) => (offset, buf),
                 };
+                let mut buf = buf;
+                if let Some(free) = free {
+                    drop_free(free, &mut buf, offset);
+                }
                 dirty += write_nonzero(sink, &buf, offset)?;
                 if dirty >= WRITEBACK_STEP {
                     // One request pending is enough: it covers everything dirty by then.

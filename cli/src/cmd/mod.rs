@@ -11,6 +11,7 @@ pub mod completions;
 pub mod convert;
 pub mod create;
 pub mod edit;
+pub mod fsfree;
 pub mod info;
 pub mod map;
 pub mod measure;

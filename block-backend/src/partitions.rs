@@ -116,7 +116,7 @@ pub enum PartitionError {
         /// Length of the read.
         len: usize,
         /// What the disk reported.
-        source: block_backend::Error,
+        source: crate::Error,
     },
     /// A partition reaches past the end of the disk, or its numbers overflow.
     #[error(
@@ -185,7 +185,7 @@ pub type Result<T, E = PartitionError> = std::result::Result<T, E>;
 pub fn scan(
     size: u64,
     sector_size: u32,
-    mut read: impl FnMut(&mut [u8], u64) -> block_backend::Result<()>,
+    mut read: impl FnMut(&mut [u8], u64) -> crate::Result<()>,
 ) -> Result<PartitionTable> {
     let mut reader = Reader {
         size,
@@ -214,7 +214,7 @@ pub fn scan(
 }
 
 /// Reads the partition table of `disk`.
-pub fn scan_disk(disk: &mut dyn block_backend::Disk) -> Result<PartitionTable> {
+pub fn scan_disk(disk: &mut dyn crate::Disk) -> Result<PartitionTable> {
     let size = disk.size();
     let sector_size = disk.logical_sector_size();
     scan(size, sector_size, |buf, off| disk.read_at(buf, off))
@@ -223,7 +223,7 @@ pub fn scan_disk(disk: &mut dyn block_backend::Disk) -> Result<PartitionTable> {
 /// Bounded reads from the disk.
 struct Reader<'a> {
     size: u64,
-    read: &'a mut dyn FnMut(&mut [u8], u64) -> block_backend::Result<()>,
+    read: &'a mut dyn FnMut(&mut [u8], u64) -> crate::Result<()>,
 }
 
 impl Reader<'_> {
@@ -870,7 +870,7 @@ mod tests {
     #[test]
     fn read_errors_are_reported() {
         let err = scan(1 << 20, 512, |_, off| {
-            Err(block_backend::Error::Io {
+            Err(crate::Error::Io {
                 path: "x".into(),
                 op: "read",
                 offset: off,
