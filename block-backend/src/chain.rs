@@ -433,15 +433,16 @@ impl Chain {
     }
 
     /// Where each byte of `[offset, offset + len)` comes from, for an engine that moves the
-    /// payload itself. `buf_off` counts from `offset`.
-    pub(crate) fn plan_read(&mut self, offset: u64, len: u64) -> Result<Vec<Piece>> {
+    /// payload itself. `buf_off` counts from `offset`. The pieces replace what `out` held (a
+    /// list the engine reuses, so planning a read allocates nothing of its own).
+    pub(crate) fn plan_read(&mut self, offset: u64, len: u64, out: &mut Vec<Piece>) -> Result<()> {
+        out.clear();
         self.check_range("read", offset, len)?;
         self.stats.reads += 1;
-        let mut out = Vec::new();
         if len > 0 {
-            self.plan_level(0, offset, len, offset, &mut out)?;
+            self.plan_level(0, offset, len, offset, out)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     fn plan_level(
@@ -723,7 +724,8 @@ impl Disk for Chain {
     ) -> Result<Option<(&std::fs::File, u64, u64)>> {
         // Pieces in disk order; the leading run goes on through pieces that continue it in
         // the same file (blocks allocated one after another).
-        let mut plan = self.plan_read(offset, len)?;
+        let mut plan = Vec::new();
+        self.plan_read(offset, len, &mut plan)?;
         plan.sort_by_key(|p| match p {
             Piece::File { buf_off, .. }
             | Piece::Slow { buf_off, .. }

@@ -1,4 +1,4 @@
-//! The io_uring engine: payload goes straight between caller memory and the resolved file
+//! The io_uring engine: payload goes straight between request memory and the resolved file
 //! offsets, many requests in flight, submissions batched, registered files, O_DIRECT where the
 //! file system allows it (buffered otherwise, and the engine name says so). No SQPOLL: a
 //! polling kernel thread would take one of the two cores this has to share.
@@ -99,6 +99,7 @@ pub struct UringEngine {
     scratch_xfers: Vec<Xfer>,
     scratch_chunks: Vec<(*mut u8, usize, usize)>,
     scratch_cqes: Vec<(u64, i32)>,
+    scratch_pieces: Vec<Piece>,
 }
 
 // SAFETY: the raw pointers in `Xfer` and the chunk scratch point into request memory the
@@ -203,6 +204,7 @@ impl UringEngine {
             scratch_xfers: Vec::new(),
             scratch_chunks: Vec::new(),
             scratch_cqes: Vec::new(),
+            scratch_pieces: Vec::new(),
         })
     }
 
@@ -386,21 +388,20 @@ impl UringEngine {
     }
 
     fn submit_read(&mut self, mut req: IoRequest) -> Result<()> {
-        let planned = lock_chain(&self.chain).plan_read(req.offset, req.len);
-        let pieces = match planned {
-            Ok(p) => p,
-            Err(e) => {
-                self.complete_now(req, Err(e));
-                return Ok(());
-            }
-        };
+        let mut pieces = std::mem::take(&mut self.scratch_pieces);
+        let planned = lock_chain(&self.chain).plan_read(req.offset, req.len, &mut pieces);
+        if let Err(e) = planned {
+            self.scratch_pieces = pieces;
+            self.complete_now(req, Err(e));
+            return Ok(());
+        }
         let idx = self.new_req(req.tag, std::mem::take(&mut req.buf));
         let mut xfers = std::mem::take(&mut self.scratch_xfers);
         let mut chunks = std::mem::take(&mut self.scratch_chunks);
         xfers.clear();
         let r = self.reqs[idx].as_mut().expect("new");
         let mut failed = None;
-        for p in pieces {
+        for &p in &pieces {
             let step = match p {
                 Piece::Zero { buf_off, len } => r.buf.zero(buf_off, len),
                 Piece::Slow {
@@ -453,6 +454,7 @@ impl UringEngine {
             xfers.clear();
         }
         self.scratch_chunks = chunks;
+        self.scratch_pieces = pieces;
         let started = self.start(idx, &xfers);
         self.scratch_xfers = xfers;
         started
