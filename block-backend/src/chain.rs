@@ -59,6 +59,19 @@ pub(crate) enum Piece {
 /// once they are written.
 pub(crate) type WriteJob = (Vec<(usize, usize, u64)>, Option<Commit>);
 
+/// How many times a chain planned reads and writes and committed write metadata, since it was
+/// opened: lets tests see that a request of many memory ranges is planned once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanStats {
+    /// Reads resolved: one per engine read plan or [`Disk::read_at`] call.
+    pub reads: u64,
+    /// Writes placed: one per engine write plan, and one per whole-sector run that
+    /// [`Disk::write_at`] writes (up to three with read-modify-write at the edges).
+    pub writes: u64,
+    /// Write metadata commits run (image layers only; a raw file has none).
+    pub commits: u64,
+}
+
 /// One file of a chain.
 #[derive(Debug)]
 pub enum Layer {
@@ -147,6 +160,7 @@ pub struct Chain {
     /// Unit of read-modify-write: the largest logical sector of any image layer (1 when all
     /// layers are raw files, which take any byte range).
     sector: u64,
+    stats: PlanStats,
 }
 
 impl Chain {
@@ -241,12 +255,18 @@ impl Chain {
             layers,
             read_only,
             sector,
+            stats: PlanStats::default(),
         })
     }
 
     /// The layers, top first.
     pub fn stack(&self) -> &[Layer] {
         &self.layers
+    }
+
+    /// How often this chain planned and committed (see [`PlanStats`]).
+    pub fn plan_stats(&self) -> PlanStats {
+        self.stats
     }
 
     /// The top layer.
@@ -391,9 +411,13 @@ impl Chain {
     /// Writes `buf` at `offset` to the top layer. For images the range must be whole sectors
     /// (or end at the end of the disk).
     fn write_top(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.stats.writes += 1;
         match &mut self.layers[0] {
             Layer::Raw(r) => r.write_at(buf, offset),
-            Layer::Image(v) => v.write(buf, offset),
+            Layer::Image(v) => {
+                self.stats.commits += 1;
+                v.write(buf, offset)
+            }
         }
     }
 
@@ -409,14 +433,16 @@ impl Chain {
     }
 
     /// Where each byte of `[offset, offset + len)` comes from, for an engine that moves the
-    /// payload itself. `buf_off` counts from `offset`.
-    pub(crate) fn plan_read(&mut self, offset: u64, len: u64) -> Result<Vec<Piece>> {
+    /// payload itself. `buf_off` counts from `offset`. The pieces replace what `out` held (a
+    /// list the engine reuses, so planning a read allocates nothing of its own).
+    pub(crate) fn plan_read(&mut self, offset: u64, len: u64, out: &mut Vec<Piece>) -> Result<()> {
+        out.clear();
         self.check_range("read", offset, len)?;
-        let mut out = Vec::new();
+        self.stats.reads += 1;
         if len > 0 {
-            self.plan_level(0, offset, len, offset, &mut out)?;
+            self.plan_level(0, offset, len, offset, out)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     fn plan_level(
@@ -501,6 +527,7 @@ impl Chain {
         if !(offset % unit == 0 && (end % unit == 0 || end == self.size())) {
             return Ok(None);
         }
+        self.stats.writes += 1;
         match &mut self.layers[0] {
             Layer::Raw(_) => Ok(Some((vec![(0, len as usize, offset)], None))),
             Layer::Image(i) => {
@@ -516,6 +543,7 @@ impl Chain {
 
     /// Completes a planned write once its payload is written.
     pub(crate) fn commit(&mut self, commit: Commit) -> Result<()> {
+        self.stats.commits += 1;
         match &mut self.layers[0] {
             Layer::Image(i) => i.commit(commit),
             Layer::Raw(r) => Err(Error::Inconsistent {
@@ -558,6 +586,7 @@ impl Disk for Chain {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
         self.check_range("read", offset, len)?;
+        self.stats.reads += 1;
         if len == 0 {
             return Ok(());
         }
@@ -695,7 +724,8 @@ impl Disk for Chain {
     ) -> Result<Option<(&std::fs::File, u64, u64)>> {
         // Pieces in disk order; the leading run goes on through pieces that continue it in
         // the same file (blocks allocated one after another).
-        let mut plan = self.plan_read(offset, len)?;
+        let mut plan = Vec::new();
+        self.plan_read(offset, len, &mut plan)?;
         plan.sort_by_key(|p| match p {
             Piece::File { buf_off, .. }
             | Piece::Slow { buf_off, .. }

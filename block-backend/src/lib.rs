@@ -49,7 +49,7 @@ mod shared;
 pub mod virtio_blk;
 
 pub use aligned::AlignedBuf;
-pub use chain::{open, Chain, Layer};
+pub use chain::{open, Chain, Layer, PlanStats};
 pub use disk::{Disk, Format, LayerInfo, MapExtent, OpenOptions, Subformat};
 pub use error::{Error, ErrorKind, Result, MAX_CHAIN_DEPTH};
 pub use image_layer::{Image, SECTOR};

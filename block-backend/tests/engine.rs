@@ -6,38 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use block_backend::engine::{new_engine, Engine, EngineKind, IoCompletion, IoKind, IoRequest};
-use block_backend::{open, Disk, OpenOptions};
+use block_backend::{open, AlignedBuf, Disk, OpenOptions};
 use proptest::prelude::*;
 
 const SIZE: u64 = 8 << 20;
-
-/// A heap buffer aligned for O_DIRECT.
-struct Aligned {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let storage = vec![0u8; len + 4096];
-        let start = storage.as_ptr().align_offset(4096);
-        Aligned {
-            storage,
-            start,
-            len,
-        }
-    }
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.storage[self.start..].as_mut_ptr()
-    }
-    fn bytes(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
@@ -172,46 +144,39 @@ fn drive(
 ) -> Result<(), TestCaseError> {
     let mut done: Vec<IoCompletion> = Vec::new();
     for (ops, after) in batches {
-        let mut bufs: Vec<Aligned> = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             let (offset, len) = match *op {
                 Op::Write { offset, len, .. } | Op::Read { offset, len } => (offset, len),
             };
-            let mut b = Aligned::new(len);
-            if let Op::Write { seed, .. } = *op {
-                b.bytes_mut().copy_from_slice(&data(seed, offset, len));
-            }
-            let kind = if matches!(op, Op::Write { .. }) {
-                IoKind::Write
+            let mut b = AlignedBuf::new(len);
+            let req = if let Op::Write { seed, .. } = *op {
+                b.copy_from_slice(&data(seed, offset, len));
+                IoRequest::write(i as u64, offset, b)
             } else {
-                IoKind::Read
+                IoRequest::read(i as u64, offset, b)
             };
-            let req = IoRequest {
-                tag: i as u64,
-                kind,
-                offset,
-                buf: b.as_mut_ptr(),
-                len,
-            };
-            bufs.push(b);
-            // SAFETY: `bufs` keeps every buffer alive and untouched until all completions of
-            // this batch are reaped below (moving an `Aligned` does not move its heap storage).
-            unsafe { engine.submit(req) }.unwrap();
+            engine.submit(req).unwrap();
         }
         engine.kick().unwrap();
         while engine.in_flight() > 0 {
             engine.reap(1, &mut done).unwrap();
         }
+        // Each request's buffer comes back in its completion.
+        let mut bufs: Vec<Option<AlignedBuf>> = vec![None; ops.len()];
         for c in done.drain(..) {
             c.result
                 .unwrap_or_else(|e| panic!("request {} failed: {e}", c.tag));
+            bufs[c.tag as usize] = c.buf.into_aligned();
         }
         for (op, b) in ops.iter().zip(&bufs) {
+            let b = b
+                .as_deref()
+                .expect("every request completed with its buffer");
             match *op {
                 Op::Write { offset, len, seed } => model[offset as usize..offset as usize + len]
                     .copy_from_slice(&data(seed, offset, len)),
                 Op::Read { offset, len } => prop_assert!(
-                    b.bytes() == &model[offset as usize..offset as usize + len],
+                    b == &model[offset as usize..offset as usize + len],
                     "read {}+{} differs from the model",
                     offset,
                     len
@@ -219,40 +184,22 @@ fn drive(
             }
         }
         let special = match after {
-            1 => Some(IoRequest {
-                tag: 99,
-                kind: IoKind::Flush,
-                offset: 0,
-                buf: std::ptr::null_mut(),
-                len: 0,
-            }),
-            2 => Some(IoRequest {
-                tag: 99,
-                kind: IoKind::Discard,
-                offset: 2 << 20,
-                buf: std::ptr::null_mut(),
-                len: 1 << 20,
-            }),
-            3 => Some(IoRequest {
-                tag: 99,
-                kind: IoKind::WriteZeroes,
-                offset: 4096 * 3,
-                buf: std::ptr::null_mut(),
-                len: 70000,
-            }),
+            1 => Some(IoRequest::flush(99)),
+            2 => Some(IoRequest::discard(99, 2 << 20, 1 << 20)),
+            3 => Some(IoRequest::write_zeroes(99, 4096 * 3, 70000)),
             _ => None,
         };
         if let Some(req) = special {
-            // SAFETY: no buffer is involved.
-            unsafe { engine.submit(req) }.unwrap();
+            let (kind, offset, len) = (req.kind(), req.offset(), req.len() as usize);
+            engine.submit(req).unwrap();
             while engine.in_flight() > 0 {
                 engine.reap(1, &mut done).unwrap();
             }
             for c in done.drain(..) {
                 c.result.unwrap();
             }
-            if req.kind != IoKind::Flush {
-                model[req.offset as usize..req.offset as usize + req.len].fill(0);
+            if kind != IoKind::Flush {
+                model[offset as usize..offset as usize + len].fill(0);
             }
         }
     }

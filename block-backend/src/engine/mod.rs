@@ -1,15 +1,20 @@
-//! I/O engines: move many requests at once between caller buffers and a [`Chain`].
+//! I/O engines: move many requests at once between request memory and a [`Chain`].
 //!
 //! ```text
-//!   submit(req) ──> plan through the chain (format crates resolve, allocate)
-//!                     ├─ file pieces ──> sync: pread/pwrite now | io_uring: SQEs, batched
-//!                     └─ zero pieces ──> memset
-//!   reap() <── completions; a write's metadata commit runs after all its payload landed
+//!   submit(IoRequest { kind, offset, IoBuf: owned AlignedBuf | guest ranges }) (safe)
+//!     ──> plan the whole request through the chain, once (format crates resolve, allocate)
+//!           ├─ file pieces ──> sync: through the Disk API | io_uring: SQEs per memory chunk
+//!           └─ zero pieces ──> zero fill
+//!   reap() <── completions, each handing its IoBuf back; a write's metadata is committed
+//!              once, after all its payload landed
 //! ```
 //!
 //! Both engines have one interface so every test runs on both, and a property test compares
-//! them. Invariants:
-//! - A request completes exactly once, with its error if any part failed.
+//! them. The API is safe: a request carries its memory as an [`IoBuf`] that the engine owns
+//! while the request is in flight, so no raw pointer crosses it and only the engine turns
+//! memory into addresses for the kernel (see [`buf`](IoBuf)). Invariants:
+//! - A request completes exactly once, with its error if any part failed, and hands its memory
+//!   back in the completion; until then the kernel may use it, nobody else can.
 //! - A write's metadata (bitmap bits, BAT entries) is committed only after its payload write
 //!   completed; `Flush` completes only after every write submitted before it completed and was
 //!   committed, and after the chain's flush (payload sync, metadata, sync).
@@ -18,16 +23,18 @@
 //! - Reads of a block being written see old or new data, never garbage: fresh blocks read as
 //!   zeros (dynamic) or from the parent (differencing) until their commit.
 
+mod buf;
 mod sync;
 mod uring;
 
+pub use buf::{BadGuestRange, GuestBuf, IoBuf};
 pub use sync::SyncEngine;
 pub use uring::UringEngine;
 
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::{Chain, Disk, Result};
+use crate::{AlignedBuf, Chain, Disk, Result};
 
 /// A chain several engines share (one per virtqueue): each locks it only to plan a request,
 /// to commit a write's metadata, and for flush, discard and write-zeroes. Payload transfers run
@@ -41,26 +48,47 @@ pub fn lock_chain(chain: &SharedChain) -> MutexGuard<'_, Chain> {
     chain.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Carries out `req` on `chain` synchronously.
-///
-/// # Safety
-/// For reads and writes, `req.buf` must be valid for `req.len` bytes (writable for reads) and
-/// not accessed by anything else during the call, as [`Engine::submit`] requires of its caller.
-pub(crate) unsafe fn run_on_chain(chain: &mut Chain, req: &IoRequest) -> Result<()> {
-    match req.kind {
-        IoKind::Read => {
-            // SAFETY: the caller guarantees `buf` is valid and unaliased for `len` bytes.
-            let buf = unsafe { std::slice::from_raw_parts_mut(req.buf, req.len) };
-            chain.read_at(buf, req.offset)
+/// Most bytes staged at once when request memory has to be copied (guest memory on the sync
+/// engine, read-modify-write of partial sectors): a bigger request runs in pieces this size.
+const BOUNCE_MAX: usize = 8 << 20;
+
+/// Carries out `req` on `chain` through the [`Disk`] API, copying between the request's memory
+/// and `bounce` when it is not an owned buffer (guest memory is never lent out as a Rust
+/// slice). A request of at most [`BOUNCE_MAX`] bytes is one chain call: one plan, one commit.
+pub(crate) fn run_on_chain(
+    chain: &mut Chain,
+    req: &mut IoRequest,
+    bounce: &mut AlignedBuf,
+) -> Result<()> {
+    let (offset, len) = (req.offset, req.len as usize);
+    match (req.kind, &mut req.buf) {
+        (IoKind::Read, IoBuf::Owned(b)) => chain.read_at(b, offset),
+        (IoKind::Write, IoBuf::Owned(b)) => chain.write_at(b, offset),
+        (IoKind::Read, buf) => {
+            let mut pos = 0;
+            while pos < len {
+                let n = (len - pos).min(BOUNCE_MAX);
+                bounce.resize(n);
+                chain.read_at(bounce, offset + pos as u64)?;
+                buf.fill_from(pos, bounce)?;
+                pos += n;
+            }
+            Ok(())
         }
-        IoKind::Write => {
-            // SAFETY: as above; the buffer is only read.
-            let buf = unsafe { std::slice::from_raw_parts(req.buf, req.len) };
-            chain.write_at(buf, req.offset)
+        (IoKind::Write, buf) => {
+            let mut pos = 0;
+            while pos < len {
+                let n = (len - pos).min(BOUNCE_MAX);
+                bounce.resize(n);
+                buf.copy_out(pos, bounce)?;
+                chain.write_at(bounce, offset + pos as u64)?;
+                pos += n;
+            }
+            Ok(())
         }
-        IoKind::Flush => chain.flush(),
-        IoKind::Discard => chain.discard(req.offset, req.len as u64),
-        IoKind::WriteZeroes => chain.write_zeroes(req.offset, req.len as u64),
+        (IoKind::Flush, _) => chain.flush(),
+        (IoKind::Discard, _) => chain.discard(offset, req.len),
+        (IoKind::WriteZeroes, _) => chain.write_zeroes(offset, req.len),
     }
 }
 
@@ -79,25 +107,86 @@ pub enum IoKind {
     WriteZeroes,
 }
 
-/// One request. `buf` points to `len` bytes for reads and writes (ignored otherwise).
-#[derive(Debug, Clone, Copy)]
+/// One request: an operation, a disk range and, for reads and writes, the memory (which the
+/// engine owns until it hands it back in the completion). Built by the constructors, so a read
+/// or write always covers exactly its memory.
+#[derive(Debug, Clone)]
 pub struct IoRequest {
-    /// Caller's tag, returned in the completion.
-    pub tag: u64,
-    /// Operation.
-    pub kind: IoKind,
-    /// Byte offset on the virtual disk.
-    pub offset: u64,
-    /// Caller memory for reads and writes.
-    pub buf: *mut u8,
-    /// Length in bytes.
-    pub len: usize,
+    tag: u64,
+    kind: IoKind,
+    offset: u64,
+    len: u64,
+    buf: IoBuf,
 }
 
-// SAFETY: the pointer is only dereferenced under the contract of `Engine::submit`, which makes
-// the caller keep the memory valid and unaliased until the completion; moving the request to
-// another thread does not change that.
-unsafe impl Send for IoRequest {}
+impl IoRequest {
+    fn new(tag: u64, kind: IoKind, offset: u64, len: u64, buf: IoBuf) -> IoRequest {
+        IoRequest {
+            tag,
+            kind,
+            offset,
+            len,
+            buf,
+        }
+    }
+
+    /// Fills `buf` from the disk at `offset`.
+    pub fn read(tag: u64, offset: u64, buf: impl Into<IoBuf>) -> IoRequest {
+        let buf = buf.into();
+        IoRequest::new(tag, IoKind::Read, offset, buf.len() as u64, buf)
+    }
+
+    /// Writes `buf` to the disk at `offset`.
+    pub fn write(tag: u64, offset: u64, buf: impl Into<IoBuf>) -> IoRequest {
+        let buf = buf.into();
+        IoRequest::new(tag, IoKind::Write, offset, buf.len() as u64, buf)
+    }
+
+    /// Makes every write completed before it durable.
+    pub fn flush(tag: u64) -> IoRequest {
+        IoRequest::new(tag, IoKind::Flush, 0, 0, IoBuf::None)
+    }
+
+    /// Discards `[offset, offset + len)`.
+    pub fn discard(tag: u64, offset: u64, len: u64) -> IoRequest {
+        IoRequest::new(tag, IoKind::Discard, offset, len, IoBuf::None)
+    }
+
+    /// Writes zeros over `[offset, offset + len)`.
+    pub fn write_zeroes(tag: u64, offset: u64, len: u64) -> IoRequest {
+        IoRequest::new(tag, IoKind::WriteZeroes, offset, len, IoBuf::None)
+    }
+
+    /// Caller's tag, returned in the completion.
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// Operation.
+    pub fn kind(&self) -> IoKind {
+        self.kind
+    }
+
+    /// Byte offset on the virtual disk.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the range is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The memory (empty for flush, discard and write-zeroes).
+    pub fn buf(&self) -> &IoBuf {
+        &self.buf
+    }
+}
 
 /// A finished request.
 #[derive(Debug)]
@@ -106,18 +195,18 @@ pub struct IoCompletion {
     pub tag: u64,
     /// Its outcome.
     pub result: Result<()>,
+    /// The request's memory, handed back (a read's data is in it).
+    pub buf: IoBuf,
 }
 
 /// An I/O engine over a chain.
 pub trait Engine: Send {
-    /// Queues a request. Errors of the request itself arrive in its completion; `Err` here
-    /// means the engine cannot go on.
-    ///
-    /// # Safety
-    /// For reads and writes, `req.buf` must point to `req.len` bytes that stay valid, and are
-    /// neither read nor written by anyone else (for reads) or not written by anyone else (for
-    /// writes), until the completion with `req.tag` has been returned by [`Engine::reap`].
-    unsafe fn submit(&mut self, req: IoRequest) -> Result<()>;
+    /// Queues a request; the engine owns its memory until the completion hands it back.
+    /// Errors of the request itself arrive in its completion; `Err` here means the engine
+    /// cannot go on. A read or write is planned through the chain once, whatever number of
+    /// guest ranges its memory has, and a write's metadata is committed once, after all of
+    /// its payload landed.
+    fn submit(&mut self, req: IoRequest) -> Result<()>;
     /// Hands queued work to the kernel (no-op for the sync engine).
     fn kick(&mut self) -> Result<()>;
     /// Appends completions to `out`, waiting until at least `min` are available (or nothing

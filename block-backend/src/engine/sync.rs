@@ -1,17 +1,21 @@
 //! The reference engine: each request runs to completion inside `submit` through the
-//! [`Disk`] API.
+//! [`Disk`](crate::Disk) API, under one lock of the chain. Guest memory is staged through a
+//! bounce buffer (read into it, then copied out; copied in, then written), so a request of
+//! many guest ranges is still one chain call: planned once, committed once.
 
 use std::os::fd::RawFd;
 use std::sync::MutexGuard;
 
 use super::{lock_chain, run_on_chain, Engine, IoCompletion, IoRequest, SharedChain};
-use crate::{Chain, Result};
+use crate::{AlignedBuf, Chain, Result};
 
 /// Runs requests synchronously.
 #[derive(Debug)]
 pub struct SyncEngine {
     chain: SharedChain,
     done: Vec<IoCompletion>,
+    /// Staging for guest memory, kept between requests.
+    bounce: AlignedBuf,
 }
 
 impl SyncEngine {
@@ -20,18 +24,18 @@ impl SyncEngine {
         SyncEngine {
             chain,
             done: Vec::new(),
+            bounce: AlignedBuf::new(0),
         }
     }
 }
 
 impl Engine for SyncEngine {
-    unsafe fn submit(&mut self, req: IoRequest) -> Result<()> {
-        // SAFETY: the caller's guarantee for `req.buf` (Engine::submit contract) is the one
-        // `run_on_chain` asks for.
-        let result = unsafe { run_on_chain(&mut lock_chain(&self.chain), &req) };
+    fn submit(&mut self, mut req: IoRequest) -> Result<()> {
+        let result = run_on_chain(&mut lock_chain(&self.chain), &mut req, &mut self.bounce);
         self.done.push(IoCompletion {
             tag: req.tag,
             result,
+            buf: req.buf,
         });
         Ok(())
     }

@@ -1,12 +1,20 @@
-//! The io_uring engine: payload goes straight between caller memory and the resolved file
+//! The io_uring engine: payload goes straight between request memory and the resolved file
 //! offsets, many requests in flight, submissions batched, registered files, O_DIRECT where the
 //! file system allows it (buffered otherwise, and the engine name says so). No SQPOLL: a
 //! polling kernel thread would take one of the two cores this has to share.
 //!
-//! Planning (resolution, allocation) happens in `submit`, in order, on the one chain; only the
-//! payload transfers run concurrently. A request's metadata commit runs when its last transfer
-//! completes. Short transfers are resubmitted for the remainder. Flush, discard and
+//! Planning (resolution, allocation) happens in `submit`, in order, on the one chain, once per
+//! request however many memory ranges it has; only the payload transfers run concurrently.
+//! Each planned file piece becomes one transfer per memory chunk it covers (one for an owned
+//! buffer, one per guest range crossed). A request's metadata commit runs once, when its last
+//! transfer completes. Short transfers are resubmitted for the remainder. Flush, discard and
 //! write-zeroes first drain every request in flight, then run on the chain.
+//!
+//! Memory: a request's [`IoBuf`] moves into its slot in `reqs` at submission and leaves it
+//! only in its completion, after every transfer of it has completed; the addresses in the
+//! SQEs point into that `IoBuf` (an owned buffer's heap storage, or guest memory kept mapped
+//! by the `GuestBuf`'s Arc). If the ring cannot be drained on drop, the slots are leaked rather
+//! than freed under the kernel.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -16,10 +24,12 @@ use std::sync::MutexGuard;
 
 use io_uring::{opcode, types, IoUring};
 
-use super::{lock_chain, run_on_chain, Engine, IoCompletion, IoKind, IoRequest, SharedChain};
+use super::{
+    lock_chain, run_on_chain, Engine, IoBuf, IoCompletion, IoKind, IoRequest, SharedChain,
+};
 use crate::chain::Piece;
 use crate::image_layer::Commit;
-use crate::{Chain, Disk, Error, Result};
+use crate::{AlignedBuf, Chain, Disk, Error, Result};
 
 /// A request with transfers still in flight.
 struct Req {
@@ -27,6 +37,28 @@ struct Req {
     remaining: usize,
     error: Option<Error>,
     commit: Option<Commit>,
+    /// The request's memory: the transfers' addresses point into it.
+    buf: IoBuf,
+}
+
+/// Which registered descriptor a transfer uses.
+struct Files {
+    /// Registered-file index of each level's buffered and direct descriptor.
+    buffered_idx: Vec<u32>,
+    direct_idx: Vec<Option<u32>>,
+    /// Alignment O_DIRECT needs for memory, offsets and lengths.
+    dio_align: u64,
+}
+
+impl Files {
+    /// Descriptor index for a transfer: direct when everything is aligned for it.
+    fn pick(&self, level: usize, ptr: *mut u8, len: usize, offset: u64) -> u32 {
+        let a = self.dio_align;
+        match self.direct_idx[level] {
+            Some(i) if (ptr as u64) % a == 0 && len as u64 % a == 0 && offset % a == 0 => i,
+            _ => self.buffered_idx[level],
+        }
+    }
 }
 
 /// One transfer (one SQE, resubmitted for the rest if short).
@@ -51,11 +83,7 @@ pub struct UringEngine {
     completion_evt: Option<OwnedFd>,
     /// O_DIRECT descriptors kept open for registration (index = level).
     _direct: Vec<Option<File>>,
-    /// Registered-file index of each level's buffered and direct descriptor.
-    buffered_idx: Vec<u32>,
-    direct_idx: Vec<Option<u32>>,
-    /// Alignment O_DIRECT needs for memory, offsets and lengths.
-    dio_align: u64,
+    files: Files,
     reqs: Vec<Option<Req>>,
     free_reqs: Vec<usize>,
     xfers: Vec<Option<Xfer>>,
@@ -65,10 +93,19 @@ pub struct UringEngine {
     in_flight: usize,
     /// Transfers in the kernel.
     outstanding: usize,
+    /// Staging for pieces read through the format crate and for read-modify-write.
+    bounce: AlignedBuf,
+    /// Scratch lists kept between requests (no allocation per request).
+    scratch_xfers: Vec<Xfer>,
+    scratch_chunks: Vec<(*mut u8, usize, usize)>,
+    scratch_cqes: Vec<(u64, i32)>,
+    scratch_pieces: Vec<Piece>,
 }
 
-// SAFETY: the raw pointers in `Xfer` point into caller memory that the `Engine::submit`
-// contract keeps valid and exclusive until completion, wherever the engine runs.
+// SAFETY: the raw pointers in `Xfer` and the chunk scratch point into request memory the
+// engine itself owns (each request's `IoBuf`, held in `reqs`): an owned buffer's heap storage
+// or guest memory kept mapped by an Arc, both of which may be used from any thread. Moving the
+// engine moves neither.
 unsafe impl Send for UringEngine {}
 
 impl std::fmt::Debug for UringEngine {
@@ -151,9 +188,11 @@ impl UringEngine {
             path,
             completion_evt: None,
             _direct: direct,
-            buffered_idx,
-            direct_idx,
-            dio_align: dio_align.max(512),
+            files: Files {
+                buffered_idx,
+                direct_idx,
+                dio_align: dio_align.max(512),
+            },
             reqs: Vec::new(),
             free_reqs: Vec::new(),
             xfers: Vec::new(),
@@ -161,15 +200,21 @@ impl UringEngine {
             done: Vec::new(),
             in_flight: 0,
             outstanding: 0,
+            bounce: AlignedBuf::new(0),
+            scratch_xfers: Vec::new(),
+            scratch_chunks: Vec::new(),
+            scratch_cqes: Vec::new(),
+            scratch_pieces: Vec::new(),
         })
     }
 
-    fn new_req(&mut self, tag: u64) -> usize {
+    fn new_req(&mut self, tag: u64, buf: IoBuf) -> usize {
         let r = Req {
             tag,
             remaining: 0,
             error: None,
             commit: None,
+            buf,
         };
         match self.free_reqs.pop() {
             Some(i) => {
@@ -180,15 +225,6 @@ impl UringEngine {
                 self.reqs.push(Some(r));
                 self.reqs.len() - 1
             }
-        }
-    }
-
-    /// Descriptor index for a transfer: direct when everything is aligned for it.
-    fn file_for(&self, level: usize, ptr: *mut u8, len: usize, offset: u64) -> u32 {
-        let a = self.dio_align;
-        match self.direct_idx[level] {
-            Some(i) if (ptr as u64) % a == 0 && len as u64 % a == 0 && offset % a == 0 => i,
-            _ => self.buffered_idx[level],
         }
     }
 
@@ -215,9 +251,12 @@ impl UringEngine {
         }
         .user_data(slot as u64);
         loop {
-            // SAFETY: the entry refers to a registered file and to caller memory that the
-            // Engine::submit contract keeps valid until this request completes, which happens
-            // only after this entry's completion has been reaped.
+            // SAFETY: the entry refers to a registered file and to `x.len` bytes of the memory
+            // of request `x.req` (from `IoBuf::chunks`, so inside it), whose `IoBuf` stays in
+            // `reqs` (owned buffer: heap storage that does not move; guest memory: mapped
+            // while its Arc lives) and is not handed out until this request finishes, which
+            // happens only after this entry's completion has been reaped. Nothing else reads
+            // or writes that memory meanwhile: the caller gave it up with the request.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 break;
@@ -243,7 +282,11 @@ impl UringEngine {
         if let (Ok(()), Some(c)) = (&result, r.commit.take()) {
             result = lock_chain(&self.chain).commit(c);
         }
-        self.done.push(IoCompletion { tag: r.tag, result });
+        self.done.push(IoCompletion {
+            tag: r.tag,
+            result,
+            buf: r.buf,
+        });
     }
 
     /// Hands queued entries to the kernel and waits for at least one completion, in one
@@ -259,12 +302,16 @@ impl UringEngine {
 
     /// Processes the completions already in the ring (no system call).
     fn process_cq(&mut self) -> Result<()> {
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (ud, res) in cqes {
+        let mut cqes = std::mem::take(&mut self.scratch_cqes);
+        cqes.clear();
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        let result = self.handle_cqes(&cqes);
+        self.scratch_cqes = cqes;
+        result
+    }
+
+    fn handle_cqes(&mut self, cqes: &[(u64, i32)]) -> Result<()> {
+        for &(ud, res) in cqes {
             self.outstanding -= 1;
             let slot = ud as usize;
             let Some(x) = self.xfers.get_mut(slot).and_then(Option::take) else {
@@ -282,7 +329,8 @@ impl UringEngine {
             } else if (res as usize) < x.len {
                 // Short transfer: queue the rest.
                 let n = res as usize;
-                // SAFETY: n < x.len, so the advanced pointer stays inside the caller's buffer.
+                // SAFETY: n < x.len, so the advanced pointer stays inside the chunk of request
+                // memory the transfer covers.
                 let ptr = unsafe { x.ptr.add(n) };
                 let rest = Xfer {
                     ptr,
@@ -330,110 +378,148 @@ impl UringEngine {
         Ok(())
     }
 
-    fn submit_read(&mut self, req: &IoRequest) -> Result<()> {
-        let idx = self.new_req(req.tag);
-        let planned = lock_chain(&self.chain).plan_read(req.offset, req.len as u64);
-        let pieces = match planned {
-            Ok(p) => p,
-            Err(e) => {
-                self.reqs[idx].as_mut().expect("new").error = Some(e);
-                self.finish(idx);
-                return Ok(());
-            }
-        };
-        let mut xfers = Vec::new();
-        for p in pieces {
-            match p {
-                Piece::Zero { buf_off, len } => {
-                    // SAFETY: the plan tiles [0, req.len) of the caller's buffer.
-                    unsafe { std::ptr::write_bytes(req.buf.add(buf_off), 0, len) };
-                }
+    /// Completes `req` at once with `result`, handing its memory back.
+    fn complete_now(&mut self, req: IoRequest, result: Result<()>) {
+        self.done.push(IoCompletion {
+            tag: req.tag,
+            result,
+            buf: req.buf,
+        });
+    }
+
+    fn submit_read(&mut self, mut req: IoRequest) -> Result<()> {
+        let mut pieces = std::mem::take(&mut self.scratch_pieces);
+        let planned = lock_chain(&self.chain).plan_read(req.offset, req.len, &mut pieces);
+        if let Err(e) = planned {
+            self.scratch_pieces = pieces;
+            self.complete_now(req, Err(e));
+            return Ok(());
+        }
+        let idx = self.new_req(req.tag, std::mem::take(&mut req.buf));
+        let mut xfers = std::mem::take(&mut self.scratch_xfers);
+        let mut chunks = std::mem::take(&mut self.scratch_chunks);
+        xfers.clear();
+        let r = self.reqs[idx].as_mut().expect("new");
+        let mut failed = None;
+        for &p in &pieces {
+            let step = match p {
+                Piece::Zero { buf_off, len } => r.buf.zero(buf_off, len),
                 Piece::Slow {
                     level,
                     file_offset,
                     buf_off,
                     len,
-                } => {
-                    // SAFETY: as above.
-                    let b = unsafe { std::slice::from_raw_parts_mut(req.buf.add(buf_off), len) };
-                    if let Err(e) = lock_chain(&self.chain).read_slow(level, b, file_offset) {
-                        self.reqs[idx].as_mut().expect("new").error.get_or_insert(e);
+                } => match &mut r.buf {
+                    IoBuf::Owned(b) => lock_chain(&self.chain).read_slow(
+                        level,
+                        &mut b[buf_off..buf_off + len],
+                        file_offset,
+                    ),
+                    other => {
+                        self.bounce.resize(len);
+                        lock_chain(&self.chain)
+                            .read_slow(level, &mut self.bounce, file_offset)
+                            .and_then(|()| other.fill_from(buf_off, &self.bounce))
                     }
-                }
+                },
                 Piece::File {
                     level,
                     file_offset,
                     buf_off,
                     len,
                 } => {
-                    // SAFETY: as above.
-                    let ptr = unsafe { req.buf.add(buf_off) };
-                    xfers.push(Xfer {
-                        req: idx,
-                        file: self.file_for(level, ptr, len, file_offset),
-                        ptr,
-                        len,
-                        offset: file_offset,
-                        write: false,
-                    });
+                    chunks.clear();
+                    r.buf.chunks(buf_off, len, &mut chunks).map(|()| {
+                        for &(ptr, n, at) in &chunks {
+                            let offset = file_offset + (at - buf_off) as u64;
+                            xfers.push(Xfer {
+                                req: idx,
+                                file: self.files.pick(level, ptr, n, offset),
+                                ptr,
+                                len: n,
+                                offset,
+                                write: false,
+                            });
+                        }
+                    })
                 }
+            };
+            if let Err(e) = step {
+                failed = Some(e);
+                break;
             }
         }
-        self.start(idx, xfers)
+        if let Some(e) = failed {
+            r.error = Some(e);
+            xfers.clear();
+        }
+        self.scratch_chunks = chunks;
+        self.scratch_pieces = pieces;
+        let started = self.start(idx, &xfers);
+        self.scratch_xfers = xfers;
+        started
     }
 
-    fn submit_write(&mut self, req: &IoRequest) -> Result<()> {
-        let planned = lock_chain(&self.chain).plan_write(req.offset, req.len as u64);
-        let plan = match planned {
+    fn submit_write(&mut self, mut req: IoRequest) -> Result<()> {
+        let planned = lock_chain(&self.chain).plan_write(req.offset, req.len);
+        let (pieces, commit) = match planned {
             Ok(Some(p)) => p,
             Ok(None) => {
                 // Partial sectors: read-modify-write through the chain, synchronously.
                 self.drain_all()?;
-                // SAFETY: the caller guarantees `buf` is valid for `len` bytes (submit contract).
-                let b = unsafe { std::slice::from_raw_parts(req.buf, req.len) };
-                let result = lock_chain(&self.chain).write_at(b, req.offset);
-                self.done.push(IoCompletion {
-                    tag: req.tag,
-                    result,
-                });
+                let result = run_on_chain(&mut lock_chain(&self.chain), &mut req, &mut self.bounce);
+                self.complete_now(req, result);
                 return Ok(());
             }
             Err(e) => {
-                self.done.push(IoCompletion {
-                    tag: req.tag,
-                    result: Err(e),
-                });
+                self.complete_now(req, Err(e));
                 return Ok(());
             }
         };
-        let (pieces, commit) = plan;
-        let idx = self.new_req(req.tag);
-        self.reqs[idx].as_mut().expect("new").commit = commit;
-        let xfers = pieces
-            .into_iter()
-            .map(|(buf_off, len, file_offset)| {
-                // SAFETY: the plan tiles [0, req.len) of the caller's buffer.
-                let ptr = unsafe { req.buf.add(buf_off) };
-                Xfer {
+        let idx = self.new_req(req.tag, std::mem::take(&mut req.buf));
+        let mut xfers = std::mem::take(&mut self.scratch_xfers);
+        let mut chunks = std::mem::take(&mut self.scratch_chunks);
+        xfers.clear();
+        chunks.clear();
+        let r = self.reqs[idx].as_mut().expect("new");
+        r.commit = commit;
+        let mut failed = None;
+        for (buf_off, len, file_offset) in pieces {
+            let first = chunks.len();
+            if let Err(e) = r.buf.chunks(buf_off, len, &mut chunks) {
+                failed = Some(e);
+                break;
+            }
+            for &(ptr, n, at) in &chunks[first..] {
+                let offset = file_offset + (at - buf_off) as u64;
+                xfers.push(Xfer {
                     req: idx,
-                    file: self.file_for(0, ptr, len, file_offset),
+                    file: self.files.pick(0, ptr, n, offset),
                     ptr,
-                    len,
-                    offset: file_offset,
+                    len: n,
+                    offset,
                     write: true,
-                }
-            })
-            .collect();
-        self.start(idx, xfers)
+                });
+            }
+        }
+        if let Some(e) = failed {
+            // No payload goes out, so the commit must not run either.
+            r.error = Some(e);
+            xfers.clear();
+        }
+        self.scratch_chunks = chunks;
+        let started = self.start(idx, &xfers);
+        self.scratch_xfers = xfers;
+        started
     }
 
-    fn start(&mut self, idx: usize, xfers: Vec<Xfer>) -> Result<()> {
+    fn start(&mut self, idx: usize, xfers: &[Xfer]) -> Result<()> {
         if xfers.is_empty() {
             self.finish(idx);
             return Ok(());
         }
         self.reqs[idx].as_mut().expect("new").remaining = xfers.len();
-        for x in xfers {
+        for &x in xfers {
             self.push_xfer(x)?;
         }
         Ok(())
@@ -441,20 +527,16 @@ impl UringEngine {
 }
 
 impl Engine for UringEngine {
-    unsafe fn submit(&mut self, req: IoRequest) -> Result<()> {
+    fn submit(&mut self, mut req: IoRequest) -> Result<()> {
         self.in_flight += 1;
         match req.kind {
-            IoKind::Read => self.submit_read(&req),
-            IoKind::Write => self.submit_write(&req),
+            IoKind::Read => self.submit_read(req),
+            IoKind::Write => self.submit_write(req),
             _ => {
                 // Ordering points: everything before them completes (and commits) first.
                 self.drain_all()?;
-                // SAFETY: not a read or write (handled above), so no buffer is touched.
-                let result = unsafe { run_on_chain(&mut lock_chain(&self.chain), &req) };
-                self.done.push(IoCompletion {
-                    tag: req.tag,
-                    result,
-                });
+                let result = run_on_chain(&mut lock_chain(&self.chain), &mut req, &mut self.bounce);
+                self.complete_now(req, result);
                 Ok(())
             }
         }
@@ -508,7 +590,7 @@ impl Engine for UringEngine {
     }
 
     fn name(&self) -> String {
-        if self.direct_idx.iter().any(Option::is_some) {
+        if self.files.direct_idx.iter().any(Option::is_some) {
             "io_uring (O_DIRECT)".into()
         } else {
             "io_uring (buffered: the file system refuses O_DIRECT)".into()
@@ -518,8 +600,11 @@ impl Engine for UringEngine {
 
 impl Drop for UringEngine {
     fn drop(&mut self) {
-        // Never free the ring while the kernel may still write into caller memory.
-        let _ = self.drain_all();
+        // Never free request memory while the kernel may still use it: drain, and if that
+        // fails, leak the requests' memory rather than free it under the kernel.
+        if self.drain_all().is_err() && self.outstanding > 0 {
+            std::mem::forget(std::mem::take(&mut self.reqs));
+        }
         // Give the image files back now: a ring being closed drops its registered files later,
         // from a kernel worker, and until then the image's lock (an open file description's)
         // would outlive the disk, refusing the next open of the image.

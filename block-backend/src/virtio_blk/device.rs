@@ -2,17 +2,19 @@
 //!
 //! ```text
 //!  driver ──avail ring──> process_queue: pop chain ─ parse (validate all) ─┬─ In/Out: one engine
-//!                                                                          │   request per segment,
-//!                                                                          │   straight into guest memory
+//!                                                                          │   request over all data
+//!                                                                          │   segments (guest ranges):
+//!                                                                          │   planned once, committed once
 //!                                                                          ├─ Flush/Discard/WriteZeroes
 //!                                                                          └─ GetId / errors: answered now
 //!  driver <──used ring── process_completions: status byte, used len, notify (EVENT_IDX aware)
 //! ```
 //!
 //! Invariants: nothing from the driver is trusted (see [`super::request`]); guest buffers stay
-//! mapped while the engine uses them because the device owns its `GuestMemoryMmap` handle; a
-//! chain is returned to the used ring exactly once, after all of its segments completed; a
-//! read-only disk answers writes, discards and write-zeroes with IOERR.
+//! mapped while the engine uses them because each request holds an Arc of the guest memory
+//! ([`GuestBuf`]); the device has no `unsafe`; a chain is returned to the used ring exactly
+//! once, after its request completed; a read-only disk answers writes, discards and
+//! write-zeroes with IOERR.
 //!
 //! MQ: every virtqueue has its own engine (its own io_uring), all over one shared chain, so
 //! a guest that spreads its submissions over queues gets independent rings. Engines do not
@@ -24,6 +26,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -34,10 +37,10 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::request::{parse, segments, Limits, ParseError, Request, RequestType, SECTOR};
-use crate::engine::{Engine, IoCompletion, IoKind, IoRequest};
+use crate::engine::{Engine, GuestBuf, IoCompletion, IoRequest};
 use crate::{Disk, Error, Result};
 
 /// Most data segments per request.
@@ -71,7 +74,7 @@ pub struct Config {
 pub struct VirtioBlk {
     /// `engines[q]` serves queue `q`.
     engines: Vec<Box<dyn Engine>>,
-    mem: GuestMemoryMmap,
+    mem: Arc<GuestMemoryMmap>,
     queues: Vec<Queue>,
     config: Config,
     read_only: bool,
@@ -99,9 +102,10 @@ impl VirtioBlk {
     /// size, ready) in `mem`; the engines share one chain (see
     /// [`crate::engine::new_shared_engine`]). `notify(queue)` is called when the driver must
     /// be interrupted (wire it to an irqfd). There must be one engine per queue, at least one.
+    /// Requests in flight hold a reference to `mem`, keeping it mapped.
     pub fn new(
         engines: Vec<Box<dyn Engine>>,
-        mem: GuestMemoryMmap,
+        mem: impl Into<Arc<GuestMemoryMmap>>,
         queues: Vec<Queue>,
         config: Config,
         notify: Box<dyn FnMut(u16) + Send>,
@@ -127,7 +131,7 @@ impl VirtioBlk {
         drop(chain);
         Ok(VirtioBlk {
             engines,
-            mem,
+            mem: mem.into(),
             queues,
             config,
             read_only,
@@ -222,7 +226,7 @@ impl VirtioBlk {
         // The status address was checked to lie in guest memory when the chain was parsed.
         let _ = self.mem.write_obj(code as u8, status);
         if self.queues[queue as usize]
-            .add_used(&self.mem, head, used_len)
+            .add_used(&*self.mem, head, used_len)
             .is_err()
         {
             tracing::warn!(queue, head, "cannot add to the used ring");
@@ -232,7 +236,7 @@ impl VirtioBlk {
 
     fn signal(&mut self, queue: u16) {
         let q = &mut self.queues[queue as usize];
-        if q.needs_notification(&self.mem).unwrap_or(true) {
+        if q.needs_notification(&*self.mem).unwrap_or(true) {
             (self.notify)(queue);
         }
     }
@@ -244,18 +248,18 @@ impl VirtioBlk {
         };
         let mut chains = Vec::new();
         loop {
-            let _ = q.disable_notification(&self.mem);
-            while let Some(chain) = q.pop_descriptor_chain(&self.mem) {
+            let _ = q.disable_notification(&*self.mem);
+            while let Some(chain) = q.pop_descriptor_chain(&*self.mem) {
                 chains.push((chain.head_index(), chain.collect::<Vec<_>>()));
             }
             // Re-enable and look again: a chain may have arrived in between.
-            if !q.enable_notification(&self.mem).unwrap_or(false) {
+            if !q.enable_notification(&*self.mem).unwrap_or(false) {
                 break;
             }
             // An avail index more than a queue size ahead (a broken or hostile driver) makes
             // every pop fail while the index still differs: stop instead of spinning.
             let ahead = q
-                .avail_idx(&self.mem, Ordering::Acquire)
+                .avail_idx(&*self.mem, Ordering::Acquire)
                 .map(|idx| idx.0.wrapping_sub(q.next_avail()));
             if !ahead.is_ok_and(|n| n <= q.size()) {
                 tracing::warn!(
@@ -281,7 +285,7 @@ impl VirtioBlk {
             Ok(r) => r,
             Err(ParseError::NoStatus) => {
                 tracing::warn!(queue, head, "descriptor chain without a usable status byte");
-                let _ = self.queues[queue as usize].add_used(&self.mem, head, 0);
+                let _ = self.queues[queue as usize].add_used(&*self.mem, head, 0);
                 self.signal(queue);
                 return Ok(());
             }
@@ -320,8 +324,10 @@ impl VirtioBlk {
                 }
                 self.answer(queue, head, req.status, VIRTIO_BLK_S_OK, written + 1);
             }
-            RequestType::In | RequestType::Out => self.start_rw(queue, head, &req)?,
-            RequestType::Flush => self.start_ops(queue, head, &req, vec![(IoKind::Flush, 0, 0)])?,
+            RequestType::In | RequestType::Out => self.start_rw(queue, head, req)?,
+            RequestType::Flush => {
+                self.start_ops(queue, head, &req, |tag| vec![IoRequest::flush(tag)])?
+            }
             RequestType::Discard | RequestType::WriteZeroes => {
                 let segs = match segments(&req, &self.mem, self.capacity, MAX_DISCARD_SECTORS) {
                     Ok(s) => s,
@@ -331,18 +337,21 @@ impl VirtioBlk {
                         return Ok(());
                     }
                 };
-                let ops = segs
-                    .iter()
-                    .map(|s| {
-                        // Unmapping also leaves zeros behind in every format we serve.
-                        let kind = if req.kind == RequestType::WriteZeroes && s.flags & 1 == 0 {
-                            IoKind::WriteZeroes
-                        } else {
-                            IoKind::Discard
-                        };
-                        (kind, s.sector * SECTOR, u64::from(s.num_sectors) * SECTOR)
-                    })
-                    .collect();
+                let zeroes = req.kind == RequestType::WriteZeroes;
+                let ops = |tag| {
+                    segs.iter()
+                        .map(|s| {
+                            let (offset, len) =
+                                (s.sector * SECTOR, u64::from(s.num_sectors) * SECTOR);
+                            // Unmapping also leaves zeros behind in every format we serve.
+                            if zeroes && s.flags & 1 == 0 {
+                                IoRequest::write_zeroes(tag, offset, len)
+                            } else {
+                                IoRequest::discard(tag, offset, len)
+                            }
+                        })
+                        .collect()
+                };
                 self.start_ops(queue, head, &req, ops)?;
             }
         }
@@ -373,7 +382,7 @@ impl VirtioBlk {
         id
     }
 
-    fn start_rw(&mut self, queue: u16, head: u16, req: &Request) -> Result<()> {
+    fn start_rw(&mut self, queue: u16, head: u16, mut req: Request) -> Result<()> {
         let total: u32 = req.data.iter().map(|d| d.1).sum();
         let used = if req.kind == RequestType::In {
             total + 1
@@ -384,40 +393,26 @@ impl VirtioBlk {
             self.answer(queue, head, req.status, VIRTIO_BLK_S_OK, 1);
             return Ok(());
         }
-        let id = self.new_pending(queue, head, req, used, req.data.len());
-        let kind = if req.kind == RequestType::In {
-            IoKind::Read
-        } else {
-            IoKind::Write
+        // All data segments as one byte array: the engine plans the request once (one lock
+        // of the chain), moves each planned piece straight to or from the guest ranges it
+        // covers, and commits a write's metadata once.
+        let buf = match GuestBuf::new(self.mem.clone(), std::mem::take(&mut req.data)) {
+            Ok(b) => b,
+            Err(e) => {
+                // Checked at parse time; a buffer across two memory regions lands here.
+                tracing::warn!(queue, head, "{e}");
+                self.answer(queue, head, req.status, VIRTIO_BLK_S_IOERR, 1);
+                return Ok(());
+            }
         };
-        let mut next = req.sector * SECTOR;
-        for &(addr, len) in &req.data {
-            // Each segment's disk offset follows the previous one's, whether or not that one
-            // could be started.
-            let offset = next;
-            next += u64::from(len);
-            let ptr = match self.mem.get_slice(addr, len as usize) {
-                Ok(s) => s.ptr_guard_mut().as_ptr(),
-                Err(_) => {
-                    // Checked at parse time; a region split across mappings lands here.
-                    self.segment_done(id, false);
-                    continue;
-                }
-            };
-            let r = IoRequest {
-                tag: id,
-                kind,
-                offset,
-                buf: ptr,
-                len: len as usize,
-            };
-            // SAFETY: `ptr` addresses `len` bytes of guest memory checked to be mapped; the
-            // device holds `mem` (keeping the mapping alive) until the engine completes the
-            // request, and the virtio contract forbids the driver from touching a buffer it
-            // made available until it appears in the used ring, which happens after completion.
-            unsafe { self.engines[usize::from(queue)].submit(r) }?;
-        }
-        Ok(())
+        let id = self.new_pending(queue, head, &req, used, 1);
+        let offset = req.sector * SECTOR;
+        let r = if req.kind == RequestType::In {
+            IoRequest::read(id, offset, buf)
+        } else {
+            IoRequest::write(id, offset, buf)
+        };
+        self.engines[usize::from(queue)].submit(r)
     }
 
     fn start_ops(
@@ -425,21 +420,17 @@ impl VirtioBlk {
         queue: u16,
         head: u16,
         req: &Request,
-        ops: Vec<(IoKind, u64, u64)>,
+        ops: impl FnOnce(u64) -> Vec<IoRequest>,
     ) -> Result<()> {
         // Ordering point: what other queues have in flight completes (and commits) first.
         self.drain_except(queue)?;
-        let id = self.new_pending(queue, head, req, 1, ops.len());
-        for (kind, offset, len) in ops {
-            let r = IoRequest {
-                tag: id,
-                kind,
-                offset,
-                buf: std::ptr::null_mut(),
-                len: len as usize,
-            };
-            // SAFETY: no buffer is involved in flush, discard or write-zeroes.
-            unsafe { self.engines[usize::from(queue)].submit(r) }?;
+        let id = self.new_pending(queue, head, req, 1, 0);
+        let ops = ops(id);
+        if let Some(p) = self.pending.get_mut(&id) {
+            p.remaining = ops.len();
+        }
+        for r in ops {
+            self.engines[usize::from(queue)].submit(r)?;
         }
         Ok(())
     }

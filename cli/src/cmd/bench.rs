@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use block_backend::engine::{new_engine, EngineKind, IoCompletion, IoKind, IoRequest};
+use block_backend::engine::{new_engine, EngineKind, IoCompletion, IoRequest};
 use block_backend::{AlignedBuf, Disk, OpenOptions};
 use serde::Serialize;
 
@@ -186,18 +186,18 @@ fn run_engine(
 ) -> Result<Run> {
     let bs = a.bs;
     let write = matches!(a.rw, Rw::Write | Rw::Randwrite);
-    let mut bufs: Vec<AlignedBuf> = (0..a.iodepth)
+    // Slot `i`'s buffer: with the engine while its request is in flight, back here after.
+    let mut bufs: Vec<Option<AlignedBuf>> = (0..a.iodepth)
         .map(|_| {
             let mut b = AlignedBuf::new(bs as usize);
             b.fill(0xA5); // written data is not zeros, in case anything below skips those
-            b
+            Some(b)
         })
         .collect();
     let mut started: Vec<Instant> = vec![Instant::now(); a.iodepth];
     let mut free: Vec<usize> = (0..a.iodepth).collect();
     let mut lat: Vec<u32> = Vec::new();
     let mut offsets = Offsets::new(a, slots);
-    let op = if write { IoKind::Write } else { IoKind::Read };
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs_f64(a.runtime);
     let mut done: Vec<IoCompletion> = Vec::new();
@@ -210,17 +210,13 @@ fn run_engine(
             while let Some(slot) = free.pop() {
                 let n = offsets.next();
                 started[slot] = Instant::now();
-                let req = IoRequest {
-                    tag: slot as u64,
-                    kind: op,
-                    offset: n * bs,
-                    buf: bufs[slot].as_mut_ptr(),
-                    len: bs as usize,
+                let buf = bufs[slot].take().context("slot buffer in flight")?;
+                let req = if write {
+                    IoRequest::write(slot as u64, n * bs, buf)
+                } else {
+                    IoRequest::read(slot as u64, n * bs, buf)
                 };
-                // SAFETY: buffer `slot` is used by no other request until this one's completion
-                // is reaped (the slot only returns to `free` then), and `bufs` outlives the
-                // engine's use of it: every request is reaped before the loop ends.
-                unsafe { engine.submit(req) }?;
+                engine.submit(req)?;
                 queued += 1;
                 if queued >= a.batch {
                     engine.kick()?;
@@ -235,6 +231,7 @@ fn run_engine(
             c.result
                 .with_context(|| format!("request {} failed", c.tag))?;
             let slot = c.tag as usize;
+            bufs[slot] = c.buf.into_aligned();
             lat.push(started[slot].elapsed().as_micros().min(u32::MAX as u128) as u32);
             free.push(slot);
             requests += 1;
