@@ -5,7 +5,8 @@ use crate::input::Input;
 use crate::sparse;
 use crate::vhd_open::sample_ranges;
 use block_backend::{Disk, Format, OpenOptions};
-use image_io::ImageFile;
+use image_io::format::{FormatImage, ReadSource};
+use image_io::OpenMode;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -23,29 +24,29 @@ pub(crate) fn cleanup() {
 
 static SCRATCH_USED: OnceLock<PathBuf> = OnceLock::new();
 
-/// One layer opened in memory through the format crates.
-// Short-lived, a few per input: the size difference between variants costs nothing.
-#[allow(clippy::large_enum_variant)]
+/// One layer opened in memory through the format crates (behind the shared interface).
 enum Mem {
     Raw(Vec<u8>),
-    Vhd(vhd::VhdImage<BoundedFile>),
-    Vhdx(vhdx::VhdxImage<BoundedFile>),
+    Image(Box<dyn FormatImage<BoundedFile>>),
 }
 
 impl Mem {
     fn open(format: Format, bytes: &[u8], path: &Path) -> Mem {
         let file = BoundedFile::read_only(bytes.to_vec());
-        match format {
-            Format::Raw => Mem::Raw(bytes.to_vec()),
-            Format::Vhd => Mem::Vhd(
-                vhd::VhdImage::open_file(file, path, vhd::OpenMode::ReadOnly).unwrap_or_else(|e| {
-                    panic!("the chain opened {} but vhd does not: {e}", path.display())
-                }),
-            ),
-            Format::Vhdx => Mem::Vhdx(
-                vhdx::VhdxImage::open_file(file, path, vhdx::OpenMode::ReadOnly).unwrap_or_else(
-                    |e| panic!("the chain opened {} but vhdx does not: {e}", path.display()),
-                ),
+        let opened: Result<Box<dyn FormatImage<BoundedFile>>, String> = match format {
+            Format::Raw => return Mem::Raw(bytes.to_vec()),
+            Format::Vhd => vhd::VhdImage::open_file(file, path, OpenMode::ReadOnly)
+                .map(|i| Box::new(i) as _)
+                .map_err(|e| e.to_string()),
+            Format::Vhdx => vhdx::VhdxImage::open_file(file, path, OpenMode::ReadOnly)
+                .map(|i| Box::new(i) as _)
+                .map_err(|e| e.to_string()),
+        };
+        match opened {
+            Ok(img) => Mem::Image(img),
+            Err(e) => panic!(
+                "the chain opened {} but its format crate does not: {e}",
+                path.display()
             ),
         }
     }
@@ -53,8 +54,7 @@ impl Mem {
     fn size(&self) -> u64 {
         match self {
             Mem::Raw(b) => b.len() as u64,
-            Mem::Vhd(i) => i.virtual_size(),
-            Mem::Vhdx(i) => i.virtual_size(),
+            Mem::Image(i) => i.virtual_size(),
         }
     }
 
@@ -66,7 +66,7 @@ impl Mem {
                 len,
                 Piece::Data(b[offset as usize..(offset + len) as usize].to_vec()),
             )],
-            Mem::Vhd(img) => {
+            Mem::Image(img) => {
                 let extents = img
                     .resolve_read(offset, len)
                     .expect("resolve in a chain that opened");
@@ -74,35 +74,13 @@ impl Mem {
                     .into_iter()
                     .map(|e| {
                         let piece = match e.source {
-                            vhd::ReadSource::Data { file_offset } => {
+                            ReadSource::Data { file_offset } => {
                                 let mut buf = vec![0u8; e.len as usize];
-                                img.file()
-                                    .read_exact_at(&mut buf, file_offset)
-                                    .expect("read data");
+                                img.read_payload(&mut buf, file_offset).expect("read data");
                                 Piece::Data(buf)
                             }
-                            vhd::ReadSource::Zero => Piece::Zero,
-                            vhd::ReadSource::Parent => Piece::Parent,
-                        };
-                        (e.offset, e.len, piece)
-                    })
-                    .collect()
-            }
-            Mem::Vhdx(img) => {
-                let extents = img
-                    .resolve_read(offset, len)
-                    .expect("resolve in a chain that opened");
-                extents
-                    .into_iter()
-                    .map(|e| {
-                        let piece = match e.source {
-                            vhdx::ReadSource::Data { file_offset } => {
-                                let mut buf = vec![0u8; e.len as usize];
-                                img.read_file_at(&mut buf, file_offset).expect("read data");
-                                Piece::Data(buf)
-                            }
-                            vhdx::ReadSource::Zero => Piece::Zero,
-                            vhdx::ReadSource::Parent => Piece::Parent,
+                            ReadSource::Zero => Piece::Zero,
+                            ReadSource::Parent => Piece::Parent,
                         };
                         (e.offset, e.len, piece)
                     })
