@@ -15,10 +15,10 @@
 
 use crate::error::{Error, Result};
 use crate::format::{
-    bat_bytes, guids, state, BatEntry, FileIdentifier, Header, RawBatEntry, RawHeader, RegionTable,
+    guids, state, BatEntry, FileIdentifier, Header, RawBatEntry, RawHeader, RegionTable,
     CHECKSUM_OFFSET, HEADER_OFFSETS, IDENT_SIGNATURE, MIB, REGION_OFFSETS, TABLE_SIZE,
 };
-use crate::log::{build_entry, find_replay, LogWrite, MAX_PAGES_PER_ENTRY, SECTOR};
+use crate::log::SECTOR;
 use crate::meta::{DiskParams, ParentLink};
 use image_io::ImageFile;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -81,10 +81,10 @@ pub(crate) fn io<'a>(
 
 /// Largest file a log replay may ask for: twice the largest virtual disk (payload plus
 /// metadata and leaked space never come near it).
-const MAX_FILE_LEN: u64 = 2 * crate::format::MAX_VIRTUAL_SIZE;
+pub(crate) const MAX_FILE_LEN: u64 = 2 * crate::format::MAX_VIRTUAL_SIZE;
 
 /// Most zero-filled pages a read-only replay keeps in memory (64 MiB).
-const MAX_OVERLAY_ZERO_PAGES: u64 = 16384;
+pub(crate) const MAX_OVERLAY_ZERO_PAGES: u64 = 16384;
 
 impl VhdxImage<std::fs::File> {
     /// Opens the image at `path`. The file is locked for `mode` (see [`image_io::lock`]): a second writer, or a writer
@@ -328,136 +328,6 @@ impl<F: ImageFile> VhdxImage<F> {
                 buf[(s - offset) as usize..(e - offset) as usize]
                     .copy_from_slice(&page[(s - at) as usize..(e - at) as usize]);
             }
-        }
-        Ok(())
-    }
-
-    fn replay_log(&mut self) -> Result<()> {
-        let h = self.header.clone();
-        if h.log_guid.is_nil() || h.log_length == 0 {
-            return Ok(());
-        }
-        let end = h.log_offset.checked_add(h.log_length as u64);
-        if end.is_none_or(|e| e > self.file_len) {
-            return Err(Error::Corrupt {
-                path: self.path.clone(),
-                structure: "header",
-                offset: HEADER_OFFSETS[self.header_slot] + 68,
-                reason: format!(
-                    "log at {:#x} (+{:#x}) lies outside the file",
-                    h.log_offset, h.log_length
-                ),
-            });
-        }
-        let mut log = vec![0u8; h.log_length as usize];
-        self.file.read_exact_at(&mut log, h.log_offset).map_err(io(
-            &self.path,
-            "read log",
-            h.log_offset,
-        ))?;
-        let replay = find_replay(&log, h.log_guid).map_err(|reason| Error::Corrupt {
-            path: self.path.clone(),
-            structure: "log",
-            offset: h.log_offset,
-            reason,
-        })?;
-        let Some(replay) = replay else {
-            // LogGuid set but nothing valid to replay: nothing changes.
-            if self.writable {
-                let mut nh = h.clone();
-                nh.log_guid = Uuid::nil();
-                nh.file_write_guid = Uuid::new_v4();
-                self.write_header(nh)?;
-            }
-            return Ok(());
-        };
-        // A hostile log may name any offset or length: every write must land inside the file
-        // as the entry says it will be (LastFileOffset), and that must be a size a VHDX can
-        // have; otherwise a replay would write (or allocate) without bound.
-        let limit = self.file_len.max(replay.last_file_offset);
-        let outside = replay.writes.iter().find(|w| {
-            let (offset, len) = match w {
-                LogWrite::Page { offset, .. } => (*offset, SECTOR as u64),
-                LogWrite::Zero { offset, length } => (*offset, *length),
-            };
-            offset.checked_add(len).is_none_or(|end| end > limit)
-        });
-        if replay.last_file_offset > MAX_FILE_LEN || outside.is_some() {
-            return Err(Error::Corrupt {
-                path: self.path.clone(),
-                structure: "log",
-                offset: h.log_offset,
-                reason: match outside {
-                    Some(LogWrite::Page { offset, .. }) => format!(
-                        "entry writes a page at {offset:#x}, outside the file ({limit:#x} bytes)"
-                    ),
-                    Some(LogWrite::Zero { offset, length }) => format!(
-                        "entry zeroes {length:#x} bytes at {offset:#x}, outside the file ({limit:#x} bytes)"
-                    ),
-                    None => format!(
-                        "entry's last file offset {:#x} is beyond any VHDX",
-                        replay.last_file_offset
-                    ),
-                },
-            });
-        }
-        if self.file_len < replay.flushed_file_offset {
-            return Err(Error::Corrupt { path: self.path.clone(), structure: "log", offset: h.log_offset, reason: format!("file is {} bytes but the log was written when it had {}: the file was truncated", self.file_len, replay.flushed_file_offset) });
-        }
-        self.replayed = true;
-        if self.writable {
-            let mut nh = h.clone();
-            nh.file_write_guid = Uuid::new_v4();
-            for w in &replay.writes {
-                match w {
-                    LogWrite::Page { offset, data } => {
-                        self.file.write_all_at(&data[..], *offset).map_err(io(
-                            &self.path,
-                            "replay log page",
-                            *offset,
-                        ))?
-                    }
-                    // A hole where the file system can punch one: a hostile entry may
-                    // zero terabytes of a sparse file. What lies past the end is zero
-                    // anyway once the file is extended to LastFileOffset below.
-                    LogWrite::Zero { offset, length } => self
-                        .file
-                        .zero_range(*offset, *length)
-                        .map_err(io(&self.path, "replay log zeros", *offset))?,
-                }
-            }
-            if self.file.len().map_err(io(&self.path, "stat", 0))? < replay.last_file_offset {
-                self.file.set_len(replay.last_file_offset).map_err(io(
-                    &self.path,
-                    "extend file after replay",
-                    replay.last_file_offset,
-                ))?;
-            }
-            self.file
-                .sync_data()
-                .map_err(io(&self.path, "sync replay", 0))?;
-            self.file_len = self.file.len().map_err(io(&self.path, "stat", 0))?;
-            nh.log_guid = Uuid::nil();
-            self.write_header(nh)?;
-        } else {
-            let mut zero_pages = 0u64;
-            for w in &replay.writes {
-                match w {
-                    LogWrite::Page { offset, data } => {
-                        self.overlay.insert(*offset, data.clone());
-                    }
-                    LogWrite::Zero { offset, length } => {
-                        zero_pages += length / SECTOR as u64;
-                        if zero_pages > MAX_OVERLAY_ZERO_PAGES {
-                            return Err(Error::Unsupported { path: self.path.clone(), what: "the pending log zeroes more than 64 MiB; open it writable (`vhdtool check --repair`) to replay it on disk".into() });
-                        }
-                        for p in (0..length / SECTOR as u64).map(|i| offset + i * SECTOR as u64) {
-                            self.overlay.insert(p, Box::new([0u8; SECTOR]));
-                        }
-                    }
-                }
-            }
-            self.file_len = self.file_len.max(replay.last_file_offset);
         }
         Ok(())
     }
@@ -864,143 +734,6 @@ impl<F: ImageFile> VhdxImage<F> {
             pos = block_end;
         }
         Ok(rest)
-    }
-
-    pub(crate) fn sync(&self, op: &'static str) -> Result<()> {
-        self.file.sync_data().map_err(io(&self.path, op, 0))
-    }
-
-    /// Writes `h` (sequence + 1) to the other header slot and syncs: the header update protocol.
-    pub(crate) fn write_header(&mut self, mut h: Header) -> Result<()> {
-        h.sequence_number = self.header.sequence_number + 1;
-        let slot = 1 - self.header_slot;
-        self.file
-            .write_all_at(&h.to_bytes(), HEADER_OFFSETS[slot])
-            .map_err(io(&self.path, "write header", HEADER_OFFSETS[slot]))?;
-        self.sync("sync header")?;
-        self.header = h;
-        self.header_slot = slot;
-        Ok(())
-    }
-
-    fn dirty_pages(&self) -> Vec<(u64, Box<[u8; SECTOR]>)> {
-        let mut pages = Vec::new();
-        for &at in &self.dirty_bitmap_pages {
-            pages.push((at, self.bitmap_pages[&at].clone()));
-        }
-        for &p in &self.dirty_bat_pages {
-            let mut page = Box::new([0u8; SECTOR]);
-            let first = (p * SECTOR as u64 / 8) as usize;
-            let end = (first + SECTOR / 8).min(self.bat.len());
-            let bytes = bat_bytes(&self.bat[first..end]);
-            page[..bytes.len()].copy_from_slice(&bytes);
-            pages.push((self.regions.bat_offset + p * SECTOR as u64, page));
-        }
-        pages
-    }
-
-    /// Makes every completed write durable. Metadata changes go through the log: payload sync,
-    /// log entry, sync, apply, sync.
-    pub fn flush(&mut self) -> Result<()> {
-        if !self.writable {
-            return Ok(());
-        }
-        if self.dirty_bat_pages.is_empty() && self.dirty_bitmap_pages.is_empty() {
-            return self.sync("flush");
-        }
-        let pages = self.dirty_pages();
-        let durable = self.durability == Durability::Durable;
-        if durable {
-            self.sync("sync payload before metadata")?;
-            if !self.log_active {
-                let mut h = self.header.clone();
-                h.log_guid = Uuid::new_v4();
-                self.write_header(h)?;
-                self.log_active = true;
-                self.log_position = 0;
-            }
-            for chunk in pages.chunks(MAX_PAGES_PER_ENTRY) {
-                let refs: Vec<(u64, &[u8; SECTOR])> =
-                    chunk.iter().map(|(o, p)| (*o, &**p)).collect();
-                let flushed = self.file.len().map_err(io(&self.path, "stat", 0))?;
-                let entry_len = (1 + refs.len()) as u64 * SECTOR as u64;
-                if self.log_position + entry_len > self.header.log_length as u64 {
-                    self.log_position = 0;
-                }
-                let entry = build_entry(
-                    self.log_position,
-                    self.log_sequence,
-                    self.header.log_guid,
-                    flushed,
-                    self.next_alloc.max(flushed),
-                    &refs,
-                );
-                let at = self.header.log_offset + self.log_position;
-                self.file.write_all_at(&entry, at).map_err(io(
-                    &self.path,
-                    "write log entry",
-                    at,
-                ))?;
-                self.sync("sync log")?;
-                for (o, p) in chunk {
-                    self.file.write_all_at(&p[..], *o).map_err(io(
-                        &self.path,
-                        "apply log page",
-                        *o,
-                    ))?;
-                }
-                self.sync("sync applied metadata")?;
-                self.log_position += entry_len;
-                self.log_sequence += 1;
-            }
-            // Everything is applied and synced: close the log again, so that between flushes
-            // (and after a crash outside one) the file needs no replay and reads right in any
-            // tool, not only in those that replay logs.
-            let mut h = self.header.clone();
-            h.log_guid = Uuid::nil();
-            self.write_header(h)?;
-            self.log_active = false;
-        } else {
-            for (o, p) in &pages {
-                self.file.write_all_at(&p[..], *o).map_err(io(
-                    &self.path,
-                    "write metadata page",
-                    *o,
-                ))?;
-            }
-            self.sync("flush")?;
-        }
-        self.dirty_bat_pages.clear();
-        self.dirty_bitmap_pages.clear();
-        self.file_len = self.file.len().map_err(io(&self.path, "stat", 0))?;
-        Ok(())
-    }
-
-    /// Flushes and clears the log GUID: the file is then clean for any reader.
-    pub fn close(mut self) -> Result<()> {
-        self.close_inner()
-    }
-
-    fn close_inner(&mut self) -> Result<()> {
-        if !self.writable {
-            return Ok(());
-        }
-        self.flush()?;
-        if self.log_active {
-            let mut h = self.header.clone();
-            h.log_guid = Uuid::nil();
-            self.write_header(h)?;
-            self.log_active = false;
-        }
-        Ok(())
-    }
-}
-
-impl<F: ImageFile> Drop for VhdxImage<F> {
-    fn drop(&mut self) {
-        if let Err(e) = self.close_inner() {
-            tracing::error!("{}: close failed: {e}", self.path.display());
-        }
     }
 }
 

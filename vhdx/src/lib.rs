@@ -41,6 +41,7 @@ pub mod compact;
 pub mod create;
 mod edit;
 mod error;
+mod flush;
 pub mod format;
 pub mod image;
 mod interface;
@@ -48,6 +49,7 @@ pub mod log;
 pub mod merge;
 pub mod meta;
 pub mod rebase;
+mod replay;
 pub mod resize;
 
 pub use check::{check, check_with, repair, CheckReport, Finding, Unused};
