@@ -30,7 +30,6 @@ use crate::format::{state, BatEntry, MIB};
 use crate::image::{io, VhdxImage};
 use image_io::ImageFile;
 use std::collections::BTreeMap;
-use uuid::Uuid;
 
 pub use image_io::format::{BackingReader, CompactMode, CompactReport};
 
@@ -367,12 +366,7 @@ impl<F: ImageFile> VhdxImage<F> {
             return Ok(());
         }
         self.flush()?;
-        if self.log_active {
-            let mut h = self.header.clone();
-            h.log_guid = Uuid::nil();
-            self.write_header(h)?;
-            self.log_active = false;
-        }
+        self.close_log()?;
         self.file
             .set_len(live_end)
             .map_err(io(&self.path, "truncate", live_end))?;

@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 use crate::format::{parse_metadata_table, TABLE_SIZE};
 use crate::image::{io, Durability, VhdxImage};
-use crate::log::{build_entry, MAX_PAGES_PER_ENTRY, SECTOR};
+use crate::log::{MAX_PAGES_PER_ENTRY, SECTOR};
 use image_io::ImageFile;
 use std::collections::BTreeMap;
 use uuid::Uuid;
@@ -82,33 +82,7 @@ impl<F: ImageFile> VhdxImage<F> {
         }
         let refs: Vec<(u64, &[u8; SECTOR])> = pages.iter().map(|(o, p)| (*o, &**p)).collect();
         if self.durability == Durability::Durable {
-            if !self.log_active {
-                let mut h = self.header.clone();
-                h.log_guid = Uuid::new_v4();
-                self.write_header(h)?;
-                self.log_active = true;
-                self.log_position = 0;
-            }
-            let flushed = self.file.len().map_err(io(&self.path, "stat", 0))?;
-            let entry_len = (1 + refs.len()) as u64 * SECTOR as u64;
-            if self.log_position + entry_len > self.header.log_length as u64 {
-                self.log_position = 0;
-            }
-            let entry = build_entry(
-                self.log_position,
-                self.log_sequence,
-                self.header.log_guid,
-                flushed,
-                self.next_alloc.max(flushed),
-                &refs,
-            );
-            let at = self.header.log_offset + self.log_position;
-            self.file
-                .write_all_at(&entry, at)
-                .map_err(io(&self.path, "write log entry", at))?;
-            self.sync("sync log")?;
-            self.log_position += entry_len;
-            self.log_sequence += 1;
+            self.append_log_entry(&refs)?;
         }
         for (o, p) in &refs {
             self.file
@@ -116,13 +90,8 @@ impl<F: ImageFile> VhdxImage<F> {
                 .map_err(io(&self.path, "apply log page", *o))?;
         }
         self.sync("sync applied metadata")?;
-        if self.log_active {
-            // Applied and synced: close the log, as a flush does.
-            let mut h = self.header.clone();
-            h.log_guid = Uuid::nil();
-            self.write_header(h)?;
-            self.log_active = false;
-        }
+        // Applied and synced: close the log, as a flush does.
+        self.close_log()?;
         self.file_len = self.file.len().map_err(io(&self.path, "stat", 0))?;
         Ok(())
     }

@@ -10,6 +10,54 @@ use image_io::ImageFile;
 use uuid::Uuid;
 
 impl<F: ImageFile> VhdxImage<F> {
+    /// Makes `pages` durable in the log as one entry: opens the log first if it is closed (a
+    /// new LogGuid in the header), wraps to the log's start when the entry does not fit before
+    /// its end, writes the entry and syncs. The caller then applies the pages in place and
+    /// syncs, and closes the log ([`VhdxImage::close_log`]) once everything is applied: the
+    /// crash-critical order every metadata change of this crate follows.
+    pub(crate) fn append_log_entry(&mut self, pages: &[(u64, &[u8; SECTOR])]) -> Result<()> {
+        if !self.log_active {
+            let mut h = self.header.clone();
+            h.log_guid = Uuid::new_v4();
+            self.write_header(h)?;
+            self.log_active = true;
+            self.log_position = 0;
+        }
+        let flushed = self.file.len().map_err(io(&self.path, "stat", 0))?;
+        let entry_len = (1 + pages.len()) as u64 * SECTOR as u64;
+        if self.log_position + entry_len > self.header.log_length as u64 {
+            self.log_position = 0;
+        }
+        let entry = build_entry(
+            self.log_position,
+            self.log_sequence,
+            self.header.log_guid,
+            flushed,
+            self.next_alloc.max(flushed),
+            pages,
+        );
+        let at = self.header.log_offset + self.log_position;
+        self.file
+            .write_all_at(&entry, at)
+            .map_err(io(&self.path, "write log entry", at))?;
+        self.sync("sync log")?;
+        self.log_position += entry_len;
+        self.log_sequence += 1;
+        Ok(())
+    }
+
+    /// Closes an open log (LogGuid cleared in the header): for when every entry is applied in
+    /// place and synced, so the file needs no replay and reads right in any tool.
+    pub(crate) fn close_log(&mut self) -> Result<()> {
+        if self.log_active {
+            let mut h = self.header.clone();
+            h.log_guid = Uuid::nil();
+            self.write_header(h)?;
+            self.log_active = false;
+        }
+        Ok(())
+    }
+
     pub(crate) fn sync(&self, op: &'static str) -> Result<()> {
         self.file.sync_data().map_err(io(&self.path, op, 0))
     }
@@ -56,36 +104,10 @@ impl<F: ImageFile> VhdxImage<F> {
         let durable = self.durability == Durability::Durable;
         if durable {
             self.sync("sync payload before metadata")?;
-            if !self.log_active {
-                let mut h = self.header.clone();
-                h.log_guid = Uuid::new_v4();
-                self.write_header(h)?;
-                self.log_active = true;
-                self.log_position = 0;
-            }
             for chunk in pages.chunks(MAX_PAGES_PER_ENTRY) {
                 let refs: Vec<(u64, &[u8; SECTOR])> =
                     chunk.iter().map(|(o, p)| (*o, &**p)).collect();
-                let flushed = self.file.len().map_err(io(&self.path, "stat", 0))?;
-                let entry_len = (1 + refs.len()) as u64 * SECTOR as u64;
-                if self.log_position + entry_len > self.header.log_length as u64 {
-                    self.log_position = 0;
-                }
-                let entry = build_entry(
-                    self.log_position,
-                    self.log_sequence,
-                    self.header.log_guid,
-                    flushed,
-                    self.next_alloc.max(flushed),
-                    &refs,
-                );
-                let at = self.header.log_offset + self.log_position;
-                self.file.write_all_at(&entry, at).map_err(io(
-                    &self.path,
-                    "write log entry",
-                    at,
-                ))?;
-                self.sync("sync log")?;
+                self.append_log_entry(&refs)?;
                 for (o, p) in chunk {
                     self.file.write_all_at(&p[..], *o).map_err(io(
                         &self.path,
@@ -94,16 +116,11 @@ impl<F: ImageFile> VhdxImage<F> {
                     ))?;
                 }
                 self.sync("sync applied metadata")?;
-                self.log_position += entry_len;
-                self.log_sequence += 1;
             }
             // Everything is applied and synced: close the log again, so that between flushes
             // (and after a crash outside one) the file needs no replay and reads right in any
             // tool, not only in those that replay logs.
-            let mut h = self.header.clone();
-            h.log_guid = Uuid::nil();
-            self.write_header(h)?;
-            self.log_active = false;
+            self.close_log()?;
         } else {
             for (o, p) in &pages {
                 self.file.write_all_at(&p[..], *o).map_err(io(
@@ -130,13 +147,7 @@ impl<F: ImageFile> VhdxImage<F> {
             return Ok(());
         }
         self.flush()?;
-        if self.log_active {
-            let mut h = self.header.clone();
-            h.log_guid = Uuid::nil();
-            self.write_header(h)?;
-            self.log_active = false;
-        }
-        Ok(())
+        self.close_log()
     }
 }
 
