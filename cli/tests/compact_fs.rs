@@ -5,13 +5,12 @@
 //! the image byte-identical.
 
 mod support;
-use support::{fails, json, ok, vhdtool_args as vhdtool};
+use support::{fails, json, ok, vhdtool_args as vhdtool, vhdtool_writer};
 
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use vhdkit_tests::{run, skip_unless_ci, tool_or_skip};
 
@@ -571,49 +570,6 @@ fn corrupted_block_bitmap_stops_the_operation_even_forced() {
     refused(&img, &["--force"], "checksum");
 }
 
-/// A process holding `img` open for writing until dropped.
-struct Holder(Child);
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits until a process holds the write lock byte (101, QEMU's) of `img`, per /proc/locks.
-fn wait_for_write_lock(img: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let ino = fs::metadata(img).unwrap().ino().to_string();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let locks = fs::read_to_string("/proc/locks").unwrap();
-        let found = locks.lines().any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() >= 8
-                && f[5].rsplit(':').next() == Some(&ino)
-                && f[6].parse::<u64>().is_ok_and(|a| a <= 101)
-                && f[7].parse::<u64>().is_ok_and(|b| b >= 101)
-        });
-        if found {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing took the lock of {img:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn image_being_written_or_mounted_is_refused() {
     let d = tempfile::tempdir().unwrap();
@@ -622,15 +578,7 @@ fn image_being_written_or_mounted_is_refused() {
     };
     to_vhdx(&m.raw, &img);
     // A `vhdtool write` still reading its stdin has the image open for writing.
-    let child = Command::new(env!("CARGO_BIN_EXE_vhdtool"))
-        .args([OsStr::new("write"), img.as_os_str()])
-        .args(["--offset", "0", "--input", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let writer = Holder(child);
-    wait_for_write_lock(&img);
+    let writer = vhdtool_writer(&img);
     refused(&img, &[], "in use");
     drop(writer);
     // `vhdtool mount` (FUSE) holds it the same way while mounted.

@@ -7,44 +7,12 @@
 //! (cli/tests/boot.rs), and `qemu-io` reading commands from a pipe.
 
 mod support;
-use support::{ok, vhdtool_args as vhdtool};
+use support::{ok, vhdtool_args as vhdtool, vhdtool_writer, wait_for_lock_byte, Holder};
 
 use std::ffi::OsStr;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-/// A process holding an image until dropped (stdin closed, then killed if still running).
-struct Holder(Child);
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `vhdtool write IMG --input -` with a stdin that stays open: it holds IMG open for writing.
-fn vhdtool_writer(img: &Path) -> Holder {
-    let child = Command::new(env!("CARGO_BIN_EXE_vhdtool"))
-        .args([OsStr::new("write"), img.as_os_str()])
-        .args(["--offset", "0", "--input", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn vhdtool write");
-    wait_for_lock_byte(img, 101);
-    Holder(child)
-}
 
 /// `qemu-io` with IMG open (read-write, or read-only with `-r`), reading commands from a pipe.
 fn qemu_io(img: &Path, fmt: &str, read_only: bool) -> Holder {
@@ -69,33 +37,6 @@ fn qemu_io(img: &Path, fmt: &str, read_only: bool) -> Holder {
 /// Whether `o` is a refusal because the image is in use.
 fn held(o: &Output) -> bool {
     !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("in use")
-}
-
-/// Waits until some process holds a lock on `byte` of `img`, as /proc/locks shows (looking
-/// takes no lock: a probing open could itself refuse the holder it waits for).
-fn wait_for_lock_byte(img: &Path, byte: u64) {
-    use std::os::unix::fs::MetadataExt;
-    let ino = std::fs::metadata(img).unwrap().ino();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let locks = std::fs::read_to_string("/proc/locks").unwrap();
-        let found = locks.lines().any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            // "1: OFDLCK ADVISORY READ -1 fe:00:1234 100 101"
-            f.len() >= 8
-                && f[5].rsplit(':').next() == Some(&ino.to_string())
-                && f[6].parse::<u64>().is_ok_and(|a| a <= byte)
-                && f[7].parse::<u64>().is_ok_and(|b| b >= byte)
-        });
-        if found {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing took the lock of {img:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Asserts `o` was refused at once because `img` is in use, naming it.
