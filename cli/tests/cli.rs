@@ -571,3 +571,39 @@ fn bad_arguments_are_usage_errors_without_panics() {
         assert!(!stderr(&o).contains("panicked"), "{verb}: {}", stderr(&o));
     }
 }
+
+#[test]
+fn bench_through_virtio_drives_the_device_model_with_its_own_ring() {
+    let d = tmp();
+    let img = d.path().join("bench.vhdx");
+    ok(&vhdtool(&[&"create", &img, &"64M"]));
+    for (rw, engine) in [("randwrite", "sync"), ("randread", "io_uring")] {
+        let report = json(&vhdtool(&[
+            &"bench",
+            &"--through",
+            &"virtio",
+            &"--rw",
+            &rw,
+            &"--engine",
+            &engine,
+            &"--runtime",
+            &"0.2",
+            &"--iodepth",
+            &"8",
+            &"--json",
+            &img,
+        ]));
+        assert!(
+            report["engine"].as_str().unwrap().contains("virtio-blk"),
+            "{report}"
+        );
+        assert!(report["requests"].as_u64().unwrap() > 0, "{report}");
+    }
+    // Every write went through the device into the image's metadata.
+    ok(&vhdtool(&[&"check", &img]));
+    let map = json(&vhdtool(&[&"map", &"--json", &img]));
+    assert!(
+        map.as_array().unwrap().iter().any(|e| e["data"] == true),
+        "the virtio writes allocated nothing: {map}"
+    );
+}

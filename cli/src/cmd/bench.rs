@@ -255,7 +255,7 @@ fn run_virtio(a: &Args, engine: Box<dyn block_backend::engine::Engine>, slots: u
     use block_backend::virtio_blk::{Config, VirtioBlk};
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
     use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
     let bs = a.bs;
@@ -267,8 +267,24 @@ fn run_virtio(a: &Args, engine: Box<dyn block_backend::engine::Engine>, slots: u
     let mem_size = data_base + depth as u64 * bs.next_multiple_of(4096);
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
         .context("guest memory")?;
-    let vq = MockSplitQueue::new(&mem, 256);
-    let queue = vq.create_queue().context("virtqueue")?;
+    // A 256-entry split ring laid out as a driver would: descriptor table (16 B each), available
+    // ring (flags, idx, 256 heads), used ring (flags, idx, 256 8-byte elements), each aligned.
+    const RING: u16 = 256;
+    let desc_table = GuestAddress(0);
+    let avail = GuestAddress(u64::from(RING) * 16);
+    let used_ring = GuestAddress(8192);
+    let mut queue = Queue::new(RING).context("virtqueue")?;
+    let halves = |a: GuestAddress| (Some(a.0 as u32), Some((a.0 >> 32) as u32));
+    let (lo, hi) = halves(desc_table);
+    queue.set_desc_table_address(lo, hi);
+    let (lo, hi) = halves(avail);
+    queue.set_avail_ring_address(lo, hi);
+    let (lo, hi) = halves(used_ring);
+    queue.set_used_ring_address(lo, hi);
+    queue.set_ready(true);
+    if !queue.is_valid(&mem) {
+        bail!("the bench's virtqueue layout does not fit its guest memory");
+    }
     let mut dev = VirtioBlk::new(
         vec![engine],
         mem.clone(),
@@ -288,7 +304,6 @@ fn run_virtio(a: &Args, engine: Box<dyn block_backend::engine::Engine>, slots: u
     let mut free: Vec<usize> = (0..depth).collect();
     let mut used_seen = 0u16;
     let mut avail_idx = 0u16;
-    let (desc_table, avail, used_ring) = (vq.desc_table_addr(), vq.avail_addr(), vq.used_addr());
     let mut requests = 0u64;
     let mut published = 0u32;
     let t0 = Instant::now();
@@ -327,7 +342,7 @@ fn run_virtio(a: &Args, engine: Box<dyn block_backend::engine::Engine>, slots: u
                 let sector = offsets.next() * bs / 512;
                 mem.write_obj(sector, hdr(slot).unchecked_add(8))?;
                 let first = slot as u16 * 3;
-                // Publish the chain in the available ring (which wraps; the mock's helper does not).
+                // Publish the chain in the available ring, which wraps.
                 mem.write_obj(
                     first,
                     avail.unchecked_add(4 + u64::from(avail_idx % 256) * 2),
