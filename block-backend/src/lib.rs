@@ -36,6 +36,7 @@
 
 mod aligned;
 mod chain;
+mod check;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod disk;
@@ -50,8 +51,10 @@ pub mod virtio_blk;
 
 pub use aligned::AlignedBuf;
 pub use chain::{open, Chain, Layer, PlanStats};
+pub use check::{check, repair};
 pub use disk::{Disk, Format, LayerInfo, MapExtent, OpenOptions, Subformat};
 pub use error::{Error, ErrorKind, Result, MAX_CHAIN_DEPTH};
+pub use image_io::check::{CheckReport, Finding, Unused};
 pub use image_layer::{Image, SECTOR};
 pub use raw::RawFile;
 pub use shared::{SharedDisk, SharedDiskError, SharedOptions, SharedResult};

@@ -19,6 +19,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod format;
 pub mod lock;
 pub mod publish;

@@ -22,47 +22,7 @@ use std::fs::File;
 use std::path::Path;
 use zerocopy::{FromZeros, IntoBytes};
 
-/// One problem found by [`check`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
-    /// Structure name (`footer`, `dynamic header`, `BAT`, ...).
-    pub structure: String,
-    /// Byte offset in the file.
-    pub offset: u64,
-    /// What is wrong, with the full error text.
-    pub message: String,
-}
-
-/// Result of [`check`] or [`repair`].
-#[derive(Debug, Clone, Default)]
-pub struct CheckReport {
-    /// Problems that can make data read wrongly or the image unusable.
-    pub corruptions: Vec<Finding>,
-    /// Unused file space.
-    pub leaks: Vec<Finding>,
-    /// Total leaked bytes.
-    pub leaked_bytes: u64,
-    /// What [`repair`] did.
-    pub repairs: Vec<String>,
-}
-
-impl CheckReport {
-    /// qemu-img's convention: 0 clean, 2 corruption, 3 only leaks.
-    pub fn exit_code(&self) -> i32 {
-        if !self.corruptions.is_empty() {
-            2
-        } else if !self.leaks.is_empty() {
-            3
-        } else {
-            0
-        }
-    }
-
-    /// Whether nothing was found.
-    pub fn is_clean(&self) -> bool {
-        self.corruptions.is_empty() && self.leaks.is_empty()
-    }
-}
+pub use image_io::check::{CheckReport, Finding};
 
 fn finding(e: &Error) -> Finding {
     let (structure, offset) = match e {

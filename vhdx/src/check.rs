@@ -43,62 +43,7 @@ use crate::image::{OpenMode, VhdxImage};
 use image_io::ImageFile;
 use std::path::Path;
 
-/// One problem found by [`check`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
-    /// Structure name.
-    pub structure: String,
-    /// Byte offset in the file.
-    pub offset: u64,
-    /// Full message.
-    pub message: String,
-}
-
-/// A free file range that is not a leak (see the [module docs](self)).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unused {
-    /// Byte offset in the file.
-    pub offset: u64,
-    /// Length in bytes.
-    pub length: u64,
-    /// Whether `compact` gives it back (moves blocks into it or cuts it off).
-    pub compact_releases: bool,
-    /// Full message: where, why it is there, what releases it.
-    pub message: String,
-}
-
-/// Result of [`check`] or [`repair`].
-#[derive(Debug, Clone, Default)]
-pub struct CheckReport {
-    /// Problems that make data read wrongly or the image unusable.
-    pub corruptions: Vec<Finding>,
-    /// File space `repair` or `compact` can give back (see the [module docs](self)).
-    pub leaks: Vec<Finding>,
-    /// Total leaked bytes.
-    pub leaked_bytes: u64,
-    /// File space no structure uses that is not a leak: information, not a finding.
-    pub unused: Vec<Unused>,
-    /// What [`repair`] did.
-    pub repairs: Vec<String>,
-}
-
-impl CheckReport {
-    /// 0 clean, 2 corruption, 3 only leaks (qemu-img's convention).
-    pub fn exit_code(&self) -> i32 {
-        if !self.corruptions.is_empty() {
-            2
-        } else if !self.leaks.is_empty() {
-            3
-        } else {
-            0
-        }
-    }
-
-    /// Whether nothing was found.
-    pub fn is_clean(&self) -> bool {
-        self.corruptions.is_empty() && self.leaks.is_empty()
-    }
-}
+pub use image_io::check::{CheckReport, Finding, Unused};
 
 /// Problems with BAT entries: (file offset of the entry, reason). Empty when the BAT is usable.
 pub(crate) fn bat_problems<F: ImageFile>(img: &VhdxImage<F>) -> Vec<(u64, String)> {

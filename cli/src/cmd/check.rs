@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use block_backend::Format;
+use block_backend::{CheckReport, Finding, Format, Unused};
 use serde::Serialize;
 
 use crate::size::format_size;
@@ -31,117 +31,6 @@ pub struct Args {
     pub json: bool,
     /// The image.
     pub file: PathBuf,
-}
-
-/// One problem, for output.
-#[derive(Debug, Serialize)]
-pub struct Finding {
-    /// Structure concerned (`"footer"`, `"BAT"`, `"parent link"`).
-    pub structure: String,
-    /// Byte offset of the structure in the file.
-    pub offset: u64,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl From<&vhd::Finding> for Finding {
-    fn from(f: &vhd::Finding) -> Self {
-        Finding {
-            structure: f.structure.clone(),
-            offset: f.offset,
-            message: f.message.clone(),
-        }
-    }
-}
-
-impl From<&vhdx::Finding> for Finding {
-    fn from(f: &vhdx::Finding) -> Self {
-        Finding {
-            structure: f.structure.clone(),
-            offset: f.offset,
-            message: f.message.clone(),
-        }
-    }
-}
-
-/// File space no structure uses that is not a leak (VHDX), for output: what the image's
-/// creator left unused, or what nothing but `compact` or `convert` could give back.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct Unused {
-    /// Byte offset in the file.
-    pub offset: u64,
-    /// Length in bytes.
-    pub length: u64,
-    /// Whether `compact` gives it back.
-    pub compact_releases: bool,
-    /// Where it is and why it is there.
-    pub message: String,
-}
-
-impl From<&vhdx::check::Unused> for Unused {
-    fn from(u: &vhdx::check::Unused) -> Self {
-        Unused {
-            offset: u.offset,
-            length: u.length,
-            compact_releases: u.compact_releases,
-            message: u.message.clone(),
-        }
-    }
-}
-
-/// A format crate's report, in the CLI's terms.
-struct FormatReport {
-    corruptions: Vec<Finding>,
-    leaks: Vec<Finding>,
-    leaked_bytes: u64,
-    unused: Vec<Unused>,
-    repairs: Vec<String>,
-}
-
-impl From<vhd::CheckReport> for FormatReport {
-    fn from(r: vhd::CheckReport) -> Self {
-        FormatReport {
-            corruptions: r.corruptions.iter().map(Finding::from).collect(),
-            leaks: r.leaks.iter().map(Finding::from).collect(),
-            leaked_bytes: r.leaked_bytes,
-            unused: vec![],
-            repairs: r.repairs,
-        }
-    }
-}
-
-impl From<vhdx::CheckReport> for FormatReport {
-    fn from(r: vhdx::CheckReport) -> Self {
-        FormatReport {
-            corruptions: r.corruptions.iter().map(Finding::from).collect(),
-            leaks: r.leaks.iter().map(Finding::from).collect(),
-            leaked_bytes: r.leaked_bytes,
-            unused: r.unused.iter().map(Unused::from).collect(),
-            repairs: r.repairs,
-        }
-    }
-}
-
-/// Runs the format's check (or repair) on `path`.
-fn format_check(
-    format: Format,
-    path: &std::path::Path,
-    repair: bool,
-    mode: vhd::OpenMode,
-) -> Result<FormatReport> {
-    let what = if repair { "repair" } else { "check" };
-    let r: Result<FormatReport, anyhow::Error> = match (format, repair) {
-        (Format::Vhdx, false) => vhdx::check_with(path, mode)
-            .map(Into::into)
-            .map_err(Into::into),
-        (Format::Vhdx, true) => vhdx::repair(path).map(Into::into).map_err(Into::into),
-        (_, false) => vhd::check_with(path, mode)
-            .map(Into::into)
-            .map_err(Into::into),
-        (_, true) => vhd::repair(path).map(Into::into).map_err(Into::into),
-    };
-    r.with_context(|| format!("cannot {what} {}", path.display()))
 }
 
 /// What `check --json` prints.
@@ -175,23 +64,7 @@ pub struct Report {
 
 /// Runs `check`.
 pub fn run(a: &Args) -> Result<u8> {
-    let format = block_backend::probe::probe_path(&a.file)?;
-    let report = match format {
-        Format::Raw => Report {
-            filename: a.file.clone(),
-            format: "raw".into(),
-            result: "clean",
-            corruptions: vec![],
-            leaks: vec![],
-            leaked_bytes: 0,
-            unused: vec![],
-            unused_bytes: 0,
-            found_before_repair: vec![],
-            repairs: vec![],
-            exit_code: 0,
-        },
-        Format::Vhd | Format::Vhdx => check_image(a, format)?,
-    };
+    let (format, report) = check_image(a)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -200,25 +73,36 @@ pub fn run(a: &Args) -> Result<u8> {
     Ok(report.exit_code)
 }
 
-fn check_image(a: &Args, format: Format) -> Result<Report> {
+/// Checks (and with `--repair` repairs) the image through the probe point, then its parent link.
+fn check_image(a: &Args) -> Result<(Format, Report)> {
     let path = &a.file;
     if a.repair && a.share.force_share {
         anyhow::bail!("--force-share only reads: it cannot be combined with --repair");
     }
     let opts = a.share.open_options(path);
+    let checked = |r: block_backend::Result<(Format, CheckReport)>, what: &str| {
+        r.with_context(|| format!("cannot {what} {}", path.display()))
+    };
     let mut found_before_repair = Vec::new();
-    let vreport = if a.repair {
-        let before = format_check(format, path, false, opts.mode())?;
+    let (format, report) = if a.repair {
+        let (_, before) = checked(block_backend::check(path, opts.mode()), "check")?;
         found_before_repair.extend(before.corruptions);
         found_before_repair.extend(before.leaks);
-        format_check(format, path, true, opts.mode())?
+        checked(block_backend::repair(path), "repair")?
     } else {
-        format_check(format, path, false, opts.mode())?
+        checked(block_backend::check(path, opts.mode()), "check")?
     };
-    let mut corruptions = vreport.corruptions;
-    let leaks = vreport.leaks;
-    if let Some(f) = parent_link_finding(path, opts)? {
-        corruptions.push(f);
+    let CheckReport {
+        mut corruptions,
+        leaks,
+        leaked_bytes,
+        unused,
+        repairs,
+    } = report;
+    if format != Format::Raw {
+        if let Some(f) = parent_link_finding(path, opts)? {
+            corruptions.push(f);
+        }
     }
     let (result, exit_code) = if !corruptions.is_empty() {
         ("corrupt", 2)
@@ -227,19 +111,20 @@ fn check_image(a: &Args, format: Format) -> Result<Report> {
     } else {
         ("clean", 0)
     };
-    Ok(Report {
+    let report = Report {
         filename: path.clone(),
         format: format.to_string(),
         result,
         corruptions,
         leaks,
-        leaked_bytes: vreport.leaked_bytes,
-        unused_bytes: vreport.unused.iter().map(|u| u.length).sum(),
-        unused: vreport.unused,
+        leaked_bytes,
+        unused_bytes: unused.iter().map(|u| u.length).sum(),
+        unused,
         found_before_repair,
-        repairs: vreport.repairs,
+        repairs,
         exit_code,
-    })
+    };
+    Ok((format, report))
 }
 
 /// For a differencing image that opens on its own: a finding if its chain does not. A layer in
