@@ -248,15 +248,3 @@ impl fmt::Display for PathList<'_> {
         Ok(())
     }
 }
-
-impl From<vhd::Error> for Error {
-    fn from(e: vhd::Error) -> Error {
-        Error::Format(e.into())
-    }
-}
-
-impl From<vhdx::Error> for Error {
-    fn from(e: vhdx::Error) -> Error {
-        Error::Format(e.into())
-    }
-}

@@ -20,7 +20,6 @@
 //!   to the image that made it, at most once.
 //! - An image opened read-only never writes: `resolve_write`, `commit_write` and `discard` fail.
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -93,6 +92,15 @@ pub enum FormatKind {
     Vhd,
     /// Microsoft VHDX.
     Vhdx,
+}
+
+impl fmt::Display for FormatKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FormatKind::Vhd => "VHD",
+            FormatKind::Vhdx => "VHDX",
+        })
+    }
 }
 
 /// Disk type, in Hyper-V's words.
@@ -186,56 +194,8 @@ pub enum ErrorKind {
     InUse,
 }
 
-/// A format crate's error behind the shared interface: its message as the crate wrote it (file,
-/// structure, offset), its format and its kind. The crate's own error is kept as the source.
-#[derive(Debug)]
-pub struct FormatError {
-    format: FormatKind,
-    kind: ErrorKind,
-    inner: Box<dyn StdError + Send + Sync + 'static>,
-}
-
-impl FormatError {
-    /// Wraps a format crate's error.
-    pub fn new(
-        format: FormatKind,
-        kind: ErrorKind,
-        inner: impl StdError + Send + Sync + 'static,
-    ) -> FormatError {
-        FormatError {
-            format,
-            kind,
-            inner: Box::new(inner),
-        }
-    }
-
-    /// The kind.
-    pub fn kind(&self) -> ErrorKind {
-        self.kind
-    }
-
-    /// The format whose crate raised it.
-    pub fn format(&self) -> FormatKind {
-        self.format
-    }
-
-    /// The format crate's own error, for callers that know the crate.
-    pub fn downcast_ref<T: StdError + 'static>(&self) -> Option<&T> {
-        self.inner.downcast_ref::<T>()
-    }
-}
-
-impl fmt::Display for FormatError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.inner.fmt(f)
-    }
-}
-
-impl StdError for FormatError {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.inner.source()
-    }
-}
+/// The error behind the shared interface: the format crates' own error type.
+pub type FormatError = crate::error::ImageError;
 
 /// Result of the shared interface.
 pub type FormatResult<T> = std::result::Result<T, FormatError>;

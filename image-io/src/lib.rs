@@ -20,10 +20,12 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod error;
 pub mod format;
 pub mod lock;
 pub mod publish;
 
+pub use error::ImageError;
 pub use lock::{InUse, OpenMode};
 
 use std::io;

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use image_io::format::{
-    BackingReader, CompactMode, CompactReport, Durability, FormatError, FormatImage, FormatKind,
-    FormatResult, ImageInfo, ParentRef, ReadExtent, Subformat, WritePlan,
+    BackingReader, CompactMode, CompactReport, Durability, FormatImage, FormatKind, FormatResult,
+    ImageInfo, ParentRef, ReadExtent, Subformat, WritePlan,
 };
 use image_io::ImageFile;
 use uuid::Uuid;
@@ -16,12 +16,6 @@ use crate::image::VhdImage;
 
 /// VHD's only sector size.
 const SECTOR: u32 = 512;
-
-impl From<Error> for FormatError {
-    fn from(e: Error) -> FormatError {
-        FormatError::new(FormatKind::Vhd, e.kind(), e)
-    }
-}
 
 impl From<DiskType> for Subformat {
     fn from(t: DiskType) -> Subformat {
@@ -74,7 +68,7 @@ impl<F: ImageFile> FormatImage<F> for VhdImage<F> {
         }
     }
     fn resolve_read(&mut self, offset: u64, len: u64) -> FormatResult<Vec<ReadExtent>> {
-        Ok(VhdImage::resolve_read(self, offset, len)?)
+        VhdImage::resolve_read(self, offset, len)
     }
     fn reads_need_overlay(&self) -> bool {
         false
@@ -82,30 +76,27 @@ impl<F: ImageFile> FormatImage<F> for VhdImage<F> {
     fn read_payload(&self, buf: &mut [u8], file_offset: u64) -> FormatResult<()> {
         self.file()
             .read_exact_at(buf, file_offset)
-            .map_err(|source| {
-                Error::Io {
-                    path: self.path().into(),
-                    op: "read payload",
-                    offset: file_offset,
-                    source,
-                }
-                .into()
+            .map_err(|source| Error::Io {
+                path: self.path().into(),
+                op: "read payload",
+                offset: file_offset,
+                source,
             })
     }
     fn resolve_write(&mut self, offset: u64, len: u64) -> FormatResult<WritePlan> {
-        Ok(VhdImage::resolve_write(self, offset, len)?)
+        VhdImage::resolve_write(self, offset, len)
     }
     fn commit_write(&mut self, plan: WritePlan) -> FormatResult<()> {
-        Ok(VhdImage::commit_write(self, plan)?)
+        VhdImage::commit_write(self, plan)
     }
     fn discard(&mut self, offset: u64, len: u64) -> FormatResult<Vec<(u64, u64)>> {
-        Ok(VhdImage::discard(self, offset, len)?)
+        VhdImage::discard(self, offset, len)
     }
     fn release(&mut self, offset: u64, len: u64) -> FormatResult<u64> {
-        Ok(VhdImage::release(self, offset, len)?)
+        VhdImage::release(self, offset, len)
     }
     fn flush(&mut self) -> FormatResult<()> {
-        Ok(VhdImage::flush(self)?)
+        VhdImage::flush(self)
     }
     fn set_durability(&mut self, durability: Durability) {
         VhdImage::set_durability(self, durability)
@@ -119,10 +110,10 @@ impl<F: ImageFile> FormatImage<F> for VhdImage<F> {
         backing: Option<BackingReader<'_>>,
         progress: &mut dyn FnMut(u64),
     ) -> FormatResult<CompactReport> {
-        Ok(VhdImage::compact(self, mode, backing, progress)?)
+        VhdImage::compact(self, mode, backing, progress)
     }
     fn resize(&mut self, new_size: u64, progress: &mut dyn FnMut(u64)) -> FormatResult<()> {
-        Ok(VhdImage::resize(self, new_size, progress)?)
+        VhdImage::resize(self, new_size, progress)
     }
     fn set_parent(
         &mut self,
@@ -130,9 +121,9 @@ impl<F: ImageFile> FormatImage<F> for VhdImage<F> {
         relative: &str,
         identity: Option<Uuid>,
     ) -> FormatResult<()> {
-        Ok(VhdImage::set_parent(self, absolute, relative, identity)?)
+        VhdImage::set_parent(self, absolute, relative, identity)
     }
     fn close(mut self: Box<Self>) -> FormatResult<()> {
-        Ok(VhdImage::flush(&mut self)?)
+        VhdImage::flush(&mut self)
     }
 }

@@ -189,7 +189,8 @@ impl Layout {
             source,
         })?;
         if file_len < FOOTER_SIZE as u64 - 1 {
-            return Err(Error::NotVhd {
+            return Err(Error::NotThisFormat {
+                format: image_io::format::FormatKind::Vhd,
                 path: path.into(),
                 reason: format!("file is {file_len} bytes, smaller than a VHD footer"),
             });
@@ -253,7 +254,8 @@ impl Layout {
                 "no footer at the end of the file (the copy at offset 0 is present; `check --repair` restores it)".into(),
             );
         } else {
-            return Err(Error::NotVhd {
+            return Err(Error::NotThisFormat {
+                format: image_io::format::FormatKind::Vhd,
                 path,
                 reason: "no \"conectix\" footer at the end of the file or at offset 0".into(),
             });

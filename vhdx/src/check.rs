@@ -345,7 +345,7 @@ pub fn check_with(path: &Path, mode: OpenMode) -> Result<CheckReport> {
     }
     match VhdxImage::open(path, mode) {
         Ok(img) => Ok(report(&img)),
-        Err(e @ (Error::Io { .. } | Error::NotVhdx { .. } | Error::InUse(_))) => Err(e),
+        Err(e @ (Error::Io { .. } | Error::NotThisFormat { .. } | Error::InUse(_))) => Err(e),
         Err(e) => Ok(CheckReport {
             corruptions: vec![finding(&e)],
             ..Default::default()

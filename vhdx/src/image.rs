@@ -114,7 +114,8 @@ impl<F: ImageFile> VhdxImage<F> {
         let file_len = file.len().map_err(io(path, "stat", 0))?;
         let mut ident = FileIdentifier::new_zeroed();
         if file_len < 4 * MIB / 4 {
-            return Err(Error::NotVhdx {
+            return Err(Error::NotThisFormat {
+                format: image_io::format::FormatKind::Vhdx,
                 path: path.into(),
                 reason: format!("file is {file_len} bytes, smaller than the VHDX header section"),
             });
@@ -122,7 +123,8 @@ impl<F: ImageFile> VhdxImage<F> {
         file.read_exact_at(ident.as_mut_bytes(), 0)
             .map_err(io(path, "read file identifier", 0))?;
         if &ident.signature != IDENT_SIGNATURE {
-            return Err(Error::NotVhdx {
+            return Err(Error::NotThisFormat {
+                format: image_io::format::FormatKind::Vhdx,
                 path: path.into(),
                 reason: "no \"vhdxfile\" signature at offset 0".into(),
             });

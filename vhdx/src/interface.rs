@@ -4,20 +4,13 @@
 use std::path::Path;
 
 use image_io::format::{
-    BackingReader, CompactMode, CompactReport, Durability, FormatError, FormatImage, FormatKind,
-    FormatResult, ImageInfo, ParentRef, ReadExtent, Subformat, WritePlan,
+    BackingReader, CompactMode, CompactReport, Durability, FormatImage, FormatKind, FormatResult,
+    ImageInfo, ParentRef, ReadExtent, Subformat, WritePlan,
 };
 use image_io::ImageFile;
 use uuid::Uuid;
 
-use crate::error::Error;
 use crate::image::VhdxImage;
-
-impl From<Error> for FormatError {
-    fn from(e: Error) -> FormatError {
-        FormatError::new(FormatKind::Vhdx, e.kind(), e)
-    }
-}
 
 impl<F: ImageFile> FormatImage<F> for VhdxImage<F> {
     fn format(&self) -> FormatKind {
@@ -72,26 +65,26 @@ impl<F: ImageFile> FormatImage<F> for VhdxImage<F> {
         }
     }
     fn resolve_read(&mut self, offset: u64, len: u64) -> FormatResult<Vec<ReadExtent>> {
-        Ok(VhdxImage::resolve_read(self, offset, len)?)
+        VhdxImage::resolve_read(self, offset, len)
     }
     /// A log replayed in memory (read-only open of a dirty image) overlays the file.
     fn reads_need_overlay(&self) -> bool {
         self.replayed_log() && !self.is_writable()
     }
     fn read_payload(&self, buf: &mut [u8], file_offset: u64) -> FormatResult<()> {
-        Ok(self.read_file_at(buf, file_offset)?)
+        self.read_file_at(buf, file_offset)
     }
     fn resolve_write(&mut self, offset: u64, len: u64) -> FormatResult<WritePlan> {
-        Ok(VhdxImage::resolve_write(self, offset, len)?)
+        VhdxImage::resolve_write(self, offset, len)
     }
     fn commit_write(&mut self, plan: WritePlan) -> FormatResult<()> {
-        Ok(VhdxImage::commit_write(self, plan)?)
+        VhdxImage::commit_write(self, plan)
     }
     fn discard(&mut self, offset: u64, len: u64) -> FormatResult<Vec<(u64, u64)>> {
-        Ok(VhdxImage::discard(self, offset, len)?)
+        VhdxImage::discard(self, offset, len)
     }
     fn flush(&mut self) -> FormatResult<()> {
-        Ok(VhdxImage::flush(self)?)
+        VhdxImage::flush(self)
     }
     fn set_durability(&mut self, durability: Durability) {
         VhdxImage::set_durability(self, durability)
@@ -105,10 +98,10 @@ impl<F: ImageFile> FormatImage<F> for VhdxImage<F> {
         backing: Option<BackingReader<'_>>,
         progress: &mut dyn FnMut(u64),
     ) -> FormatResult<CompactReport> {
-        Ok(VhdxImage::compact(self, mode, backing, progress)?)
+        VhdxImage::compact(self, mode, backing, progress)
     }
     fn resize(&mut self, new_size: u64, progress: &mut dyn FnMut(u64)) -> FormatResult<()> {
-        Ok(VhdxImage::resize(self, new_size, progress)?)
+        VhdxImage::resize(self, new_size, progress)
     }
     fn set_parent(
         &mut self,
@@ -116,9 +109,9 @@ impl<F: ImageFile> FormatImage<F> for VhdxImage<F> {
         relative: &str,
         identity: Option<Uuid>,
     ) -> FormatResult<()> {
-        Ok(VhdxImage::set_parent(self, absolute, relative, identity)?)
+        VhdxImage::set_parent(self, absolute, relative, identity)
     }
     fn close(self: Box<Self>) -> FormatResult<()> {
-        Ok(VhdxImage::close(*self)?)
+        VhdxImage::close(*self)
     }
 }
