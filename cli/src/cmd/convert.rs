@@ -214,7 +214,9 @@ fn copy(
         // does it, so the copy never waits for the disk before the final flush.
         let flusher = scope.spawn(move || {
             for () in kick_rx {
-                start_writeback(out_fd);
+                if let Some(fd) = out_fd {
+                    start_writeback(fd);
+                }
             }
         });
         let reader = scope.spawn(move || {
@@ -415,10 +417,10 @@ impl Sink {
     }
 
     /// The output file's descriptor (valid as long as the sink).
-    fn output_fd(&self) -> RawFd {
+    fn output_fd(&self) -> Option<RawFd> {
         match self {
-            Sink::Raw { file, .. } => file.as_raw_fd(),
-            Sink::Image(d) => d.top().file().as_raw_fd(),
+            Sink::Raw { file, .. } => Some(file.as_raw_fd()),
+            Sink::Image(d) => d.top().file().map(|f| f.as_raw_fd()),
         }
     }
 

@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use block_backend::{Disk, Layer, LayerInfo};
+use block_backend::{Disk, LayerInfo};
 use serde::Serialize;
 
 use crate::size::format_size;
@@ -72,7 +72,7 @@ pub fn gather(path: &Path, share: super::ShareArgs) -> Result<Info> {
         ),
         Err(e) if e.is_chain_error() => {
             // The image itself may be fine: describe it alone.
-            let top = Layer::open(path, opts.mode())?;
+            let top = block_backend::open_layer(path, opts.mode())?;
             (vec![top.info()], (512, 512), Some(e.to_string()))
         }
         Err(e) => return Err(e.into()),
