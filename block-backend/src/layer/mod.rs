@@ -3,9 +3,10 @@
 //!
 //! ```text
 //!   open(location, mode)  ── the probe/open point: the only code that names a layer kind
+//!     ├─ nbd:// nbds:// nbd+unix:// ──> nbd.rs   (NbdLayer: an export on an NBD server)
 //!     ├─ local file, probed by content ─> raw.rs   (RawFile: the file's bytes are the disk)
 //!     │                                 └> image.rs (Image: VHD/VHDX through the format crates)
-//!     └─ (remote kinds: a network export, a cloud blob ─> one more file here each)
+//!     └─ (more remote kinds, a cloud blob: one more file here each)
 //!
 //!   Chain ──> Box<dyn Layer> ── resolve_read(off, len) -> [Data(at) | Zero | Hole(at) | Parent]
 //!                             ├─ file() = Some(f): engines move payload at `at` of `f` themselves
@@ -29,9 +30,11 @@
 //!   takes writes only through [`Layer::write`] (write-through, e.g. a remote export).
 
 mod image;
+mod nbd;
 mod raw;
 
 pub use image::{Image, SECTOR};
+pub use nbd::NbdLayer;
 pub use raw::RawFile;
 
 use std::fs::File;
@@ -206,6 +209,9 @@ pub trait Layer: std::fmt::Debug + Send {
 /// Opens and locks the layer at `location` for `mode`: the probe/open point, the only code
 /// that names a layer kind. Local files are probed by content, never by name.
 pub fn open(location: &Path, mode: OpenMode) -> Result<Box<dyn Layer>> {
+    if let Some(uri) = nbd_uri(location) {
+        return Ok(Box::new(NbdLayer::open(uri, mode)?));
+    }
     let file = image_io::lock::open(location, mode).map_err(|e| Error::from_open(location, e))?;
     let image = match probe::probe(&file, location)? {
         Format::Vhdx => Image::new(Box::new(vhdx::VhdxImage::open_file(file, location, mode)?)),
@@ -218,16 +224,31 @@ pub fn open(location: &Path, mode: OpenMode) -> Result<Box<dyn Layer>> {
     Ok(Box::new(image))
 }
 
-/// Canonical form of a location, for cycle detection: the resolved path of a local file.
+/// The URI, if `location` names an NBD export.
+fn nbd_uri(location: &Path) -> Option<&str> {
+    location.to_str().filter(|s| nbd_proto::Uri::is_nbd_uri(s))
+}
+
+/// Whether `location` names a remote layer (a URI) rather than a local file: such a location
+/// has no file to stat, lock, create or rename.
+pub fn is_remote(location: &Path) -> bool {
+    nbd_uri(location).is_some()
+}
+
+/// Canonical form of a location, for cycle detection: the resolved path of a local file, a
+/// remote location as written.
 pub(crate) fn canonical(location: &Path) -> Result<PathBuf> {
+    if is_remote(location) {
+        return Ok(location.to_path_buf());
+    }
     std::fs::canonicalize(location).map_err(|e| Error::io(location, "resolve path", 0, e))
 }
 
 /// Whether a parent candidate names something [`open`] can open as a parent without
-/// blocking: a regular file (a FIFO a hostile locator names would block forever; devices and
-/// directories are never images).
+/// blocking: a remote location, or a regular file (a FIFO a hostile locator names would block
+/// forever; devices and directories are never images).
 pub(crate) fn parent_candidate_exists(candidate: &Path) -> bool {
-    candidate.metadata().is_ok_and(|m| m.is_file())
+    is_remote(candidate) || candidate.metadata().is_ok_and(|m| m.is_file())
 }
 
 /// Checks that `(offset, len)` pairs are non-empty, in order, contiguous and cover exactly
