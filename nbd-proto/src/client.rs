@@ -211,7 +211,11 @@ impl Client {
             cookie: 0,
             broken: false,
         };
-        c.handshake(uri)?;
+        if let Err(e) = c.handshake(uri) {
+            // Still negotiating: no NBD_CMD_DISC on drop, just close.
+            c.broken = true;
+            return Err(e);
+        }
         Ok(c)
     }
 
