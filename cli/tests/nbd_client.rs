@@ -431,3 +431,22 @@ fn ok_bytes(o: &std::process::Output) -> Vec<u8> {
     ok(o);
     o.stdout.clone()
 }
+
+#[test]
+fn mount_of_an_export_serves_its_bytes_as_a_file() {
+    let dir = TempDir::new().unwrap();
+    let data = noise(8, MIB as usize);
+    let image = vhdx_with(dir.path(), "m.vhdx", 8 * MIB, 3 * MIB, &data);
+    let server = Served::start(dir.path(), &image, &["--read-only"]);
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    ok(&vhdtool(&[&"mount", &"--read-only", &server.uri(), &mnt]));
+    // The daemon forked from vhdtool uses the connection made before the fork: the parent
+    // leaving must not have closed it.
+    let disk = std::fs::read(mnt.join("disk"));
+    ok(&vhdtool(&[&"umount", &mnt]));
+    let disk = disk.unwrap();
+    assert_eq!(disk.len() as u64, 8 * MIB);
+    assert!(disk[3 * MIB as usize..4 * MIB as usize] == data[..]);
+    assert_eq!(server.stop().code(), Some(0));
+}

@@ -265,6 +265,10 @@ impl Prepared {
         match unsafe { nix::unistd::fork() }.map_err(|e| MountError::sys("fork", e))? {
             ForkResult::Parent { .. } => {
                 drop(ready_wr);
+                // The daemon owns the disk now: the parent must not close it its way (a
+                // remote layer would say goodbye to the server on the connection the daemon
+                // shares); its descriptors just close when this process exits.
+                std::mem::forget(self);
                 wait_ready(ready_rd)
             }
             ForkResult::Child => {
