@@ -166,6 +166,14 @@ impl Client {
     /// Connects to `uri` and negotiates its export.
     pub fn connect(uri: &Uri) -> Result<Client> {
         let peer = uri.text.clone();
+        if uri.tls && uri.tls_certificates.is_none() {
+            // Refused before connecting: a server would only see a TLS session abandoned.
+            return Err(ClientError::Tls {
+                peer,
+                what: "no CA to check the server with: add tls-certificates=DIR (DIR/ca-cert.pem)"
+                    .into(),
+            });
+        }
         let io = |op: &'static str| {
             let peer = peer.clone();
             move |source| ClientError::Io { peer, op, source }

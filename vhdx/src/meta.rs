@@ -279,3 +279,46 @@ pub(crate) fn read_metadata<F: ImageFile>(
     };
     Ok((params, parent))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn locator(entries: &[(&str, &str)]) -> ParentLocator {
+        ParentLocator {
+            locator_type: Uuid::nil(),
+            entries: entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn uri_locator_is_a_candidate_as_stored_and_first() {
+        let uri = "nbds+unix:///base?socket=/run/s.sock&tls-certificates=/etc/pki";
+        let loc = locator(&[
+            ("parent_linkage", "{6f0c3d8e-2b1a-4c5d-9e8f-0a1b2c3d4e5f}"),
+            ("relative_path", ".\\base.vhdx"),
+            ("absolute_win32_path", uri),
+        ]);
+        let link = ParentLink::from_locator(&loc, Path::new("/vms/child.vhdx")).unwrap();
+        assert_eq!(
+            link.candidates,
+            vec![PathBuf::from(uri), PathBuf::from("/vms/base.vhdx")]
+        );
+    }
+
+    #[test]
+    fn windows_paths_are_not_taken_for_uris() {
+        for p in [
+            "C:\\vms\\base.vhdx",
+            "\\\\?\\C:\\base.vhdx",
+            "a:/b",
+            "base.vhdx",
+        ] {
+            assert!(!is_uri(p), "{p}");
+        }
+        assert!(is_uri("nbd://host/x") && is_uri("nbd+unix:///x?socket=/s"));
+    }
+}
