@@ -166,13 +166,17 @@ pub struct Prepared {
 /// is still mountable. A read-only image is opened once per serving thread (parallel reads).
 pub fn prepare(image: &Path, opts: &MountOptions) -> Result<Prepared> {
     let read_only = opts.read_only;
-    // Absolute: the daemon changes to `/`.
-    let image = fs::canonicalize(image).map_err(|source| block_backend::Error::Io {
-        path: image.to_path_buf(),
-        op: "open",
-        offset: 0,
-        source,
-    })?;
+    // Absolute: the daemon changes to `/` (a remote location, an NBD URI, stays as it is).
+    let image = if block_backend::layer::is_remote(image) {
+        image.to_path_buf()
+    } else {
+        fs::canonicalize(image).map_err(|source| block_backend::Error::Io {
+            path: image.to_path_buf(),
+            op: "open",
+            offset: 0,
+            source,
+        })?
+    };
     let open = if read_only {
         OpenOptions::read_only()
     } else {
@@ -261,6 +265,10 @@ impl Prepared {
         match unsafe { nix::unistd::fork() }.map_err(|e| MountError::sys("fork", e))? {
             ForkResult::Parent { .. } => {
                 drop(ready_wr);
+                // The daemon owns the disk now: the parent must not close it its way (a
+                // remote layer would say goodbye to the server on the connection the daemon
+                // shares); its descriptors just close when this process exits.
+                std::mem::forget(self);
                 wait_ready(ready_rd)
             }
             ForkResult::Child => {
