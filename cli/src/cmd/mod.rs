@@ -10,6 +10,7 @@ pub mod compare;
 pub mod completions;
 pub mod convert;
 pub mod create;
+pub mod download;
 pub mod edit;
 pub mod fsfree;
 pub mod info;
