@@ -81,7 +81,8 @@ fn hint(status: &u16, code: &str) -> &'static str {
             " (the SAS token is wrong or expired: get a new one, e.g. `az disk grant-access`)"
         }
         (403, _) => {
-            " (the SAS token does not allow this: upload needs create and write, download read)"
+            " (the SAS token has expired or does not allow this: upload needs create and write \
+             permissions, download read)"
         }
         (404, "ContainerNotFound") => " (create the container first)",
         (409, "BlobAlreadyExists") => " (use --force to replace it, or --resume to finish it)",
