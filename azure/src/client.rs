@@ -326,6 +326,25 @@ impl PageBlob {
         })
     }
 
+    /// Clear Pages: makes `[offset, offset + len)` (whole pages) read as zeros again and
+    /// drops it from the page ranges.
+    pub fn clear_pages(&self, offset: u64, len: u64) -> Result<(), BlobError> {
+        let op = format!("Clear Pages {len} bytes at {offset}");
+        if offset % PAGE != 0 || len % PAGE != 0 || len == 0 {
+            return Err(self.bad(&op, "not whole pages"));
+        }
+        let url = self.url.request_url(Some("page"));
+        let range = format!("bytes={offset}-{}", offset + len - 1);
+        self.retry(|| {
+            let req = self
+                .request("PUT", &url)
+                .set("x-ms-page-write", "clear")
+                .set("x-ms-range", &range)
+                .set("Content-MD5", &md5_b64(&[]));
+            self.send(&op, req.send_bytes(&[])).map(drop)
+        })
+    }
+
     /// Get Page Ranges over `[lo, hi)` (following continuation markers).
     pub fn page_ranges(&self, lo: u64, hi: u64) -> Result<PageRanges, BlobError> {
         let op = format!("Get Page Ranges {lo}-{hi}");

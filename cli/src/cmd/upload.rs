@@ -12,7 +12,9 @@
 //! - Only non-zero ranges are sent; the blob is created all zero, so the rest reads as zeros.
 //! - The footer goes last, after every data page succeeded: a blob without it is not a VHD, so an
 //!   interrupted upload never looks complete.
-//! - An existing blob is refused unless `--force` (replace) or `--resume`. The blob records the
+//! - An existing blob is refused unless `--force` (replace; a page blob of exactly the right
+//!   length, such as a managed disk made for direct upload, is reused with its written pages
+//!   cleared, as such a blob may not be recreated) or `--resume`. The blob records the
 //!   source's fingerprint (metadata `vhdkitsource`: size, map, and each layer file's length and
 //!   modification time); `--resume` continues only a blob with the same fingerprint and length,
 //!   skipping runs the blob's page ranges already cover (each Put Page is atomic, so a covered
@@ -98,6 +100,12 @@ pub fn run(a: &Args) -> Result<u8> {
             blob.create(blob_len, &meta, false)?;
             false
         }
+        Some(p) if a.force && p.blob_type == "PageBlob" && p.length == blob_len => {
+            // A managed disk made for direct upload: its blob exists at the size asked for and
+            // may not be recreated. Written pages are cleared instead.
+            reuse(&blob, blob_len, &meta)?;
+            false
+        }
         Some(_) if a.force => {
             blob.create(blob_len, &meta, true)?;
             false
@@ -152,6 +160,23 @@ pub fn run(a: &Args) -> Result<u8> {
         started.elapsed().as_secs_f64()
     );
     Ok(0)
+}
+
+/// Makes an existing page blob of the right length all zero (Clear Pages over its page
+/// ranges, in 1 GiB windows) and marks it with `meta`.
+fn reuse(blob: &PageBlob, blob_len: u64, meta: &[(&str, &str)]) -> Result<()> {
+    let mut window = 0;
+    while window < blob_len {
+        let end = (window + MAP_WINDOW).min(blob_len);
+        for &(s, e) in &blob.page_ranges(window, end)?.0 {
+            blob.clear_pages(s, e - s)?;
+        }
+        window = end;
+    }
+    if let Err(e) = blob.set_metadata(meta) {
+        eprintln!("vhdtool: warning: {e}; --resume will not recognise this upload");
+    }
+    Ok(())
 }
 
 /// Whether the blob's last 512 bytes hold the footer of a fixed VHD of `vsize` bytes.
