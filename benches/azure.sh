@@ -53,7 +53,7 @@ URL_A=$(sdk sas "$EP" bench upload.vhd racwd 86400)
 URL_B=$(sdk sas "$EP" bench linux.vhd racwd 86400)
 
 now() { date +%s.%N; }
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+median() { sort -g | awk '{a[NR]=$1} END {printf "%.3f\n", (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 spread() { sort -g | awk 'NR==1 {lo=$1} {hi=$1} END {printf "%.2f..%.2f", lo, hi}'; }
 
 IMG="$WORK/src.vhdx"
