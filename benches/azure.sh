@@ -13,7 +13,8 @@
 # the data (<= data + 5 %), vhdtool's peak RSS (<= 128 MiB), and upload throughput (data MiB/s)
 # for --parallel 1, 2, 4, 8, 16 (median of 3 each).
 #
-# Usage: benches/azure.sh [WORKDIR]   (needs .ci/install-node-packages; builds vhdtool --release)
+# Usage: benches/azure.sh [WORKDIR]   (needs .ci/install-node-packages; builds vhdtool --release;
+#        needs ~35 GB free in WORKDIR at the default size while it runs)
 # Environment: ROUNDS (default 5), SIZE_MIB, DATA_MIB, PARALLEL (default 8), VHDTOOL.
 set -euo pipefail
 
@@ -41,7 +42,13 @@ mkdir -p "$WORK/azurite"
 "$NODE_MODULES/.bin/azurite-blob" --blobHost 127.0.0.1 --blobPort "$PORT" \
     --location "$WORK/azurite" --silent --disableTelemetry >/dev/null 2>&1 &
 AZURITE=$!
-cleanup() { kill "$AZURITE" 2>/dev/null || true; rm -f "$WORK/fixed.vhd"; }
+# Azurite keeps every Put Page in extent files it collects only slowly: the rounds at the
+# default size leave ~30 GB there, so its folder goes at exit (the source image stays).
+cleanup() {
+    kill "$AZURITE" 2>/dev/null || true
+    wait "$AZURITE" 2>/dev/null || true
+    rm -rf "$WORK/fixed.vhd" "$WORK/azurite"
+}
 trap cleanup EXIT
 for _ in $(seq 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break

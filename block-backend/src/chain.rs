@@ -22,14 +22,14 @@
 //!   a differencing child marks present holds the parent's bytes around the patched ones.
 
 use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use image_io::OpenMode;
 
 use crate::disk::{push_merged, Disk, LayerInfo, MapExtent, OpenOptions};
-use crate::image_layer::{Commit, Image, Source, SECTOR};
-use crate::raw::RawFile;
-use crate::{probe, Error, Format, Result, MAX_CHAIN_DEPTH};
+use crate::layer::{self, Commit, Image, Layer, Source, SECTOR};
+use crate::{Error, Result, MAX_CHAIN_DEPTH};
 
 /// Size of the zero buffer used to zero-fill discarded ranges.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -44,7 +44,8 @@ pub(crate) enum Piece {
         buf_off: usize,
         len: usize,
     },
-    /// Bytes that must be read through the format crate (in-memory log replay).
+    /// Bytes that must be read through the layer ([`Layer::read_payload`]): it has no local
+    /// file, or its file alone is not the truth (in-memory log replay).
     Slow {
         level: usize,
         file_offset: u64,
@@ -72,81 +73,6 @@ pub struct PlanStats {
     pub commits: u64,
 }
 
-/// One file of a chain.
-#[derive(Debug)]
-pub enum Layer {
-    /// A plain file.
-    Raw(RawFile),
-    /// A VHD or VHDX image (boxed: its block tables make it much larger than a raw layer).
-    Image(Box<Image>),
-}
-
-impl Layer {
-    /// Opens and locks `path` for `mode` ([`image_io::lock`]), choosing the format by content.
-    pub fn open(path: &Path, mode: OpenMode) -> Result<Layer> {
-        let file = image_io::lock::open(path, mode).map_err(|e| Error::from_open(path, e))?;
-        let image = match probe::probe(&file, path)? {
-            Format::Vhdx => Image::new(Box::new(vhdx::VhdxImage::open_file(file, path, mode)?)),
-            Format::Vhd => Image::new(Box::new(vhd::VhdImage::open_file(file, path, mode)?)),
-            Format::Raw => {
-                let read_only = !mode.is_writable();
-                return Ok(Layer::Raw(RawFile::from_file(path, file, read_only)?));
-            }
-        };
-        Ok(Layer::Image(Box::new(image)))
-    }
-
-    /// The file as opened.
-    pub fn path(&self) -> &Path {
-        match self {
-            Layer::Raw(r) => r.path(),
-            Layer::Image(v) => v.path(),
-        }
-    }
-
-    /// The open file (for payload I/O and writeback hints; the layer owns it).
-    pub fn file(&self) -> &std::fs::File {
-        match self {
-            Layer::Raw(r) => r.file(),
-            Layer::Image(i) => i.file(),
-        }
-    }
-
-    /// Size of the virtual disk this layer describes.
-    pub fn size(&self) -> u64 {
-        match self {
-            Layer::Raw(r) => r.size(),
-            Layer::Image(v) => v.virtual_size(),
-        }
-    }
-
-    /// Container format.
-    pub fn format(&self) -> Format {
-        match self {
-            Layer::Raw(_) => Format::Raw,
-            Layer::Image(v) => v.format(),
-        }
-    }
-
-    /// Description for `info`.
-    pub fn info(&self) -> LayerInfo {
-        match self {
-            Layer::Raw(r) => LayerInfo {
-                path: r.path().to_path_buf(),
-                format: Format::Raw,
-                subformat: None,
-                virtual_size: r.size(),
-                block_size: None,
-                creator: None,
-                uuid: None,
-                parent_uuid: None,
-                parent_name: None,
-            },
-            Layer::Image(v) => v.info(),
-        }
-    }
-}
-
 /// Opens the disk at `path` (format by content) with all its parents.
 pub fn open(path: &Path, opts: OpenOptions) -> Result<Chain> {
     Chain::open(path, opts)
@@ -155,10 +81,10 @@ pub fn open(path: &Path, opts: OpenOptions) -> Result<Chain> {
 /// A stack of layers, top first, behaving as one disk. Always holds at least the top layer.
 #[derive(Debug)]
 pub struct Chain {
-    layers: Vec<Layer>,
+    layers: Vec<Box<dyn Layer>>,
     read_only: bool,
-    /// Unit of read-modify-write: the largest logical sector of any image layer (1 when all
-    /// layers are raw files, which take any byte range).
+    /// Unit of read-modify-write: the largest sector of any layer (1 when every layer takes
+    /// any byte range).
     sector: u64,
     stats: PlanStats,
 }
@@ -166,7 +92,7 @@ pub struct Chain {
 impl Chain {
     /// Opens the disk at `path` (format by content) with all its parents.
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Chain> {
-        let top = Layer::open(path, opts.mode())?;
+        let top = layer::open(path, opts.mode())?;
         Chain::from_top(top, opts.mode())
     }
 
@@ -178,18 +104,18 @@ impl Chain {
         } else {
             OpenMode::ReadOnly
         };
-        Chain::from_top(Layer::Image(Box::new(image)), mode)
+        Chain::from_top(Box::new(image), mode)
     }
 
     /// Builds the chain under `top`, opened with `mode`, by following parent links; parents are
     /// opened read-only, sharing as `mode` does ([`OpenMode::for_parent`]).
-    pub fn from_top(top: Layer, mode: OpenMode) -> Result<Chain> {
+    pub fn from_top(top: Box<dyn Layer>, mode: OpenMode) -> Result<Chain> {
         let read_only = !mode.is_writable();
         let mut seen = HashSet::new();
-        seen.insert(canonical(top.path())?);
+        seen.insert(layer::canonical(top.path())?);
         let top_path = top.path().to_path_buf();
         let mut layers = vec![top];
-        while let Some(Layer::Image(child)) = layers.last() {
+        while let Some(child) = layers.last() {
             let Some(link) = child.parent_ref() else {
                 break;
             };
@@ -203,9 +129,7 @@ impl Chain {
             let Some(found) = link
                 .candidates
                 .iter()
-                // Regular files only: opening a FIFO a hostile locator names would block
-                // forever, and devices or directories are never images.
-                .find(|c| c.metadata().is_ok_and(|m| m.is_file()))
+                .find(|c| layer::parent_candidate_exists(c))
             else {
                 return Err(Error::ParentNotFound {
                     child: child_path,
@@ -214,7 +138,7 @@ impl Chain {
                 });
             };
             let found = found.clone();
-            if !seen.insert(canonical(&found)?) {
+            if !seen.insert(layer::canonical(&found)?) {
                 return Err(Error::ChainCycle {
                     child: child_path,
                     parent: found,
@@ -222,7 +146,7 @@ impl Chain {
             }
             tracing::debug!(child = %child_path.display(), parent = %found.display(), "opening parent");
             // Parents are never written: always read-only.
-            let parent = Layer::open(&found, mode.for_parent())?;
+            let parent = layer::open(&found, mode.for_parent())?;
             if parent.format() != link.format {
                 return Err(Error::ParentFormat {
                     child: child_path,
@@ -231,26 +155,19 @@ impl Chain {
                     expected: link.format,
                 });
             }
-            if let Layer::Image(p) = &parent {
-                if !link.accepts.contains(&p.identity()) {
+            if let Some(identity) = parent.identity() {
+                if !link.accepts.contains(&identity) {
                     return Err(Error::ParentMismatch {
                         child: child_path,
                         parent: found,
                         expected: link.accepts[0],
-                        found: p.identity(),
+                        found: identity,
                     });
                 }
             }
             layers.push(parent);
         }
-        let sector = layers
-            .iter()
-            .filter_map(|l| match l {
-                Layer::Image(i) => Some(i.sector_size()),
-                Layer::Raw(_) => None,
-            })
-            .max()
-            .unwrap_or(1);
+        let sector = layers.iter().map(|l| l.sector_size()).max().unwrap_or(1);
         Ok(Chain {
             layers,
             read_only,
@@ -260,7 +177,7 @@ impl Chain {
     }
 
     /// The layers, top first.
-    pub fn stack(&self) -> &[Layer] {
+    pub fn stack(&self) -> &[Box<dyn Layer>] {
         &self.layers
     }
 
@@ -270,8 +187,8 @@ impl Chain {
     }
 
     /// The top layer.
-    pub fn top(&self) -> &Layer {
-        &self.layers[0]
+    pub fn top(&self) -> &dyn Layer {
+        &*self.layers[0]
     }
 
     /// Path of the top image.
@@ -281,11 +198,9 @@ impl Chain {
 
     /// Relaxes the write ordering of the top image (no barriers until flush): for fresh
     /// outputs under a temporary name, where a crash loses the whole file anyway. No effect on
-    /// raw files.
+    /// layers without ordering to relax.
     pub fn set_relaxed_durability(&mut self, relaxed: bool) {
-        if let Layer::Image(v) = &mut self.layers[0] {
-            v.set_durability(relaxed);
-        }
+        self.layers[0].set_relaxed_durability(relaxed);
     }
 
     /// Fails unless `[offset, offset + len)` lies inside the disk.
@@ -314,7 +229,7 @@ impl Chain {
         Ok(())
     }
 
-    /// Reads `buf` at `offset` from layer `level` downwards. Sector aligned for VHD layers
+    /// Reads `buf` at `offset` from layer `level` downwards. Aligned to the chain's sector
     /// (except at the very end of a disk whose size is not a whole number of sectors).
     fn read_level(&mut self, level: usize, buf: &mut [u8], offset: u64) -> Result<()> {
         let Some(layer) = self.layers.get_mut(level) else {
@@ -328,22 +243,21 @@ impl Chain {
         if buf.is_empty() {
             return Ok(());
         }
-        let extents = match layer {
-            Layer::Raw(r) => return r.read_at(buf, offset),
-            Layer::Image(v) => v.resolve_read(offset, avail as u64)?,
-        };
+        let extents = layer.resolve_read(offset, avail as u64)?;
+        layer::check_tiling(
+            layer.path(),
+            "resolve_read",
+            offset,
+            avail as u64,
+            extents.iter().map(|e| (e.offset, e.len)),
+        )?;
         for e in extents {
-            // In bounds: resolve_read checked that the extents tile the range.
+            // In bounds: checked above that the extents tile the range.
             let start = (e.offset - offset) as usize;
             let part = &mut buf[start..start + e.len as usize];
             match e.source {
-                Source::Data(file_offset) => {
-                    // Extents only come from image layers.
-                    if let Layer::Image(v) = &self.layers[level] {
-                        v.read_payload(part, file_offset)?;
-                    }
-                }
-                Source::Zero => part.fill(0),
+                Source::Data(at) => self.layers[level].read_payload(part, at)?,
+                Source::Zero | Source::Hole(_) => part.fill(0),
                 Source::Parent => self.read_level(level + 1, part, e.offset)?,
             }
         }
@@ -373,13 +287,18 @@ impl Chain {
             return Ok(());
         };
         let avail = layer.size().saturating_sub(offset).min(len);
-        let extents = match layer {
-            Layer::Raw(r) => {
-                r.map(offset, avail, level as u32, out);
-                Vec::new()
-            }
-            Layer::Image(v) if avail > 0 => v.resolve_read(offset, avail)?,
-            Layer::Image(_) => Vec::new(),
+        let extents = if avail > 0 {
+            let extents = layer.map(offset, avail)?;
+            layer::check_tiling(
+                layer.path(),
+                "map",
+                offset,
+                avail,
+                extents.iter().map(|e| (e.offset, e.len)),
+            )?;
+            extents
+        } else {
+            Vec::new()
         };
         for e in extents {
             match e.source {
@@ -396,6 +315,18 @@ impl Chain {
                     },
                 ),
                 Source::Zero => push_merged(out, unallocated(e.offset, e.len)),
+                Source::Hole(file_offset) => push_merged(
+                    out,
+                    MapExtent {
+                        offset: e.offset,
+                        length: e.len,
+                        depth: level as u32,
+                        data: false,
+                        zero: true,
+                        file_offset: Some(file_offset),
+                        file: Some(self.layers[level].path().to_path_buf()),
+                    },
+                ),
                 Source::Parent if level < bottom => {
                     self.map_level(level + 1, e.offset, e.len, out)?
                 }
@@ -408,17 +339,35 @@ impl Chain {
         Ok(())
     }
 
-    /// Writes `buf` at `offset` to the top layer. For images the range must be whole sectors
-    /// (or end at the end of the disk).
+    /// Writes `buf` at `offset` to the top layer, in whole units of its sector size (or up
+    /// to the end of the disk): planned and committed, or written through.
     fn write_top(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         self.stats.writes += 1;
-        match &mut self.layers[0] {
-            Layer::Raw(r) => r.write_at(buf, offset),
-            Layer::Image(v) => {
-                self.stats.commits += 1;
-                v.write(buf, offset)
-            }
+        let top = &mut self.layers[0];
+        let Some((ranges, commit)) = top.plan_write(offset, buf.len() as u64)? else {
+            return top.write(buf, offset);
+        };
+        let end = offset + buf.len() as u64;
+        for (o, l, file_offset) in ranges {
+            let in_request = o >= offset && o.checked_add(l).is_some_and(|e| e <= end);
+            let Some(file) = top.file().filter(|_| in_request) else {
+                return Err(Error::Inconsistent {
+                    path: top.path().to_path_buf(),
+                    what: format!(
+                        "write plan ({o}, {l}) for ({offset}, {}) has no file range to take it",
+                        buf.len()
+                    ),
+                });
+            };
+            let start = (o - offset) as usize;
+            file.write_all_at(&buf[start..start + l as usize], file_offset)
+                .map_err(|err| Error::io(top.path(), "write payload", file_offset, err))?;
         }
+        if let Some(c) = commit {
+            self.stats.commits += 1;
+            self.layers[0].commit(c)?;
+        }
+        Ok(())
     }
 
     /// The sector holding `offset`: `(start, end)`, `end` clamped to the disk size.
@@ -427,8 +376,9 @@ impl Chain {
         (start, (start + self.sector).min(self.size()))
     }
 
-    /// The file of layer `level`, for payload I/O by an engine.
-    pub(crate) fn layer_file(&self, level: usize) -> &std::fs::File {
+    /// The local file of layer `level`, for payload I/O by an engine (`None` for layers whose
+    /// payload only goes through the layer).
+    pub(crate) fn layer_file(&self, level: usize) -> Option<&std::fs::File> {
         self.layers[level].file()
     }
 
@@ -470,23 +420,19 @@ impl Chain {
         if avail == 0 {
             return Ok(());
         }
-        let extents = match layer {
-            Layer::Raw(_) => {
-                out.push(Piece::File {
-                    level,
-                    file_offset: offset,
-                    buf_off: (offset - base) as usize,
-                    len: avail as usize,
-                });
-                return Ok(());
-            }
-            Layer::Image(v) => v.resolve_read(offset, avail)?,
-        };
-        let overlay = matches!(&self.layers[level], Layer::Image(i) if i.reads_need_overlay());
+        let extents = layer.resolve_read(offset, avail)?;
+        layer::check_tiling(
+            layer.path(),
+            "resolve_read",
+            offset,
+            avail,
+            extents.iter().map(|e| (e.offset, e.len)),
+        )?;
+        let slow = !layer.direct_reads();
         for e in extents {
             let buf_off = (e.offset - base) as usize;
             match e.source {
-                Source::Data(file_offset) if overlay => out.push(Piece::Slow {
+                Source::Data(file_offset) if slow => out.push(Piece::Slow {
                     level,
                     file_offset,
                     buf_off,
@@ -498,7 +444,7 @@ impl Chain {
                     buf_off,
                     len: e.len as usize,
                 }),
-                Source::Zero => out.push(Piece::Zero {
+                Source::Zero | Source::Hole(_) => out.push(Piece::Zero {
                     buf_off,
                     len: e.len as usize,
                 }),
@@ -508,17 +454,20 @@ impl Chain {
         Ok(())
     }
 
-    /// Reads a [`Piece::Slow`] through the format crate.
-    pub(crate) fn read_slow(&self, level: usize, buf: &mut [u8], file_offset: u64) -> Result<()> {
-        match &self.layers[level] {
-            Layer::Image(i) => i.read_payload(buf, file_offset),
-            Layer::Raw(r) => r.read_at(buf, file_offset),
-        }
+    /// Reads a [`Piece::Slow`] through its layer.
+    pub(crate) fn read_slow(
+        &mut self,
+        level: usize,
+        buf: &mut [u8],
+        file_offset: u64,
+    ) -> Result<()> {
+        self.layers[level].read_payload(buf, file_offset)
     }
 
-    /// Plans a write for an engine: `None` when the range is not whole sectors (the caller then
-    /// uses [`Disk::write_at`], which does read-modify-write). Returns the top file's ranges
-    /// `(buf_off, len, file_offset)` and the commit to run after they are written.
+    /// Plans a write for an engine: `None` when the range is not whole sectors or the top layer
+    /// takes writes only through itself (the caller then uses [`Disk::write_at`]). Returns the
+    /// top file's ranges `(buf_off, len, file_offset)` and the commit to run after they are
+    /// written.
     pub(crate) fn plan_write(&mut self, offset: u64, len: u64) -> Result<Option<WriteJob>> {
         self.check_writable("write")?;
         self.check_range("write", offset, len)?;
@@ -527,34 +476,45 @@ impl Chain {
         if !(offset % unit == 0 && (end % unit == 0 || end == self.size())) {
             return Ok(None);
         }
-        self.stats.writes += 1;
-        match &mut self.layers[0] {
-            Layer::Raw(_) => Ok(Some((vec![(0, len as usize, offset)], None))),
-            Layer::Image(i) => {
-                let (ranges, commit) = i.plan_write(offset, len)?;
-                let pieces = ranges
-                    .into_iter()
-                    .map(|(o, l, f)| ((o - offset) as usize, l as usize, f))
-                    .collect();
-                Ok(Some((pieces, Some(commit))))
-            }
+        let top = &mut self.layers[0];
+        if top.file().is_none() {
+            return Ok(None);
         }
+        let Some((ranges, commit)) = top.plan_write(offset, len)? else {
+            return Ok(None);
+        };
+        self.stats.writes += 1;
+        layer::check_tiling(
+            top.path(),
+            "plan_write",
+            offset,
+            len,
+            ranges.iter().map(|r| (r.0, r.1)),
+        )?;
+        let pieces = ranges
+            .into_iter()
+            .map(|(o, l, f)| ((o - offset) as usize, l as usize, f))
+            .collect();
+        Ok(Some((pieces, commit)))
     }
 
     /// Completes a planned write once its payload is written.
     pub(crate) fn commit(&mut self, commit: Commit) -> Result<()> {
         self.stats.commits += 1;
-        match &mut self.layers[0] {
-            Layer::Image(i) => i.commit(commit),
-            Layer::Raw(r) => Err(Error::Inconsistent {
-                path: r.path().to_path_buf(),
-                what: "commit on a raw layer".into(),
-            }),
-        }
+        self.layers[0].commit(commit)
     }
 
-    /// Writes zeros over `[offset, offset + len)` through the normal write path.
+    /// Writes zeros over `[offset, offset + len)`: the top layer's own way if it has one for
+    /// the range, through the normal write path otherwise.
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable("write")?;
+        self.check_range("write", offset, len)?;
+        let unit = self.sector;
+        let end = offset + len;
+        let whole = offset % unit == 0 && (end % unit == 0 || end == self.size());
+        if len > 0 && whole && self.layers[0].write_zeroes(offset, len)? {
+            return Ok(());
+        }
         let zeros = vec![0u8; len.min(ZERO_CHUNK) as usize];
         let end = offset + len;
         let mut pos = offset;
@@ -577,10 +537,9 @@ impl Disk for Chain {
     }
 
     fn physical_sector_size(&self) -> u32 {
-        match &self.layers[0] {
-            Layer::Image(i) => i.physical_sector_size().max(self.logical_sector_size()),
-            Layer::Raw(_) => self.logical_sector_size(),
-        }
+        self.layers[0]
+            .physical_sector_size()
+            .max(self.logical_sector_size())
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -629,8 +588,8 @@ impl Disk for Chain {
         }
         let end = offset + len;
         let unit = self.sector;
-        let top_is_image = matches!(self.layers[0], Layer::Image(_));
-        if !top_is_image || (offset % unit == 0 && (end % unit == 0 || end == self.size())) {
+        let any_bytes = self.layers[0].sector_size() <= 1;
+        if any_bytes || (offset % unit == 0 && (end % unit == 0 || end == self.size())) {
             return self.write_top(buf, offset);
         }
         // Read-modify-write the partial sectors at either edge.
@@ -668,10 +627,7 @@ impl Disk for Chain {
         if self.read_only {
             return Ok(());
         }
-        match &mut self.layers[0] {
-            Layer::Raw(r) => r.flush(),
-            Layer::Image(v) => v.flush(),
-        }
+        self.layers[0].flush()
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
@@ -680,10 +636,7 @@ impl Disk for Chain {
         if len == 0 {
             return Ok(());
         }
-        let remainder = match &mut self.layers[0] {
-            Layer::Raw(r) => return r.discard(offset, len),
-            Layer::Image(v) => v.discard(offset, len)?,
-        };
+        let remainder = self.layers[0].discard(offset, len)?;
         let end = offset + len;
         for (o, l) in remainder {
             // Only ever zero inside the requested range, whatever the format layer answered.
@@ -710,7 +663,7 @@ impl Disk for Chain {
     }
 
     fn layers(&self) -> Vec<LayerInfo> {
-        self.layers.iter().map(Layer::info).collect()
+        self.layers.iter().map(|l| l.info()).collect()
     }
 
     fn backing_chain(&self) -> Vec<PathBuf> {
@@ -752,11 +705,6 @@ impl Disk for Chain {
                 _ => break,
             }
         }
-        Ok(run.map(|(level, at, n)| (self.layer_file(level), at, n as u64)))
+        Ok(run.and_then(|(level, at, n)| Some((self.layer_file(level)?, at, n as u64))))
     }
-}
-
-/// Canonical form of `path`, for cycle detection.
-fn canonical(path: &Path) -> Result<PathBuf> {
-    std::fs::canonicalize(path).map_err(|e| Error::io(path, "resolve path", 0, e))
 }

@@ -166,6 +166,10 @@ pub enum Error {
         /// What was wrong with the answer.
         what: String,
     },
+    /// A remote layer's store (an NBD server, ...) failed, refused or misbehaved; the message
+    /// names the peer, the operation and the offset.
+    #[error(transparent)]
+    Remote(std::io::Error),
     /// A valid file using something this build does not handle.
     #[error("{}: {what}", path.display())]
     Unsupported {
@@ -188,7 +192,7 @@ impl Error {
     /// The stable kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Io { .. } => ErrorKind::Io,
+            Error::Io { .. } | Error::Remote(_) => ErrorKind::Io,
             Error::InUse(_) => ErrorKind::InUse,
             Error::Format(e) => match e.kind() {
                 FormatErrorKind::InUse => ErrorKind::InUse,

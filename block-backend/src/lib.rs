@@ -9,11 +9,12 @@
 //!   │ layer 1  parent         always read-only          │
 //!   │ ...      (≤ 64 layers, no file twice)             │
 //!   └──────────────────────┬────────────────────────────┘
-//!            Layer::Raw    │    Layer::Image (VHD or VHDX)
-//!        raw.rs (pread/    │    vhd_layer.rs: vhd::VhdImage resolves ranges,
-//!        pwrite, holes)    │    this crate moves the payload (pread/pwrite on image.file())
+//!                          │  Box<dyn Layer> (layer/mod.rs: one trait, one open point)
+//!        layer/raw.rs      │    layer/image.rs: VHD/VHDX through the shared format
+//!        (pread/pwrite,    │    interface; the format crate resolves ranges, this crate
+//!        holes)            │    moves the payload (pread/pwrite on the image file)
 //!                          ▼
-//!                    files on the host
+//!                    files on the host (or a remote store, for remote layer kinds)
 //! ```
 //!
 //! Open with [`open`]: the format is found by content ([`probe`]), never by extension, and the
@@ -41,17 +42,15 @@ pub mod conformance;
 mod disk;
 pub mod engine;
 mod error;
-mod image_layer;
+pub mod layer;
 pub mod partitions;
 pub mod probe;
-mod raw;
 mod shared;
 pub mod virtio_blk;
 
 pub use aligned::AlignedBuf;
-pub use chain::{open, Chain, Layer, PlanStats};
+pub use chain::{open, Chain, PlanStats};
 pub use disk::{Disk, Format, LayerInfo, MapExtent, OpenOptions, Subformat};
 pub use error::{Error, ErrorKind, Result, MAX_CHAIN_DEPTH};
-pub use image_layer::{Image, SECTOR};
-pub use raw::RawFile;
+pub use layer::{open as open_layer, Image, Layer, RawFile, SECTOR};
 pub use shared::{SharedDisk, SharedDiskError, SharedOptions, SharedResult};

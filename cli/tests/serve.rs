@@ -6,14 +6,17 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 use vhdkit_tests::noise as random_bytes;
 
 use nbd::protocol::{cmd, errno};
 use nbd::raw_client::RawClient;
 use tempfile::TempDir;
 use vhdkit_tests::tool_or_skip;
+
+mod support;
+use support::nbd_peer::{make_pki, Served};
 
 const MIB: u64 = 1 << 20;
 
@@ -35,66 +38,6 @@ fn run(cmd: &mut Command) -> Output {
 
 fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("JSON output")
-}
-
-/// A running `vhdtool serve`; killed on drop if still running.
-struct Served {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Served {
-    fn start(dir: &Path, image: &Path, extra: &[&str]) -> Served {
-        let socket = dir.join(format!(
-            "s{}.sock",
-            image.file_name().unwrap().to_string_lossy()
-        ));
-        let child = vhdtool()
-            .arg("serve")
-            .arg("--unix")
-            .arg(&socket)
-            .args(extra)
-            .arg(image)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start vhdtool serve");
-        let mut s = Served { child, socket };
-        let t = Instant::now();
-        while UnixStream::connect(&s.socket).is_err() {
-            if let Some(st) = s.child.try_wait().unwrap() {
-                panic!("vhdtool serve exited early: {st}");
-            }
-            assert!(t.elapsed() < Duration::from_secs(20), "server not up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        s
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.socket.display())
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on the pid of our own child process.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    /// SIGTERM, then the exit status.
-    fn stop(mut self) -> ExitStatus {
-        self.signal(libc::SIGTERM);
-        let st = self.child.wait().unwrap();
-        assert!(!self.socket.exists(), "socket left behind");
-        st
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 fn check_clean(image: &Path) {
@@ -435,77 +378,6 @@ fn a_server_killed_after_a_flush_leaves_an_image_that_opens_with_the_flushed_dat
         .args(["--offset", &(7 * MIB + 512).to_string()])
         .args(["--length", &flushed.len().to_string()]));
     assert!(out.stdout == flushed, "flushed write lost");
-}
-
-/// A CA, a server certificate for localhost and a client certificate, made with openssl, in
-/// `dir` under the names libnbd's `tls-certificates` directory uses.
-fn make_pki(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "[srv]\nsubjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n\
-         [cli]\nextendedKeyUsage=clientAuth\n",
-    )
-    .unwrap();
-    let ossl = |args: &[&str]| {
-        run(Command::new("openssl").current_dir(dir).args(args));
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    ossl(
-        &[
-            &["req", "-x509"][..],
-            &ec,
-            &[
-                "-keyout",
-                "ca-key.pem",
-                "-out",
-                "ca-cert.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=test-ca",
-            ],
-        ]
-        .concat(),
-    );
-    for (who, ext) in [("server", "srv"), ("client", "cli")] {
-        let key = format!("{who}-key.pem");
-        let csr = format!("{who}.csr");
-        let cert = format!("{who}-cert.pem");
-        ossl(
-            &[
-                &["req"][..],
-                &ec,
-                &["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"],
-            ]
-            .concat(),
-        );
-        ossl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-out",
-            &cert,
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-            "-extensions",
-            ext,
-        ]);
-    }
 }
 
 #[test]

@@ -166,13 +166,17 @@ pub struct Prepared {
 /// is still mountable. A read-only image is opened once per serving thread (parallel reads).
 pub fn prepare(image: &Path, opts: &MountOptions) -> Result<Prepared> {
     let read_only = opts.read_only;
-    // Absolute: the daemon changes to `/`.
-    let image = fs::canonicalize(image).map_err(|source| block_backend::Error::Io {
-        path: image.to_path_buf(),
-        op: "open",
-        offset: 0,
-        source,
-    })?;
+    // Absolute: the daemon changes to `/` (a remote location, an NBD URI, stays as it is).
+    let image = if block_backend::layer::is_remote(image) {
+        image.to_path_buf()
+    } else {
+        fs::canonicalize(image).map_err(|source| block_backend::Error::Io {
+            path: image.to_path_buf(),
+            op: "open",
+            offset: 0,
+            source,
+        })?
+    };
     let open = if read_only {
         OpenOptions::read_only()
     } else {

@@ -30,12 +30,13 @@
 pub mod error;
 pub mod io;
 pub mod negotiate;
-pub mod protocol;
+pub use nbd_proto::protocol;
 pub mod raw_client;
 pub mod server;
 pub mod tls;
 pub mod transmission;
 
 pub use error::{Error, Result};
+pub use nbd_proto::ImageIdentity;
 pub use server::{Export, Server, ServerConfig, Stream};
 pub use tls::TlsConfig;

@@ -192,25 +192,4 @@ impl<S: Read + Write> RawClient<S> {
     }
 }
 
-/// Data of `NBD_OPT_INFO` / `NBD_OPT_GO`.
-pub fn info_data(name: &str, requests: &[u16]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(requests.len() as u16).to_be_bytes());
-    for r in requests {
-        d.extend_from_slice(&r.to_be_bytes());
-    }
-    d
-}
-
-/// Data of the meta-context options.
-pub fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        d.extend_from_slice(q.as_bytes());
-    }
-    d
-}
+pub use nbd_proto::client::{info_data, meta_data};

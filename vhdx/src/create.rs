@@ -76,6 +76,32 @@ pub struct ParentInfo {
 }
 
 impl ParentInfo {
+    /// A parent reached through a URI (a network export) rather than a path, described by the
+    /// caller: the child's locator stores the URI verbatim as `absolute_win32_path` and no
+    /// `relative_path`, and the page 83 identifier is new.
+    pub fn remote(
+        uri: &str,
+        data_write_guid: Uuid,
+        virtual_size: u64,
+        logical_sector_size: u32,
+    ) -> ParentInfo {
+        ParentInfo {
+            absolute: PathBuf::from(uri),
+            relative: String::new(),
+            data_write_guid,
+            virtual_size,
+            logical_sector_size,
+            page83: Uuid::new_v4(),
+        }
+    }
+
+    /// Whether this parent is reached through a URI ([`ParentInfo::remote`]).
+    fn is_remote(&self) -> bool {
+        self.relative.is_empty()
+    }
+}
+
+impl ParentInfo {
     /// Reads a VHDX parent for a child to be created in `child_dir`.
     pub fn read(parent: &Path, child_dir: &Path) -> Result<ParentInfo> {
         let img = VhdxImage::open(parent, OpenMode::ReadOnly)?;
@@ -100,6 +126,20 @@ impl VhdxImage<std::fs::File> {
     /// Creates an image at `path` (which must not exist) through a temporary name, and opens
     /// it read-write.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Self> {
+        Self::create_with(path, opts, None)
+    }
+
+    /// Creates a differencing image at `path` over a parent the caller describes (one reached
+    /// through a URI: [`ParentInfo::remote`]); `opts.parent` is ignored.
+    pub fn create_over(path: &Path, opts: &CreateOptions, parent: ParentInfo) -> Result<Self> {
+        Self::create_with(path, opts, Some(parent))
+    }
+
+    fn create_with(
+        path: &Path,
+        opts: &CreateOptions,
+        described: Option<ParentInfo>,
+    ) -> Result<Self> {
         if path.exists() {
             return Err(Error::InvalidArgument(format!(
                 "{} already exists",
@@ -110,9 +150,10 @@ impl VhdxImage<std::fs::File> {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let parent = match &opts.parent {
-            Some(p) => Some(ParentInfo::read(p, &dir)?),
-            None => None,
+        let parent = match (described, &opts.parent) {
+            (Some(d), _) => Some(d),
+            (None, Some(p)) => Some(ParentInfo::read(p, &dir)?),
+            (None, None) => None,
         };
         let tmp = image_io::publish::temp_name(path);
         let result = (|| {
@@ -258,13 +299,22 @@ fn write_layout<F: ImageFile>(
         true,
     ));
     if let Some(p) = parent {
-        let loc = ParentLocator {
-            locator_type: guids::PARENT_LOCATOR_TYPE,
-            entries: vec![
+        let linkage = (
+            "parent_linkage".into(),
+            format!("{{{}}}", p.data_write_guid),
+        );
+        let entries = if p.is_remote() {
+            // The URI as it is: readers find it by its scheme.
+            vec![
+                linkage,
                 (
-                    "parent_linkage".into(),
-                    format!("{{{}}}", p.data_write_guid),
+                    "absolute_win32_path".into(),
+                    p.absolute.to_string_lossy().into(),
                 ),
+            ]
+        } else {
+            vec![
+                linkage,
                 ("relative_path".into(), p.relative.clone()),
                 // Backslash separators, as Windows writes: readers that keep what follows the
                 // last backslash (libvhdi) then find the parent beside the child; we map back.
@@ -272,7 +322,11 @@ fn write_layout<F: ImageFile>(
                     "absolute_win32_path".into(),
                     p.absolute.to_string_lossy().replace('/', "\\"),
                 ),
-            ],
+            ]
+        };
+        let loc = ParentLocator {
+            locator_type: guids::PARENT_LOCATOR_TYPE,
+            entries,
         };
         items.push((guids::PARENT_LOCATOR, loc.to_bytes(), false));
     }

@@ -63,6 +63,18 @@ fn host_path(s: &str) -> PathBuf {
     PathBuf::from(s.strip_prefix("./").unwrap_or(&s))
 }
 
+/// Whether a stored locator value is a URI (`scheme://...`, scheme letters, digits, `+`, `-`,
+/// `.`) rather than a path: a Windows path has at most a drive letter before its colon.
+fn is_uri(s: &str) -> bool {
+    s.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.len() > 1
+            && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    })
+}
+
 fn base_name(s: &str) -> &str {
     s.rsplit(['\\', '/']).next().unwrap_or(s)
 }
@@ -86,7 +98,14 @@ impl ParentLink {
         };
         let keys = ["relative_path", "absolute_win32_path", "volume_path"];
         for key in keys {
-            if let Some(v) = loc.get(key) {
+            if let Some(v) = loc.get(key).filter(|v| is_uri(v)) {
+                // A parent reached over the network (`nbd://...`): the URI as stored.
+                push(PathBuf::from(v));
+            }
+        }
+        let keys = keys.map(|k| (k, loc.get(k).filter(|v| !is_uri(v))));
+        for (key, v) in keys {
+            if let Some(v) = v {
                 let p = host_path(v);
                 if key == "relative_path" || p.is_relative() {
                     if key != "volume_path" {
@@ -97,8 +116,8 @@ impl ParentLink {
                 }
             }
         }
-        for key in keys {
-            if let Some(v) = loc.get(key) {
+        for (_, v) in keys {
+            if let Some(v) = v {
                 push(dir.join(base_name(v)));
             }
         }

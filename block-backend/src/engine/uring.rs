@@ -28,7 +28,7 @@ use super::{
     lock_chain, run_on_chain, Engine, IoBuf, IoCompletion, IoKind, IoRequest, SharedChain,
 };
 use crate::chain::Piece;
-use crate::image_layer::Commit;
+use crate::layer::Commit;
 use crate::{AlignedBuf, Chain, Disk, Error, Result};
 
 /// A request with transfers still in flight.
@@ -43,7 +43,8 @@ struct Req {
 
 /// Which registered descriptor a transfer uses.
 struct Files {
-    /// Registered-file index of each level's buffered and direct descriptor.
+    /// Registered-file index of each level's buffered and direct descriptor (`u32::MAX` for
+    /// a level without a local file: the chain plans no file pieces for it).
     buffered_idx: Vec<u32>,
     direct_idx: Vec<Option<u32>>,
     /// Alignment O_DIRECT needs for memory, offsets and lengths.
@@ -154,8 +155,14 @@ impl UringEngine {
         let mut direct = Vec::new();
         let mut dio_align = 0u64;
         for level in 0..levels {
+            let Some(file) = chain.layer_file(level) else {
+                buffered_idx.push(u32::MAX);
+                direct_idx.push(None);
+                direct.push(None);
+                continue;
+            };
             buffered_idx.push(fds.len() as u32);
-            fds.push(chain.layer_file(level).as_raw_fd());
+            fds.push(file.as_raw_fd());
             let writable = level == 0 && !chain.is_read_only();
             let path = chain.stack()[level].path().to_path_buf();
             let d = OpenOptions::new()
@@ -178,9 +185,11 @@ impl UringEngine {
                 }
             }
         }
-        ring.submitter()
-            .register_files(&fds)
-            .map_err(|e| Error::io(&path, "io_uring register files", 0, e))?;
+        if !fds.is_empty() {
+            ring.submitter()
+                .register_files(&fds)
+                .map_err(|e| Error::io(&path, "io_uring register files", 0, e))?;
+        }
         drop(chain);
         Ok(UringEngine {
             ring,

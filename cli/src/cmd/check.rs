@@ -256,7 +256,7 @@ fn parent_link_finding(
         }
     };
     // If the image itself does not open, the structural findings already say why.
-    let image = match block_backend::Layer::open(path, opts.mode()) {
+    let image = match block_backend::open_layer(path, opts.mode()) {
         Ok(i) => i,
         Err(e) => return in_use(e),
     };

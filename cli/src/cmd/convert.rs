@@ -16,6 +16,11 @@
 //! directory is synced after. On any error it is removed. An existing DST is only replaced with
 //! `--force`. Memory is bounded by the buffers in flight, whatever the disk size.
 //!
+//! DST may also be an existing NBD export (`nbd://...`, as qemu-img's `convert -n`): the
+//! source's bytes are written into it, zero runs as zero writes (`NBD_CMD_WRITE_ZEROES` where
+//! the server offers it), nothing is created or renamed, and the export must be at least as
+//! large as the source.
+//!
 //! With `--fs`, the file systems on SRC are read first (as `compact --fs` reads them,
 //! crate `fs-free`) into a map of wholly free granules (4 KiB, more on disks over 16 TiB);
 //! their bytes are zeroed before the zero check, so free space is never written to DST.
@@ -102,7 +107,18 @@ pub fn run(a: &Args) -> Result<u8> {
         sectors: a.sectors,
     };
     spec.check()?;
-    if !a.force && a.dst.symlink_metadata().is_ok() {
+    let remote = block_backend::layer::is_remote(&a.dst);
+    if remote
+        && (a.output_format.is_some_and(|f| f != ImageFormat::Raw)
+            || a.disk_type.is_some()
+            || a.block_size.is_some()
+            || a.sparse
+            || a.azure
+            || a.sectors.any())
+    {
+        bail!("{} is an export: it takes the disk's bytes as they are (-O, --type, --block-size, --sparse, --azure and sector sizes do not apply)", a.dst.display());
+    }
+    if !remote && !a.force && a.dst.symlink_metadata().is_ok() {
         bail!(
             "{} already exists; use --force to replace it",
             a.dst.display()
@@ -110,8 +126,15 @@ pub fn run(a: &Args) -> Result<u8> {
     }
     let mut src = open_read_only(&a.src, a.share)?;
     let size = src.size();
-    let tmp = TempOutput::new(&a.dst)?;
-    let mut sink = Sink::create(tmp.path(), size, &spec)?;
+    let tmp = if remote {
+        None
+    } else {
+        Some(TempOutput::new(&a.dst)?)
+    };
+    let mut sink = match &tmp {
+        None => Sink::export(&a.dst, size)?,
+        Some(t) => Sink::create(t.path(), size, &spec)?,
+    };
     let free = if a.fs {
         Some(free_map(&mut src, size, a.force)?)
     } else {
@@ -121,7 +144,9 @@ pub fn run(a: &Args) -> Result<u8> {
     copy(&mut src, &mut sink, size, &mut progress, free.as_ref())?;
     sink.finish()?;
     progress.finish();
-    tmp.commit(&a.dst, a.force)?;
+    if let Some(tmp) = tmp {
+        tmp.commit(&a.dst, a.force)?;
+    }
     Ok(0)
 }
 
@@ -217,8 +242,8 @@ const BUFFERS: usize = 4;
 
 /// What the reading thread hands over.
 enum Piece {
-    /// A run the source's map calls zero, never read: only progress moves.
-    Hole(u64),
+    /// A run `(offset, length)` the source's map calls zero, never read.
+    Hole(u64, u64),
     /// Bytes read at a virtual offset.
     Data(u64, AlignedBuf),
 }
@@ -247,7 +272,9 @@ fn copy(
         // does it, so the copy never waits for the disk before the final flush.
         let flusher = scope.spawn(move || {
             for () in kick_rx {
-                start_writeback(out_fd);
+                if let Some(fd) = out_fd {
+                    start_writeback(fd);
+                }
             }
         });
         let reader = scope.spawn(move || {
@@ -263,7 +290,7 @@ fn copy(
                 };
                 for e in map {
                     if e.zero && !e.data {
-                        if full_tx.send(Ok(Piece::Hole(e.length))).is_err() {
+                        if full_tx.send(Ok(Piece::Hole(e.offset, e.length))).is_err() {
                             return;
                         }
                         continue;
@@ -289,7 +316,8 @@ fn copy(
         let result = (|| -> Result<()> {
             for item in full_rx.iter() {
                 let (offset, buf) = match item? {
-                    Piece::Hole(len) => {
+                    Piece::Hole(offset, len) => {
+                        sink.zero(offset, len)?;
                         progress.inc(len);
                         continue;
                     }
@@ -326,31 +354,35 @@ fn copy(
 }
 
 /// Writes the runs of `buf` (which holds `[offset, offset + len)`) that are not whole zero
-/// granules; returns the bytes written. Granules are aligned on the virtual disk, not on the
-/// buffer.
+/// granules, and hands the zero runs to [`Sink::zero`]; returns the bytes written. Granules
+/// are aligned on the virtual disk, not on the buffer.
 pub(super) fn write_nonzero(sink: &mut Sink, buf: &[u8], offset: u64) -> Result<u64> {
     let mut written = 0;
     let end = offset + buf.len() as u64;
     let at = |v: u64| (v - offset) as usize;
-    let mut run_start: Option<u64> = None;
+    // The current run: its start and whether it is zeros.
+    let mut run: Option<(u64, bool)> = None;
     let mut pos = offset;
-    while pos < end {
+    while pos <= end {
         let g_end = ((pos / ZERO_GRANULE + 1) * ZERO_GRANULE).min(end);
-        let zero = is_zero(&buf[at(pos)..at(g_end)]);
-        match (zero, run_start) {
-            (false, None) => run_start = Some(pos),
-            (true, Some(s)) => {
-                sink.write(&buf[at(s)..at(pos)], s)?;
-                written += pos - s;
-                run_start = None;
+        let zero = pos < end && is_zero(&buf[at(pos)..at(g_end)]);
+        match run {
+            Some((s, z)) if pos == end || z != zero => {
+                if z {
+                    sink.zero(s, pos - s)?;
+                } else {
+                    sink.write(&buf[at(s)..at(pos)], s)?;
+                    written += pos - s;
+                }
+                run = Some((pos, zero));
             }
+            None => run = Some((pos, zero)),
             _ => {}
         }
+        if pos == end {
+            break;
+        }
         pos = g_end;
-    }
-    if let Some(s) = run_start {
-        sink.write(&buf[at(s)..], s)?;
-        written += end - s;
     }
     Ok(written)
 }
@@ -366,6 +398,8 @@ pub(super) enum Sink {
     },
     /// A fresh VHD or VHDX image.
     Image(Box<Chain>),
+    /// An existing export (it may hold old data: zeros are written, not skipped).
+    Export(Box<Chain>),
 }
 
 impl Sink {
@@ -440,6 +474,27 @@ impl Sink {
         Sink::image(block_backend::Image::new(Box::new(image)))
     }
 
+    fn export(dst: &Path, size: u64) -> Result<Sink> {
+        let chain = block_backend::open(dst, block_backend::OpenOptions::read_write())
+            .with_context(|| format!("cannot open {} for writing", dst.display()))?;
+        if chain.size() < size {
+            bail!(
+                "{} holds {} bytes, less than the source's {size}",
+                dst.display(),
+                chain.size()
+            );
+        }
+        Ok(Sink::Export(Box::new(chain)))
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros: nothing to do on a fresh output.
+    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        match self {
+            Sink::Export(d) => Ok(d.write_zeroes(offset, len)?),
+            Sink::Raw { .. } | Sink::Image(_) => Ok(()),
+        }
+    }
+
     fn image(image: block_backend::Image) -> Result<Sink> {
         let mut chain = Chain::from_image(image)?;
         // Nobody sees the file before the final flush and rename: no ordering barriers needed.
@@ -452,15 +507,15 @@ impl Sink {
             Sink::Raw { file, path } => file
                 .write_all_at(buf, offset)
                 .with_context(|| format!("{}: write at offset {offset}", path.display())),
-            Sink::Image(d) => Ok(d.write_at(buf, offset)?),
+            Sink::Image(d) | Sink::Export(d) => Ok(d.write_at(buf, offset)?),
         }
     }
 
     /// The output file's descriptor (valid as long as the sink).
-    fn output_fd(&self) -> RawFd {
+    fn output_fd(&self) -> Option<RawFd> {
         match self {
-            Sink::Raw { file, .. } => file.as_raw_fd(),
-            Sink::Image(d) => d.top().file().as_raw_fd(),
+            Sink::Raw { file, .. } => Some(file.as_raw_fd()),
+            Sink::Image(d) | Sink::Export(d) => d.top().file().map(|f| f.as_raw_fd()),
         }
     }
 
@@ -470,7 +525,7 @@ impl Sink {
             Sink::Raw { file, path } => file
                 .sync_all()
                 .with_context(|| format!("{}: flush", path.display())),
-            Sink::Image(mut d) => Ok(d.flush()?),
+            Sink::Image(mut d) | Sink::Export(mut d) => Ok(d.flush()?),
         }
     }
 }

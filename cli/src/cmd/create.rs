@@ -83,7 +83,10 @@ pub fn run(a: &Args) -> Result<u8> {
                     bail!("SIZE {s} differs from the parent's virtual size {}; a differencing image always has its parent's size", disk.size());
                 }
             }
-            Some((p.clone(), disk.size(), format))
+            // A remote parent (an NBD export) is recorded by the identity its server tells.
+            let remote = block_backend::layer::is_remote(p)
+                .then(|| (disk.top().identity(), disk.logical_sector_size()));
+            Some((p.clone(), disk.size(), format, remote))
         }
         None => None,
     };
@@ -92,11 +95,11 @@ pub fn run(a: &Args) -> Result<u8> {
         Some(ImageFormat::Vhdx) => CreateFormat::Vhdx,
         Some(ImageFormat::Vhd) => CreateFormat::Vhd,
         _ => match &parent {
-            Some((_, _, Format::Vhdx)) => CreateFormat::Vhdx,
+            Some((_, _, Format::Vhdx, _)) => CreateFormat::Vhdx,
             _ => CreateFormat::Vhd,
         },
     });
-    if let Some((p, _, pf)) = &parent {
+    if let Some((p, _, pf, _)) = &parent {
         let want = if format == CreateFormat::Vhdx {
             Format::Vhdx
         } else {
@@ -127,7 +130,7 @@ pub fn run(a: &Args) -> Result<u8> {
         bail!("--block-size applies to dynamic and differencing VHD images only");
     }
     let (size, kind) = match &parent {
-        Some((_, size, _)) => (*size, "differencing"),
+        Some((_, size, _, _)) => (*size, "differencing"),
         None => {
             let Some(mut size) = a.size else {
                 bail!("SIZE is required (for example 64M or 10G) unless --parent is given");
@@ -150,6 +153,23 @@ pub fn run(a: &Args) -> Result<u8> {
         }
     };
     let parent_path = parent.as_ref().map(|p| p.0.clone());
+    let remote_parent = match &parent {
+        Some((p, size, _, Some((identity, sector)))) => {
+            if format != CreateFormat::Vhdx {
+                bail!("a child over a network export must be a VHDX (use a .vhdx name or -f vhdx)");
+            }
+            let Some(identity) = identity else {
+                bail!("{} tells no image identity (only `vhdtool serve` exports do): a child could not check it is stacked on the right image", p.display());
+            };
+            Some(vhdx::ParentInfo::remote(
+                &p.to_string_lossy(),
+                *identity,
+                *size,
+                *sector,
+            ))
+        }
+        _ => None,
+    };
     let block_size = match format {
         CreateFormat::Vhd => {
             let mut opts = vhd::CreateOptions {
@@ -175,8 +195,11 @@ pub fn run(a: &Args) -> Result<u8> {
                 a.sectors,
             )?;
             opts.parent = parent_path;
-            let image = vhdx::VhdxImage::create(&a.file, &opts)
-                .with_context(|| format!("cannot create {}", a.file.display()))?;
+            let image = match remote_parent {
+                Some(p) => vhdx::VhdxImage::create_over(&a.file, &opts, p),
+                None => vhdx::VhdxImage::create(&a.file, &opts),
+            }
+            .with_context(|| format!("cannot create {}", a.file.display()))?;
             let b = image.block_size();
             image
                 .close()
@@ -197,7 +220,7 @@ pub fn run(a: &Args) -> Result<u8> {
     if let Some(b) = block_size.filter(|_| kind != "fixed" || format == CreateFormat::Vhdx) {
         line.push_str(&format!(" block_size={b}"));
     }
-    if let Some((p, _, _)) = &parent {
+    if let Some((p, _, _, _)) = &parent {
         line.push_str(&format!(" parent='{}'", p.display()));
     }
     println!("{line}");

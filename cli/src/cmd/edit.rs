@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use block_backend::{Chain, Disk, Layer, OpenOptions};
+use block_backend::{Chain, Disk, OpenOptions};
 use image_io::format::FormatImage;
 
 /// One image opened writable, whatever its format (the shared format interface).
@@ -18,12 +18,13 @@ impl RwImage {
     /// Opens `path` writable (format by content). Raw files are refused: they have no
     /// structure to edit.
     pub fn open(path: &Path, verb: &str) -> Result<RwImage> {
-        match Layer::open(path, vhd::OpenMode::ReadWrite)
-            .with_context(|| format!("cannot open {}", path.display()))?
-        {
-            Layer::Image(image) => Ok(RwImage(image.into_format_image())),
-            Layer::Raw(_) => bail!(
-                "{}: a raw file has no VHD/VHDX structure to {verb}",
+        let layer = block_backend::open_layer(path, vhd::OpenMode::ReadWrite)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let format = layer.format();
+        match layer.into_format_image() {
+            Some(image) => Ok(RwImage(image)),
+            None => bail!(
+                "{}: a {format} disk has no VHD/VHDX structure to {verb}",
                 path.display()
             ),
         }

@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use block_backend::{Disk, Layer, LayerInfo};
+use block_backend::{Disk, LayerInfo};
 use serde::Serialize;
 
 use crate::size::format_size;
@@ -36,8 +36,9 @@ pub struct Info {
     pub subformat: Option<String>,
     /// Size of the virtual disk in bytes.
     pub virtual_size: u64,
-    /// Bytes allocated on the host for the file (`st_blocks * 512`).
-    pub actual_size: u64,
+    /// Bytes allocated on the host for the file (`st_blocks * 512`); null for a remote
+    /// layer (an NBD export), which has no local file.
+    pub actual_size: Option<u64>,
     /// Allocation block size (dynamic and differencing).
     pub block_size: Option<u32>,
     /// Logical sector size.
@@ -72,19 +73,24 @@ pub fn gather(path: &Path, share: super::ShareArgs) -> Result<Info> {
         ),
         Err(e) if e.is_chain_error() => {
             // The image itself may be fine: describe it alone.
-            let top = Layer::open(path, opts.mode())?;
+            let top = block_backend::open_layer(path, opts.mode())?;
             (vec![top.info()], (512, 512), Some(e.to_string()))
         }
         Err(e) => return Err(e.into()),
     };
     let top: &LayerInfo = layers.first().context("no layers")?;
-    let meta = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    let actual_size = if block_backend::layer::is_remote(path) {
+        None
+    } else {
+        let meta = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+        Some(meta.blocks().saturating_mul(512))
+    };
     Ok(Info {
         filename: path.to_path_buf(),
         format: top.format.to_string(),
         subformat: top.subformat.map(|s| s.to_string()),
         virtual_size: top.virtual_size,
-        actual_size: meta.blocks().saturating_mul(512),
+        actual_size,
         block_size: top.block_size,
         logical_sector_size: sector_sizes.0,
         physical_sector_size: sector_sizes.1,
@@ -125,7 +131,11 @@ fn human(i: &Info) -> String {
         "virtual size",
         format!("{} ({} bytes)", format_size(i.virtual_size), i.virtual_size),
     );
-    line("disk size", format_size(i.actual_size));
+    line(
+        "disk size",
+        i.actual_size
+            .map_or_else(|| "unavailable".into(), format_size),
+    );
     if let Some(b) = i.block_size {
         line(
             "block size",

@@ -15,7 +15,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use block_backend::Layer;
 use serde::Serialize;
 
 use super::edit::RwImage;
@@ -54,7 +53,7 @@ use image_io::format::relative_windows_path;
 
 /// Runs `rebase`.
 pub fn run(a: &Args) -> Result<u8> {
-    let new_parent = Layer::open(&a.parent, vhd::OpenMode::ReadOnly)
+    let new_parent = block_backend::open_layer(&a.parent, vhd::OpenMode::ReadOnly)
         .with_context(|| format!("cannot open the new parent {}", a.parent.display()))?;
     let absolute = std::fs::canonicalize(&a.parent)
         .with_context(|| format!("cannot resolve {}", a.parent.display()))?;
@@ -63,13 +62,10 @@ pub fn run(a: &Args) -> Result<u8> {
     let dir = child_abs.parent().unwrap_or(Path::new("/"));
     let relative = relative_windows_path(dir, &absolute);
     // Identity first, read-only: a refused rebase writes nothing.
-    let child = Layer::open(&a.child, vhd::OpenMode::ReadOnly)
+    let child = block_backend::open_layer(&a.child, vhd::OpenMode::ReadOnly)
         .with_context(|| format!("cannot open {}", a.child.display()))?;
     let (c, f) = (child.format(), new_parent.format());
-    let Some(link) = (match &child {
-        Layer::Image(img) => img.format_image().parent_ref(),
-        Layer::Raw(_) => None,
-    }) else {
+    let Some(link) = child.format_image().and_then(|img| img.parent_ref()) else {
         bail!("{} is not a differencing image", a.child.display());
     };
     if c != f {
@@ -78,10 +74,10 @@ pub fn run(a: &Args) -> Result<u8> {
             a.parent.display()
         );
     }
-    let Layer::Image(p) = &new_parent else {
+    let Some(found) = new_parent.identity() else {
         bail!("{} is not a {c} image", a.parent.display());
     };
-    let (want, found) = (link.accepts[0], p.identity());
+    let want = link.accepts[0];
     let matches = link.accepts.contains(&found);
     drop(child);
     if !matches && !a.unsafe_ {

@@ -72,6 +72,14 @@ pub fn run(a: &Args) -> Result<u8> {
     // Like Hyper-V, no unmap on VHD: a dynamic VHD can only drop whole blocks from its BAT,
     // which leaks their space inside the file; trims are not offered and zeros are written.
     let discard = chain.layers().first().map(|l| l.format) != Some(Format::Vhd);
+    // What a child stacked on this export over NBD checks its parent by.
+    let description = nbd::ImageIdentity {
+        format: chain.top().format().to_string(),
+        identity: chain.top().identity(),
+        sector: chain.logical_sector_size(),
+        image: a.image.display().to_string(),
+    }
+    .describe();
     let mut readers: Vec<Box<dyn Disk>> = Vec::new();
     if a.read_only {
         for _ in 0..READERS {
@@ -86,7 +94,7 @@ pub fn run(a: &Args) -> Result<u8> {
     let server = nbd::Server::new(nbd::ServerConfig {
         export: nbd::Export {
             name: a.name.clone(),
-            description: Some(format!("{}", a.image.display())),
+            description: Some(description),
             disk: disk.clone(),
         },
         tls,

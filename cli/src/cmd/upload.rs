@@ -190,15 +190,20 @@ fn footer_present(blob: &PageBlob, vsize: u64) -> Result<bool> {
 }
 
 /// Identifies the source of an upload: sizes, the allocation map, and each layer file's length
-/// and modification time (MD5, hex).
+/// and modification time, or a remote layer's location and size (MD5, hex).
 fn fingerprint(src: &mut Chain, size: u64, vsize: u64) -> Result<String> {
     let mut h = Md5::new();
     h.update(b"vhdkit-upload-1");
     h.update(size.to_le_bytes());
     h.update(vsize.to_le_bytes());
     for layer in src.stack() {
-        let m = layer
-            .file()
+        // A remote layer (an NBD export) has no file: its location and size stand for it.
+        let Some(file) = layer.file() else {
+            h.update(layer.path().as_os_str().as_encoded_bytes());
+            h.update(layer.size().to_le_bytes());
+            continue;
+        };
+        let m = file
             .metadata()
             .with_context(|| format!("{}: stat", layer.path().display()))?;
         h.update(m.len().to_le_bytes());

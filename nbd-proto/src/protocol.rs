@@ -1,4 +1,5 @@
-//! NBD wire format: constants, length-checked parsing of every client message, reply encoding.
+//! NBD wire format: constants, length-checked parsing of every client message, reply encoding
+//! (the server's side) and the request encoding the client sends.
 //!
 //! Numbers and layouts are those of the NBD protocol document (`doc/proto.md` of the
 //! NetworkBlockDevice/nbd project); everything is big-endian.

@@ -18,8 +18,9 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use crate::disk::{push_merged, MapExtent};
-use crate::{Error, Result};
+use super::{Extent, Layer, PlannedWrite, Source};
+use crate::disk::LayerInfo;
+use crate::{Error, Format, Result};
 
 /// Size of the zero buffer used to fill ranges when hole punching is not available.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -55,53 +56,28 @@ impl RawFile {
         })
     }
 
-    /// The file path as opened.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The open file.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    /// Disk size (file length at open).
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     /// True if opened without write access.
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }
 
     /// Reads `buf.len()` bytes at `offset`; the caller has checked the range.
-    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+    fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.file
             .read_exact_at(buf, offset)
             .map_err(|e| Error::io(&self.path, "read", offset, e))
     }
 
     /// Writes `buf` at `offset`; the caller has checked the range and write access.
-    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+    fn pwrite(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| Error::io(&self.path, "write", offset, e))
     }
 
-    /// Makes written data durable.
-    pub(crate) fn flush(&self) -> Result<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io(&self.path, "flush", 0, e))
-    }
-
     /// Makes `[offset, offset + len)` read as zeros: punches a hole where the file system can,
     /// writes zeros where it cannot. The caller has checked the range and write access.
-    pub(crate) fn discard(&self, offset: u64, len: u64) -> Result<()> {
+    fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -150,24 +126,25 @@ impl RawFile {
         let end = offset + len;
         while pos < end {
             let n = (end - pos).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], pos)?;
+            self.pwrite(&zeros[..n], pos)?;
             pos += n as u64;
         }
         Ok(())
     }
 
-    /// Data and hole runs of `[offset, offset + len)` at `depth`; the caller has checked the range.
-    pub(crate) fn map(&self, offset: u64, len: u64, depth: u32, out: &mut Vec<MapExtent>) {
+    /// Data and hole runs of `[offset, offset + len)`; the caller has checked the range.
+    fn runs(&self, offset: u64, len: u64) -> Vec<Extent> {
         let end = offset + len;
-        let run = |start: u64, stop: u64, data: bool| MapExtent {
+        let run = |start: u64, stop: u64, data: bool| Extent {
             offset: start,
-            length: stop - start,
-            depth,
-            data,
-            zero: !data,
-            file_offset: Some(start),
-            file: Some(self.path.clone()),
+            len: stop - start,
+            source: if data {
+                Source::Data(start)
+            } else {
+                Source::Hole(start)
+            },
         };
+        let mut out = Vec::new();
         let mut pos = offset;
         while pos < end {
             let data_start = match self.seek(pos, libc::SEEK_DATA) {
@@ -176,12 +153,12 @@ impl RawFile {
                 Ok(None) => end,
                 Err(_) => {
                     // The file system cannot say: report the rest as data.
-                    push_merged(out, run(pos, end, true));
-                    return;
+                    out.push(run(pos, end, true));
+                    return out;
                 }
             };
             if data_start > pos {
-                push_merged(out, run(pos, data_start.min(end), false));
+                out.push(run(pos, data_start.min(end), false));
             }
             if data_start >= end {
                 break;
@@ -190,9 +167,10 @@ impl RawFile {
                 Ok(Some(h)) if h > data_start => h.min(end),
                 _ => end,
             };
-            push_merged(out, run(data_start, hole_start, true));
+            out.push(run(data_start, hole_start, true));
             pos = hole_start;
         }
+        out
     }
 
     /// `lseek(fd, pos, whence)` for `SEEK_DATA`/`SEEK_HOLE`; `Ok(None)` for `ENXIO` (nothing of
@@ -214,5 +192,81 @@ impl RawFile {
                 Err(e)
             }
         }
+    }
+}
+
+impl Layer for RawFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Disk size (file length at open).
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    fn info(&self) -> LayerInfo {
+        LayerInfo {
+            path: self.path.clone(),
+            format: Format::Raw,
+            subformat: None,
+            virtual_size: self.size,
+            block_size: None,
+            creator: None,
+            uuid: None,
+            parent_uuid: None,
+            parent_name: None,
+        }
+    }
+
+    fn sector_size(&self) -> u64 {
+        1
+    }
+
+    fn is_writable(&self) -> bool {
+        !self.read_only
+    }
+
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+
+    fn resolve_read(&mut self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        Ok(vec![Extent {
+            offset,
+            len,
+            source: Source::Data(offset),
+        }])
+    }
+
+    fn map(&mut self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        Ok(self.runs(offset, len))
+    }
+
+    fn read_payload(&mut self, buf: &mut [u8], at: u64) -> Result<()> {
+        self.pread(buf, at)
+    }
+
+    fn plan_write(&mut self, offset: u64, len: u64) -> Result<Option<PlannedWrite>> {
+        // The identity map: the payload goes where it is on the disk, no metadata.
+        Ok(Some((vec![(offset, len, offset)], None)))
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        self.zero_range(offset, len)?;
+        Ok(Vec::new())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(&self.path, "flush", 0, e))
     }
 }
