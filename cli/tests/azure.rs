@@ -472,3 +472,67 @@ fn service_stopped_mid_upload_fails_naming_the_blob_without_footer() {
         started.elapsed()
     );
 }
+
+#[test]
+fn blob_url_reads_as_a_read_only_image() {
+    let Some(s) = setup() else { return };
+    let d = s.dir.path();
+    let src = d.join("src.vhdx");
+    let size = 24 * MIB;
+    ok(&vhdtool(&[&"create", &src, &size.to_string()]));
+    let runs = fill(&src, size);
+    let url = s.url("ro.vhd");
+    ok(&vhdtool(&[&"upload", &src, &url]));
+    let before = sdk_ranges(&url);
+    let info = ok(&vhdtool(&[&"info", &url]));
+    assert!(
+        info.contains("file format: vhd") && info.contains(&format!("({size} bytes)")),
+        "{info}"
+    );
+    ok(&vhdtool(&[&"compare", &url, &src]));
+    let (o, l) = runs[1];
+    let got = vhdtool(&[
+        &"read",
+        &url,
+        &"--offset",
+        &o.to_string(),
+        &"--length",
+        &l.to_string(),
+    ]);
+    ok(&got);
+    assert!(
+        got.stdout == vhdkit_tests::noise(2, l as usize),
+        "read through the blob differs"
+    );
+    let map = ok(&vhdtool(&[&"map", &url]));
+    assert_eq!(
+        map.lines().count(),
+        1 + runs.len(),
+        "map lists the data runs only: {map}"
+    );
+    let out = d.join("from-blob.vhdx");
+    ok(&vhdtool(&[&"convert", &url, &out]));
+    ok(&vhdtool(&[&"compare", &out, &src]));
+    if tool_or_skip("qemu-img") {
+        let o = Command::new("qemu-img")
+            .arg("compare")
+            .arg(&src)
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    }
+    // Writing to the blob is refused, and nothing changed.
+    let input = d.join("w.in");
+    std::fs::write(&input, [7u8; 512]).unwrap();
+    let err = fails(&vhdtool(&[
+        &"write",
+        &"--offset",
+        &"0",
+        &"--input",
+        &input,
+        &url,
+    ]));
+    assert!(err.contains("read-only") && !err.contains("sig="), "{err}");
+    assert_eq!(sdk_ranges(&url), before, "the blob changed");
+}

@@ -18,7 +18,7 @@
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use azure_blob::{BlobUrl, PageBlob, MAX_PAGE_WRITE};
 
 use super::convert::{write_nonzero, OutputSpec, Sink, TempOutput};
@@ -74,7 +74,8 @@ pub fn run(a: &Args) -> Result<u8> {
         );
     }
     let blob = PageBlob::new(BlobUrl::parse(&a.url)?);
-    let size = fixed_vhd_size(&blob)?;
+    // The same checks as opening the blob as a layer: a page blob holding a fixed VHD.
+    let (size, _) = block_backend::layer::fixed_vhd_in_blob(&blob)?;
     let tmp = TempOutput::new(&a.out)?;
     let mut sink = Sink::create(tmp.path(), size, &spec)?;
     let mut progress = Progress::new(size, a.progress);
@@ -83,49 +84,6 @@ pub fn run(a: &Args) -> Result<u8> {
     progress.finish();
     tmp.commit(&a.out, a.force)?;
     Ok(0)
-}
-
-/// The virtual size of the fixed VHD in the blob, after checking its footer.
-fn fixed_vhd_size(blob: &PageBlob) -> Result<u64> {
-    let props = blob
-        .properties()?
-        .with_context(|| format!("{}: the blob does not exist", blob.url()))?;
-    let footer_size = vhd::footer::FOOTER_SIZE as u64;
-    if props.blob_type != "PageBlob" || props.length < footer_size || props.length % 512 != 0 {
-        bail!(
-            "{}: not a VHD page blob ({} of {} bytes; a VHD blob is a page blob of whole 512-byte pages)",
-            blob.url(),
-            props.blob_type,
-            props.length
-        );
-    }
-    let at = props.length - footer_size;
-    let mut raw = [0u8; vhd::footer::FOOTER_SIZE];
-    blob.read(at, &mut raw)?;
-    let f = vhd::Footer::parse(&raw);
-    let problems = f.problems();
-    if !problems.is_empty() {
-        bail!(
-            "{}: not a VHD: footer at offset {at}: {}",
-            blob.url(),
-            problems.join("; ")
-        );
-    }
-    if f.disk_type() != Some(vhd::DiskType::Fixed) {
-        bail!(
-            "{}: footer at offset {at}: a {:?} VHD; Azure blobs hold fixed VHDs only",
-            blob.url(),
-            f.disk_type()
-        );
-    }
-    if f.current_size > at || f.current_size % 512 != 0 {
-        bail!(
-            "{}: footer at offset {at}: virtual size {} does not fit the {at} bytes before the footer",
-            blob.url(),
-            f.current_size
-        );
-    }
-    Ok(f.current_size)
 }
 
 /// Copies the written pages of `[0, size)` into `sink`.
