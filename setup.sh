@@ -4,7 +4,9 @@
 #      or through sudo, skipped when every command the tests use is there already
 #      (.ci/commands.txt); afterwards every one of them must be on PATH, or setup fails naming
 #      what is missing;
-#   2. `cargo install --path cli --locked`, which puts `vhdtool` into ~/.cargo/bin.
+#   2. the npm packages of the Azure tests (Azurite, @azure/storage-blob) into .ci/node, by
+#      .ci/install-node-packages (no root needed);
+#   3. `cargo install --path cli --locked`, which puts `vhdtool` into ~/.cargo/bin.
 # Afterwards: `vhdtool convert disk.raw disk.vhd`, and ./test.sh runs every test.
 set -euo pipefail
 
@@ -28,6 +30,8 @@ if ! .ci/install-packages --check >/dev/null 2>&1; then
 else
     echo "==> system packages already installed"
 fi
+
+.ci/install-node-packages
 
 if ! command -v cargo >/dev/null; then
     if [ -x "$HOME/.cargo/bin/cargo" ]; then

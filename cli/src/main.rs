@@ -92,6 +92,10 @@ enum Command {
     Umount(cmd::mount::UmountArgs),
     /// Serve the image over NBD (Unix socket or TCP) until SIGINT/SIGTERM.
     Serve(cmd::serve::Args),
+    /// Download an Azure page blob holding a fixed VHD (SAS URL) into any format, sparse.
+    Download(cmd::download::Args),
+    /// Upload an image to an Azure page blob (SAS URL) as a fixed VHD, sending only data.
+    Upload(cmd::upload::Args),
 }
 
 impl Command {
@@ -118,6 +122,8 @@ impl Command {
             Command::Mount(a) => cmd::mount::run(a),
             Command::Umount(a) => cmd::mount::run_umount(a),
             Command::Serve(a) => cmd::serve::run(a),
+            Command::Upload(a) => cmd::upload::run(a),
+            Command::Download(a) => cmd::download::run(a),
         }
     }
 

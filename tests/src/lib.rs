@@ -25,6 +25,8 @@
 //! This crate depends on no vhdkit crate (`vhd`, `vhdx`, `block-backend`, `vhdtool`): they use it
 //! as a dev-dependency, and an edge back would be a dependency cycle.
 
+pub mod azure;
+
 use std::borrow::BorrowMut;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};

@@ -6,7 +6,8 @@
 //!     ├─ nbd:// nbds:// nbd+unix:// ──> nbd.rs   (NbdLayer: an export on an NBD server)
 //!     ├─ local file, probed by content ─> raw.rs   (RawFile: the file's bytes are the disk)
 //!     │                                 └> image.rs (Image: VHD/VHDX through the format crates)
-//!     └─ (more remote kinds, a cloud blob: one more file here each)
+//!     ├─ http:// https://…?sig=… ─────> blob.rs  (BlobLayer: a fixed VHD in an Azure page blob)
+//!     └─ (more remote kinds: one more file here each)
 //!
 //!   Chain ──> Box<dyn Layer> ── resolve_read(off, len) -> [Data(at) | Zero | Hole(at) | Parent]
 //!                             ├─ file() = Some(f): engines move payload at `at` of `f` themselves
@@ -29,10 +30,12 @@
 //!   planned file ranges and [`Layer::commit`] ran; `None` from `plan_write` means the layer
 //!   takes writes only through [`Layer::write`] (write-through, e.g. a remote export).
 
+mod blob;
 mod image;
 mod nbd;
 mod raw;
 
+pub use blob::{fixed_vhd_in_blob, BlobLayer};
 pub use image::{Image, SECTOR};
 pub use nbd::NbdLayer;
 pub use raw::RawFile;
@@ -212,6 +215,10 @@ pub fn open(location: &Path, mode: OpenMode) -> Result<Box<dyn Layer>> {
     if let Some(uri) = nbd_uri(location) {
         return Ok(Box::new(NbdLayer::open(uri, mode)?));
     }
+    if blob::is_blob_url(location) {
+        let url = location.to_str().unwrap_or_default();
+        return Ok(Box::new(BlobLayer::open(url, mode)?));
+    }
     let file = image_io::lock::open(location, mode).map_err(|e| Error::from_open(location, e))?;
     let image = match probe::probe(&file, location)? {
         Format::Vhdx => Image::new(Box::new(vhdx::VhdxImage::open_file(file, location, mode)?)),
@@ -232,7 +239,7 @@ fn nbd_uri(location: &Path) -> Option<&str> {
 /// Whether `location` names a remote layer (a URI) rather than a local file: such a location
 /// has no file to stat, lock, create or rename.
 pub fn is_remote(location: &Path) -> bool {
-    nbd_uri(location).is_some()
+    nbd_uri(location).is_some() || blob::is_blob_url(location)
 }
 
 /// Canonical form of a location, for cycle detection: the resolved path of a local file, a

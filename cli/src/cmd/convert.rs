@@ -98,28 +98,15 @@ pub fn run(a: &Args) -> Result<u8> {
         .or_else(|| a.azure.then_some(ImageFormat::Vhd))
         .or_else(|| format_from_extension(&a.dst))
         .unwrap_or(ImageFormat::Raw);
-    if a.azure && format != ImageFormat::Vhd {
-        bail!("--azure makes a fixed VHD (Azure takes no VHDX or raw); use -O vhd");
-    }
-    if format != ImageFormat::Vhdx && a.sectors.any() {
-        bail!("--logical-sector-size and --physical-sector-size apply to VHDX output only");
-    }
-    match format {
-        ImageFormat::Raw => {
-            if a.disk_type.is_some() || a.block_size.is_some() || a.sparse {
-                bail!("--type, --block-size and --sparse apply to VHD/VHDX output only (raw output is always sparse)");
-            }
-        }
-        ImageFormat::Vhd | ImageFormat::Vhdx => {
-            let t = a.disk_type.unwrap_or(DiskTypeArg::Dynamic);
-            if format == ImageFormat::Vhd && t == DiskTypeArg::Fixed && a.block_size.is_some() {
-                bail!("--block-size applies to dynamic VHD output only");
-            }
-            if t == DiskTypeArg::Dynamic && a.sparse {
-                bail!("--sparse applies to fixed output only (dynamic output is always sparse)");
-            }
-        }
-    }
+    let spec = OutputSpec {
+        format,
+        disk_type: a.disk_type,
+        block_size: a.block_size,
+        sparse: a.sparse,
+        azure: a.azure,
+        sectors: a.sectors,
+    };
+    spec.check()?;
     let remote = block_backend::layer::is_remote(&a.dst);
     if remote
         && (a.output_format.is_some_and(|f| f != ImageFormat::Raw)
@@ -144,11 +131,9 @@ pub fn run(a: &Args) -> Result<u8> {
     } else {
         Some(TempOutput::new(&a.dst)?)
     };
-    let mut sink = match (&tmp, format) {
-        (None, _) => Sink::export(&a.dst, size)?,
-        (Some(t), ImageFormat::Raw) => Sink::raw(t.path(), size)?,
-        (Some(t), ImageFormat::Vhd) => Sink::vhd(t.path(), size, a)?,
-        (Some(t), ImageFormat::Vhdx) => Sink::vhdx(t.path(), size, a)?,
+    let mut sink = match &tmp {
+        None => Sink::export(&a.dst, size)?,
+        Some(t) => Sink::create(t.path(), size, &spec)?,
     };
     let free = if a.fs {
         Some(free_map(&mut src, size, a.force)?)
@@ -163,6 +148,56 @@ pub fn run(a: &Args) -> Result<u8> {
         tmp.commit(&a.dst, a.force)?;
     }
     Ok(0)
+}
+
+/// How a new output image is made (the options of `convert`, and of `download`).
+pub(super) struct OutputSpec {
+    /// Output format.
+    pub format: ImageFormat,
+    /// VHD/VHDX disk type (default dynamic).
+    pub disk_type: Option<DiskTypeArg>,
+    /// Allocation block size (default: the format's).
+    pub block_size: Option<u64>,
+    /// Fixed output: leave unwritten space sparse.
+    pub sparse: bool,
+    /// A fixed VHD of a whole MiB.
+    pub azure: bool,
+    /// VHDX sector sizes.
+    pub sectors: SectorArgs,
+}
+
+impl OutputSpec {
+    /// Refuses option combinations that do not apply to the format.
+    pub fn check(&self) -> Result<()> {
+        if self.azure && self.format != ImageFormat::Vhd {
+            bail!("--azure makes a fixed VHD (Azure takes no VHDX or raw); use -O vhd");
+        }
+        if self.format != ImageFormat::Vhdx && self.sectors.any() {
+            bail!("--logical-sector-size and --physical-sector-size apply to VHDX output only");
+        }
+        match self.format {
+            ImageFormat::Raw => {
+                if self.disk_type.is_some() || self.block_size.is_some() || self.sparse {
+                    bail!("--type, --block-size and --sparse apply to VHD/VHDX output only (raw output is always sparse)");
+                }
+            }
+            ImageFormat::Vhd | ImageFormat::Vhdx => {
+                let t = self.disk_type.unwrap_or(DiskTypeArg::Dynamic);
+                if self.format == ImageFormat::Vhd
+                    && t == DiskTypeArg::Fixed
+                    && self.block_size.is_some()
+                {
+                    bail!("--block-size applies to dynamic VHD output only");
+                }
+                if t == DiskTypeArg::Dynamic && self.sparse {
+                    bail!(
+                        "--sparse applies to fixed output only (dynamic output is always sparse)"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Most granules of the free map of `convert --fs` (16 MiB of counters).
@@ -321,7 +356,7 @@ fn copy(
 /// Writes the runs of `buf` (which holds `[offset, offset + len)`) that are not whole zero
 /// granules, and hands the zero runs to [`Sink::zero`]; returns the bytes written. Granules
 /// are aligned on the virtual disk, not on the buffer.
-fn write_nonzero(sink: &mut Sink, buf: &[u8], offset: u64) -> Result<u64> {
+pub(super) fn write_nonzero(sink: &mut Sink, buf: &[u8], offset: u64) -> Result<u64> {
     let mut written = 0;
     let end = offset + buf.len() as u64;
     let at = |v: u64| (v - offset) as usize;
@@ -353,7 +388,7 @@ fn write_nonzero(sink: &mut Sink, buf: &[u8], offset: u64) -> Result<u64> {
 }
 
 /// Where converted bytes go.
-enum Sink {
+pub(super) enum Sink {
     /// A plain sparse file.
     Raw {
         /// The output file.
@@ -368,6 +403,15 @@ enum Sink {
 }
 
 impl Sink {
+    /// A new output at `path` of `size` virtual bytes, as `spec` says.
+    pub(super) fn create(path: &Path, size: u64, spec: &OutputSpec) -> Result<Sink> {
+        match spec.format {
+            ImageFormat::Raw => Sink::raw(path, size),
+            ImageFormat::Vhd => Sink::vhd(path, size, spec),
+            ImageFormat::Vhdx => Sink::vhdx(path, size, spec),
+        }
+    }
+
     fn raw(path: &Path, size: u64) -> Result<Sink> {
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -382,7 +426,7 @@ impl Sink {
         })
     }
 
-    fn vhd(path: &Path, size: u64, a: &Args) -> Result<Sink> {
+    fn vhd(path: &Path, size: u64, a: &OutputSpec) -> Result<Sink> {
         let t = if a.azure {
             DiskTypeArg::Fixed
         } else {
@@ -414,7 +458,7 @@ impl Sink {
         Sink::image(block_backend::Image::new(Box::new(image)))
     }
 
-    fn vhdx(path: &Path, size: u64, a: &Args) -> Result<Sink> {
+    fn vhdx(path: &Path, size: u64, a: &OutputSpec) -> Result<Sink> {
         let lss = u64::from(a.sectors.logical_sector_size.unwrap_or(512));
         // VHDX sizes are whole logical sectors: pad a partial last sector with zeros.
         let vsize = size.div_ceil(lss) * lss;
@@ -476,7 +520,7 @@ impl Sink {
     }
 
     /// Makes everything durable and closes the output.
-    fn finish(self) -> Result<()> {
+    pub(super) fn finish(self) -> Result<()> {
         match self {
             Sink::Raw { file, path } => file
                 .sync_all()
@@ -498,13 +542,13 @@ fn start_writeback(fd: RawFd) {
 }
 
 /// A temporary output path in the destination's directory, removed unless committed.
-struct TempOutput {
+pub(super) struct TempOutput {
     path: PathBuf,
     committed: bool,
 }
 
 impl TempOutput {
-    fn new(dst: &Path) -> Result<TempOutput> {
+    pub(super) fn new(dst: &Path) -> Result<TempOutput> {
         dst.file_name()
             .with_context(|| format!("{} is not a file name", dst.display()))?;
         let path = image_io::publish::temp_name(dst);
@@ -516,12 +560,12 @@ impl TempOutput {
         })
     }
 
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Moves the finished output onto `dst` (replacing it only with `force`).
-    fn commit(mut self, dst: &Path, force: bool) -> Result<()> {
+    pub(super) fn commit(mut self, dst: &Path, force: bool) -> Result<()> {
         // link(2) fails if dst appeared meanwhile: never overwrite without --force.
         match image_io::publish::publish(&self.path, dst, force) {
             Ok(()) => {}

@@ -10,6 +10,7 @@ pub mod compare;
 pub mod completions;
 pub mod convert;
 pub mod create;
+pub mod download;
 pub mod edit;
 pub mod fsfree;
 pub mod info;
@@ -21,6 +22,7 @@ pub mod read;
 pub mod rebase;
 pub mod resize;
 pub mod serve;
+pub mod upload;
 pub mod write;
 
 use std::path::Path;
