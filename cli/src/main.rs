@@ -92,6 +92,8 @@ enum Command {
     Umount(cmd::mount::UmountArgs),
     /// Serve the image over NBD (Unix socket or TCP) until SIGINT/SIGTERM.
     Serve(cmd::serve::Args),
+    /// Control a VM started with `vhdtool boot --api-socket PATH`.
+    Vm(cmd::vm::Args),
 }
 
 impl Command {
@@ -118,6 +120,7 @@ impl Command {
             Command::Mount(a) => cmd::mount::run(a),
             Command::Umount(a) => cmd::mount::run_umount(a),
             Command::Serve(a) => cmd::serve::run(a),
+            Command::Vm(a) => cmd::vm::run(a),
         }
     }
 

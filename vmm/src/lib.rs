@@ -93,10 +93,14 @@
 #![warn(missing_docs)]
 
 mod acpi;
+pub mod api;
 mod boot;
+mod control;
+mod controller;
 mod cpu;
 mod devices;
 mod layout;
+mod vcpu;
 mod vm;
 
 use std::path::PathBuf;
@@ -144,6 +148,13 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
 }
 
+/// How to run the VM beside its configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Serve the control API ([`api`]) on this unix socket.
+    pub api_socket: Option<PathBuf>,
+}
+
 /// Kernel command line the VMM always passes, before the user's.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1";
 
@@ -160,6 +171,9 @@ pub enum GuestExit {
     Reboot,
     /// The guest entered ACPI S5 (`poweroff`).
     PowerOff,
+    /// `shutdown` through the API: the guest did not power off within the timeout (seconds),
+    /// so the VMM stopped it.
+    Stopped(u64),
 }
 
 /// VMM errors.

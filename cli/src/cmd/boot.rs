@@ -1,9 +1,10 @@
 //! `vhdtool boot --kernel BZIMAGE [--initrd FILE] [--cmdline STR] [--memory SIZE] [--cpus N]
-//! [--disk IMAGE[,read-only]]…`: boot a Linux kernel in a minimal KVM VM (crate `vmm`) with the
+//! [--disk IMAGE[,read-only]]… [--api-socket PATH]`: boot a Linux kernel in a minimal KVM VM (crate `vmm`) with the
 //! images as virtio-blk disks (`/dev/vda`, `/dev/vdb`, … in order).
 //!
 //! The serial console is stdin/stdout (with a terminal, ^A x stops the VM). Exit status 0 when
-//! the guest reboots or powers off; 1 with a message naming the cause when it panics, triple
+//! the guest reboots or powers off, or is stopped through the API (`vhdtool vm shutdown`); 1
+//! with a message naming the cause when it panics, triple
 //! faults, hits a KVM error, or the VMM fails. Disks are flushed before exit either way.
 
 use std::path::PathBuf;
@@ -34,6 +35,9 @@ pub struct Args {
     /// A disk image (raw, VHD, VHDX, differencing), `IMAGE` or `IMAGE,read-only`; repeatable.
     #[arg(long = "disk", value_name = "IMAGE[,read-only]", value_parser = parse_disk)]
     pub disks: Vec<vmm::DiskConfig>,
+    /// Serve the control API on this unix socket (`vhdtool vm … --api-socket PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// `IMAGE[,read-only]` (also `,ro`).
@@ -71,13 +75,12 @@ pub fn run(args: &Args) -> Result<u8> {
         cpus: args.cpus,
         disks: args.disks.clone(),
     };
-    match vmm::run(&config) {
+    let opts = vmm::RunOptions {
+        api_socket: args.api_socket.clone(),
+    };
+    match vmm::run(&config, &opts) {
         Ok(exit) => {
-            let how = match exit {
-                vmm::GuestExit::Reboot => "rebooted",
-                vmm::GuestExit::PowerOff => "powered off",
-            };
-            eprintln!("vhdtool: guest {how}; disks flushed");
+            eprintln!("vhdtool: {exit}; disks flushed");
             Ok(0)
         }
         Err(e) => bail!(e),

@@ -21,6 +21,7 @@ pub mod read;
 pub mod rebase;
 pub mod resize;
 pub mod serve;
+pub mod vm;
 pub mod write;
 
 use std::path::Path;

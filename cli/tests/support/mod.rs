@@ -1,6 +1,8 @@
 //! What the vhdtool end-to-end tests share: running the built binary and reading its answer.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod tiny_guest;
+
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
