@@ -96,6 +96,15 @@ impl Layer {
         Ok(Layer::Image(Box::new(image)))
     }
 
+    /// The identity a child's parent link refers to (VHD footer UUID, VHDX DataWriteGuid);
+    /// `None` for raw files.
+    pub fn identity(&self) -> Option<uuid::Uuid> {
+        match self {
+            Layer::Raw(_) => None,
+            Layer::Image(v) => Some(v.identity()),
+        }
+    }
+
     /// The file as opened.
     pub fn path(&self) -> &Path {
         match self {

@@ -280,3 +280,275 @@ fn hostile_api_clients_get_errors_and_the_vm_runs_on() {
     let Vm { mut child, .. } = vm;
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// The letter after `c` in the guest's sequence.
+fn next_letter(c: u8) -> u8 {
+    if c == b'z' {
+        b'a'
+    } else {
+        c + 1
+    }
+}
+
+/// Takes `vm checkpoint --stop DIR` and waits for the VMM to exit 0; returns what the guest
+/// printed.
+fn checkpoint_and_stop(vm: Vm, dir: &Path) -> Vec<u8> {
+    let said = vm.ok(&["checkpoint", "--stop", dir.to_str().unwrap()]);
+    assert!(said.contains("checkpoint in"), "{said}");
+    let Vm {
+        mut child,
+        out,
+        stderr,
+        ..
+    } = vm;
+    let status = child.wait().unwrap();
+    let stderr = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("checkpointed and stopped"), "{stderr}");
+    let printed = out.lock().unwrap().clone();
+    printed
+}
+
+fn restore(dir: &Path, ckpt: &Path, socket: &str) -> Vm {
+    let socket = dir.join(socket);
+    let mut child = vhdtool()
+        .arg("boot")
+        .arg("--restore")
+        .arg(ckpt)
+        .arg("--api-socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (out, printed) = (
+        Arc::new(Mutex::new(Vec::new())),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (o, p) = (out.clone(), printed.clone());
+    let mut stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            o.lock().unwrap().extend_from_slice(&buf[..n]);
+            p.fetch_add(n, Ordering::SeqCst);
+        }
+    });
+    let mut stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let vm = Vm {
+        child,
+        socket,
+        out,
+        printed,
+        stderr,
+    };
+    vm.wait_for_output(1);
+    vm
+}
+
+fn stop(vm: Vm) -> String {
+    vm.ok(&["shutdown", "--timeout", "0"]);
+    let Vm {
+        mut child, stderr, ..
+    } = vm;
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    stderr.join().unwrap()
+}
+
+fn images(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".vhdx") || n.ends_with(".avhdx"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn restored_guest_continues_where_the_checkpoint_stopped_it_twice_independently() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dynamic_vhdx(dir.path());
+    let vm = Vm::start(dir.path(), &disk, &[]);
+    vm.wait_for_output(3);
+    let ckpt = dir.path().join("ckpt");
+    let before = checkpoint_and_stop(vm, &ckpt);
+    for f in ["manifest.json", "vmstate.bin", "memory.img"] {
+        assert!(ckpt.join(f).exists(), "no {f}");
+    }
+    // The VM had moved onto a child of d.vhdx before it stopped.
+    let after_ckpt = images(dir.path());
+    assert_eq!(after_ckpt.len(), 2, "{after_ckpt:?}");
+    let frozen = std::fs::read(&disk).unwrap();
+    // Sparse: 128 MiB of guest RAM, a few pages touched.
+    let m = std::fs::metadata(ckpt.join("memory.img")).unwrap();
+    assert_eq!(m.len(), 128 << 20);
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&m) * 512 < 16 << 20,
+        "memory.img is not sparse"
+    );
+
+    let want = next_letter(*before.last().unwrap());
+    let a = restore(dir.path(), &ckpt, "a.sock");
+    // The second one runs at the same time as the first.
+    let b = restore(dir.path(), &ckpt, "b.sock");
+    for vm in [&a, &b] {
+        let out = vm.out.lock().unwrap().clone();
+        assert_eq!(
+            out[0],
+            want,
+            "the guest did not continue after {:?}: {:?}",
+            String::from_utf8_lossy(&before),
+            String::from_utf8_lossy(&out)
+        );
+    }
+    let (sa, sb) = (a.ok(&["status", "--json"]), b.ok(&["status", "--json"]));
+    let path = |s: &str| -> String {
+        let v: serde_json::Value = serde_json::from_str(s).unwrap();
+        v["disks"][0]["path"].as_str().unwrap().to_string()
+    };
+    assert_ne!(path(&sa), path(&sb), "two restores share a child");
+    stop(a);
+    stop(b);
+    assert_eq!(images(dir.path()).len(), 4, "one new child per restore");
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        frozen,
+        "a frozen layer was written"
+    );
+    for img in images(dir.path()) {
+        let o = vhdtool()
+            .arg("check")
+            .arg(dir.path().join(&img))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{img}: {o:?}");
+    }
+}
+
+#[test]
+fn a_checkpoint_of_a_running_guest_lets_it_run_on_over_a_new_child() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dynamic_vhdx(dir.path());
+    let vm = Vm::start(dir.path(), &disk, &[]);
+    let ckpt = dir.path().join("ckpt");
+    let said = vm.ok(&["checkpoint", ckpt.to_str().unwrap()]);
+    assert!(said.contains("guest paused"), "{said}");
+    println!("{said}");
+    assert_eq!(vm.state(), "running");
+    let n = vm.printed.load(Ordering::SeqCst);
+    vm.wait_for_output(n + 2);
+    let v: serde_json::Value = serde_json::from_str(&vm.ok(&["status", "--json"])).unwrap();
+    let now = v["disks"][0]["path"].as_str().unwrap().to_string();
+    assert!(now.ends_with(".avhdx") && now.contains("d-"), "{now}");
+    // A second checkpoint into a folder that is not empty is refused; the VM runs on.
+    let o = vm.vm(&["checkpoint", ckpt.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("not empty"), "{err}");
+    assert_eq!(vm.state(), "running");
+    stop(vm);
+}
+
+#[test]
+fn damaged_checkpoints_and_changed_layers_are_refused_with_clear_errors() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dynamic_vhdx(dir.path());
+    let vm = Vm::start(dir.path(), &disk, &[]);
+    let ckpt = dir.path().join("ckpt");
+    checkpoint_and_stop(vm, &ckpt);
+    let images_before = images(dir.path());
+    let copy = |name: &str, edit: &dyn Fn(&Path)| -> PathBuf {
+        let c = dir.path().join(name);
+        std::fs::create_dir(&c).unwrap();
+        for f in ["manifest.json", "vmstate.bin", "memory.img"] {
+            std::fs::copy(ckpt.join(f), c.join(f)).unwrap();
+        }
+        edit(&c);
+        c
+    };
+    let refused = |c: &Path, want: &[&str]| {
+        let o = vhdtool()
+            .arg("boot")
+            .arg("--restore")
+            .arg(c)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        for w in want {
+            assert!(err.contains(w), "{w:?} not in: {err}");
+        }
+    };
+    let truncated = copy("truncated", &|c| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.join("vmstate.bin"))
+            .unwrap();
+        f.set_len(100).unwrap();
+    });
+    refused(&truncated, &["vmstate.bin", "offset"]);
+    let flipped = copy("flipped", &|c| {
+        let mut b = std::fs::read(c.join("vmstate.bin")).unwrap();
+        let at = b.len() / 2;
+        b[at] ^= 1;
+        std::fs::write(c.join("vmstate.bin"), b).unwrap();
+    });
+    refused(&flipped, &["vmstate.bin", "offset 24", "checksum"]);
+    let memory = copy("memory", &|c| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.join("memory.img"))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"X", 64 << 20).unwrap();
+    });
+    refused(&memory, &["memory.img", "checksum"]);
+    let manifest = copy("manifest", &|c| {
+        let t = std::fs::read_to_string(c.join("manifest.json")).unwrap();
+        std::fs::write(c.join("manifest.json"), t.replace("134217728", "134221824")).unwrap();
+    });
+    refused(&manifest, &["manifest.json", "checksum"]);
+    refused(&dir.path().join("nowhere"), &["manifest.json"]);
+    assert_eq!(
+        images(dir.path()),
+        images_before,
+        "a refused restore left files"
+    );
+
+    // The frozen layer changes: refused by its identity.
+    let input = dir.path().join("in");
+    std::fs::write(&input, [7u8; 512]).unwrap();
+    let o = vhdtool()
+        .arg("write")
+        .arg(&disk)
+        .args(["--offset", "0", "--input"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    refused(&ckpt, &["d.vhdx", "changed since the checkpoint"]);
+    assert_eq!(
+        images(dir.path()),
+        images_before,
+        "a refused restore left files"
+    );
+}

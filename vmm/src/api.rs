@@ -15,7 +15,7 @@
 //!
 //! Invariants: a request is read with a deadline ([`READ_TIMEOUT`]) and a size bound, so a
 //! silent or flooding client costs at most that; connections are served one at a time; the
-//! socket file is removed when the server stops. `shutdown` replies when the
+//! socket file is removed when the server stops. `shutdown` and `checkpoint` reply when the
 //! work is done (disks flushed), so a script can chain on the reply.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -51,6 +51,14 @@ pub enum Command {
     Shutdown {
         /// Seconds the guest gets to power off.
         timeout_s: u64,
+    },
+    /// Save the VM to `dir` (absent or empty) and move its disks onto new differencing
+    /// children; the VM goes on unless `stop`.
+    Checkpoint {
+        /// Folder of the checkpoint.
+        dir: PathBuf,
+        /// Stop the VM after the checkpoint.
+        stop: bool,
     },
 }
 

@@ -132,4 +132,34 @@ impl RunControl {
         self.lock().stop = true;
         self.cv.notify_all();
     }
+
+    /// Runs `job(i)` on every parked vCPU `i` and collects the results in vCPU order.
+    pub fn run_on_all<T: Send + 'static>(
+        &self,
+        job: impl Fn(usize, &mut VcpuFd) -> T + Send + Sync + Clone + 'static,
+    ) -> Result<Vec<T>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut g = self.lock();
+            if !g.paused || g.parked < self.cpus {
+                return Err(Error::Setup("vCPU job while the VM is not paused".into()));
+            }
+            for i in 0..self.cpus {
+                let (tx, job) = (tx.clone(), job.clone());
+                g.jobs[i] = Some(Box::new(move |v: &mut VcpuFd| {
+                    let _ = tx.send((i, job(i, v)));
+                }));
+            }
+        }
+        drop(tx);
+        self.cv.notify_all();
+        let mut out: Vec<Option<T>> = (0..self.cpus).map(|_| None).collect();
+        for _ in 0..self.cpus {
+            let (i, r) = rx
+                .recv_timeout(PARK_TIMEOUT)
+                .map_err(|_| Error::Setup("a parked vCPU did not run its job".into()))?;
+            out[i] = Some(r);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
 }

@@ -6,14 +6,20 @@
 //! flushed (see `vm::run`).
 
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
 use crate::api::{ApiCall, Command, DiskStatus, Reply, Status, API_VERSION};
 use crate::control::RunControl;
+use crate::devices::serial::SerialDevice;
+use crate::disks::DiskSlot;
+use crate::vcpu::VmEvent;
 use crate::{GuestExit, VmConfig};
 
 /// What the main thread needs to act on API calls.
@@ -28,6 +34,21 @@ pub struct Controller<'a> {
     pub power_button: &'a EventFd,
     /// A `shutdown` in progress: its deadline, timeout and reply.
     pub shutdown: Option<((Instant, u64), Sender<Reply>)>,
+    /// The VM (irqchip, PIT and clock state).
+    pub vm: &'a VmFd,
+    /// Guest memory.
+    pub mem: &'a GuestMemoryMmap,
+    /// The console.
+    pub serial: &'a Arc<Mutex<SerialDevice>>,
+    /// The disks and their workers.
+    pub disks: &'a mut Vec<DiskSlot>,
+    /// Where restarted disk workers report errors.
+    pub tx: Sender<VmEvent>,
+    /// KVM's MSR index list.
+    pub msr_index: Vec<u32>,
+    /// Set by `checkpoint --stop` (or a checkpoint that left a disk unusable): how the VM
+    /// ends.
+    pub stop_after_checkpoint: Option<VmEvent>,
 }
 
 impl std::fmt::Display for GuestExit {
@@ -38,12 +59,14 @@ impl std::fmt::Display for GuestExit {
             GuestExit::Stopped(s) => {
                 write!(f, "guest did not power off within {s} s: stopped")
             }
+            GuestExit::Saved => write!(f, "guest checkpointed and stopped"),
         }
     }
 }
 
 impl Controller<'_> {
-    fn kick(&self) {
+    /// Kicks every running vCPU out of KVM_RUN.
+    pub fn kick(&self) {
         for h in self.vcpus.iter().filter(|h| !h.is_finished()) {
             let _ = h.kill(SIGRTMIN());
         }
@@ -76,7 +99,6 @@ impl Controller<'_> {
                     cpus: self.config.cpus,
                     memory: self.config.memory,
                     disks: self
-                        .config
                         .disks
                         .iter()
                         .map(|d| DiskStatus {
@@ -101,6 +123,13 @@ impl Controller<'_> {
             Command::Shutdown { .. } if self.shutdown.is_some() => {
                 Reply::failed("a shutdown is already in progress")
             }
+            Command::Checkpoint { .. } if self.shutdown.is_some() => {
+                Reply::failed("a shutdown is in progress")
+            }
+            Command::Checkpoint { dir, stop } => match self.checkpoint(&dir, stop) {
+                Ok(detail) => Reply::done(detail),
+                Err(e) => Reply::failed(e.to_string()),
+            },
             Command::Shutdown { timeout_s } => {
                 // A paused guest cannot see the button.
                 self.control.resume();

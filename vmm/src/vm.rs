@@ -11,44 +11,39 @@
 //! ```
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use block_backend::engine::{new_shared_engine, EngineKind};
-use block_backend::virtio_blk::{Config, VirtioBlk};
-use block_backend::OpenOptions;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
-use virtio_queue::{Queue, QueueT};
+use kvm_ioctls::Kvm;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     MemoryRegionAddress,
 };
 use vm_superio::Serial;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{block_signal, register_signal_handler, Killable, SIGRTMIN};
 use vmm_sys_util::terminal::Terminal;
 
 use crate::api::{ApiServer, Reply};
+use crate::checkpoint::Restored;
 use crate::control::RunControl;
 use crate::controller::Controller;
 use crate::devices::bus::Bus;
+use crate::devices::serial;
 use crate::devices::serial::{ConsoleOut, ConsoleState, SerialDevice};
-use crate::devices::virtio_mmio::{VirtioMmio, INT_VRING, QUEUE_NOTIFY};
 use crate::devices::EventFdTrigger;
+use crate::disks::{make_disk, DiskSlot};
 use crate::layout::{self, ACPI_START, GED_GSI, MIN_MEMORY, SERIAL_GSI};
+use crate::state::restore;
 use crate::vcpu::{VcpuCtx, VmEvent};
 use crate::{
     acpi, boot, cpu, Error, GuestExit, Result, RunOptions, VmConfig, BASE_CMDLINE, MAX_CPUS,
 };
 
-/// Virtqueue size of each disk.
-const QUEUE_SIZE: u16 = 256;
 /// KVM_SET_TSS_ADDR: three pages just below the identity map page, in the MMIO hole.
 const TSS_ADDR: usize = 0xfffb_d000;
 /// KVM_SET_IDENTITY_MAP_ADDR.
@@ -114,6 +109,15 @@ pub fn full_cmdline(extra: &str) -> String {
 /// Boots `config` and runs the guest until it resets or powers off (or fails: see the crate
 /// docs). Disks are flushed before this returns, whatever the outcome.
 pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<GuestExit> {
+    run_vm(config, opts, None)
+}
+
+/// Runs `config`: booted, or continued from `restored` (a checkpoint).
+pub(crate) fn run_vm(
+    config: &VmConfig,
+    opts: &RunOptions,
+    restored: Option<Restored>,
+) -> Result<GuestExit> {
     validate(config)?;
     // The API socket first: a clash there should not cost a VM start.
     let api = match &opts.api_socket {
@@ -169,43 +173,58 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<GuestExit> {
             .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
     }
 
-    // ACPI tables, then the kernel.
-    let mmio = acpi::mmio_devices(config.disks.len());
-    for (addr, bytes) in acpi::tables(ACPI_START, config.cpus, &mmio) {
-        mem.write_slice(&bytes, GuestAddress(addr))
-            .map_err(|e| Error::Setup(format!("write the ACPI tables: {e}")))?;
-    }
-    let cmdline = full_cmdline(&config.cmdline);
-    let boot = boot::load(
-        &mem,
-        config.memory,
-        &config.kernel,
-        config.initrd.as_deref(),
-        &cmdline,
-        ACPI_START,
-    )?;
+    // ACPI tables, then the kernel; or the checkpoint's memory and in-kernel devices.
+    let entry = match &restored {
+        None => {
+            let mmio = acpi::mmio_devices(config.disks.len());
+            for (addr, bytes) in acpi::tables(ACPI_START, config.cpus, &mmio) {
+                mem.write_slice(&bytes, GuestAddress(addr))
+                    .map_err(|e| Error::Setup(format!("write the ACPI tables: {e}")))?;
+            }
+            let cmdline = full_cmdline(&config.cmdline);
+            boot::load(
+                &mem,
+                config.memory,
+                &config.kernel,
+                config.initrd.as_deref(),
+                &cmdline,
+                ACPI_START,
+            )?
+            .entry
+        }
+        Some(r) => {
+            restore::memory(&mem, &r.memory, r.memory_len, r.memory_crc)?;
+            restore::vm(&vm, &r.state.kvm)?;
+            0
+        }
+    };
 
     // Console.
     let console = Arc::new(Mutex::new(ConsoleState::default()));
     let serial_irq = new_eventfd()?;
     vm.register_irqfd(&serial_irq, SERIAL_GSI)
         .map_err(|e| Error::kvm("KVM_IRQFD (serial)", e))?;
-    let serial: SerialDevice = Serial::new(
-        EventFdTrigger(serial_irq),
-        ConsoleOut::new(Box::new(std::io::stdout()), console.clone()),
-    );
+    let out = ConsoleOut::new(Box::new(std::io::stdout()), console.clone());
+    let serial: SerialDevice = match &restored {
+        None => Serial::new(EventFdTrigger(serial_irq), out),
+        Some(r) => serial::restore(&r.state.serial, EventFdTrigger(serial_irq), out)
+            .map_err(|e| Error::Setup(format!("restore: {e}")))?,
+    };
     let serial = Arc::new(Mutex::new(serial));
 
     // Disks.
     let mut transports = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
-        transports.push(Arc::new(make_disk(
-            &vm,
-            &mem,
-            i,
-            disk,
-            usize::from(config.cpus),
-        )?));
+        let t = make_disk(&vm, &mem, i, disk, usize::from(config.cpus))?;
+        if let Some(r) = &restored {
+            let saved =
+                r.state.transports.get(i).ok_or_else(|| {
+                    Error::Setup(format!("restore: no device state for disk {i}"))
+                })?;
+            t.restore_state(saved)
+                .map_err(|e| Error::Setup(format!("restore: disk {i}: {e}")))?;
+        }
+        transports.push(Arc::new(t));
     }
     let bus = Arc::new(Bus::new(serial.clone(), transports.clone()));
     // The power button: the GED's interrupt.
@@ -219,7 +238,15 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<GuestExit> {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(|e| Error::kvm(format!("KVM_CREATE_VCPU {id}"), e))?;
-        cpu::configure(&kvm, &fd, id, config.cpus, boot.entry)?;
+        cpu::configure(&kvm, &fd, id, config.cpus, entry)?;
+        if let Some(r) = &restored {
+            let saved = r
+                .state
+                .vcpus
+                .get(usize::from(id))
+                .ok_or_else(|| Error::Setup(format!("restore: no state for vCPU {id}")))?;
+            restore::vcpu(&fd, saved)?;
+        }
         fds.push(fd);
     }
     register_signal_handler(SIGRTMIN(), kick_handler)
@@ -233,26 +260,18 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<GuestExit> {
     }
 
     let (tx, rx) = channel::<VmEvent>();
-    let worker_stop = new_eventfd()?;
-    let mut workers = Vec::new();
-    for (i, t) in transports.iter().enumerate() {
-        let (t, tx) = (t.clone(), tx.clone());
-        let stop = worker_stop
-            .try_clone()
-            .map_err(|e| Error::Setup(format!("eventfd: {e}")))?;
-        let path = config.disks[i].path.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("disk{i}"))
-            .spawn(move || {
-                block_stop_signals();
-                let r = disk_worker(&t, &stop, &path);
-                if let Err(e) = &r {
-                    let _ = tx.send(Err(Error::Setup(e.to_string())));
-                }
-                r
-            })
-            .map_err(|e| Error::Setup(format!("spawn a disk thread: {e}")))?;
-        workers.push(h);
+    let mut disks: Vec<DiskSlot> = transports
+        .iter()
+        .zip(&config.disks)
+        .map(|(t, d)| DiskSlot {
+            transport: t.clone(),
+            path: d.path.clone(),
+            read_only: d.read_only,
+            worker: None,
+        })
+        .collect();
+    for (i, d) in disks.iter_mut().enumerate() {
+        d.start(i, tx.clone())?;
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -279,14 +298,25 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<GuestExit> {
         vcpus.push(h);
     }
     spawn_stdin(serial.clone(), tx.clone(), terminal.is_some());
-    drop(tx);
 
+    let msr_index = kvm
+        .get_msr_index_list()
+        .map_err(|e| Error::kvm("KVM_GET_MSR_INDEX_LIST", e))?
+        .as_slice()
+        .to_vec();
     let mut ctl = Controller {
         config,
         control: &control,
         vcpus: &vcpus,
         power_button: &power_button,
         shutdown: None,
+        vm: &vm,
+        mem: &mem,
+        serial: &serial,
+        disks: &mut disks,
+        tx,
+        msr_index,
+        stop_after_checkpoint: None,
     };
     let outcome = loop {
         match rx.recv_timeout(Duration::from_millis(20)) {
@@ -308,6 +338,9 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<GuestExit> {
         }
         if let Some(exit) = ctl.shutdown_overdue() {
             break Ok(exit);
+        }
+        if let Some(exit) = ctl.stop_after_checkpoint.take() {
+            break exit;
         }
         if let Some((_, rx)) = &api {
             while let Ok(call) = rx.try_recv() {
@@ -339,18 +372,10 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<GuestExit> {
         }
     }
     // Stop the workers; each drains its requests and flushes its disk.
-    let _ = worker_stop.write(1);
     let mut flush_error = None;
-    for (i, h) in workers.into_iter().enumerate() {
-        match h.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => flush_error = flush_error.or(Some(e)),
-            Err(_) => {
-                flush_error = flush_error.or(Some(Error::Setup(format!(
-                    "disk {} thread panicked",
-                    config.disks[i].path.display()
-                ))))
-            }
+    for d in &mut disks {
+        if let Err(e) = d.stop() {
+            flush_error = flush_error.or(Some(e));
         }
     }
     drop(terminal);
@@ -371,136 +396,6 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<GuestExit> {
 
 fn new_eventfd() -> Result<EventFd> {
     EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")))
-}
-
-/// Most virtqueues per disk.
-const MAX_DISK_QUEUES: usize = 4;
-
-/// Opens disk `i` and builds its device (one virtqueue, and one io_uring, per vCPU up to
-/// [`MAX_DISK_QUEUES`]), irqfd and ioeventfd.
-fn make_disk(
-    vm: &VmFd,
-    mem: &GuestMemoryMmap,
-    i: usize,
-    disk: &crate::DiskConfig,
-    cpus: usize,
-) -> Result<VirtioMmio> {
-    let derr = |source| Error::Disk {
-        path: disk.path.clone(),
-        source,
-    };
-    let opts = if disk.read_only {
-        OpenOptions::read_only()
-    } else {
-        OpenOptions::read_write()
-    };
-    let chain = block_backend::open(&disk.path, opts).map_err(derr)?;
-    let chain = Arc::new(Mutex::new(chain));
-    let nq = cpus.clamp(1, MAX_DISK_QUEUES);
-    let engines = (0..nq)
-        .map(|_| new_shared_engine(EngineKind::IoUring, chain.clone(), usize::from(QUEUE_SIZE)))
-        .collect::<block_backend::Result<Vec<_>>>()
-        .map_err(derr)?;
-    let queues = (0..nq)
-        .map(|_| Queue::new(QUEUE_SIZE))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Setup(format!("virtqueue: {e:?}")))?;
-    let irq = Arc::new(new_eventfd()?);
-    let gsi = layout::virtio_gsi(i);
-    vm.register_irqfd(&irq, gsi)
-        .map_err(|e| Error::kvm(format!("KVM_IRQFD (disk {i}, GSI {gsi})"), e))?;
-    let status = Arc::new(AtomicU32::new(0));
-    let (s, q) = (status.clone(), irq.clone());
-    let dev = VirtioBlk::new(
-        engines,
-        mem.clone(),
-        queues,
-        Config {
-            id: format!("vhdkit{i}"),
-        },
-        Box::new(move |_queue| {
-            s.fetch_or(INT_VRING, Ordering::SeqCst);
-            if let Err(e) = q.write(1) {
-                tracing::warn!("virtio interrupt: {e}");
-            }
-        }),
-    )
-    .map_err(derr)?;
-    let kick = new_eventfd()?;
-    let notify = IoEventAddress::Mmio(layout::virtio_mmio_addr(i) + QUEUE_NOTIFY);
-    vm.register_ioevent(&kick, &notify, NoDatamatch)
-        .map_err(|e| Error::kvm(format!("KVM_IOEVENTFD (disk {i})"), e))?;
-    Ok(VirtioMmio::new(dev, status, kick))
-}
-
-/// The disk worker: queue notifications and engine completions in (one epoll over the kick
-/// eventfd, every queue engine's completion eventfd and `stop`), used-ring entries out, until
-/// `stop`; then drains and flushes. It sleeps only in epoll, never while holding the device
-/// lock, so vCPUs reading registers are never held up behind a disk request.
-fn disk_worker(t: &VirtioMmio, stop: &EventFd, path: &std::path::Path) -> Result<()> {
-    const KICK: u64 = 0;
-    const STOP: u64 = 1;
-    const COMPLETION: u64 = 2;
-    let io = |e: std::io::Error| Error::DiskWorker {
-        path: path.to_path_buf(),
-        source: e,
-    };
-    let disk = |source: block_backend::Error| Error::Disk {
-        path: path.to_path_buf(),
-        source,
-    };
-    let epoll = Epoll::new().map_err(io)?;
-    let completion_fds = t.with_device(|d| d.completion_fds()).map_err(disk)?;
-    let watched = [(t.kick_evt().as_raw_fd(), KICK), (stop.as_raw_fd(), STOP)]
-        .into_iter()
-        .chain(
-            (COMPLETION..)
-                .zip(&completion_fds)
-                .map(|(what, &fd)| (fd, what)),
-        );
-    for (fd, what) in watched {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, what),
-            )
-            .map_err(io)?;
-    }
-    let mut events = [EpollEvent::default(); 8];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io(e)),
-        };
-        let mut kicked = false;
-        for e in &events[..n] {
-            match e.data() {
-                STOP => return t.with_device(|d| d.flush()).map_err(disk),
-                KICK => {
-                    let _ = t.kick_evt().read();
-                    kicked = true;
-                }
-                what => {
-                    // Reset the completion eventfd before reaping, so a completion that lands
-                    // after the reap signals again.
-                    let fd = completion_fds[(what - COMPLETION) as usize];
-                    let mut count = [0u8; 8];
-                    // SAFETY: reads at most 8 bytes into a local array; the descriptor is an
-                    // engine's non-blocking eventfd, open as long as the device exists.
-                    let _ = unsafe { libc::read(fd, count.as_mut_ptr().cast(), count.len()) };
-                }
-            }
-        }
-        if kicked {
-            t.with_active_device(|d| (0..d.num_queues()).try_for_each(|q| d.process_queue(q)))
-                .unwrap_or(Ok(()))
-                .map_err(disk)?;
-        }
-        t.with_device(|d| d.process_completions(false))
-            .map_err(disk)?;
-    }
 }
 
 pub(crate) extern "C" fn kick_handler(

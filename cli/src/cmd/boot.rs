@@ -1,5 +1,6 @@
 //! `vhdtool boot --kernel BZIMAGE [--initrd FILE] [--cmdline STR] [--memory SIZE] [--cpus N]
-//! [--disk IMAGE[,read-only]]… [--api-socket PATH]`: boot a Linux kernel in a minimal KVM VM (crate `vmm`) with the
+//! [--disk IMAGE[,read-only]]… [--api-socket PATH]` | `vhdtool boot --restore DIR
+//! [--api-socket PATH]`: boot a Linux kernel in a minimal KVM VM (crate `vmm`) with the
 //! images as virtio-blk disks (`/dev/vda`, `/dev/vdb`, … in order).
 //!
 //! The serial console is stdin/stdout (with a terminal, ^A x stops the VM). Exit status 0 when
@@ -17,8 +18,8 @@ use crate::size::parse_size;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Linux kernel (bzImage, boot protocol 2.14 or later).
-    #[arg(long)]
-    pub kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
@@ -38,6 +39,10 @@ pub struct Args {
     /// Serve the control API on this unix socket (`vhdtool vm … --api-socket PATH`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Continue the VM saved by `vhdtool vm checkpoint DIR` (no reboot) on new differencing
+    /// children of its frozen disk layers; memory, vCPUs and disks come from DIR.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "disks", "cmdline"])]
+    pub restore: Option<PathBuf>,
 }
 
 /// `IMAGE[,read-only]` (also `,ro`).
@@ -67,23 +72,31 @@ pub fn run(args: &Args) -> Result<u8> {
     if let Some(w) = vmm::software_hypervisor_warning() {
         eprintln!("vhdtool: warning: {w}");
     }
-    let config = vmm::VmConfig {
-        kernel: args.kernel.clone(),
-        initrd: args.initrd.clone(),
-        cmdline: args.cmdline.clone(),
-        memory: args.memory,
-        cpus: args.cpus,
-        disks: args.disks.clone(),
-    };
     let opts = vmm::RunOptions {
         api_socket: args.api_socket.clone(),
     };
-    match vmm::run(&config, &opts) {
+    let result = match (&args.restore, &args.kernel) {
+        (Some(dir), _) => vmm::restore(dir, &opts),
+        (None, Some(kernel)) => vmm::run(&boot_config(args, kernel), &opts),
+        (None, None) => bail!("--kernel or --restore is needed"),
+    };
+    match result {
         Ok(exit) => {
             eprintln!("vhdtool: {exit}; disks flushed");
             Ok(0)
         }
         Err(e) => bail!(e),
+    }
+}
+
+fn boot_config(args: &Args, kernel: &std::path::Path) -> vmm::VmConfig {
+    vmm::VmConfig {
+        kernel: kernel.to_path_buf(),
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        memory: args.memory,
+        cpus: args.cpus,
+        disks: args.disks.clone(),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `vhdtool vm status [--json] | pause | resume | shutdown [--timeout S] --api-socket PATH`:
+//! `vhdtool vm status [--json] | pause | resume | shutdown [--timeout S] | checkpoint [--stop]
+//! DIR --api-socket PATH`:
 //! control a VM started with `vhdtool boot --api-socket PATH` (protocol: `vmm::api`).
 //!
 //! Exit status 0 when the VMM carried out the command, 1 with its reason otherwise (or when
@@ -57,6 +58,17 @@ enum Verb {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Save the VM to DIR (absent or empty) and continue its disks on new differencing
+    /// children; restore with `vhdtool boot --restore DIR`.
+    Checkpoint {
+        #[command(flatten)]
+        socket: Socket,
+        /// Stop the VM once saved.
+        #[arg(long)]
+        stop: bool,
+        /// Folder of the checkpoint.
+        dir: PathBuf,
+    },
 }
 
 /// Runs `vm`.
@@ -72,6 +84,15 @@ pub fn run(args: &Args) -> Result<u8> {
             },
             // The guest's time, then the flush and the VMM's stop.
             Duration::from_secs(*timeout) + Duration::from_secs(120),
+        ),
+        Verb::Checkpoint { socket, stop, dir } => (
+            socket,
+            Command::Checkpoint {
+                // The VMM may run elsewhere: give it an absolute path.
+                dir: std::path::absolute(dir)?,
+                stop: *stop,
+            },
+            Duration::from_secs(3600),
         ),
     };
     let reply = api::call(&socket.api_socket, command, wait)?;
