@@ -10,6 +10,11 @@
 //!  host: the T: lines, and the counter in the image = the last one the guest printed
 //! ```
 //!
+//! The checkpoint test (tests/vm/checkpoint.sh) takes a checkpoint of that guest while it
+//! runs (it keeps running), kills the VMM, restores the checkpoint twice at the same time
+//! (the counter and uptime go on from the checkpoint, no boot messages, each restore on its
+//! own differencing child) and feeds a truncated state and a changed frozen layer.
+//!
 //! Runs directly on hardware KVM, else nested (see `nested/mod.rs`) under the flock the
 //! caller takes (`flock /work/nested.lock cargo test …` on the shared machine).
 
@@ -27,6 +32,7 @@ use nested::{
 
 const L2_INIT: &str = include_str!("../vm/l2-counter.sh");
 const SCRIPT: &str = include_str!("../vm/lifecycle.sh");
+const CHECKPOINT_SCRIPT: &str = include_str!("../vm/checkpoint.sh");
 const L2_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
@@ -77,7 +83,7 @@ pub fn run_script(dir: &Path, kernel: &Kernel, script: &str, images: &[&str]) ->
                 &stage.join("run.sh"),
                 &format!("W=/work\nV='{L1_VHDTOOL}'\n{script}"),
             );
-            let (out, scratch) = run_l1(dir, &stage, kernel, "512M");
+            let (out, scratch) = run_l1(dir, &stage, kernel, "1G");
             for f in images {
                 nested::dump(&scratch, f, &dir.join(f));
             }
@@ -157,5 +163,95 @@ fn paused_guest_stands_still_resumes_and_powers_off_on_the_acpi_button() {
     let text = String::from_utf8_lossy(&sector.stdout);
     let on_disk: u64 = text.split('\n').next().unwrap().parse().unwrap();
     assert_eq!(on_disk, last, "the image does not hold the last counter");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// `(counter, uptime)` from "n uptime".
+fn counter_uptime(s: &str) -> (u64, f64) {
+    let mut it = s.split_whitespace();
+    let n = it.next().unwrap().parse().unwrap();
+    let t = it.next().unwrap().parse().unwrap();
+    (n, t)
+}
+
+#[test]
+fn checkpointed_guest_runs_on_and_two_restores_continue_its_counter_without_a_reboot() {
+    for tool in ["apt-get", "dpkg-deb", "cpio", "mkfs.ext4", "debugfs"] {
+        assert!(tool_or_skip(tool), "{tool} is needed");
+    }
+    let dir = fresh_scratch_dir();
+    let kernel = kernel();
+    fs::copy(&kernel.vmlinuz, dir.join("vmlinuz")).unwrap();
+    l2_initrd(&dir, &kernel, &dir.join("initrd.cpio"));
+    run(vhdtool()
+        .args(["create", "--type", "dynamic"])
+        .arg(dir.join("disk.vhdx"))
+        .arg("16M"));
+
+    let out = run_script(&dir, &kernel, CHECKPOINT_SCRIPT, &["disk.vhdx"]);
+    for line in out.lines().filter(|l| l.contains("T: ")) {
+        println!("{line}");
+    }
+    assert!(
+        !out.contains("T: FAIL") && !out.contains("GUEST: FAIL"),
+        "{out}"
+    );
+    assert!(
+        t_line(&out, "checkpoint reply").contains("checkpoint in"),
+        "{out}"
+    );
+    let around: Vec<u64> = t_line(&out, "counter around the checkpoint")
+        .split(' ')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let kept: u64 = t_line(&out, "kept running to").parse().unwrap();
+    assert!(
+        kept > around[1],
+        "the guest stopped after the checkpoint:\n{out}"
+    );
+    let killed: u64 = t_line(&out, "killed at").parse().unwrap();
+    let mut children = Vec::new();
+    for n in ["restore1", "restore2"] {
+        let first = t_line(&out, &format!("{n} first"));
+        let (c, uptime) = counter_uptime(first.split(" after ").next().unwrap());
+        assert!(
+            c >= around[0] && c <= around[1] + 1,
+            "{n} continued at {c}, the checkpoint was taken between {} and {}:\n{out}",
+            around[0],
+            around[1]
+        );
+        assert!(c < killed, "{n} did not go back to the checkpoint");
+        assert!(uptime > 1.0, "{n}: uptime {uptime}: a reboot?");
+        let status = t_line(&out, &format!("{n} status"));
+        let v: serde_json::Value = serde_json::from_str(status).unwrap();
+        assert_eq!(v["state"], "running");
+        children.push(v["disks"][0]["path"].as_str().unwrap().to_string());
+        let rc = t_line(&out, &format!("{n} vmm rc="));
+        assert!(rc.starts_with("0 "), "{n}: {rc}");
+    }
+    assert_ne!(children[0], children[1], "the restores share a child");
+    // Every image checks clean; each restore's child holds its own last counter.
+    for line in out
+        .lines()
+        .filter_map(|l| l.split_once("T: image ").map(|x| x.1))
+    {
+        assert!(line.contains("check rc=0"), "{line}");
+    }
+    for (n, child) in ["restore1", "restore2"].iter().zip(&children) {
+        let last: u64 = t_line(&out, &format!("{n} vmm rc=0 last")).parse().unwrap();
+        let name = Path::new(child).file_name().unwrap().to_string_lossy();
+        let line = t_line(&out, &format!("image {name}"));
+        assert!(line.ends_with(&format!("counter {last}")), "{n}: {line}");
+    }
+    let bad = t_line(&out, "truncated");
+    assert!(
+        bad.contains("vmstate.bin") && bad.contains("offset"),
+        "{bad}"
+    );
+    let changed = t_line(&out, "changed layer");
+    assert!(
+        changed.contains("changed since the checkpoint"),
+        "{changed}"
+    );
     let _ = fs::remove_dir_all(&dir);
 }
