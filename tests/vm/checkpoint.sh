@@ -7,7 +7,11 @@ wait_for() {
     i=0
     while ! grep -q "$2" $1; do
         i=$((i + 1))
-        [ "$i" -gt 3000 ] && { echo "T: FAIL timeout waiting for $2 in $1"; return 1; }
+        [ "$i" -gt ${3:-3000} ] && {
+            echo "T: FAIL timeout waiting for $2 in $1"
+            sed "s/^/T: FAIL log: /" $1
+            return 1
+        }
         sleep 0.1
     done
 }
@@ -43,7 +47,7 @@ for n in 1 2; do
     t=$(now)
     $V boot --restore $W/ck --api-socket $W/r$n.sock </dev/null >$W/run$n.log 2>&1 &
     eval "pid$n=\$!"
-    wait_for $W/run$n.log "COUNTER"
+    wait_for $W/run$n.log "COUNTER" 600
     echo "T: restore$n first $(first $W/run$n.log) after $t to $(now) s"
 done
 sleep 3

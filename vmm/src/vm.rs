@@ -272,6 +272,10 @@ pub(crate) fn run_vm(
         .collect();
     for (i, d) in disks.iter_mut().enumerate() {
         d.start(i, tx.clone())?;
+        if restored.is_some() {
+            // Requests the guest queued before the checkpoint and never kicked again.
+            let _ = d.transport.kick_evt().write(1);
+        }
     }
 
     let stop = Arc::new(AtomicBool::new(false));

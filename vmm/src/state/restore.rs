@@ -117,7 +117,10 @@ pub fn vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
     // SAFETY: the XSAVE area was read from KVM by KVM_GET_XSAVE on a vCPU with the same CPUID
     // (set above), so its layout is what KVM expects; KVM validates it and refuses bad ones.
     unsafe { fd.set_xsave(&s.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
-    fd.set_xcrs(&s.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+    // No XCRs were saved where the host CPU has no XSAVE (KVM then refuses the set).
+    if s.xcrs.nr_xcrs > 0 {
+        fd.set_xcrs(&s.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+    }
     fd.set_debug_regs(&s.debugregs)
         .map_err(kvm("KVM_SET_DEBUGREGS"))?;
     fd.set_lapic(&s.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
