@@ -12,7 +12,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::{Error, Format, Result};
+use crate::{Disk, Error, Format, Result};
 
 /// The VHDX file identifier signature at offset 0.
 const VHDX_MAGIC: &[u8; 8] = b"vhdxfile";
@@ -45,6 +45,52 @@ fn damaged_vhdx(file: &File) -> bool {
 pub fn probe_path(path: &Path) -> Result<Format> {
     let file = File::open(path).map_err(|e| Error::io(path, "open", 0, e))?;
     probe(&file, path)
+}
+
+/// The file extension of a differencing child of `parent` (Hyper-V's names): `avhdx` under
+/// a VHDX, `vhd` under a VHD. A raw image cannot have a child.
+pub fn child_extension(parent: &Path) -> Result<&'static str> {
+    match probe_path(parent)? {
+        Format::Vhdx => Ok("avhdx"),
+        Format::Vhd => Ok("vhd"),
+        Format::Raw => Err(Error::Unsupported {
+            path: parent.to_path_buf(),
+            what: "a raw image cannot have a differencing child (convert it to VHD or VHDX)".into(),
+        }),
+    }
+}
+
+/// Creates a differencing image at `child` (which must not exist) over `parent`, in the
+/// parent's format and with its size and sector sizes. The parent is only read.
+pub fn create_child(parent: &Path, child: &Path) -> Result<()> {
+    let chain = crate::open(parent, crate::OpenOptions::read_only())?;
+    let (size, logical, physical) = (
+        chain.size(),
+        chain.logical_sector_size(),
+        chain.physical_sector_size(),
+    );
+    drop(chain);
+    match child_extension(parent)? {
+        "avhdx" => {
+            let opts = vhdx::CreateOptions {
+                size,
+                logical_sector_size: logical,
+                physical_sector_size: physical,
+                parent: Some(parent.to_path_buf()),
+                ..vhdx::CreateOptions::default()
+            };
+            vhdx::VhdxImage::create(child, &opts)?.close()?;
+        }
+        _ => {
+            let opts = vhd::CreateOptions {
+                size,
+                parent: Some(parent.to_path_buf()),
+                ..vhd::CreateOptions::default()
+            };
+            drop(vhd::VhdImage::create(child, &opts)?);
+        }
+    }
+    Ok(())
 }
 
 /// Reads as much of `buf` as the file holds from offset 0; returns the byte count.

@@ -96,6 +96,8 @@ enum Command {
     Download(cmd::download::Args),
     /// Upload an image to an Azure page blob (SAS URL) as a fixed VHD, sending only data.
     Upload(cmd::upload::Args),
+    /// Control a VM started with `vhdtool boot --api-socket PATH`.
+    Vm(cmd::vm::Args),
 }
 
 impl Command {
@@ -124,6 +126,7 @@ impl Command {
             Command::Serve(a) => cmd::serve::run(a),
             Command::Upload(a) => cmd::upload::run(a),
             Command::Download(a) => cmd::download::run(a),
+            Command::Vm(a) => cmd::vm::run(a),
         }
     }
 

@@ -22,33 +22,22 @@
 //! hang guard (10 minutes) that kills the VM and fails with its output.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 use vhdkit_tests::noise;
 
 use vhdkit_tests::{fresh_scratch_dir, output, run, tool_or_skip, vhdtool, vhdtool_bin};
 
-const L1_INIT: &str = include_str!("../boot/l1-init.sh");
+mod nested;
+use nested::{
+    busybox, cpio, dump, kernel, mode, module, run_guarded, run_l1, sh, shell_quote, stage_vhdtool,
+    write_exec, Kernel, Mode, L1_VHDTOOL,
+};
+
 const L2_INIT: &str = include_str!("../boot/l2-init.sh");
 /// Modules the guest loads, in order (no depmod in the initramfs).
 const L2_MODULES: &[&str] = &["virtio_ring", "virtio", "virtio_mmio", "virtio_blk"];
-/// Modules L1 loads: KVM for AMD (nested SVM) and virtio-pci for its scratch disk.
-const L1_MODULES: &[&str] = &[
-    "irqbypass",
-    "kvm",
-    "kvm-amd",
-    "virtio_ring",
-    "virtio",
-    "virtio_pci_legacy_dev",
-    "virtio_pci_modern_dev",
-    "virtio_pci",
-    "virtio_blk",
-];
-/// Hang guard for one VM run.
-const HANG_GUARD: Duration = Duration::from_secs(600);
 const GUEST_TEXT: &str = "written by the guest through virtio-blk\n";
 /// The child's pattern goes to 2 MiB (the guest writes at 4 KiB block 512).
 const PATTERN_OFFSET: u64 = 2 << 20;
@@ -57,35 +46,6 @@ const PATTERN_LEN: usize = 64 << 10;
 const PART_START: u64 = 1 << 20;
 const PART_LEN: u64 = 30 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Direct,
-    Nested,
-}
-
-fn mode() -> Mode {
-    match std::env::var("VHDKIT_BOOT_MODE").as_deref() {
-        Ok("direct") => return Mode::Direct,
-        Ok("nested") => return Mode::Nested,
-        Ok("") | Err(_) => {}
-        Ok(other) => panic!("VHDKIT_BOOT_MODE must be direct or nested, not {other:?}"),
-    }
-    if Path::new("/sys/module/kvm_pvm").exists() {
-        // The PVM software hypervisor cannot run the stock kernel (emulation failures).
-        return Mode::Nested;
-    }
-    let usable = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if usable {
-        Mode::Direct
-    } else {
-        Mode::Nested
-    }
-}
-
 fn sha256(path: &Path) -> String {
     let out = run(Command::new("sha256sum").arg(path));
     String::from_utf8_lossy(&out.stdout)
@@ -93,134 +53,6 @@ fn sha256(path: &Path) -> String {
         .next()
         .unwrap()
         .to_string()
-}
-
-fn sh(script: &str) -> Command {
-    let mut c = Command::new("sh");
-    c.arg("-ec").arg(script);
-    c
-}
-
-/// The Debian kernel package, extracted under `target/vmm-e2e/kernel` (downloaded once).
-struct Kernel {
-    vmlinuz: PathBuf,
-    modules: PathBuf,
-}
-
-fn cache_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| vhdkit_tests::workspace_root().join("target"));
-    target.join("vmm-e2e")
-}
-
-fn kernel() -> Kernel {
-    let dir = cache_dir().join("kernel");
-    let done = dir.join(".complete");
-    if !done.exists() {
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("deb")).unwrap();
-        // linux-image-cloud-amd64 is a metapackage: download the kernel package it names.
-        let deps = run(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]));
-        let deps = String::from_utf8_lossy(&deps.stdout);
-        let pkg = deps
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("Depends: "))
-            .find(|p| p.starts_with("linux-image-"))
-            .unwrap_or_else(|| panic!("no kernel package in `apt-cache depends`:\n{deps}"))
-            .to_string();
-        // Three tries, as .ci/run does for apt-get install: a mirror may hiccup.
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let out = output(
-                Command::new("apt-get")
-                    .args(["download", "-q", &pkg])
-                    .current_dir(dir.join("deb")),
-            );
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                tries < 3,
-                "apt-get download {pkg} failed 3 times: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_secs(10 * tries));
-        }
-        let deb = fs::read_dir(dir.join("deb"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .expect("apt-get download left no .deb");
-        run(Command::new("dpkg-deb")
-            .arg("-x")
-            .arg(&deb)
-            .arg(dir.join("root")));
-        fs::remove_dir_all(dir.join("deb")).unwrap();
-        fs::write(&done, &pkg).unwrap();
-    }
-    let boot = dir.join("root/boot");
-    let vmlinuz = fs::read_dir(&boot)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("vmlinuz-")
-        })
-        .expect("no vmlinuz in the kernel package");
-    let version = vmlinuz.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_string();
-    Kernel {
-        vmlinuz,
-        modules: dir.join("root/lib/modules").join(version),
-    }
-}
-
-/// Path of module `name` (`kvm-amd` or `kvm_amd`) under `modules`.
-fn module(modules: &Path, name: &str) -> PathBuf {
-    fn walk(dir: &Path, file: &str) -> Option<PathBuf> {
-        for e in fs::read_dir(dir).ok()?.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                if let Some(f) = walk(&p, file) {
-                    return Some(f);
-                }
-            } else if p.file_name().is_some_and(|n| n == file) {
-                return Some(p);
-            }
-        }
-        None
-    }
-    walk(modules, &format!("{name}.ko"))
-        .or_else(|| walk(modules, &format!("{}.ko", name.replace('-', "_"))))
-        .unwrap_or_else(|| panic!("module {name} not in {}", modules.display()))
-}
-
-/// A static busybox (busybox-static).
-fn busybox() -> PathBuf {
-    let p = PathBuf::from("/bin/busybox");
-    assert!(p.exists(), "/bin/busybox missing (install busybox-static)");
-    let ldd = output(Command::new("ldd").arg(&p));
-    let text =
-        String::from_utf8_lossy(&ldd.stdout).to_string() + &String::from_utf8_lossy(&ldd.stderr);
-    assert!(
-        text.contains("not a dynamic executable") || text.contains("statically linked"),
-        "/bin/busybox is not static (install busybox-static): {text}"
-    );
-    p
-}
-
-/// A newc cpio of `root` at `out` (uncompressed: quick to unpack under TCG).
-fn cpio(root: &Path, out: &Path) {
-    run(sh(&format!(
-        "cd '{}' && find . | cpio -o -H newc --quiet > '{}'",
-        root.display(),
-        out.display()
-    )));
 }
 
 /// What the host expects back.
@@ -322,12 +154,6 @@ fn make_images(dir: &Path, kernel: &Kernel, initrd: &Path) -> Expect {
     }
 }
 
-fn write_exec(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    fs::write(path, text).unwrap();
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
-}
-
 /// The `vhdtool boot` arguments, with paths under `base`.
 fn boot_args(base: &str, kernel: &str, initrd: &str) -> Vec<String> {
     vec![
@@ -352,60 +178,6 @@ fn boot_args(base: &str, kernel: &str, initrd: &str) -> Vec<String> {
     ]
 }
 
-/// Runs `cmd`, collecting stdout and stderr lines (echoed to stderr), killing it after the hang
-/// guard. Returns (exit code, output).
-fn run_guarded(mut cmd: Command, what: &str) -> (Option<i32>, String) {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let start = Instant::now();
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {what}: {e}"));
-    let log = Arc::new(Mutex::new(String::new()));
-    let mut readers = Vec::new();
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ] {
-        let log = log.clone();
-        readers.push(std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                let stamped = format!("[{:7.3}] {line}", start.elapsed().as_secs_f64());
-                eprintln!("{stamped}");
-                let mut l = log.lock().unwrap();
-                l.push_str(&stamped);
-                l.push('\n');
-            }
-        }));
-    }
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > HANG_GUARD {
-            let _ = child.kill();
-            let _ = child.wait();
-            for r in readers {
-                let _ = r.join();
-            }
-            panic!(
-                "{what} still running after {HANG_GUARD:?}: killed. Output:\n{}",
-                log.lock().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    for r in readers {
-        let _ = r.join();
-    }
-    eprintln!(
-        "{what}: {status} after {:.1} s",
-        start.elapsed().as_secs_f64()
-    );
-    let out = log.lock().unwrap().clone();
-    (status.code(), out)
-}
-
 fn run_direct(dir: &Path, kernel: &Kernel, initrd: &Path) -> String {
     let mut cmd = Command::new(vhdtool_bin());
     cmd.env("VHDKIT_VMM_EXIT_STATS", "1").args(boot_args(
@@ -418,51 +190,15 @@ fn run_direct(dir: &Path, kernel: &Kernel, initrd: &Path) -> String {
     out
 }
 
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
 fn run_nested(dir: &Path, kernel: &Kernel, initrd: &Path) -> String {
-    assert!(
-        tool_or_skip("qemu-system-x86_64"),
-        "qemu-system-x86_64 is needed for the nested boot test"
-    );
     let stage = dir.join("stage");
-    fs::create_dir_all(stage.join("lib")).unwrap();
+    fs::create_dir_all(&stage).unwrap();
     for f in ["disk.vhdx", "parent.vhd", "child.vhd", "ro.raw"] {
         fs::rename(dir.join(f), stage.join(f)).unwrap();
     }
     fs::copy(&kernel.vmlinuz, stage.join("vmlinuz")).unwrap();
     fs::copy(initrd, stage.join("initrd.cpio")).unwrap();
-    // vhdtool without debug info, and the libraries it links (loaded through their own ld.so).
-    let bin = stage.join("vhdtool");
-    let stripped = output(
-        Command::new("objcopy")
-            .arg("--strip-debug")
-            .arg(vhdtool_bin())
-            .arg(&bin),
-    );
-    if !stripped.status.success() {
-        fs::copy(vhdtool_bin(), &bin).unwrap();
-    }
-    let ldd = run(Command::new("ldd").arg(vhdtool_bin()));
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        let lib = line
-            .split("=>")
-            .nth(1)
-            .unwrap_or(line)
-            .split_whitespace()
-            .next()
-            .unwrap_or("");
-        if lib.starts_with('/') {
-            let name = Path::new(lib).file_name().unwrap();
-            fs::copy(lib, stage.join("lib").join(name)).unwrap();
-        }
-    }
-    assert!(
-        stage.join("lib/ld-linux-x86-64.so.2").exists(),
-        "no ld.so in ldd output"
-    );
+    stage_vhdtool(&stage);
     let args: Vec<String> = boot_args("/work", "/work/vmlinuz", "/work/initrd.cpio")
         .iter()
         .map(|a| shell_quote(a))
@@ -471,78 +207,18 @@ fn run_nested(dir: &Path, kernel: &Kernel, initrd: &Path) -> String {
         &stage.join("run.sh"),
         &format!(
             "export VHDKIT_VMM_EXIT_STATS=1\n\
-             exec /work/lib/ld-linux-x86-64.so.2 --library-path /work/lib /work/vhdtool {} </dev/null\n",
+             exec {L1_VHDTOOL} {} </dev/null\n",
             args.join(" ")
         ),
     );
-    let scratch = dir.join("scratch.ext4");
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&stage)
-        .arg(&scratch)
-        .arg("512M"));
-
-    // L1 initramfs.
-    let root = dir.join("l1");
-    for d in ["bin", "dev", "proc", "sys", "mods", "work"] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    fs::copy(busybox(), root.join("bin/busybox")).unwrap();
-    for m in L1_MODULES {
-        fs::copy(
-            module(&kernel.modules, m),
-            root.join(format!("mods/{m}.ko")),
-        )
-        .unwrap();
-    }
-    write_exec(&root.join("init"), L1_INIT);
-    let l1_initrd = dir.join("l1.cpio");
-    cpio(&root, &l1_initrd);
-
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args([
-        "-accel",
-        "tcg",
-        "-cpu",
-        "qemu64,+svm,+npt",
-        "-m",
-        "2048",
-        "-smp",
-        "2",
-    ])
-    .args([
-        "-M",
-        "pc",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-    ])
-    .args(["-serial", "stdio", "-no-reboot"])
-    .arg("-kernel")
-    .arg(&kernel.vmlinuz)
-    .arg("-initrd")
-    .arg(&l1_initrd)
-    .args(["-append", "console=ttyS0 panic=-1 reboot=k quiet"])
-    .arg("-drive")
-    .arg(format!(
-        "file={},format=raw,if=virtio,cache=unsafe",
-        scratch.display()
-    ));
-    let (code, out) = run_guarded(qemu, "L1 (qemu-system-x86_64 -accel tcg)");
-    assert_eq!(code, Some(0), "qemu failed:\n{out}");
-    assert!(out.contains("L1: end"), "L1 did not finish:\n{out}");
+    let (out, scratch) = run_l1(dir, &stage, kernel, "512M");
     assert!(
         out.contains("L1: vhdtool exit status 0"),
         "vhdtool boot did not exit 0 inside L1:\n{out}"
     );
     // The images come back out of the scratch disk.
     for f in ["disk.vhdx", "parent.vhd", "child.vhd", "ro.raw"] {
-        run(Command::new("debugfs")
-            .arg("-R")
-            .arg(format!("dump /{f} {}", dir.join(f).display()))
-            .arg(&scratch));
-        assert!(dir.join(f).exists(), "debugfs did not dump {f}");
+        dump(&scratch, f, &dir.join(f));
     }
     out
 }

@@ -8,6 +8,10 @@
 //!   no PC-AT dual 8259 flag.
 //! - DSDT: COM1 (`PNP0501`, I/O 0x3f8, GSI 4), one `LNRO0005` virtio-mmio device per disk
 //!   (4 KiB window, edge-triggered active-high GSI), and `\_S5` for poweroff.
+//! - The power button of a hardware-reduced machine: a Generic Event Device (`ACPI0013`) with
+//!   one edge-triggered GSI ([`GED_GSI`]) whose `_EVT` notifies `PWRB` (`PNP0C0C`) with 0x80
+//!   ("button pressed"). The VMM presses it by raising that GSI (`vhdtool vm shutdown`); the
+//!   guest's `button` driver turns it into a KEY_POWER input event for userspace.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -20,7 +24,9 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 
-use crate::layout::{self, ACPI_SLEEP_PORT, IOAPIC_ADDR, LAPIC_ADDR, SERIAL_GSI, SERIAL_PORT};
+use crate::layout::{
+    self, ACPI_SLEEP_PORT, GED_GSI, IOAPIC_ADDR, LAPIC_ADDR, SERIAL_GSI, SERIAL_PORT,
+};
 
 const OEM_ID: [u8; 6] = *b"VHDKIT";
 const OEM_TABLE_ID: [u8; 8] = *b"VHDKITVM";
@@ -151,8 +157,31 @@ fn virtio_device(i: usize, d: &MmioDevice) -> Vec<u8> {
     ))
 }
 
+/// `Device(PWRB)` and `Device(GED0)`: the power button and the event device that presses it.
+fn power_button() -> Vec<u8> {
+    let hid = aml::EISAName::new("PNP0C0C");
+    let name_hid = aml::Name::new("_HID".into(), &hid);
+    let name_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let mut v = aml_bytes(&aml::Device::new("PWRB".into(), vec![&name_hid, &name_uid]));
+    let ged_hid: aml::AmlStr = "ACPI0013";
+    let name_hid = aml::Name::new("_HID".into(), &ged_hid);
+    let irq = aml::Interrupt::new(true, true, false, false, GED_GSI);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let name_crs = aml::Name::new("_CRS".into(), &crs);
+    let pwrb = aml::Path::new("PWRB");
+    let pressed = 0x80u8;
+    let notify = aml::Notify::new(&pwrb, &pressed);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
+    v.extend(aml_bytes(&aml::Device::new(
+        "GED0".into(),
+        vec![&name_hid, &name_uid, &name_crs, &evt],
+    )));
+    v
+}
+
 fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
     let mut sb = com1();
+    sb.extend(power_button());
     for (i, d) in devices.iter().enumerate() {
         sb.extend(virtio_device(i, d));
     }
@@ -282,6 +311,10 @@ mod tests {
         assert!(has(b"LNRO0005"));
         assert!(has(b"V000") && has(b"V001") && !has(b"V002"));
         assert!(has(b"COM1") && has(b"_S5_"));
+        assert!(has(b"ACPI0013") && has(b"GED0") && has(b"_EVT") && has(b"PWRB"));
+        let mut ged = vec![0x89, 6, 0, 0x03, 1];
+        ged.extend_from_slice(&GED_GSI.to_le_bytes());
+        assert!(has(&ged), "GED interrupt");
         // Memory32Fixed descriptors (0x86, length 9, RW) with each window.
         for d in &devs {
             let mut m = vec![0x86, 9, 0, 1];

@@ -50,8 +50,10 @@ pub const I8042_COMMAND: u16 = 0x64;
 pub const ACPI_SLEEP_PORT: u16 = 0x600;
 /// GSI of the first virtio device; device `i` uses `VIRTIO_GSI_BASE + i`.
 pub const VIRTIO_GSI_BASE: u32 = 5;
-/// IOAPIC pins are 0..=23.
-pub const MAX_VIRTIO_DEVICES: usize = (24 - VIRTIO_GSI_BASE) as usize;
+/// GSI of the ACPI Generic Event Device (the power button), the last IOAPIC pin.
+pub const GED_GSI: u32 = 23;
+/// IOAPIC pins are 0..=23; the last is the GED's.
+pub const MAX_VIRTIO_DEVICES: usize = (GED_GSI - VIRTIO_GSI_BASE) as usize;
 
 /// Smallest guest RAM accepted: the Debian kernel decompresses into about 52 MiB above 16 MiB.
 pub const MIN_MEMORY: u64 = 128 << 20;
@@ -142,7 +144,7 @@ mod tests {
         const { assert!(ACPI_START >= EBDA_START && ACPI_START < ACPI_END) };
         let last = virtio_mmio_addr(MAX_VIRTIO_DEVICES - 1) + VIRTIO_MMIO_SIZE;
         assert!(VIRTIO_MMIO_BASE >= MMIO_HOLE && last <= u64::from(IOAPIC_ADDR));
-        assert_eq!(virtio_gsi(MAX_VIRTIO_DEVICES - 1), 23);
+        assert_eq!(virtio_gsi(MAX_VIRTIO_DEVICES - 1), GED_GSI - 1);
     }
 
     #[test]

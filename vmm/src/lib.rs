@@ -93,14 +93,22 @@
 #![warn(missing_docs)]
 
 mod acpi;
+pub mod api;
 mod boot;
+mod checkpoint;
+mod control;
+mod controller;
 mod cpu;
 mod devices;
+mod disks;
 mod layout;
+pub mod state;
+mod vcpu;
 mod vm;
 
 use std::path::PathBuf;
 
+pub use checkpoint::restore;
 pub use vm::run;
 
 /// Where `/dev/kvm` is the PVM software hypervisor: the module's sysfs folder.
@@ -144,6 +152,13 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
 }
 
+/// How to run the VM beside its configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Serve the control API ([`api`]) on this unix socket.
+    pub api_socket: Option<PathBuf>,
+}
+
 /// Kernel command line the VMM always passes, before the user's.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1";
 
@@ -160,6 +175,11 @@ pub enum GuestExit {
     Reboot,
     /// The guest entered ACPI S5 (`poweroff`).
     PowerOff,
+    /// `shutdown` through the API: the guest did not power off within the timeout (seconds),
+    /// so the VMM stopped it.
+    Stopped(u64),
+    /// `checkpoint --stop` through the API: the VM was saved and stopped.
+    Saved,
 }
 
 /// VMM errors.
@@ -214,6 +234,9 @@ pub enum Error {
     /// The guest kernel panicked (seen on the serial console).
     #[error("the guest kernel panicked: {0}")]
     GuestPanic(String),
+    /// A checkpoint could not be written or restored.
+    #[error("checkpoint: {0}")]
+    State(state::StateError),
     /// The guest stopped in a way it did not ask for.
     #[error("vCPU {cpu}: {reason}")]
     GuestFailure {
@@ -222,6 +245,12 @@ pub enum Error {
         /// The exit reason, registers and instruction bytes.
         reason: String,
     },
+}
+
+impl From<state::StateError> for Error {
+    fn from(e: state::StateError) -> Error {
+        Error::State(e)
+    }
 }
 
 /// Result of the VMM.

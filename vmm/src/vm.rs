@@ -11,51 +11,45 @@
 //! ```
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use block_backend::engine::{new_shared_engine, EngineKind};
-use block_backend::virtio_blk::{Config, VirtioBlk};
-use block_backend::OpenOptions;
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_INTERNAL_ERROR_EMULATION,
-    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_PIT_SPEAKER_DUMMY,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-};
-use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
-use virtio_queue::{Queue, QueueT};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::Kvm;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     MemoryRegionAddress,
 };
 use vm_superio::Serial;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{block_signal, register_signal_handler, Killable, SIGRTMIN};
 use vmm_sys_util::terminal::Terminal;
 
-use crate::devices::bus::{Bus, BusEvent};
+use crate::api::{ApiServer, Reply};
+use crate::checkpoint::Restored;
+use crate::control::RunControl;
+use crate::controller::Controller;
+use crate::devices::bus::Bus;
+use crate::devices::serial;
 use crate::devices::serial::{ConsoleOut, ConsoleState, SerialDevice};
-use crate::devices::virtio_mmio::{VirtioMmio, INT_VRING, QUEUE_NOTIFY};
 use crate::devices::EventFdTrigger;
-use crate::layout::{self, ACPI_START, MIN_MEMORY, SERIAL_GSI};
-use crate::{acpi, boot, cpu, Error, GuestExit, Result, VmConfig, BASE_CMDLINE, MAX_CPUS};
+use crate::disks::{make_disk, DiskSlot};
+use crate::layout::{self, ACPI_START, GED_GSI, MIN_MEMORY, SERIAL_GSI};
+use crate::state::restore;
+use crate::vcpu::{VcpuCtx, VmEvent};
+use crate::{
+    acpi, boot, cpu, Error, GuestExit, Result, RunOptions, VmConfig, BASE_CMDLINE, MAX_CPUS,
+};
 
-/// Virtqueue size of each disk.
-const QUEUE_SIZE: u16 = 256;
 /// KVM_SET_TSS_ADDR: three pages just below the identity map page, in the MMIO hole.
 const TSS_ADDR: usize = 0xfffb_d000;
 /// KVM_SET_IDENTITY_MAP_ADDR.
 const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 /// Console escape: ^A then `x` stops the VM (when stdin is a terminal).
 const ESCAPE: u8 = 0x01;
-
-/// How the VM ended, as sent by the threads to the main thread.
-type VmEvent = Result<GuestExit>;
 
 /// The signal (SIGINT or SIGTERM) that asked the VMM to stop, 0 if none.
 static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -67,7 +61,7 @@ extern "C" fn stop_handler(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut li
 /// Keeps SIGINT and SIGTERM away from the calling (VMM-spawned) thread: they go to the main
 /// thread, which stops the VM cleanly, instead of interrupting a KVM_RUN, a read or an
 /// io_uring wait here.
-fn block_stop_signals() {
+pub(crate) fn block_stop_signals() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         if let Err(e) = block_signal(sig) {
             tracing::warn!("cannot block signal {sig}: {e}");
@@ -114,13 +108,27 @@ pub fn full_cmdline(extra: &str) -> String {
 
 /// Boots `config` and runs the guest until it resets or powers off (or fails: see the crate
 /// docs). Disks are flushed before this returns, whatever the outcome.
-pub fn run(config: &VmConfig) -> Result<GuestExit> {
+pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<GuestExit> {
+    run_vm(config, opts, None)
+}
+
+/// Runs `config`: booted, or continued from `restored` (a checkpoint).
+pub(crate) fn run_vm(
+    config: &VmConfig,
+    opts: &RunOptions,
+    restored: Option<Restored>,
+) -> Result<GuestExit> {
     validate(config)?;
+    // The API socket first: a clash there should not cost a VM start.
+    let api = match &opts.api_socket {
+        Some(p) => Some(ApiServer::start(p).map_err(|e| Error::Setup(e.to_string()))?),
+        None => None,
+    };
     let kvm = Kvm::new().map_err(|e| Error::kvm("open /dev/kvm", e))?;
-    let api = kvm.get_api_version();
-    if api != 12 {
+    let kvm_api = kvm.get_api_version();
+    if kvm_api != 12 {
         return Err(Error::Config(format!(
-            "/dev/kvm has API version {api}, not 12"
+            "/dev/kvm has API version {kvm_api}, not 12"
         )));
     }
 
@@ -165,45 +173,64 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
             .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
     }
 
-    // ACPI tables, then the kernel.
-    let mmio = acpi::mmio_devices(config.disks.len());
-    for (addr, bytes) in acpi::tables(ACPI_START, config.cpus, &mmio) {
-        mem.write_slice(&bytes, GuestAddress(addr))
-            .map_err(|e| Error::Setup(format!("write the ACPI tables: {e}")))?;
-    }
-    let cmdline = full_cmdline(&config.cmdline);
-    let boot = boot::load(
-        &mem,
-        config.memory,
-        &config.kernel,
-        config.initrd.as_deref(),
-        &cmdline,
-        ACPI_START,
-    )?;
+    // ACPI tables, then the kernel; or the checkpoint's memory and in-kernel devices.
+    let entry = match &restored {
+        None => {
+            let mmio = acpi::mmio_devices(config.disks.len());
+            for (addr, bytes) in acpi::tables(ACPI_START, config.cpus, &mmio) {
+                mem.write_slice(&bytes, GuestAddress(addr))
+                    .map_err(|e| Error::Setup(format!("write the ACPI tables: {e}")))?;
+            }
+            let cmdline = full_cmdline(&config.cmdline);
+            boot::load(
+                &mem,
+                config.memory,
+                &config.kernel,
+                config.initrd.as_deref(),
+                &cmdline,
+                ACPI_START,
+            )?
+            .entry
+        }
+        Some(r) => {
+            restore::memory(&mem, &r.memory, r.memory_len, r.memory_crc)?;
+            restore::vm(&vm, &r.state.kvm)?;
+            0
+        }
+    };
 
     // Console.
     let console = Arc::new(Mutex::new(ConsoleState::default()));
     let serial_irq = new_eventfd()?;
     vm.register_irqfd(&serial_irq, SERIAL_GSI)
         .map_err(|e| Error::kvm("KVM_IRQFD (serial)", e))?;
-    let serial: SerialDevice = Serial::new(
-        EventFdTrigger(serial_irq),
-        ConsoleOut::new(Box::new(std::io::stdout()), console.clone()),
-    );
+    let out = ConsoleOut::new(Box::new(std::io::stdout()), console.clone());
+    let serial: SerialDevice = match &restored {
+        None => Serial::new(EventFdTrigger(serial_irq), out),
+        Some(r) => serial::restore(&r.state.serial, EventFdTrigger(serial_irq), out)
+            .map_err(|e| Error::Setup(format!("restore: {e}")))?,
+    };
     let serial = Arc::new(Mutex::new(serial));
 
     // Disks.
     let mut transports = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
-        transports.push(Arc::new(make_disk(
-            &vm,
-            &mem,
-            i,
-            disk,
-            usize::from(config.cpus),
-        )?));
+        let t = make_disk(&vm, &mem, i, disk, usize::from(config.cpus))?;
+        if let Some(r) = &restored {
+            let saved =
+                r.state.transports.get(i).ok_or_else(|| {
+                    Error::Setup(format!("restore: no device state for disk {i}"))
+                })?;
+            t.restore_state(saved)
+                .map_err(|e| Error::Setup(format!("restore: disk {i}: {e}")))?;
+        }
+        transports.push(Arc::new(t));
     }
     let bus = Arc::new(Bus::new(serial.clone(), transports.clone()));
+    // The power button: the GED's interrupt.
+    let power_button = new_eventfd()?;
+    vm.register_irqfd(&power_button, GED_GSI)
+        .map_err(|e| Error::kvm("KVM_IRQFD (power button)", e))?;
 
     // vCPUs and signal handlers, before any thread starts (a failure here leaves none behind).
     let mut fds = Vec::new();
@@ -211,7 +238,15 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(|e| Error::kvm(format!("KVM_CREATE_VCPU {id}"), e))?;
-        cpu::configure(&kvm, &fd, id, config.cpus, boot.entry)?;
+        cpu::configure(&kvm, &fd, id, config.cpus, entry)?;
+        if let Some(r) = &restored {
+            let saved = r
+                .state
+                .vcpus
+                .get(usize::from(id))
+                .ok_or_else(|| Error::Setup(format!("restore: no state for vCPU {id}")))?;
+            restore::vcpu(&fd, saved)?;
+        }
         fds.push(fd);
     }
     register_signal_handler(SIGRTMIN(), kick_handler)
@@ -225,29 +260,26 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
     }
 
     let (tx, rx) = channel::<VmEvent>();
-    let worker_stop = new_eventfd()?;
-    let mut workers = Vec::new();
-    for (i, t) in transports.iter().enumerate() {
-        let (t, tx) = (t.clone(), tx.clone());
-        let stop = worker_stop
-            .try_clone()
-            .map_err(|e| Error::Setup(format!("eventfd: {e}")))?;
-        let path = config.disks[i].path.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("disk{i}"))
-            .spawn(move || {
-                block_stop_signals();
-                let r = disk_worker(&t, &stop, &path);
-                if let Err(e) = &r {
-                    let _ = tx.send(Err(Error::Setup(e.to_string())));
-                }
-                r
-            })
-            .map_err(|e| Error::Setup(format!("spawn a disk thread: {e}")))?;
-        workers.push(h);
+    let mut disks: Vec<DiskSlot> = transports
+        .iter()
+        .zip(&config.disks)
+        .map(|(t, d)| DiskSlot {
+            transport: t.clone(),
+            path: d.path.clone(),
+            read_only: d.read_only,
+            worker: None,
+        })
+        .collect();
+    for (i, d) in disks.iter_mut().enumerate() {
+        d.start(i, tx.clone())?;
+        if restored.is_some() {
+            // Requests the guest queued before the checkpoint and never kicked again.
+            let _ = d.transport.kick_evt().write(1);
+        }
     }
 
     let stop = Arc::new(AtomicBool::new(false));
+    let control = Arc::new(RunControl::new(usize::from(config.cpus)));
     let mut vcpus: Vec<JoinHandle<()>> = Vec::new();
     let terminal = TerminalGuard::new();
     for (id, fd) in fds.into_iter().enumerate() {
@@ -255,6 +287,7 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
             id: id as u8,
             bus: bus.clone(),
             stop: stop.clone(),
+            control: control.clone(),
             console: console.clone(),
             mem: mem.clone(),
             tx: tx.clone(),
@@ -269,10 +302,28 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
         vcpus.push(h);
     }
     spawn_stdin(serial.clone(), tx.clone(), terminal.is_some());
-    drop(tx);
 
+    let msr_index = kvm
+        .get_msr_index_list()
+        .map_err(|e| Error::kvm("KVM_GET_MSR_INDEX_LIST", e))?
+        .as_slice()
+        .to_vec();
+    let mut ctl = Controller {
+        config,
+        control: &control,
+        vcpus: &vcpus,
+        power_button: &power_button,
+        shutdown: None,
+        vm: &vm,
+        mem: &mem,
+        serial: &serial,
+        disks: &mut disks,
+        tx,
+        msr_index,
+        stop_after_checkpoint: None,
+    };
     let outcome = loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
+        match rx.recv_timeout(Duration::from_millis(20)) {
             Ok(ev) => break ev,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 let sig = STOP_SIGNAL.load(Ordering::SeqCst);
@@ -289,12 +340,25 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
                 break Err(Error::Setup("every VM thread ended without a word".into()))
             }
         }
+        if let Some(exit) = ctl.shutdown_overdue() {
+            break Ok(exit);
+        }
+        if let Some(exit) = ctl.stop_after_checkpoint.take() {
+            break exit;
+        }
+        if let Some((_, rx)) = &api {
+            while let Ok(call) = rx.try_recv() {
+                ctl.handle(call);
+            }
+        }
     };
+    let pending_shutdown = ctl.shutdown.take();
 
     // Stop the vCPUs: set the flag, then kick until each has left KVM_RUN (a kick that lands
     // just before KVM_RUN is lost, hence the repeats). A vCPU that never stops is left behind
     // after about two seconds, so this never hangs.
     stop.store(true, Ordering::SeqCst);
+    control.stop();
     for _ in 0..200 {
         if vcpus.iter().all(JoinHandle::is_finished) {
             break;
@@ -312,427 +376,37 @@ pub fn run(config: &VmConfig) -> Result<GuestExit> {
         }
     }
     // Stop the workers; each drains its requests and flushes its disk.
-    let _ = worker_stop.write(1);
     let mut flush_error = None;
-    for (i, h) in workers.into_iter().enumerate() {
-        match h.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => flush_error = flush_error.or(Some(e)),
-            Err(_) => {
-                flush_error = flush_error.or(Some(Error::Setup(format!(
-                    "disk {} thread panicked",
-                    config.disks[i].path.display()
-                ))))
-            }
+    for d in &mut disks {
+        if let Err(e) = d.stop() {
+            flush_error = flush_error.or(Some(e));
         }
     }
     drop(terminal);
-    let exit = outcome?;
-    match flush_error {
-        Some(e) => Err(e),
-        None => Ok(exit),
+    let result = match (outcome, flush_error) {
+        (Ok(exit), None) => Ok(exit),
+        (Err(e), _) | (Ok(_), Some(e)) => Err(e),
+    };
+    if let Some((_, reply)) = pending_shutdown {
+        let _ = reply.send(match &result {
+            Ok(exit) => Reply::done(format!("{exit}; disks flushed")),
+            Err(e) => Reply::failed(e.to_string()),
+        });
     }
+    // Joins the API thread (which sends that reply) and removes the socket.
+    drop(api);
+    result
 }
 
 fn new_eventfd() -> Result<EventFd> {
     EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")))
 }
 
-/// Most virtqueues per disk.
-const MAX_DISK_QUEUES: usize = 4;
-
-/// Opens disk `i` and builds its device (one virtqueue, and one io_uring, per vCPU up to
-/// [`MAX_DISK_QUEUES`]), irqfd and ioeventfd.
-fn make_disk(
-    vm: &VmFd,
-    mem: &GuestMemoryMmap,
-    i: usize,
-    disk: &crate::DiskConfig,
-    cpus: usize,
-) -> Result<VirtioMmio> {
-    let derr = |source| Error::Disk {
-        path: disk.path.clone(),
-        source,
-    };
-    let opts = if disk.read_only {
-        OpenOptions::read_only()
-    } else {
-        OpenOptions::read_write()
-    };
-    let chain = block_backend::open(&disk.path, opts).map_err(derr)?;
-    let chain = Arc::new(Mutex::new(chain));
-    let nq = cpus.clamp(1, MAX_DISK_QUEUES);
-    let engines = (0..nq)
-        .map(|_| new_shared_engine(EngineKind::IoUring, chain.clone(), usize::from(QUEUE_SIZE)))
-        .collect::<block_backend::Result<Vec<_>>>()
-        .map_err(derr)?;
-    let queues = (0..nq)
-        .map(|_| Queue::new(QUEUE_SIZE))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Setup(format!("virtqueue: {e:?}")))?;
-    let irq = Arc::new(new_eventfd()?);
-    let gsi = layout::virtio_gsi(i);
-    vm.register_irqfd(&irq, gsi)
-        .map_err(|e| Error::kvm(format!("KVM_IRQFD (disk {i}, GSI {gsi})"), e))?;
-    let status = Arc::new(AtomicU32::new(0));
-    let (s, q) = (status.clone(), irq.clone());
-    let dev = VirtioBlk::new(
-        engines,
-        mem.clone(),
-        queues,
-        Config {
-            id: format!("vhdkit{i}"),
-        },
-        Box::new(move |_queue| {
-            s.fetch_or(INT_VRING, Ordering::SeqCst);
-            if let Err(e) = q.write(1) {
-                tracing::warn!("virtio interrupt: {e}");
-            }
-        }),
-    )
-    .map_err(derr)?;
-    let kick = new_eventfd()?;
-    let notify = IoEventAddress::Mmio(layout::virtio_mmio_addr(i) + QUEUE_NOTIFY);
-    vm.register_ioevent(&kick, &notify, NoDatamatch)
-        .map_err(|e| Error::kvm(format!("KVM_IOEVENTFD (disk {i})"), e))?;
-    Ok(VirtioMmio::new(dev, status, kick))
-}
-
-/// The disk worker: queue notifications and engine completions in (one epoll over the kick
-/// eventfd, every queue engine's completion eventfd and `stop`), used-ring entries out, until
-/// `stop`; then drains and flushes. It sleeps only in epoll, never while holding the device
-/// lock, so vCPUs reading registers are never held up behind a disk request.
-fn disk_worker(t: &VirtioMmio, stop: &EventFd, path: &std::path::Path) -> Result<()> {
-    const KICK: u64 = 0;
-    const STOP: u64 = 1;
-    const COMPLETION: u64 = 2;
-    let io = |e: std::io::Error| Error::DiskWorker {
-        path: path.to_path_buf(),
-        source: e,
-    };
-    let disk = |source: block_backend::Error| Error::Disk {
-        path: path.to_path_buf(),
-        source,
-    };
-    let epoll = Epoll::new().map_err(io)?;
-    let completion_fds = t.with_device(|d| d.completion_fds()).map_err(disk)?;
-    let watched = [(t.kick_evt().as_raw_fd(), KICK), (stop.as_raw_fd(), STOP)]
-        .into_iter()
-        .chain(
-            (COMPLETION..)
-                .zip(&completion_fds)
-                .map(|(what, &fd)| (fd, what)),
-        );
-    for (fd, what) in watched {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, what),
-            )
-            .map_err(io)?;
-    }
-    let mut events = [EpollEvent::default(); 8];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io(e)),
-        };
-        let mut kicked = false;
-        for e in &events[..n] {
-            match e.data() {
-                STOP => return t.with_device(|d| d.flush()).map_err(disk),
-                KICK => {
-                    let _ = t.kick_evt().read();
-                    kicked = true;
-                }
-                what => {
-                    // Reset the completion eventfd before reaping, so a completion that lands
-                    // after the reap signals again.
-                    let fd = completion_fds[(what - COMPLETION) as usize];
-                    let mut count = [0u8; 8];
-                    // SAFETY: reads at most 8 bytes into a local array; the descriptor is an
-                    // engine's non-blocking eventfd, open as long as the device exists.
-                    let _ = unsafe { libc::read(fd, count.as_mut_ptr().cast(), count.len()) };
-                }
-            }
-        }
-        if kicked {
-            t.with_active_device(|d| (0..d.num_queues()).try_for_each(|q| d.process_queue(q)))
-                .unwrap_or(Ok(()))
-                .map_err(disk)?;
-        }
-        t.with_device(|d| d.process_completions(false))
-            .map_err(disk)?;
-    }
-}
-
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// What a vCPU thread needs.
-struct VcpuCtx {
-    id: u8,
-    bus: Arc<Bus>,
-    stop: Arc<AtomicBool>,
-    console: Arc<Mutex<ConsoleState>>,
-    /// Keeps guest memory mapped while this vCPU may run; reads instruction bytes.
-    mem: GuestMemoryMmap,
-    tx: Sender<VmEvent>,
-}
-
-/// Exit counts by kind and port/address, printed to stderr when the vCPU ends if
-/// `VHDKIT_VMM_EXIT_STATS=1` (to see where a slow boot spends its exits).
-struct ExitStats {
-    counts: Option<std::collections::HashMap<(&'static str, u64), u64>>,
-    start: std::time::Instant,
-}
-
-impl ExitStats {
-    fn from_env() -> ExitStats {
-        let on = std::env::var_os("VHDKIT_VMM_EXIT_STATS").is_some_and(|v| v == "1");
-        ExitStats {
-            counts: on.then(std::collections::HashMap::new),
-            start: std::time::Instant::now(),
-        }
-    }
-
-    fn count(&mut self, kind: &'static str, addr: u64) {
-        if let Some(c) = &mut self.counts {
-            *c.entry((kind, addr)).or_default() += 1;
-        }
-    }
-
-    fn report(&mut self, cpu: u8) {
-        let Some(c) = self.counts.take() else {
-            return;
-        };
-        let total: u64 = c.values().sum();
-        let mut v: Vec<_> = c.into_iter().collect();
-        v.sort_by_key(|e| std::cmp::Reverse(e.1));
-        let top: Vec<String> = v
-            .iter()
-            .take(12)
-            .map(|((k, a), n)| format!("{k} {a:#x}: {n}"))
-            .collect();
-        eprintln!(
-            "vmm: vCPU {cpu}: {total} port/MMIO exits in {:.1} s; {}",
-            self.start.elapsed().as_secs_f64(),
-            top.join(", ")
-        );
-    }
-}
-
-/// The outcome of one KVM_RUN, with the borrow of the vCPU's run structure ended.
-enum Step {
-    Continue,
-    Event(BusEvent),
-    Shutdown,
-    SystemEvent(u32),
-    InternalError,
-    FailEntry(u64),
-    Unexpected(String),
-    RunError(kvm_ioctls::Error),
-}
-
-impl VcpuCtx {
-    fn run(self, mut vcpu: VcpuFd) {
-        let mut stats = ExitStats::from_env();
-        loop {
-            if self.stop.load(Ordering::SeqCst) {
-                stats.report(self.id);
-                return;
-            }
-            let step = match vcpu.run() {
-                Ok(exit) => match exit {
-                    VcpuExit::IoIn(port, data) => {
-                        stats.count("pio in", u64::from(port));
-                        self.bus.pio_in(port, data);
-                        Step::Continue
-                    }
-                    VcpuExit::IoOut(port, data) => {
-                        stats.count("pio out", u64::from(port));
-                        Step::Event(self.bus.pio_out(port, data))
-                    }
-                    VcpuExit::MmioRead(addr, data) => {
-                        stats.count("mmio read", addr);
-                        self.bus.mmio_read(addr, data);
-                        Step::Continue
-                    }
-                    VcpuExit::MmioWrite(addr, data) => {
-                        stats.count("mmio write", addr);
-                        Step::Event(self.bus.mmio_write(addr, data))
-                    }
-                    VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => Step::Continue,
-                    VcpuExit::Shutdown => Step::Shutdown,
-                    VcpuExit::SystemEvent(kind, _) => Step::SystemEvent(kind),
-                    VcpuExit::InternalError => Step::InternalError,
-                    VcpuExit::FailEntry(reason, _) => Step::FailEntry(reason),
-                    other => Step::Unexpected(format!("{other:?}")),
-                },
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
-                Err(e) => Step::RunError(e),
-            };
-            let outcome = match step {
-                Step::Continue | Step::Event(BusEvent::None) => continue,
-                Step::Event(BusEvent::Kick(i)) => {
-                    if let Some(t) = self.bus.virtio(i) {
-                        let _ = t.kick_evt().write(1);
-                    }
-                    continue;
-                }
-                Step::Event(BusEvent::Reset) => self.on_reset(),
-                Step::Event(BusEvent::PowerOff) => Ok(GuestExit::PowerOff),
-                Step::Shutdown => self.on_triple_fault(&vcpu),
-                Step::SystemEvent(KVM_SYSTEM_EVENT_RESET) => self.on_reset(),
-                Step::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN) => Ok(GuestExit::PowerOff),
-                Step::SystemEvent(KVM_SYSTEM_EVENT_CRASH) => {
-                    self.fail(&vcpu, "the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)")
-                }
-                Step::SystemEvent(kind) => {
-                    self.fail(&vcpu, &format!("KVM_EXIT_SYSTEM_EVENT type {kind}"))
-                }
-                Step::InternalError => {
-                    let what = internal_error(&mut vcpu);
-                    self.fail(&vcpu, &what)
-                }
-                Step::FailEntry(reason) => self.fail(
-                    &vcpu,
-                    &format!(
-                        "KVM_EXIT_FAIL_ENTRY: the VM entry failed (hardware reason {reason:#x})"
-                    ),
-                ),
-                Step::Unexpected(what) => self.fail(&vcpu, &format!("unexpected exit {what}")),
-                Step::RunError(e) => Err(Error::GuestFailure {
-                    cpu: self.id,
-                    reason: format!("KVM_RUN failed: {e}"),
-                }),
-            };
-            stats.report(self.id);
-            let _ = self.tx.send(outcome);
-            return;
-        }
-    }
-
-    fn on_reset(&self) -> VmEvent {
-        let st = self.console.lock().unwrap_or_else(|e| e.into_inner());
-        match &st.panic {
-            Some(p) => Err(Error::GuestPanic(p.clone())),
-            None => Ok(GuestExit::Reboot),
-        }
-    }
-
-    fn on_triple_fault(&self, vcpu: &VcpuFd) -> VmEvent {
-        let (panic, restarting) = {
-            let st = self.console.lock().unwrap_or_else(|e| e.into_inner());
-            (st.panic.clone(), st.restarting)
-        };
-        match panic {
-            Some(p) => Err(Error::GuestPanic(p)),
-            None if restarting => Ok(GuestExit::Reboot),
-            None => self.fail(
-                vcpu,
-                "triple fault (KVM_EXIT_SHUTDOWN) without a reboot request from the guest",
-            ),
-        }
-    }
-
-    fn fail(&self, vcpu: &VcpuFd, what: &str) -> VmEvent {
-        Err(Error::GuestFailure {
-            cpu: self.id,
-            reason: format!("{what}; {}", cpu_state(vcpu, &self.mem)),
-        })
-    }
-}
-
-/// `KVM_EXIT_INTERNAL_ERROR` with its suberror, data words and, for emulation failures, the
-/// instruction bytes KVM reports.
-fn internal_error(vcpu: &mut VcpuFd) -> String {
-    let run = vcpu.get_kvm_run();
-    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel filled the `internal` member of the
-    // union (and, for suberror 1 with the flag set, the `emulation_failure` view of the same
-    // bytes); both are plain integers, valid for any bit pattern.
-    let (internal, emulation) = unsafe {
-        (
-            run.__bindgen_anon_1.internal,
-            run.__bindgen_anon_1.emulation_failure,
-        )
-    };
-    let name = match internal.suberror {
-        1 => "emulation failure",
-        2 => "exception while delivering an exception",
-        3 => "failure while delivering an event",
-        4 => "unexpected exit reason",
-        _ => "unknown",
-    };
-    let n = (internal.ndata as usize).min(internal.data.len());
-    let data: Vec<String> = internal.data[..n]
-        .iter()
-        .map(|d| format!("{d:#x}"))
-        .collect();
-    let mut s = format!(
-        "KVM_EXIT_INTERNAL_ERROR suberror {} ({name}), data [{}]",
-        internal.suberror,
-        data.join(", ")
-    );
-    if internal.suberror == KVM_INTERNAL_ERROR_EMULATION
-        && emulation.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0
-    {
-        // SAFETY: the flag says the kernel filled the instruction bytes (plain integers).
-        let insn = unsafe { emulation.__bindgen_anon_1.__bindgen_anon_1 };
-        let len = usize::from(insn.insn_size).min(insn.insn_bytes.len());
-        s.push_str(&format!(
-            ", instruction bytes from KVM: {}",
-            hex(&insn.insn_bytes[..len])
-        ));
-    }
-    s
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter()
-        .map(|x| format!("{x:02x}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// RIP, the mode registers and the 16 bytes at RIP (translated through the guest's page
-/// tables) for an error message.
-fn cpu_state(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
-    let Ok(regs) = vcpu.get_regs() else {
-        return "registers unavailable".into();
-    };
-    let mut s = format!(
-        "RIP={:#x} RSP={:#x} RFLAGS={:#x}",
-        regs.rip, regs.rsp, regs.rflags
-    );
-    if let Ok(sregs) = vcpu.get_sregs() {
-        s.push_str(&format!(
-            " CR0={:#x} CR3={:#x} CR4={:#x} EFER={:#x} CS={:#x}",
-            sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, sregs.cs.selector
-        ));
-        let rip = regs
-            .rip
-            .wrapping_add(if sregs.cr0 & 1 == 0 { sregs.cs.base } else { 0 });
-        match vcpu.translate_gva(rip) {
-            Ok(t) if t.valid != 0 => {
-                let mut b = [0u8; 16];
-                match mem.read_slice(&mut b, GuestAddress(t.physical_address)) {
-                    Ok(()) => s.push_str(&format!(
-                        ", bytes at RIP (GPA {:#x}): {}",
-                        t.physical_address,
-                        hex(&b)
-                    )),
-                    Err(_) => s.push_str(&format!(
-                        ", RIP maps to GPA {:#x} outside RAM",
-                        t.physical_address
-                    )),
-                }
-            }
-            _ => s.push_str(", RIP is not mapped"),
-        }
-    }
-    s
+pub(crate) extern "C" fn kick_handler(
+    _: libc::c_int,
+    _: *mut libc::siginfo_t,
+    _: *mut libc::c_void,
+) {
 }
 
 /// Restores the terminal mode on drop, when stdin is a terminal put in raw mode.
@@ -863,10 +537,5 @@ mod tests {
             ..config()
         })
         .is_err());
-    }
-
-    #[test]
-    fn hex_formats_instruction_bytes() {
-        assert_eq!(hex(&[0x0f, 0xc7, 0x0e]), "0f c7 0e");
     }
 }

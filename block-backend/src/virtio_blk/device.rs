@@ -183,6 +183,43 @@ impl VirtioBlk {
         }
     }
 
+    /// The features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
+    /// Moves the device onto another disk (a checkpoint continues the guest on a new
+    /// differencing child): drains every request, drops the engines (closing their chain),
+    /// then takes the engines `reopen` returns, one per queue, over a disk of the same size
+    /// and sector sizes. If `reopen` fails, its error is returned and the device has no disk
+    /// left: the caller must not process its queues again.
+    pub fn replace_disk(
+        &mut self,
+        reopen: impl FnOnce() -> Result<Vec<Box<dyn Engine>>>,
+    ) -> Result<()> {
+        while self.in_flight() > 0 {
+            self.process_completions(true)?;
+        }
+        self.engines.clear();
+        let engines = reopen()?;
+        let chain = engines.first().map(|e| e.chain());
+        let fits = chain.as_ref().is_some_and(|c| {
+            c.size() / SECTOR == self.capacity
+                && c.logical_sector_size() == self.blk_size
+                && c.physical_sector_size() == self.physical
+                && c.is_read_only() == self.read_only
+        });
+        drop(chain);
+        if !fits || engines.len() != self.queues.len() {
+            return Err(Error::Unsupported {
+                path: std::path::PathBuf::from("virtio-blk"),
+                what: "the replacement disk differs in size, sectors, mode or queues".into(),
+            });
+        }
+        self.engines = engines;
+        Ok(())
+    }
+
     /// Number of virtqueues.
     pub fn num_queues(&self) -> u16 {
         self.queues.len() as u16

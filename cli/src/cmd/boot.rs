@@ -1,9 +1,11 @@
 //! `vhdtool boot --kernel BZIMAGE [--initrd FILE] [--cmdline STR] [--memory SIZE] [--cpus N]
-//! [--disk IMAGE[,read-only]]…`: boot a Linux kernel in a minimal KVM VM (crate `vmm`) with the
+//! [--disk IMAGE[,read-only]]… [--api-socket PATH]` | `vhdtool boot --restore DIR
+//! [--api-socket PATH]`: boot a Linux kernel in a minimal KVM VM (crate `vmm`) with the
 //! images as virtio-blk disks (`/dev/vda`, `/dev/vdb`, … in order).
 //!
 //! The serial console is stdin/stdout (with a terminal, ^A x stops the VM). Exit status 0 when
-//! the guest reboots or powers off; 1 with a message naming the cause when it panics, triple
+//! the guest reboots or powers off, or is stopped through the API (`vhdtool vm shutdown`); 1
+//! with a message naming the cause when it panics, triple
 //! faults, hits a KVM error, or the VMM fails. Disks are flushed before exit either way.
 
 use std::path::PathBuf;
@@ -16,8 +18,8 @@ use crate::size::parse_size;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Linux kernel (bzImage, boot protocol 2.14 or later).
-    #[arg(long)]
-    pub kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
@@ -34,6 +36,13 @@ pub struct Args {
     /// A disk image (raw, VHD, VHDX, differencing), `IMAGE` or `IMAGE,read-only`; repeatable.
     #[arg(long = "disk", value_name = "IMAGE[,read-only]", value_parser = parse_disk)]
     pub disks: Vec<vmm::DiskConfig>,
+    /// Serve the control API on this unix socket (`vhdtool vm … --api-socket PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Continue the VM saved by `vhdtool vm checkpoint DIR` (no reboot) on new differencing
+    /// children of its frozen disk layers; memory, vCPUs and disks come from DIR.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "disks", "cmdline"])]
+    pub restore: Option<PathBuf>,
 }
 
 /// `IMAGE[,read-only]` (also `,ro`).
@@ -63,24 +72,31 @@ pub fn run(args: &Args) -> Result<u8> {
     if let Some(w) = vmm::software_hypervisor_warning() {
         eprintln!("vhdtool: warning: {w}");
     }
-    let config = vmm::VmConfig {
-        kernel: args.kernel.clone(),
+    let opts = vmm::RunOptions {
+        api_socket: args.api_socket.clone(),
+    };
+    let result = match (&args.restore, &args.kernel) {
+        (Some(dir), _) => vmm::restore(dir, &opts),
+        (None, Some(kernel)) => vmm::run(&boot_config(args, kernel), &opts),
+        (None, None) => bail!("--kernel or --restore is needed"),
+    };
+    match result {
+        Ok(exit) => {
+            eprintln!("vhdtool: {exit}; disks flushed");
+            Ok(0)
+        }
+        Err(e) => bail!(e),
+    }
+}
+
+fn boot_config(args: &Args, kernel: &std::path::Path) -> vmm::VmConfig {
+    vmm::VmConfig {
+        kernel: kernel.to_path_buf(),
         initrd: args.initrd.clone(),
         cmdline: args.cmdline.clone(),
         memory: args.memory,
         cpus: args.cpus,
         disks: args.disks.clone(),
-    };
-    match vmm::run(&config) {
-        Ok(exit) => {
-            let how = match exit {
-                vmm::GuestExit::Reboot => "rebooted",
-                vmm::GuestExit::PowerOff => "powered off",
-            };
-            eprintln!("vhdtool: guest {how}; disks flushed");
-            Ok(0)
-        }
-        Err(e) => bail!(e),
     }
 }
 

@@ -23,6 +23,7 @@ pub mod rebase;
 pub mod resize;
 pub mod serve;
 pub mod upload;
+pub mod vm;
 pub mod write;
 
 use std::path::Path;

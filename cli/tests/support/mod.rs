@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 pub mod nbd_peer;
+pub mod tiny_guest;
 
 use std::ffi::OsStr;
 use std::path::Path;

@@ -81,6 +81,47 @@ impl Write for ConsoleOut {
 /// The UART model.
 pub type SerialDevice = Serial<EventFdTrigger, NoEvents, ConsoleOut>;
 
+/// The UART's registers and receive FIFO, for a checkpoint.
+pub fn save_state(s: &SerialDevice) -> crate::state::SerialState {
+    let st = s.state();
+    crate::state::SerialState {
+        registers: [
+            st.baud_divisor_low,
+            st.baud_divisor_high,
+            st.interrupt_enable,
+            st.interrupt_identification,
+            st.line_control,
+            st.line_status,
+            st.modem_control,
+            st.modem_status,
+            st.scratch,
+        ],
+        in_buffer: st.in_buffer,
+    }
+}
+
+/// A UART with saved registers (a FIFO longer than the UART's is refused).
+pub fn restore(
+    saved: &crate::state::SerialState,
+    trigger: EventFdTrigger,
+    out: ConsoleOut,
+) -> Result<SerialDevice, String> {
+    let r = saved.registers;
+    let st = vm_superio::serial::SerialState {
+        baud_divisor_low: r[0],
+        baud_divisor_high: r[1],
+        interrupt_enable: r[2],
+        interrupt_identification: r[3],
+        line_control: r[4],
+        line_status: r[5],
+        modem_control: r[6],
+        modem_status: r[7],
+        scratch: r[8],
+        in_buffer: saved.in_buffer.clone(),
+    };
+    Serial::from_state(&st, trigger, NoEvents, out).map_err(|e| format!("serial state: {e:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,8 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::state::{QueueState, TransportState};
+
 /// "virt".
 pub const MAGIC: u32 = 0x7472_6976;
 /// Virtio device id of a block device.
@@ -109,6 +111,74 @@ impl VirtioMmio {
     /// The eventfd that wakes the worker.
     pub fn kick_evt(&self) -> &EventFd {
         &self.kick
+    }
+
+    /// The transport and queue registers, for a checkpoint (the device is drained first).
+    pub fn save_state(&self) -> TransportState {
+        let mut g = self.lock();
+        let queues = g
+            .dev
+            .queues_mut()
+            .iter()
+            .map(|q| QueueState {
+                size: q.size(),
+                ready: q.ready(),
+                desc_table: q.desc_table(),
+                avail_ring: q.avail_ring(),
+                used_ring: q.used_ring(),
+                next_avail: q.next_avail(),
+                next_used: q.next_used(),
+                event_idx: q.event_idx_enabled(),
+            })
+            .collect();
+        TransportState {
+            status: g.status,
+            device_features_sel: g.device_features_sel,
+            driver_features_sel: g.driver_features_sel,
+            driver_features: g.driver_features,
+            queue_sel: g.queue_sel,
+            interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
+            queues,
+        }
+    }
+
+    /// Puts saved registers back on a fresh transport with the same queues. Checks every
+    /// value the guest could not have set (queue count, sizes) and says which is wrong.
+    pub fn restore_state(&self, s: &TransportState) -> Result<(), String> {
+        let mut g = self.lock();
+        if s.queues.len() != g.dev.queues_mut().len() {
+            return Err(format!(
+                "{} virtqueues saved, the device has {}",
+                s.queues.len(),
+                g.dev.queues_mut().len()
+            ));
+        }
+        if s.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            g.dev.set_acked_features(s.driver_features);
+        }
+        for (i, (q, st)) in g.dev.queues_mut().iter_mut().zip(&s.queues).enumerate() {
+            q.try_set_size(st.size)
+                .map_err(|e| format!("virtqueue {i}: size {}: {e:?}", st.size))?;
+            let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+            let (l, h) = split(st.desc_table);
+            q.set_desc_table_address(l, h);
+            let (l, h) = split(st.avail_ring);
+            q.set_avail_ring_address(l, h);
+            let (l, h) = split(st.used_ring);
+            q.set_used_ring_address(l, h);
+            q.set_next_avail(st.next_avail);
+            q.set_next_used(st.next_used);
+            q.set_event_idx(st.event_idx);
+            q.set_ready(st.ready);
+        }
+        g.status = s.status;
+        g.device_features_sel = s.device_features_sel;
+        g.driver_features_sel = s.driver_features_sel;
+        g.driver_features = s.driver_features;
+        g.queue_sel = s.queue_sel;
+        self.interrupt_status
+            .store(s.interrupt_status, Ordering::SeqCst);
+        Ok(())
     }
 
     /// A guest read of `data.len()` bytes at `offset` in the window.

@@ -1,0 +1,122 @@
+//! `vhdtool vm status [--json] | pause | resume | shutdown [--timeout S] | checkpoint [--stop]
+//! DIR --api-socket PATH`:
+//! control a VM started with `vhdtool boot --api-socket PATH` (protocol: `vmm::api`).
+//!
+//! Exit status 0 when the VMM carried out the command, 1 with its reason otherwise (or when
+//! the socket cannot be reached). `shutdown` returns once the VMM has stopped the guest and
+//! flushed its disks.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use vmm::api::{self, Command};
+
+/// How long a quick command (status, pause, resume) may take.
+const QUICK: Duration = Duration::from_secs(30);
+
+/// Arguments of `vm`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+/// The socket of the VMM.
+#[derive(Debug, clap::Args)]
+struct Socket {
+    /// The VMM's control socket (`vhdtool boot --api-socket PATH`).
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Verb {
+    /// Show the VM's state (running, paused, shutting-down), vCPUs, memory and disks.
+    Status {
+        #[command(flatten)]
+        socket: Socket,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the vCPUs (the guest's clock stands still for it).
+    Pause {
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// Run a paused VM again.
+    Resume {
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// Press the ACPI power button; stop the VM if it has not powered off after --timeout.
+    Shutdown {
+        #[command(flatten)]
+        socket: Socket,
+        /// Seconds the guest gets to power off.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Save the VM to DIR (absent or empty) and continue its disks on new differencing
+    /// children; restore with `vhdtool boot --restore DIR`.
+    Checkpoint {
+        #[command(flatten)]
+        socket: Socket,
+        /// Stop the VM once saved.
+        #[arg(long)]
+        stop: bool,
+        /// Folder of the checkpoint.
+        dir: PathBuf,
+    },
+}
+
+/// Runs `vm`.
+pub fn run(args: &Args) -> Result<u8> {
+    let (socket, command, wait) = match &args.verb {
+        Verb::Status { socket, .. } => (socket, Command::Status, QUICK),
+        Verb::Pause { socket } => (socket, Command::Pause, QUICK),
+        Verb::Resume { socket } => (socket, Command::Resume, QUICK),
+        Verb::Shutdown { socket, timeout } => (
+            socket,
+            Command::Shutdown {
+                timeout_s: *timeout,
+            },
+            // The guest's time, then the flush and the VMM's stop.
+            Duration::from_secs(*timeout) + Duration::from_secs(120),
+        ),
+        Verb::Checkpoint { socket, stop, dir } => (
+            socket,
+            Command::Checkpoint {
+                // The VMM may run elsewhere: give it an absolute path.
+                dir: std::path::absolute(dir)?,
+                stop: *stop,
+            },
+            Duration::from_secs(3600),
+        ),
+    };
+    let reply = api::call(&socket.api_socket, command, wait)?;
+    if !reply.ok {
+        bail!(
+            "{}: {}",
+            socket.api_socket.display(),
+            reply.error.unwrap_or_else(|| "failed".into())
+        );
+    }
+    match (&args.verb, reply.status) {
+        (Verb::Status { json: true, .. }, Some(s)) => println!("{}", serde_json::to_string(&s)?),
+        (Verb::Status { .. }, Some(s)) => {
+            println!("state: {}", s.state);
+            println!("pid: {}", s.pid);
+            println!("cpus: {}", s.cpus);
+            println!("memory: {} MiB", s.memory >> 20);
+            for (i, d) in s.disks.iter().enumerate() {
+                let ro = if d.read_only { " (read-only)" } else { "" };
+                println!("disk {i}: {}{ro}", d.path.display());
+            }
+        }
+        (Verb::Status { .. }, None) => bail!("the VMM sent no status"),
+        _ => println!("{}", reply.detail.unwrap_or_default()),
+    }
+    Ok(0)
+}

@@ -1,0 +1,411 @@
+//! The control socket of a running VM (`vhdtool boot --api-socket PATH`) and its client
+//! (`vhdtool vm …`).
+//!
+//! Protocol (version [`API_VERSION`]): one request per connection. The client sends one line
+//! of JSON, at most [`MAX_MESSAGE`] bytes with the newline, e.g.
+//! `{"version":1,"command":"shutdown","timeout_s":30}`; the VMM answers with one line,
+//! `{"version":1,"ok":true,…}` or `{"version":1,"ok":false,"error":"…"}`, and closes.
+//!
+//! ```text
+//!  client ──line──> API thread: bounded read (timeout), version + JSON check
+//!                      │ bad input → error reply, connection closed (never a panic)
+//!                      └─ ApiCall{command, reply} ──> main thread (acts: pause, resume, …)
+//!  client <──line── API thread <── Reply ───────────────┘
+//! ```
+//!
+//! Invariants: a request is read with a deadline ([`READ_TIMEOUT`]) and a size bound, so a
+//! silent or flooding client costs at most that; connections are served one at a time; the
+//! socket file is removed when the server stops. `shutdown` and `checkpoint` reply when the
+//! work is done (disks flushed), so a script can chain on the reply.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the protocol; a request with another is refused.
+pub const API_VERSION: u32 = 1;
+/// Longest request or reply line, newline included.
+pub const MAX_MESSAGE: usize = 64 << 10;
+/// How long the server waits for a request line.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a client asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Command {
+    /// State, configuration and process of the VM.
+    Status,
+    /// Stop the vCPUs (devices finish what is in flight).
+    Pause,
+    /// Run the vCPUs again.
+    Resume,
+    /// Press the ACPI power button; stop the VM after `timeout_s` if the guest has not powered
+    /// off. The reply comes after the disks are flushed.
+    Shutdown {
+        /// Seconds the guest gets to power off.
+        timeout_s: u64,
+    },
+    /// Save the VM to `dir` (absent or empty) and move its disks onto new differencing
+    /// children; the VM goes on unless `stop`.
+    Checkpoint {
+        /// Folder of the checkpoint.
+        dir: PathBuf,
+        /// Stop the VM after the checkpoint.
+        stop: bool,
+    },
+}
+
+/// A request line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    /// [`API_VERSION`] of the client.
+    pub version: u32,
+    /// The command and its arguments.
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+/// A disk as reported by `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// The image the guest writes to now.
+    pub path: PathBuf,
+    /// Opened read-only.
+    pub read_only: bool,
+}
+
+/// The answer to `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// `running`, `paused` or `shutting-down`.
+    pub state: String,
+    /// vCPUs.
+    pub cpus: u8,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Disks in guest order.
+    pub disks: Vec<DiskStatus>,
+    /// Process id of the VMM.
+    pub pid: u32,
+}
+
+/// A reply line.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Reply {
+    /// [`API_VERSION`] of the VMM.
+    pub version: u32,
+    /// Whether the command was carried out.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// What was done, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Reply {
+    /// Success with a note.
+    pub fn done(detail: impl Into<String>) -> Reply {
+        Reply {
+            version: API_VERSION,
+            ok: true,
+            detail: Some(detail.into()),
+            ..Reply::default()
+        }
+    }
+
+    /// Failure.
+    pub fn failed(error: impl Into<String>) -> Reply {
+        Reply {
+            version: API_VERSION,
+            ok: false,
+            error: Some(error.into()),
+            ..Reply::default()
+        }
+    }
+}
+
+/// A request handed to the main thread, which answers through `reply`.
+pub struct ApiCall {
+    /// What to do.
+    pub command: Command,
+    /// Where the answer goes (dropping it answers "the VMM is stopping").
+    pub reply: Sender<Reply>,
+}
+
+/// Errors of the client and of starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The socket could not be created or reached.
+    #[error("API socket {path}: {what}: {source}")]
+    Socket {
+        /// The socket.
+        path: PathBuf,
+        /// The operation.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Another VMM listens there.
+    #[error("API socket {0}: in use by a running VMM")]
+    InUse(PathBuf),
+    /// The VMM's answer is not a reply of this protocol.
+    #[error("API socket {path}: bad reply: {detail}")]
+    BadReply {
+        /// The socket.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+}
+
+/// Parses one request line; the error is the message of the reply.
+pub fn parse_request(line: &[u8]) -> std::result::Result<Command, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| format!("request is not JSON: {e}"))?;
+    let version = v
+        .get("version")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or("request has no numeric \"version\"")?;
+    if version != u64::from(API_VERSION) {
+        return Err(format!(
+            "request version {version}, this VMM speaks version {API_VERSION}"
+        ));
+    }
+    let r: Request = serde_json::from_value(v).map_err(|e| format!("bad request: {e}"))?;
+    Ok(r.command)
+}
+
+/// Reads one line of at most [`MAX_MESSAGE`] bytes (without the newline).
+fn read_line(stream: impl Read) -> std::result::Result<Vec<u8>, String> {
+    let mut line = Vec::new();
+    let mut r = BufReader::new(stream.take(MAX_MESSAGE as u64));
+    match r.read_until(b'\n', &mut line) {
+        Ok(_) if line.last() == Some(&b'\n') => {
+            line.pop();
+            Ok(line)
+        }
+        Ok(n) if n >= MAX_MESSAGE => Err(format!("message longer than {MAX_MESSAGE} bytes")),
+        Ok(_) => Err("message not terminated by a newline".into()),
+        Err(e) => Err(format!("read: {e}")),
+    }
+}
+
+fn encode(reply: &Reply) -> Vec<u8> {
+    let mut v = serde_json::to_vec(reply).unwrap_or_else(|e| {
+        format!("{{\"version\":{API_VERSION},\"ok\":false,\"error\":\"encode: {e}\"}}").into()
+    });
+    v.push(b'\n');
+    v
+}
+
+/// The listening side, run by a thread of the VMM.
+pub struct ApiServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Listens on `path` (a stale socket file left by a dead VMM is replaced) and returns the
+    /// server and the receiving end of its calls.
+    pub fn start(path: &Path) -> Result<(ApiServer, Receiver<ApiCall>), ApiError> {
+        let sock = |what, source| ApiError::Socket {
+            path: path.to_path_buf(),
+            what,
+            source,
+        };
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ApiError::InUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(|e| sock("remove the stale socket", e))?;
+        }
+        let listener = UnixListener::bind(path).map_err(|e| sock("bind", e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| sock("set non-blocking", e))?;
+        let (tx, rx) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || serve(&listener, &tx, &s))
+            .map_err(|e| sock("spawn the API thread", e))?;
+        Ok((
+            ApiServer {
+                path: path.to_path_buf(),
+                stop,
+                thread: Some(thread),
+            },
+            rx,
+        ))
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(listener: &UnixListener, tx: &Sender<ApiCall>, stop: &AtomicBool) {
+    crate::vm::block_stop_signals();
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => handle(stream, tx),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                tracing::warn!("API socket accept: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn handle(mut stream: UnixStream, tx: &Sender<ApiCall>) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
+    let reply = match read_line(&stream).and_then(|l| parse_request(&l)) {
+        Err(e) => Reply::failed(e),
+        Ok(command) => {
+            let (rtx, rrx) = channel();
+            if tx
+                .send(ApiCall {
+                    command,
+                    reply: rtx,
+                })
+                .is_err()
+            {
+                Reply::failed("the VMM is stopping")
+            } else {
+                rrx.recv()
+                    .unwrap_or_else(|_| Reply::failed("the VMM stopped before answering"))
+            }
+        }
+    };
+    let _ = stream.write_all(&encode(&reply));
+}
+
+/// Sends `command` to the VMM at `path` and waits up to `timeout` for the reply.
+pub fn call(path: &Path, command: Command, timeout: Duration) -> Result<Reply, ApiError> {
+    let sock = |what, source| ApiError::Socket {
+        path: path.to_path_buf(),
+        what,
+        source,
+    };
+    let mut s = UnixStream::connect(path).map_err(|e| sock("connect", e))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| sock("set timeout", e))?;
+    let mut line = serde_json::to_vec(&Request {
+        version: API_VERSION,
+        command,
+    })
+    .map_err(|e| ApiError::BadReply {
+        path: path.to_path_buf(),
+        detail: format!("encode the request: {e}"),
+    })?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(|e| sock("send", e))?;
+    let line = read_line(&s).map_err(|detail| ApiError::BadReply {
+        path: path.to_path_buf(),
+        detail,
+    })?;
+    let reply: Reply = serde_json::from_slice(&line).map_err(|e| ApiError::BadReply {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    if reply.version != API_VERSION {
+        return Err(ApiError::BadReply {
+            path: path.to_path_buf(),
+            detail: format!(
+                "VMM speaks version {}, this client {API_VERSION}",
+                reply.version
+            ),
+        });
+    }
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_carry_their_arguments() {
+        let line = br#"{"version":1,"command":"shutdown","timeout_s":7}"#;
+        assert_eq!(
+            parse_request(line).unwrap(),
+            Command::Shutdown { timeout_s: 7 }
+        );
+        assert_eq!(
+            parse_request(br#"{"version":1,"command":"status"}"#).unwrap(),
+            Command::Status
+        );
+    }
+
+    #[test]
+    fn hostile_requests_get_error_messages() {
+        for (line, want) in [
+            (&b"not json"[..], "not JSON"),
+            (br#"{"command":"status"}"#, "version"),
+            (br#"{"version":2,"command":"status"}"#, "version 2"),
+            (br#"{"version":1,"command":"format-disk"}"#, "bad request"),
+            (br#"{"version":1,"command":"shutdown"}"#, "bad request"),
+            (br#"[1,2,3]"#, "version"),
+        ] {
+            let e = parse_request(line).unwrap_err();
+            assert!(e.contains(want), "{e:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_or_unterminated_lines_are_refused() {
+        let big = vec![b'x'; MAX_MESSAGE + 10];
+        assert!(read_line(&big[..]).unwrap_err().contains("longer"));
+        assert!(read_line(&b"{}"[..]).unwrap_err().contains("newline"));
+        assert_eq!(read_line(&b"{}\nrest"[..]).unwrap(), b"{}");
+    }
+
+    #[test]
+    fn server_answers_garbage_with_an_error_and_keeps_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let (server, rx) = ApiServer::start(&path).unwrap();
+        assert!(matches!(ApiServer::start(&path), Err(ApiError::InUse(_))));
+        // Garbage, then a silent client that hangs up, then a real call.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"\x00\xff garbage\n").unwrap();
+        let reply: Reply = serde_json::from_slice(&read_line(&s).unwrap()).unwrap();
+        assert!(!reply.ok && reply.error.unwrap().contains("not JSON"));
+        drop(UnixStream::connect(&path).unwrap());
+        let main = std::thread::spawn(move || {
+            let call = rx.recv().unwrap();
+            assert_eq!(call.command, Command::Pause);
+            call.reply.send(Reply::done("paused")).unwrap();
+        });
+        let r = call(&path, Command::Pause, Duration::from_secs(10)).unwrap();
+        assert!(r.ok && r.detail.as_deref() == Some("paused"));
+        main.join().unwrap();
+        drop(server);
+        assert!(!path.exists(), "socket removed");
+    }
+}

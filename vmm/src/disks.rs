@@ -1,0 +1,234 @@
+//! The disks: building each virtio-mmio block device over its image, and the worker thread
+//! that serves its queues.
+//!
+//! Invariant: a worker that returns has drained every request of its device and flushed its
+//! disk; a checkpoint stops a disk's worker, moves the device onto a new differencing child,
+//! and starts a new worker.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use block_backend::engine::{new_shared_engine, Engine, EngineKind};
+use block_backend::virtio_blk::{Config, VirtioBlk};
+use block_backend::OpenOptions;
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::devices::virtio_mmio::{VirtioMmio, INT_VRING, QUEUE_NOTIFY};
+use crate::layout;
+use crate::vcpu::VmEvent;
+use crate::vm::block_stop_signals;
+use crate::{Error, Result};
+
+/// Virtqueue size of each disk.
+const QUEUE_SIZE: u16 = 256;
+
+fn new_eventfd() -> Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Setup(format!("eventfd: {e}")))
+}
+
+/// A disk of the running VM.
+pub struct DiskSlot {
+    /// Its device.
+    pub transport: Arc<VirtioMmio>,
+    /// The image the guest writes now (changes at each checkpoint).
+    pub path: PathBuf,
+    /// Opened read-only.
+    pub read_only: bool,
+    /// The worker serving it, when running.
+    pub worker: Option<Worker>,
+}
+
+/// A running disk worker.
+pub struct Worker {
+    stop: EventFd,
+    handle: JoinHandle<Result<()>>,
+}
+
+impl DiskSlot {
+    /// Starts the worker of disk `i`; its errors also go to `tx`.
+    pub fn start(&mut self, i: usize, tx: Sender<VmEvent>) -> Result<()> {
+        let stop = new_eventfd()?;
+        let theirs = stop
+            .try_clone()
+            .map_err(|e| Error::Setup(format!("eventfd: {e}")))?;
+        let (t, path) = (self.transport.clone(), self.path.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("disk{i}"))
+            .spawn(move || {
+                block_stop_signals();
+                let r = disk_worker(&t, &theirs, &path);
+                if let Err(e) = &r {
+                    let _ = tx.send(Err(Error::Setup(e.to_string())));
+                }
+                r
+            })
+            .map_err(|e| Error::Setup(format!("spawn a disk thread: {e}")))?;
+        self.worker = Some(Worker { stop, handle });
+        Ok(())
+    }
+
+    /// Stops the worker: it drains its requests and flushes the disk.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(w) = self.worker.take() else {
+            return Ok(());
+        };
+        let _ = w.stop.write(1);
+        match w.handle.join() {
+            Ok(r) => r,
+            Err(_) => Err(Error::Setup(format!(
+                "disk {} thread panicked",
+                self.path.display()
+            ))),
+        }
+    }
+}
+
+/// One engine per queue over the image at `path` (its whole chain).
+pub fn open_engines(
+    path: &Path,
+    read_only: bool,
+    nq: usize,
+) -> block_backend::Result<Vec<Box<dyn Engine>>> {
+    let opts = if read_only {
+        OpenOptions::read_only()
+    } else {
+        OpenOptions::read_write()
+    };
+    let chain = Arc::new(Mutex::new(block_backend::open(path, opts)?));
+    (0..nq)
+        .map(|_| new_shared_engine(EngineKind::IoUring, chain.clone(), usize::from(QUEUE_SIZE)))
+        .collect()
+}
+
+/// Most virtqueues per disk.
+const MAX_DISK_QUEUES: usize = 4;
+
+/// Virtqueues (and io_uring engines) of a disk for `cpus` vCPUs.
+pub fn queues_for(cpus: usize) -> usize {
+    cpus.clamp(1, MAX_DISK_QUEUES)
+}
+
+/// Opens disk `i` and builds its device (one virtqueue, and one io_uring, per vCPU up to
+/// [`MAX_DISK_QUEUES`]), irqfd and ioeventfd.
+pub fn make_disk(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    i: usize,
+    disk: &crate::DiskConfig,
+    cpus: usize,
+) -> Result<VirtioMmio> {
+    let derr = |source| Error::Disk {
+        path: disk.path.clone(),
+        source,
+    };
+    let nq = queues_for(cpus);
+    let engines = open_engines(&disk.path, disk.read_only, nq).map_err(derr)?;
+    let queues = (0..nq)
+        .map(|_| Queue::new(QUEUE_SIZE))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Setup(format!("virtqueue: {e:?}")))?;
+    let irq = Arc::new(new_eventfd()?);
+    let gsi = layout::virtio_gsi(i);
+    vm.register_irqfd(&irq, gsi)
+        .map_err(|e| Error::kvm(format!("KVM_IRQFD (disk {i}, GSI {gsi})"), e))?;
+    let status = Arc::new(AtomicU32::new(0));
+    let (s, q) = (status.clone(), irq.clone());
+    let dev = VirtioBlk::new(
+        engines,
+        mem.clone(),
+        queues,
+        Config {
+            id: format!("vhdkit{i}"),
+        },
+        Box::new(move |_queue| {
+            s.fetch_or(INT_VRING, Ordering::SeqCst);
+            if let Err(e) = q.write(1) {
+                tracing::warn!("virtio interrupt: {e}");
+            }
+        }),
+    )
+    .map_err(derr)?;
+    let kick = new_eventfd()?;
+    let notify = IoEventAddress::Mmio(layout::virtio_mmio_addr(i) + QUEUE_NOTIFY);
+    vm.register_ioevent(&kick, &notify, NoDatamatch)
+        .map_err(|e| Error::kvm(format!("KVM_IOEVENTFD (disk {i})"), e))?;
+    Ok(VirtioMmio::new(dev, status, kick))
+}
+
+/// The disk worker: queue notifications and engine completions in (one epoll over the kick
+/// eventfd, every queue engine's completion eventfd and `stop`), used-ring entries out, until
+/// `stop`; then drains and flushes. It sleeps only in epoll, never while holding the device
+/// lock, so vCPUs reading registers are never held up behind a disk request.
+pub fn disk_worker(t: &VirtioMmio, stop: &EventFd, path: &std::path::Path) -> Result<()> {
+    const KICK: u64 = 0;
+    const STOP: u64 = 1;
+    const COMPLETION: u64 = 2;
+    let io = |e: std::io::Error| Error::DiskWorker {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let disk = |source: block_backend::Error| Error::Disk {
+        path: path.to_path_buf(),
+        source,
+    };
+    let epoll = Epoll::new().map_err(io)?;
+    let completion_fds = t.with_device(|d| d.completion_fds()).map_err(disk)?;
+    let watched = [(t.kick_evt().as_raw_fd(), KICK), (stop.as_raw_fd(), STOP)]
+        .into_iter()
+        .chain(
+            (COMPLETION..)
+                .zip(&completion_fds)
+                .map(|(what, &fd)| (fd, what)),
+        );
+    for (fd, what) in watched {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, what),
+            )
+            .map_err(io)?;
+    }
+    let mut events = [EpollEvent::default(); 8];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(e)),
+        };
+        let mut kicked = false;
+        for e in &events[..n] {
+            match e.data() {
+                STOP => return t.with_device(|d| d.flush()).map_err(disk),
+                KICK => {
+                    let _ = t.kick_evt().read();
+                    kicked = true;
+                }
+                what => {
+                    // Reset the completion eventfd before reaping, so a completion that lands
+                    // after the reap signals again.
+                    let fd = completion_fds[(what - COMPLETION) as usize];
+                    let mut count = [0u8; 8];
+                    // SAFETY: reads at most 8 bytes into a local array; the descriptor is an
+                    // engine's non-blocking eventfd, open as long as the device exists.
+                    let _ = unsafe { libc::read(fd, count.as_mut_ptr().cast(), count.len()) };
+                }
+            }
+        }
+        if kicked {
+            t.with_active_device(|d| (0..d.num_queues()).try_for_each(|q| d.process_queue(q)))
+                .unwrap_or(Ok(()))
+                .map_err(disk)?;
+        }
+        t.with_device(|d| d.process_completions(false))
+            .map_err(disk)?;
+    }
+}
