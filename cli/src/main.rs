@@ -153,7 +153,28 @@ fn render_error(e: &anyhow::Error) -> String {
         }
         msg.push_str(&text);
     }
-    msg
+    redact_sas(&msg)
+}
+
+/// `text` with the value of every `sig=` (a SAS signature) replaced: the layers already name
+/// blobs without their query string, this is the last guard before anything reaches a terminal
+/// or a CI log.
+fn redact_sas(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("sig=") {
+        let (head, tail) = rest.split_at(i + 4);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '&' || c == '#' || c.is_whitespace() || c == '"' || c == '\'')
+            .unwrap_or(tail.len());
+        if end > 0 {
+            out.push_str("REDACTED");
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Sends what the libraries log to stderr: warnings and errors by default, more with
@@ -222,6 +243,20 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("vhdtool").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn sas_signatures_never_reach_an_error_message() {
+        assert_eq!(
+            redact_sas("PUT http://h/a/c/b?sv=1&sig=AbC%2B&comp=page: 403"),
+            "PUT http://h/a/c/b?sv=1&sig=REDACTED&comp=page: 403"
+        );
+        assert_eq!(
+            redact_sas("x?sig=S y sig=T"),
+            "x?sig=REDACTED y sig=REDACTED"
+        );
+        assert_eq!(redact_sas("no signature here"), "no signature here");
+        assert_eq!(redact_sas("empty sig=&a"), "empty sig=&a");
     }
 
     #[test]

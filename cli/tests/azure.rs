@@ -489,6 +489,13 @@ fn blob_url_reads_as_a_read_only_image() {
         info.contains("file format: vhd") && info.contains(&format!("({size} bytes)")),
         "{info}"
     );
+    let json = ok(&vhdtool(&[&"info", &"--json", &url]));
+    for shown in [&info, &json] {
+        assert!(
+            !shown.contains("sig=") && shown.contains("/disks/ro.vhd"),
+            "info names the blob without its SAS: {shown}"
+        );
+    }
     ok(&vhdtool(&[&"compare", &url, &src]));
     let (o, l) = runs[1];
     let got = vhdtool(&[

@@ -51,6 +51,18 @@ pub fn is_blob_url(location: &Path) -> bool {
     location.to_str().is_some_and(BlobUrl::looks_like_url)
 }
 
+/// `location` as it may be shown to a user: a blob URL without its query string (the SAS),
+/// anything else unchanged.
+pub fn shown_location(location: &Path) -> PathBuf {
+    match location.to_str() {
+        Some(s) if BlobUrl::looks_like_url(s) => match BlobUrl::parse(s) {
+            Ok(url) => PathBuf::from(url.to_string()),
+            Err(_) => PathBuf::from(s.split('?').next().unwrap_or_default()),
+        },
+        _ => location.to_path_buf(),
+    }
+}
+
 /// A fixed VHD in an Azure page blob, read-only.
 pub struct BlobLayer {
     shown: PathBuf,

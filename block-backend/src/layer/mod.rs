@@ -35,7 +35,7 @@ mod image;
 mod nbd;
 mod raw;
 
-pub use blob::{fixed_vhd_in_blob, BlobLayer};
+pub use blob::{fixed_vhd_in_blob, shown_location, BlobLayer};
 pub use image::{Image, SECTOR};
 pub use nbd::NbdLayer;
 pub use raw::RawFile;

@@ -86,7 +86,7 @@ pub fn gather(path: &Path, share: super::ShareArgs) -> Result<Info> {
         Some(meta.blocks().saturating_mul(512))
     };
     Ok(Info {
-        filename: path.to_path_buf(),
+        filename: block_backend::layer::shown_location(path),
         format: top.format.to_string(),
         subformat: top.subformat.map(|s| s.to_string()),
         virtual_size: top.virtual_size,
