@@ -260,20 +260,27 @@ pub fn shell_quote(s: &str) -> String {
 /// Copies vhdtool (without debug info) and the libraries it links into `stage` and
 /// `stage/lib`; L1 runs it as [`L1_VHDTOOL`].
 pub fn stage_vhdtool(stage: &Path) {
+    stage_program(stage, &vhdtool_bin(), "vhdtool");
+}
+
+/// Copies the host program `program` (without debug info) to `stage/name` and the libraries it
+/// links into `stage/lib`; L1 runs it as `/work/lib/ld-linux-x86-64.so.2 --library-path
+/// /work/lib /work/<name>` (see [`l1_command`]).
+pub fn stage_program(stage: &Path, program: &Path, name: &str) {
     fs::create_dir_all(stage.join("lib")).unwrap();
-    // vhdtool without debug info, and the libraries it links (loaded through their own ld.so).
-    let bin = stage.join("vhdtool");
+    let bin = stage.join(name);
     let stripped = output(
         Command::new("objcopy")
             .arg("--strip-debug")
-            .arg(vhdtool_bin())
+            .arg(program)
             .arg(&bin),
     );
     if !stripped.status.success() {
-        fs::copy(vhdtool_bin(), &bin).unwrap();
+        fs::copy(program, &bin).unwrap();
     }
-    let ldd = run(Command::new("ldd").arg(vhdtool_bin()));
+    let ldd = run(Command::new("ldd").arg(program));
     for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        assert!(!line.contains("not found"), "{}: {line}", program.display());
         let lib = line
             .split("=>")
             .nth(1)
@@ -290,6 +297,11 @@ pub fn stage_vhdtool(stage: &Path) {
         stage.join("lib/ld-linux-x86-64.so.2").exists(),
         "no ld.so in ldd output"
     );
+}
+
+/// How L1 runs a program staged by [`stage_program`] as `name`.
+pub fn l1_command(name: &str) -> String {
+    format!("/work/lib/ld-linux-x86-64.so.2 --library-path /work/lib /work/{name}")
 }
 
 /// Boots L1 with a scratch ext4 disk of `scratch_size` made from `stage` (which holds
