@@ -147,7 +147,9 @@ impl Chain {
             tracing::debug!(child = %child_path.display(), parent = %found.display(), "opening parent");
             // Parents are never written: always read-only.
             let parent = layer::open(&found, mode.for_parent())?;
-            if parent.format() != link.format {
+            // A remote parent (an NBD export, a blob) is a byte provider named by URI, which
+            // only vhdkit's own locators hold: its identity, checked below, is what binds it.
+            if !layer::is_remote(&found) && parent.format() != link.format {
                 return Err(Error::ParentFormat {
                     child: child_path,
                     parent: found,
@@ -159,7 +161,8 @@ impl Chain {
                 if !link.accepts.contains(&identity) {
                     return Err(Error::ParentMismatch {
                         child: child_path,
-                        parent: found,
+                        // As the layer names itself: a blob without its SAS.
+                        parent: parent.path().to_path_buf(),
                         expected: link.accepts[0],
                         found: identity,
                     });

@@ -543,3 +543,44 @@ fn blob_url_reads_as_a_read_only_image() {
     assert!(err.contains("read-only") && !err.contains("sig="), "{err}");
     assert_eq!(sdk_ranges(&url), before, "the blob changed");
 }
+
+#[test]
+fn local_child_over_a_blob_keeps_its_writes_local_and_the_blob_untouched() {
+    let Some(s) = setup() else { return };
+    let d = s.dir.path();
+    let src = d.join("base.vhdx");
+    let size = 24 * MIB;
+    ok(&vhdtool(&[&"create", &src, &size.to_string()]));
+    let runs = fill(&src, size);
+    let url = s.url("base.vhd");
+    ok(&vhdtool(&[&"upload", &src, &url]));
+    let before = sdk_ranges(&url);
+    // No extension and no -f: a child over a blob is a VHDX (only its locators hold a URI).
+    let child = d.join("child");
+    ok(&vhdtool(&[&"create", &"--parent", &url, &child]));
+    let info = ok(&vhdtool(&[&"info", &child]));
+    assert!(
+        info.contains("file format: vhdx")
+            && info.contains("/disks/base.vhd")
+            && !info.contains("sig="),
+        "{info}"
+    );
+    // The child reads as the blob, then takes writes over part of a data run and a hole.
+    ok(&vhdtool(&[&"compare", &child, &src]));
+    let (o, _) = runs[0];
+    let patch = vhdkit_tests::noise(9, 3 * MIB as usize);
+    write(&child, o + 4096, &patch);
+    write(&src, o + 4096, &patch);
+    ok(&vhdtool(&[&"compare", &child, &src]));
+    ok(&vhdtool(&[&"check", &child]));
+    assert_eq!(sdk_ranges(&url), before, "the blob changed");
+    // A different blob at that URL (another upload) is refused by identity, not read.
+    let other = d.join("other.vhdx");
+    ok(&vhdtool(&[&"create", &other, &size.to_string()]));
+    ok(&vhdtool(&[&"upload", &"--force", &other, &url]));
+    let err = fails(&vhdtool(&[&"compare", &child, &src]));
+    assert!(
+        err.contains("base.vhd") && !err.contains("sig="),
+        "a replaced parent blob must be refused: {err}"
+    );
+}

@@ -340,7 +340,7 @@ fn create_refuses_an_export_that_tells_no_identity_as_a_parent() {
         &unix_uri(&socket),
         &child,
     ]));
-    assert!(e.contains("raw"), "{e}");
+    assert!(e.contains("no image identity"), "{e}");
     assert!(!child.exists());
 }
 

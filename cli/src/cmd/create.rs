@@ -83,7 +83,8 @@ pub fn run(a: &Args) -> Result<u8> {
                     bail!("SIZE {s} differs from the parent's virtual size {}; a differencing image always has its parent's size", disk.size());
                 }
             }
-            // A remote parent (an NBD export) is recorded by the identity its server tells.
+            // A remote parent (an NBD export, an Azure blob) is recorded by the identity its
+            // server tells (a blob: its VHD footer's), whatever its format.
             let remote = block_backend::layer::is_remote(p)
                 .then(|| (disk.top().identity(), disk.logical_sector_size()));
             Some((p.clone(), disk.size(), format, remote))
@@ -95,11 +96,11 @@ pub fn run(a: &Args) -> Result<u8> {
         Some(ImageFormat::Vhdx) => CreateFormat::Vhdx,
         Some(ImageFormat::Vhd) => CreateFormat::Vhd,
         _ => match &parent {
-            Some((_, _, Format::Vhdx, _)) => CreateFormat::Vhdx,
+            Some((_, _, Format::Vhdx, _) | (_, _, _, Some(_))) => CreateFormat::Vhdx,
             _ => CreateFormat::Vhd,
         },
     });
-    if let Some((p, _, pf, _)) = &parent {
+    if let Some((p, _, pf, None)) = &parent {
         let want = if format == CreateFormat::Vhdx {
             Format::Vhdx
         } else {
@@ -156,10 +157,10 @@ pub fn run(a: &Args) -> Result<u8> {
     let remote_parent = match &parent {
         Some((p, size, _, Some((identity, sector)))) => {
             if format != CreateFormat::Vhdx {
-                bail!("a child over a network export must be a VHDX (use a .vhdx name or -f vhdx)");
+                bail!("a child over a network export or a blob must be a VHDX (use a .vhdx name or -f vhdx): only VHDX parent locators hold a URI");
             }
             let Some(identity) = identity else {
-                bail!("{} tells no image identity (only `vhdtool serve` exports do): a child could not check it is stacked on the right image", p.display());
+                bail!("{} tells no image identity (`vhdtool serve` exports and blobs do): a child could not check it is stacked on the right image", p.display());
             };
             Some(vhdx::ParentInfo::remote(
                 &p.to_string_lossy(),

@@ -98,7 +98,11 @@ pub fn gather(path: &Path, share: super::ShareArgs) -> Result<Info> {
         uuid: top.uuid.map(|u| u.to_string()),
         parent: layers.get(1).map(|l| l.path.clone()),
         parent_uuid: top.parent_uuid.map(|u| u.to_string()),
-        parent_name: top.parent_name.clone(),
+        parent_name: top.parent_name.as_deref().map(|n| {
+            block_backend::layer::shown_location(Path::new(n))
+                .to_string_lossy()
+                .into_owned()
+        }),
         backing_chain: layers.iter().map(|l| l.path.clone()).collect(),
         chain_error,
     })
