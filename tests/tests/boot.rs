@@ -1,6 +1,7 @@
 //! End-to-end test of `vhdtool boot`: the stock Debian cloud kernel boots with a GPT VHDX
-//! (ext4 partition with a known file) as /dev/vda, a differencing VHD child as /dev/vdb and a
-//! raw image given read-only as /dev/vdc, on 2 vCPUs.
+//! (ext4 partition with a known file) as /dev/vda, a differencing VHD child served by `vhdtool
+//! serve` and given as an NBD URI (`--disk nbd+unix:///?socket=…`) as /dev/vdb, and a raw image
+//! given read-only as /dev/vdc, on 2 vCPUs.
 //!
 //! ```text
 //!  host: images + L2 initramfs (busybox, virtio modules, tests/boot/l2-init.sh)
@@ -9,8 +10,9 @@
 //!        -cpu qemu64,+svm,+npt runs L1 = the same kernel + tests/boot/l1-init.sh, which loads
 //!        kvm-amd and runs vhdtool boot from a scratch ext4 disk holding everything; the images
 //!        come back out of that disk with debugfs
-//!  guest: hash of the known file, writes /guest.txt and a pattern on the child, checks the
-//!         read-only disk, 2 CPUs, reboot -f  → vhdtool exits 0
+//!  guest: hash of the known file, writes /guest.txt and a pattern on the child (through the
+//!         VMM's NBD client and serve), checks the read-only disk, 2 CPUs, reboot -f
+//!         → vhdtool boot exits 0, then serve flushes and exits 0 on SIGTERM
 //!  host: vhdtool check clean, guest.txt in the VHDX's ext4 (debugfs), pattern in the child,
 //!        parent and read-only image byte-identical
 //! ```
@@ -155,7 +157,8 @@ fn make_images(dir: &Path, kernel: &Kernel, initrd: &Path) -> Expect {
 }
 
 /// The `vhdtool boot` arguments, with paths under `base`.
-fn boot_args(base: &str, kernel: &str, initrd: &str) -> Vec<String> {
+/// The differencing VHD reaches the VM through `vhdtool serve` at `socket`.
+fn boot_args(base: &str, socket: &str, kernel: &str, initrd: &str) -> Vec<String> {
     vec![
         "boot".into(),
         "--kernel".into(),
@@ -169,7 +172,7 @@ fn boot_args(base: &str, kernel: &str, initrd: &str) -> Vec<String> {
         "--disk".into(),
         format!("{base}/disk.vhdx"),
         "--disk".into(),
-        format!("{base}/child.vhd"),
+        format!("nbd+unix:///?socket={socket}"),
         "--disk".into(),
         format!("{base}/ro.raw,read-only"),
         "--cmdline".into(),
@@ -179,14 +182,35 @@ fn boot_args(base: &str, kernel: &str, initrd: &str) -> Vec<String> {
 }
 
 fn run_direct(dir: &Path, kernel: &Kernel, initrd: &Path) -> String {
+    // A short directory: a Unix socket path has at most 107 bytes.
+    let sockdir = tempfile::tempdir().unwrap();
+    let socket = sockdir.path().join("child.sock");
+    let mut serve = vhdtool()
+        .arg("serve")
+        .arg("--unix")
+        .arg(&socket)
+        .arg(dir.join("child.vhd"))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !socket.exists() {
+        assert!(t.elapsed().as_secs() < 30, "vhdtool serve did not listen");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let mut cmd = Command::new(vhdtool_bin());
     cmd.env("VHDKIT_VMM_EXIT_STATS", "1").args(boot_args(
         &dir.display().to_string(),
+        &socket.display().to_string(),
         &kernel.vmlinuz.display().to_string(),
         &initrd.display().to_string(),
     ));
     let (code, out) = run_guarded(cmd, "vhdtool boot");
+    // SAFETY: kill(2) on our own child's pid, which has not been waited for yet.
+    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
+    let served = serve.wait().unwrap();
     assert_eq!(code, Some(0), "vhdtool boot failed:\n{out}");
+    assert!(served.success(), "vhdtool serve ended with {served}");
     out
 }
 
@@ -199,15 +223,27 @@ fn run_nested(dir: &Path, kernel: &Kernel, initrd: &Path) -> String {
     fs::copy(&kernel.vmlinuz, stage.join("vmlinuz")).unwrap();
     fs::copy(initrd, stage.join("initrd.cpio")).unwrap();
     stage_vhdtool(&stage);
-    let args: Vec<String> = boot_args("/work", "/work/vmlinuz", "/work/initrd.cpio")
-        .iter()
-        .map(|a| shell_quote(a))
-        .collect();
+    let args: Vec<String> = boot_args(
+        "/work",
+        "/work/child.sock",
+        "/work/vmlinuz",
+        "/work/initrd.cpio",
+    )
+    .iter()
+    .map(|a| shell_quote(a))
+    .collect();
     write_exec(
         &stage.join("run.sh"),
         &format!(
             "export VHDKIT_VMM_EXIT_STATS=1\n\
-             exec {L1_VHDTOOL} {} </dev/null\n",
+             {L1_VHDTOOL} serve --unix /work/child.sock /work/child.vhd </dev/null &\n\
+             serve=$!\n\
+             i=0; until [ -S /work/child.sock ]; do i=$((i+1)); [ $i -gt 300 ] && exit 9; sleep 0.1; done\n\
+             {L1_VHDTOOL} {} </dev/null\n\
+             rc=$?\n\
+             kill -TERM $serve; wait $serve\n\
+             echo \"L1: serve exit status $?\"\n\
+             exit $rc\n",
             args.join(" ")
         ),
     );
@@ -215,6 +251,10 @@ fn run_nested(dir: &Path, kernel: &Kernel, initrd: &Path) -> String {
     assert!(
         out.contains("L1: vhdtool exit status 0"),
         "vhdtool boot did not exit 0 inside L1:\n{out}"
+    );
+    assert!(
+        out.contains("L1: serve exit status 0"),
+        "vhdtool serve did not exit 0 inside L1:\n{out}"
     );
     // The images come back out of the scratch disk.
     for f in ["disk.vhdx", "parent.vhd", "child.vhd", "ro.raw"] {
