@@ -545,7 +545,7 @@ fn blob_url_reads_as_a_read_only_image() {
 }
 
 #[test]
-fn local_child_over_a_blob_keeps_its_writes_local_and_the_blob_untouched() {
+fn local_child_over_a_blob_mounts_keeps_its_writes_local_and_the_blob_untouched() {
     let Some(s) = setup() else { return };
     let d = s.dir.path();
     let src = d.join("base.vhdx");
@@ -571,6 +571,33 @@ fn local_child_over_a_blob_keeps_its_writes_local_and_the_blob_untouched() {
     let patch = vhdkit_tests::noise(9, 3 * MIB as usize);
     write(&child, o + 4096, &patch);
     write(&src, o + 4096, &patch);
+    ok(&vhdtool(&[&"compare", &child, &src]));
+    ok(&vhdtool(&[&"check", &child]));
+    // Mounted (writable), the child takes writes through the file system too; they stay local.
+    let mnt = d.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    ok(&vhdtool(&[&"mount", &child, &mnt]));
+    let through_mount = vhdkit_tests::noise(10, 64 * 1024);
+    let wrote = (|| -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(mnt.join("disk"))?;
+        f.seek(SeekFrom::Start(8 * MIB))?;
+        f.write_all(&through_mount)?;
+        f.sync_all()?;
+        let mut start = vec![0u8; 4096];
+        f.seek(SeekFrom::Start(o + 4096))?;
+        f.read_exact(&mut start)?;
+        Ok(start)
+    })();
+    ok(&vhdtool(&[&"umount", &mnt]));
+    assert!(
+        wrote.unwrap() == patch[..4096],
+        "the mount reads the child's own bytes"
+    );
+    write(&src, 8 * MIB, &through_mount);
     ok(&vhdtool(&[&"compare", &child, &src]));
     ok(&vhdtool(&[&"check", &child]));
     assert_eq!(sdk_ranges(&url), before, "the blob changed");
