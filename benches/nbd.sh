@@ -7,21 +7,25 @@
 #   - random 4 KiB reads, QD32, by fio's nbd engine (libnbd), RUNTIME seconds each;
 #   - sequential read of the whole disk by `nbdcopy URI null:` (its defaults: multi-conn, 4
 #     connections where the server allows it, 64 requests of 256 KiB in flight each).
-# Also `vhdtool serve` without --read-only ("ours-rw": one disk handle for every connection).
+# Also `vhdtool serve` without --read-only ("ours-rw": one disk handle for every connection);
+# the same data as a dynamic VHD ("ours-vhd" against "qemu-nbd-vhd", qemu's vpc driver); and
+# over TCP loopback ("ours-tcp", "nbdkit-tcp") and TCP with TLS ("ours-tls", "nbdkit-tls":
+# TLS 1.3, an EC P-256 certificate made here by openssl; the clients do not verify it).
 # Goals: random reads >= 2x qemu-nbd and >= 0.9x nbdkit-on-raw; sequential >= 0.9x
-# nbdkit-on-raw and never below qemu-nbd. Not a test: numbers on shared machines vary.
+# nbdkit-on-raw and never below qemu-nbd; the same on VHD, TCP and TLS against their peers.
+# The TLS cost is ours-tls / ours-tcp. Not a test: numbers on shared machines vary.
 #
 #   benches/nbd.sh [DIR] [ROUNDS] [RUNTIME]
 #
 # Needs fio (with the nbd engine), nbdcopy (libnbd-bin), qemu-nbd (qemu-utils), nbdkit,
-# python3. DIR default: target/bench-nbd.
+# openssl, python3. DIR default: target/bench-nbd. SERVERS="ours qemu-nbd …" runs a subset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-target/bench-nbd}
 rounds=${2:-5}
 runtime=${3:-10}
 size=$((1 << 30))
-for t in fio nbdcopy qemu-nbd nbdkit python3; do
+for t in fio nbdcopy qemu-nbd nbdkit openssl python3; do
   command -v $t >/dev/null || { echo "needs $t" >&2; exit 1; }
 done
 mkdir -p "$dir"
@@ -36,6 +40,22 @@ if [ ! -f "$raw" ] || [ "$(stat -c %s "$raw")" != "$size" ]; then
 fi
 vhdx=$dir/full.vhdx
 [ -f "$vhdx" ] || "$vt" convert -O vhdx --type dynamic "$raw" "$vhdx"
+vhd=$dir/full.vhd
+[ -f "$vhd" ] || "$vt" convert -O vhd --type dynamic "$raw" "$vhd"
+# TLS: a CA and a server certificate for localhost, where libnbd looks for them.
+pki=$dir/pki
+if [ ! -f "$pki/server-cert.pem" ]; then
+  mkdir -p "$pki"
+  (
+    cd "$pki"
+    ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+    printf '[srv]\nsubjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n' >ext.cnf
+    openssl req -x509 "${ec[@]}" -keyout ca-key.pem -out ca-cert.pem -days 30 -subj /CN=bench-ca 2>/dev/null
+    openssl req "${ec[@]}" -keyout server-key.pem -out server.csr -subj /CN=localhost 2>/dev/null
+    openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+      -out server-cert.pem -days 30 -extfile ext.cnf -extensions srv 2>/dev/null
+  )
+fi
 # A writable copy for ours-rw, so the read-only servers' image is never opened for writing.
 rwvhdx=$dir/rw.vhdx
 cp --reflink=auto "$vhdx" "$rwvhdx"
@@ -48,20 +68,38 @@ cleanup() {
 trap cleanup EXIT
 
 sock() { echo "$dir/$1.sock"; }
+# TCP servers listen on fixed loopback ports.
+declare -A port=([ours-tcp]=10891 [nbdkit-tcp]=10892 [ours-tls]=10893 [nbdkit-tls]=10894)
 rm -f "$dir"/*.sock
+tls=(--tls-cert "$pki/server-cert.pem" --tls-key "$pki/server-key.pem")
 "$vt" serve --read-only --unix "$(sock ours)" "$vhdx" & pids+=($!)
 "$vt" serve --unix "$(sock ours-rw)" "$rwvhdx" & pids+=($!)
+"$vt" serve --read-only --unix "$(sock ours-vhd)" "$vhd" & pids+=($!)
+"$vt" serve --read-only --listen "127.0.0.1:${port[ours-tcp]}" "$vhdx" & pids+=($!)
+"$vt" serve --read-only --listen "127.0.0.1:${port[ours-tls]}" "${tls[@]}" "$vhdx" & pids+=($!)
 qemu-nbd --read-only --format=vhdx --shared=8 --persistent --socket="$(sock qemu-nbd)" "$vhdx" & pids+=($!)
+qemu-nbd --read-only --format=vpc --shared=8 --persistent --socket="$(sock qemu-nbd-vhd)" "$vhd" & pids+=($!)
 nbdkit --foreground --readonly --unix "$(sock nbdkit-raw)" file "$raw" & pids+=($!)
-servers=(ours qemu-nbd nbdkit-raw ours-rw)
+nbdkit --foreground --readonly -i 127.0.0.1 -p "${port[nbdkit-tcp]}" file "$raw" & pids+=($!)
+nbdkit --foreground --readonly -i 127.0.0.1 -p "${port[nbdkit-tls]}" --tls=require \
+  --tls-certificates="$pki" file "$raw" & pids+=($!)
+read -r -a servers <<<"${SERVERS:-ours qemu-nbd nbdkit-raw ours-rw ours-vhd qemu-nbd-vhd ours-tcp nbdkit-tcp ours-tls nbdkit-tls}"
+uri() {
+  case $1 in
+    # fio's nbd engine refuses URIs naming local files (tls-certificates): the peer's
+    # certificate is not verified, the cost measured is the encryption's.
+    *-tls) echo "nbds://localhost:${port[$1]}/?tls-verify-peer=false" ;;
+    *-tcp) echo "nbd://127.0.0.1:${port[$1]}/" ;;
+    *) echo "nbd+unix:///?socket=$(sock "$1")" ;;
+  esac
+}
 for s in "${servers[@]}"; do
-  for _ in $(seq 100); do [ -S "$(sock "$s")" ] && break; sleep 0.1; done
-  [ -S "$(sock "$s")" ] || { echo "$s did not start" >&2; exit 1; }
+  for _ in $(seq 100); do nbdinfo --size "$(uri "$s")" >/dev/null 2>&1 && break; sleep 0.1; done
+  nbdinfo --size "$(uri "$s")" >/dev/null || { echo "$s did not start" >&2; exit 1; }
 done
-uri() { echo "nbd+unix:///?socket=$(sock "$1")"; }
 
 echo "warming the page cache..."
-cat "$raw" "$vhdx" "$rwvhdx" >/dev/null
+cat "$raw" "$vhdx" "$rwvhdx" "$vhd" >/dev/null
 
 declare -A res
 randread() { # server -> IOPS
@@ -79,7 +117,8 @@ seqread() { # server -> MB/s
 
 for r in $(seq "$rounds"); do
   # Rotate the order every round so no server always runs right after another.
-  order=("${servers[@]:r%4}" "${servers[@]:0:r%4}")
+  n=${#servers[@]}
+  order=("${servers[@]:r%n}" "${servers[@]:0:r%n}")
   for s in "${order[@]}"; do
     res[rand:$s]+="$(randread "$s") "
     res[seq:$s]+="$(seqread "$s") "
@@ -95,10 +134,32 @@ print(f'{statistics.median(v):.0f} ({v[0]:.0f}..{v[-1]:.0f})')" ${res[$1]}
 median() { python3 -c "import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))" ${res[$1]}; }
 ratio() { python3 -c "print(f'{$(median "$1") / $(median "$2"):.2f}x')"; }
 
+has() { [[ " ${servers[*]} " == *" $1 "* ]]; }
+ratios() { # kind: every "ours vs peer (goal)" pair whose servers ran
+  local line="" a b g
+  while read -r a b g; do
+    has "$a" && has "$b" && line+="  $a / $b: $(ratio "$1:$a" "$1:$b") (goal $g)"$'\n'
+  done
+  printf '%s' "$line"
+}
 echo
 echo "random 4 KiB reads, QD32, fio nbd engine, IOPS, median (min..max) of $rounds:"
-for s in "${servers[@]}"; do printf '  %-11s %s\n' "$s" "$(summary "rand:$s")"; done
-echo "  ours / qemu-nbd: $(ratio rand:ours rand:qemu-nbd) (goal >= 2x)   ours / nbdkit-raw: $(ratio rand:ours rand:nbdkit-raw) (goal >= 0.9x)"
+for s in "${servers[@]}"; do printf '  %-13s %s\n' "$s" "$(summary "rand:$s")"; done
+ratios rand <<'EOF2'
+ours qemu-nbd >=2x
+ours nbdkit-raw >=0.9x
+ours-vhd qemu-nbd-vhd >=2x
+ours-tcp nbdkit-tcp >=0.9x
+ours-tls nbdkit-tls >=0.9x
+ours-tls ours-tcp (TLS cost, report)
+EOF2
 echo "sequential read of 1 GiB by nbdcopy to null:, MB/s, median (min..max) of $rounds:"
-for s in "${servers[@]}"; do printf '  %-11s %s\n' "$s" "$(summary "seq:$s")"; done
-echo "  ours / nbdkit-raw: $(ratio seq:ours seq:nbdkit-raw) (goal >= 0.9x)   ours / qemu-nbd: $(ratio seq:ours seq:qemu-nbd) (goal >= 1x)"
+for s in "${servers[@]}"; do printf '  %-13s %s\n' "$s" "$(summary "seq:$s")"; done
+ratios seq <<'EOF2'
+ours nbdkit-raw >=0.9x
+ours qemu-nbd >=1x
+ours-vhd qemu-nbd-vhd >=1x
+ours-tcp nbdkit-tcp >=0.9x
+ours-tls nbdkit-tls >=0.9x
+ours-tls ours-tcp (TLS cost, report)
+EOF2
