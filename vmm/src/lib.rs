@@ -102,6 +102,7 @@ mod cpu;
 mod devices;
 mod disks;
 mod layout;
+pub mod migration;
 pub mod state;
 mod vcpu;
 mod vm;
@@ -109,6 +110,7 @@ mod vm;
 use std::path::PathBuf;
 
 pub use checkpoint::restore;
+pub use migration::incoming;
 pub use vm::run;
 
 /// Where `/dev/kvm` is the PVM software hypervisor: the module's sysfs folder.
@@ -180,6 +182,8 @@ pub enum GuestExit {
     Stopped(u64),
     /// `checkpoint --stop` through the API: the VM was saved and stopped.
     Saved,
+    /// `migrate` through the API: the VM runs on the target now.
+    Migrated,
 }
 
 /// VMM errors.
@@ -237,6 +241,9 @@ pub enum Error {
     /// A checkpoint could not be written or restored.
     #[error("checkpoint: {0}")]
     State(state::StateError),
+    /// A live migration failed (the stream, or the peer).
+    #[error("migration: {0}")]
+    Migration(migration::stream::StreamError),
     /// The guest stopped in a way it did not ask for.
     #[error("vCPU {cpu}: {reason}")]
     GuestFailure {
@@ -250,6 +257,12 @@ pub enum Error {
 impl From<state::StateError> for Error {
     fn from(e: state::StateError) -> Error {
         Error::State(e)
+    }
+}
+
+impl From<migration::stream::StreamError> for Error {
+    fn from(e: migration::stream::StreamError) -> Error {
+        Error::Migration(e)
     }
 }
 
