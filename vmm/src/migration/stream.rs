@@ -325,10 +325,14 @@ impl<R: Read> Receiver<R> {
 
     fn take(&mut self, buf: &mut [u8], what: &str) -> Result<(), StreamError> {
         self.r.read_exact(buf).map_err(|source| StreamError::Io {
+            source: if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::new(source.kind(), "the peer closed the connection")
+            } else {
+                source
+            },
             peer: self.peer.clone(),
             what: format!("read the {what}"),
             offset: self.offset,
-            source,
         })?;
         self.offset += buf.len() as u64;
         Ok(())
@@ -430,7 +434,10 @@ impl<R: Read> Receiver<R> {
                 peer: self.peer.clone(),
                 what: format!("read the {name} ({len} bytes announced, {got} came)"),
                 offset: self.offset,
-                source: std::io::ErrorKind::UnexpectedEof.into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection",
+                ),
             });
         }
         let mut crc = [0u8; 4];
