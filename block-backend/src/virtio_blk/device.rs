@@ -66,7 +66,7 @@ struct Pending {
     used_len: u32,
     remaining: usize,
     failed: bool,
-    /// Guest ranges the request writes (reads, with a dirty hook only).
+    /// Guest ranges the request writes (reads).
     writes: Vec<(GuestAddress, u32)>,
 }
 
@@ -169,8 +169,8 @@ impl VirtioBlk {
     }
 
     /// Reports every later write into guest memory (data of reads, GET_ID, status bytes) to
-    /// `hook` once it is complete; `None` stops reporting. Requests started before the hook
-    /// was set report their status byte only, so set it before the pages are first copied.
+    /// `hook` once it is complete (requests already in flight included); `None` stops
+    /// reporting.
     pub fn set_dirty_hook(&mut self, hook: Option<DirtyHook>) {
         self.dirty = hook;
     }
@@ -471,7 +471,9 @@ impl VirtioBlk {
         // All data segments as one byte array: the engine plans the request once (one lock
         // of the chain), moves each planned piece straight to or from the guest ranges it
         // covers, and commits a write's metadata once.
-        let writes = if self.dirty.is_some() && req.kind == RequestType::In {
+        // Kept for every read (a few bytes), so one started before a dirty hook was set is
+        // still reported when it completes after.
+        let writes = if req.kind == RequestType::In {
             req.data.clone()
         } else {
             Vec::new()
