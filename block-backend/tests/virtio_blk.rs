@@ -775,7 +775,7 @@ fn the_dirty_hook_reports_every_host_write_into_guest_memory() {
         .set_dirty_hook(Some(Arc::new(move |a: GuestAddress, len| {
             s.lock().unwrap().push((a.0, len))
         })));
-    let mut take = || std::mem::take(&mut *seen.lock().unwrap());
+    let take = || std::mem::take(&mut *seen.lock().unwrap());
     // A write changes no guest memory but its status byte.
     rig.header(VIRTIO_BLK_T_OUT, 0);
     rig.run(&[(HDR, 16, false), (DATA, 4096, false), (STATUS, 1, true)]);

@@ -309,12 +309,12 @@ fn fake_target(how: Fake) -> (String, std::thread::JoinHandle<String>) {
             let mut w = conn_writer(&mut tx);
             std::io::Write::write_all(&mut w, &encode_header(PROTOCOL_VERSION, "0.0.0-other"))
                 .unwrap();
-            return format!("{:?}", rx.header().map(|_| ()).and_then(|()| rx.next()));
+            return format!("{:?}", rx.header().map(|_| ()).and_then(|()| rx.record()));
         }
         tx.header().unwrap();
         rx.header().unwrap();
         loop {
-            let r = rx.next();
+            let r = rx.record();
             match (how, &r) {
                 (Fake::HangUpAfter(n), Ok(_)) if rx.records > n => {
                     return format!("hung up after {} records, {} bytes", rx.records, rx.offset)
@@ -388,7 +388,10 @@ fn an_incoming_vmm_refuses_a_source_of_another_version_clearly() {
     );
     // The source is told why.
     let mut rx = Receiver::new(BufReader::new(conn), "target");
-    let said = rx.header().map(|_| ()).and_then(|()| rx.next().map(|_| ()));
+    let said = rx
+        .header()
+        .map(|_| ())
+        .and_then(|()| rx.record().map(|_| ()));
     assert!(
         format!("{said:?}").contains("protocol"),
         "the target did not say why: {said:?}"

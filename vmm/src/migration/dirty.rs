@@ -293,7 +293,7 @@ mod tests {
         let copy = mem();
         let mut rx = super::super::stream::Receiver::new(&out[..], "t");
         while rx.offset < out.len() as u64 {
-            match rx.next().unwrap() {
+            match rx.record().unwrap() {
                 Record::Pages { gpa, data } => copy.write_slice(&data, GuestAddress(gpa)).unwrap(),
                 other => panic!("{other:?}"),
             }
@@ -309,6 +309,6 @@ mod tests {
         d.mark(0, PAGE);
         send(&mut tx, &m, &d.take(), false, &mut |_| {}).unwrap();
         let mut rx = super::super::stream::Receiver::new(&out[..], "t");
-        assert_eq!(rx.next().unwrap(), Record::Zero { gpa: 0, pages: 1 });
+        assert_eq!(rx.record().unwrap(), Record::Zero { gpa: 0, pages: 1 });
     }
 }

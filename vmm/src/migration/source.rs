@@ -44,6 +44,10 @@ struct Stats {
     last_pages: u64,
     bandwidth: f64,
     downtime: Duration,
+    /// Of the downtime: pausing, draining the disks, the last pages and the state.
+    stop_copy: Duration,
+    /// Of the downtime: from DisksReleased to Ready (the target builds the VM).
+    target_build: Duration,
 }
 
 /// Sleeps as needed to keep the average rate at or below `limit` bytes per second.
@@ -109,7 +113,7 @@ impl Controller<'_> {
                 let _ = conn.shutdown(Shutdown::Both);
                 Ok(format!(
                     "migrated to {to}: {} pre-copy passes, {} pages ({} MiB) in {} bytes sent, \
-                     {} pages in the last pass, {:.1} MiB/s, guest paused {:.1} ms, total {:.1} ms",
+                     {} pages in the last pass, {:.1} MiB/s, guest paused {:.1} ms (stop and copy {:.1} ms, target build {:.1} ms), total {:.1} ms",
                     stats.passes,
                     stats.pages_sent,
                     (stats.pages_sent * PAGE as u64) >> 20,
@@ -117,6 +121,8 @@ impl Controller<'_> {
                     stats.last_pages,
                     stats.bandwidth / f64::from(1 << 20),
                     stats.downtime.as_secs_f64() * 1e3,
+                    stats.stop_copy.as_secs_f64() * 1e3,
+                    stats.target_build.as_secs_f64() * 1e3,
                     start.elapsed().as_secs_f64() * 1e3
                 ))
             }
@@ -245,8 +251,10 @@ impl Controller<'_> {
                     source,
                 })?;
         }
+        stats.stop_copy = paused_at.elapsed();
         tx.send(&Record::DisksReleased)?;
-        match rx.next()? {
+        let released = Instant::now();
+        match rx.record()? {
             Record::Ready => {}
             other => {
                 return Err(rx
@@ -258,6 +266,7 @@ impl Controller<'_> {
                     .into())
             }
         }
+        stats.target_build = released.elapsed();
         tx.send(&Record::Go)?;
         stats.downtime = paused_at.elapsed();
         Ok(())

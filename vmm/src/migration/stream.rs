@@ -400,7 +400,7 @@ impl<R: Read> Receiver<R> {
 
     /// Reads the next record; a [`Record::Failed`] from the peer is returned as
     /// [`StreamError::Remote`].
-    pub fn next(&mut self) -> Result<Record, StreamError> {
+    pub fn record(&mut self) -> Result<Record, StreamError> {
         let start = self.offset;
         let mut head = [0u8; RECORD_HEAD];
         self.take(&mut head, "record header")?;
@@ -523,7 +523,7 @@ pub fn decode_all(bytes: &[u8]) -> Result<Vec<Record>, StreamError> {
     r.header()?;
     let mut out = Vec::new();
     while r.offset < bytes.len() as u64 {
-        out.push(r.next()?);
+        out.push(r.record()?);
     }
     Ok(out)
 }

@@ -61,13 +61,13 @@ fn the_sender_writes_what_the_receiver_reads_and_counts_offsets() {
     let mut r = Receiver::new(&out[..], "test");
     r.header().unwrap();
     assert_eq!(
-        r.next().unwrap(),
+        r.record().unwrap(),
         Record::Pages {
             gpa: 0x3000,
             data: vec![7; PAGE]
         }
     );
-    assert_eq!(r.next().unwrap(), Record::Go);
+    assert_eq!(r.record().unwrap(), Record::Go);
     assert_eq!(r.offset, sent);
 }
 

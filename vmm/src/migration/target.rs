@@ -98,7 +98,7 @@ pub fn incoming(uri: &str, opts: &RunOptions) -> Result<GuestExit> {
         ctx.lock()
             .unwrap_or_else(|p| p.into_inner())
             .send(&Record::Ready)?;
-        match rx.next()? {
+        match rx.record()? {
             Record::Go => {
                 c.store(true, Ordering::SeqCst);
                 eprintln!("vhdtool: incoming: running");
@@ -143,7 +143,7 @@ fn host_memory() -> Option<u64> {
 fn receive(
     rx: &mut Receiver<BufReader<TcpStream>>,
 ) -> Result<(WireConfig, GuestMemoryMmap, VmState)> {
-    let wire = match rx.next()? {
+    let wire = match rx.record()? {
         Record::Config(c) => c,
         other => {
             return Err(rx
@@ -189,7 +189,7 @@ fn receive(
     let (mut bytes, mut next_report) = (0u64, 0u64);
     loop {
         let at = rx.offset;
-        match rx.next()? {
+        match rx.record()? {
             Record::Pages { gpa, data } => {
                 if !mem.check_range(GuestAddress(gpa), data.len()) {
                     return Err(rx
