@@ -66,6 +66,14 @@
 //! stops all vCPUs (signal kick) and the disk workers, which drain their I/O and flush the disks
 //! before `run` returns. `VHDKIT_VMM_EXIT_STATS=1` prints each vCPU's port/MMIO exit counts.
 //!
+//! # Checkpoints and live migration
+//!
+//! `checkpoint` (module docs there) saves a running VM to a folder and continues its disks on
+//! differencing children; [`restore`] continues it. [`migration`] moves a running VM to
+//! another VMM process over TCP (pre-copy with KVM dirty logging, the state in the
+//! checkpoint's container; [`incoming`] is the target); a failed migration leaves the guest
+//! running at the source.
+//!
 //! # Running it
 //!
 //! On a machine with hardware KVM (`/dev/kvm` from kvm_intel or kvm_amd):
