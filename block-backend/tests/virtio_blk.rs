@@ -762,3 +762,43 @@ fn discards_with_more_segments_than_advertised_are_refused_and_leave_data_alone(
         "the refused one did nothing"
     );
 }
+
+#[test]
+fn the_dirty_hook_reports_every_host_write_into_guest_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = make("raw", dir.path());
+    let mem = memory();
+    let mut rig = Rig::new(&mem, &path, EngineKind::IoUring, false);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    rig.dev
+        .set_dirty_hook(Some(Arc::new(move |a: GuestAddress, len| {
+            s.lock().unwrap().push((a.0, len))
+        })));
+    let take = || std::mem::take(&mut *seen.lock().unwrap());
+    // A write changes no guest memory but its status byte.
+    rig.header(VIRTIO_BLK_T_OUT, 0);
+    rig.run(&[(HDR, 16, false), (DATA, 4096, false), (STATUS, 1, true)]);
+    assert_eq!(take(), vec![(STATUS, 1)]);
+    // A read: both data segments, then the status byte.
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    rig.run(&[
+        (HDR, 16, false),
+        (DATA + 0x1000, 512, true),
+        (DATA + 0x9000, 3584, true),
+        (STATUS, 1, true),
+    ]);
+    assert_eq!(
+        take(),
+        vec![(DATA + 0x1000, 512), (DATA + 0x9000, 3584), (STATUS, 1)]
+    );
+    // GET_ID: the id bytes (20 at most) and the status byte.
+    rig.header(VIRTIO_BLK_T_GET_ID, 0);
+    rig.run(&[(HDR, 16, false), (DATA, 64, true), (STATUS, 1, true)]);
+    assert_eq!(take(), vec![(DATA, 20), (STATUS, 1)]);
+    // Off again: nothing more is reported.
+    rig.dev.set_dirty_hook(None);
+    rig.header(VIRTIO_BLK_T_IN, 0);
+    rig.run(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+    assert!(take().is_empty());
+}

@@ -25,6 +25,12 @@ fn main() {
         eprintln!("wrote {} seeds under {}", seeds.count, seeds.out.display());
         return;
     }
+    // `make_seeds <out> migration_stream`: only the migration streams.
+    if std::env::args().nth(2).as_deref() == Some("migration_stream") {
+        migration_seeds(&mut seeds);
+        eprintln!("wrote {} seeds under {}", seeds.count, seeds.out.display());
+        return;
+    }
     // `make_seeds <out> nbd_server`: only the NBD client sessions.
     if std::env::args().nth(2).as_deref() == Some("nbd_server") {
         nbd_seeds(&mut seeds);
@@ -40,6 +46,7 @@ fn main() {
     oracle_seeds(&mut seeds);
     virtio_seeds(&mut seeds);
     nbd_seeds(&mut seeds);
+    migration_seeds(&mut seeds);
     let _ = std::fs::remove_dir_all(&work);
     eprintln!("wrote {} seeds under {}", seeds.count, seeds.out.display());
 }
@@ -401,6 +408,14 @@ fn oracle_seeds(seeds: &mut Seeds) {
 fn virtio_seeds(seeds: &mut Seeds) {
     for (name, bytes) in vhdkit_fuzz_targets::virtio_blk_seeds() {
         seeds.put("virtio_blk", &name, &bytes);
+    }
+}
+
+/// Well-formed migration streams (built next to the target).
+fn migration_seeds(seeds: &mut Seeds) {
+    for (name, bytes) in vhdkit_fuzz_targets::migration_stream_seeds() {
+        let name = name.trim_start_matches("seed-");
+        seeds.put("migration_stream", name, &bytes);
     }
 }
 

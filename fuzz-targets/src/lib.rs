@@ -20,6 +20,7 @@
 //! | `write_oracle` | image kind + operations                 | every write reads back, before and after reopen; no corruption; every power cut keeps all flushed bytes |
 //! | `nbd_server`   | mode byte + a client's byte stream       | the connection ends; the disk keeps its size; a read-only export is never written; the server greets first |
 //! | `fs_free`      | a volume ([`sparse`] or raw): ext, NTFS, FAT, exFAT | free ranges ascending, disjoint, inside the volume, summing to `free`; forcing changes nothing a plain scan accepted |
+//! | `migration_stream` | a live-migration stream (header, records)   | what decodes re-encodes to the same records; errors name the peer and an offset inside the input; state records go through the state decoder |
 //! | `virtio_blk`   | device config + driver operations       | used ring: popped heads only, each once, all once drained; valid statuses, OK exactly for well-formed requests; IN/OUT/DISCARD/WRITE_ZEROES/GET_ID against a flat disk model, and the reopened disk equals it; read-only never writes |
 //!
 //! Invariant: a target function panics only on a real bug (a panic inside the format crates, or
@@ -31,6 +32,7 @@ mod bounded;
 mod diff_pair;
 mod fs_free;
 mod input;
+mod migration_stream;
 mod nbd_server;
 pub mod reseal;
 pub mod sparse;
@@ -43,6 +45,7 @@ mod write_oracle;
 pub use bounded::BoundedFile;
 pub use diff_pair::diff_pair;
 pub use fs_free::fs_free;
+pub use migration_stream::{migration_stream, migration_stream_seeds};
 pub use nbd_server::{nbd_server, nbd_server_seeds};
 pub use vhd_open::vhd_open;
 pub use vhdx_log::vhdx_log;
@@ -63,6 +66,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_blk", virtio_blk),
     ("nbd_server", nbd_server),
     ("fs_free", fs_free),
+    ("migration_stream", migration_stream),
 ];
 
 /// Removes the scratch directories the file-based targets (`diff_pair`, `virtio_blk`) use in

@@ -15,6 +15,11 @@
 //! (the counter and uptime go on from the checkpoint, no boot messages, each restore on its
 //! own differencing child) and feeds a truncated state and a changed frozen layer.
 //!
+//! The live migration test (tests/vm/migrate.sh) moves that guest between two VMM processes
+//! over TCP loopback while it writes its disk (the counter goes on at the target, no boot
+//! messages, the source exits 0), prints the guest-visible pause and the migration's figures,
+//! then migrates it again to a target killed half-way (the guest runs on; `migrate` fails).
+//!
 //! Runs directly on hardware KVM, else nested (see `nested/mod.rs`) under the flock the
 //! caller takes (`flock /work/nested.lock cargo test …` on the shared machine).
 
@@ -33,6 +38,7 @@ use nested::{
 const L2_INIT: &str = include_str!("../vm/l2-counter.sh");
 const SCRIPT: &str = include_str!("../vm/lifecycle.sh");
 const CHECKPOINT_SCRIPT: &str = include_str!("../vm/checkpoint.sh");
+const MIGRATE_SCRIPT: &str = include_str!("../vm/migrate.sh");
 const L2_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
@@ -254,4 +260,71 @@ fn checkpointed_guest_runs_on_and_two_restores_continue_its_counter_without_a_re
         "{changed}"
     );
     let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn live_migrated_guest_continues_its_counter_at_the_target_and_survives_a_cut_stream() {
+    for tool in ["apt-get", "dpkg-deb", "cpio", "mkfs.ext4", "debugfs"] {
+        assert!(tool_or_skip(tool), "{tool} is needed");
+    }
+    let dir = fresh_scratch_dir();
+    let kernel = kernel();
+    fs::copy(&kernel.vmlinuz, dir.join("vmlinuz")).unwrap();
+    l2_initrd(&dir, &kernel, &dir.join("initrd.cpio"));
+    run(vhdtool()
+        .args(["create", "--type", "dynamic"])
+        .arg(dir.join("disk.vhdx"))
+        .arg("16M"));
+
+    let out = run_script(&dir, &kernel, MIGRATE_SCRIPT, &["disk.vhdx"]);
+    for line in out.lines().filter(|l| l.contains("T: ")) {
+        println!("{line}");
+    }
+    assert!(
+        !out.contains("T: FAIL") && !out.contains("GUEST: FAIL"),
+        "{out}"
+    );
+    let reply = t_line(&out, "migrate rc=");
+    assert!(
+        reply.starts_with("0 reply migrated to tcp:127.0.0.1:4444"),
+        "{out}"
+    );
+    let source = t_line(&out, "source VMM rc=");
+    assert!(source.starts_with("0 "), "the source VMM: {source}\n{out}");
+    let src_last: u64 = source.rsplit(' ').next().unwrap().parse().unwrap();
+    let (first, uptime) = counter_uptime(t_line(&out, "target first"));
+    assert!(
+        first == src_last || first == src_last + 1,
+        "the target continued at {first}, the source stopped at {src_last}:\n{out}"
+    );
+    assert!(uptime > 1.0, "target uptime {uptime}: a reboot?");
+    let status: serde_json::Value = serde_json::from_str(t_line(&out, "target status")).unwrap();
+    assert_eq!(status["state"], "running");
+    assert!(status["disks"][0]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("disk.vhdx"));
+
+    // The cut migration failed and the guest went on at the target of the first one.
+    let cut = t_line(&out, "cut migrate rc=");
+    assert!(
+        !cut.starts_with('0') && cut.contains("tcp:127.0.0.1:4445") && cut.contains("runs on here"),
+        "{cut}"
+    );
+    let around: Vec<u64> = t_line(&out, "after the cut counter")
+        .split(" to ")
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(
+        around[1] > around[0],
+        "the guest stopped after the cut:\n{out}"
+    );
+    assert!(t_line(&out, "after the cut status").contains(r#""state":"running""#));
+
+    // Every write the guest made is in the image, which checks clean.
+    let target = t_line(&out, "target VMM rc=");
+    assert!(target.starts_with("0 "), "{target}");
+    let last: u64 = target.rsplit(' ').next().unwrap().parse().unwrap();
+    let image = t_line(&out, "image check rc=");
+    assert_eq!(image, format!("0 counter {last}"), "{out}");
 }

@@ -60,6 +60,17 @@ pub enum Command {
         /// Stop the VM after the checkpoint.
         stop: bool,
     },
+    /// Move the running VM to the target at `to` (`tcp:HOST:PORT`, a `vhdtool boot
+    /// --incoming`); on success the VMM exits 0 after the reply.
+    Migrate {
+        /// The target.
+        to: String,
+        /// Longest pause of the guest to aim for, in milliseconds.
+        downtime_ms: u64,
+        /// Send at most this many MiB per second (none: as fast as the link goes).
+        #[serde(default)]
+        max_bandwidth_mib: Option<u64>,
+    },
 }
 
 /// A request line.

@@ -32,16 +32,30 @@ use crate::state::{
 };
 use crate::{DiskConfig, Error, GuestExit, Result, RunOptions, VmConfig};
 
-/// A checkpoint loaded for restore.
+/// Where a continued VM's memory comes from.
+pub enum RestoredMemory {
+    /// A checkpoint's `memory.img`, with its length and CRC-32C.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// Its CRC-32C.
+        crc: u32,
+    },
+    /// Already filled (received by a migration target).
+    Loaded(vm_memory::GuestMemoryMmap),
+}
+
+/// A VM to continue instead of booting: a loaded checkpoint or a received migration.
 pub struct Restored {
     /// vCPU, in-kernel and device state.
     pub state: VmState,
-    /// `memory.img`.
-    pub memory: PathBuf,
-    /// Its length.
-    pub memory_len: u64,
-    /// Its CRC-32C.
-    pub memory_crc: u32,
+    /// Guest memory.
+    pub memory: RestoredMemory,
+    /// Called once the VM is built (disks open, state set), before any vCPU or disk worker
+    /// runs; an error stops the VM there (a migration target asks the source for the go).
+    pub commit: Option<Box<dyn FnOnce() -> Result<()>>>,
 }
 
 fn io<'a>(path: &'a Path, what: &'static str) -> impl Fn(std::io::Error) -> StateError + 'a {
@@ -160,11 +174,9 @@ impl Controller<'_> {
         }
     }
 
-    fn save_all(&mut self, dir: &Path) -> Result<String> {
-        for d in self.disks.iter_mut() {
-            d.stop()?;
-        }
-        let t0 = Instant::now();
+    /// The state of the paused VM whose disk workers are stopped: vCPUs, in-kernel devices
+    /// and clock, transports, serial (what checkpoints and migrations save).
+    pub fn vm_state(&self) -> Result<VmState> {
         let index = self.msr_index.clone();
         let vcpus = self
             .control
@@ -178,12 +190,20 @@ impl Controller<'_> {
             .map(|d| d.transport.save_state())
             .collect();
         let serial = serial::save_state(&self.serial.lock().unwrap_or_else(|e| e.into_inner()));
-        let state = VmState {
+        Ok(VmState {
             vcpus,
             kvm,
             transports,
             serial,
-        };
+        })
+    }
+
+    fn save_all(&mut self, dir: &Path) -> Result<String> {
+        for d in self.disks.iter_mut() {
+            d.stop()?;
+        }
+        let t0 = Instant::now();
+        let state = self.vm_state()?;
         let t_state = t0.elapsed();
         let mem_path = dir.join(MEMORY_FILE);
         let (mem_len, mem_crc) = save::memory(self.mem, &mem_path)?;
@@ -328,7 +348,7 @@ fn load(dir: &Path) -> std::result::Result<(Manifest, VmState), StateError> {
 
 /// Refuses a checkpoint whose vCPUs used CPU features a vCPU of this host lacks, before any
 /// file is made (a scratch VM with one vCPU set up as the VMM sets them up).
-fn check_host(state: &VmState, cpus: u8) -> Result<()> {
+pub(crate) fn check_host(state: &VmState, cpus: u8) -> Result<()> {
     let kvm = kvm_ioctls::Kvm::new().map_err(|e| Error::Kvm {
         what: "open /dev/kvm".into(),
         source: e,
@@ -416,9 +436,12 @@ pub fn restore(dir: &Path, opts: &RunOptions) -> Result<GuestExit> {
     };
     let restored = Restored {
         state,
-        memory: dir.join(&manifest.memory_file.name),
-        memory_len: manifest.memory_file.len,
-        memory_crc: manifest.memory_file.crc32c,
+        memory: RestoredMemory::File {
+            path: dir.join(&manifest.memory_file.name),
+            len: manifest.memory_file.len,
+            crc: manifest.memory_file.crc32c,
+        },
+        commit: None,
     };
     let result = crate::vm::run_vm(&config, opts, Some(restored));
     if let Err(Error::State(_)) = &result {

@@ -60,6 +60,7 @@ impl std::fmt::Display for GuestExit {
                 write!(f, "guest did not power off within {s} s: stopped")
             }
             GuestExit::Saved => write!(f, "guest checkpointed and stopped"),
+            GuestExit::Migrated => write!(f, "guest migrated"),
         }
     }
 }
@@ -126,6 +127,17 @@ impl Controller<'_> {
             Command::Checkpoint { .. } if self.shutdown.is_some() => {
                 Reply::failed("a shutdown is in progress")
             }
+            Command::Migrate { .. } if self.shutdown.is_some() => {
+                Reply::failed("a shutdown is in progress")
+            }
+            Command::Migrate {
+                to,
+                downtime_ms,
+                max_bandwidth_mib,
+            } => match self.migrate(&to, downtime_ms, max_bandwidth_mib) {
+                Ok(detail) => Reply::done(detail),
+                Err(e) => Reply::failed(e.to_string()),
+            },
             Command::Checkpoint { dir, stop } => match self.checkpoint(&dir, stop) {
                 Ok(detail) => Reply::done(detail),
                 Err(e) => Reply::failed(e.to_string()),

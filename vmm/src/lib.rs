@@ -66,6 +66,14 @@
 //! stops all vCPUs (signal kick) and the disk workers, which drain their I/O and flush the disks
 //! before `run` returns. `VHDKIT_VMM_EXIT_STATS=1` prints each vCPU's port/MMIO exit counts.
 //!
+//! # Checkpoints and live migration
+//!
+//! `checkpoint` (module docs there) saves a running VM to a folder and continues its disks on
+//! differencing children; [`restore`] continues it. [`migration`] moves a running VM to
+//! another VMM process over TCP (pre-copy with KVM dirty logging, the state in the
+//! checkpoint's container; [`incoming`] is the target); a failed migration leaves the guest
+//! running at the source.
+//!
 //! # Running it
 //!
 //! On a machine with hardware KVM (`/dev/kvm` from kvm_intel or kvm_amd):
@@ -102,6 +110,7 @@ mod cpu;
 mod devices;
 mod disks;
 mod layout;
+pub mod migration;
 pub mod state;
 mod vcpu;
 mod vm;
@@ -109,6 +118,7 @@ mod vm;
 use std::path::PathBuf;
 
 pub use checkpoint::restore;
+pub use migration::incoming;
 pub use vm::run;
 
 /// Where `/dev/kvm` is the PVM software hypervisor: the module's sysfs folder.
@@ -180,6 +190,8 @@ pub enum GuestExit {
     Stopped(u64),
     /// `checkpoint --stop` through the API: the VM was saved and stopped.
     Saved,
+    /// `migrate` through the API: the VM runs on the target now.
+    Migrated,
 }
 
 /// VMM errors.
@@ -237,6 +249,9 @@ pub enum Error {
     /// A checkpoint could not be written or restored.
     #[error("checkpoint: {0}")]
     State(state::StateError),
+    /// A live migration failed (the stream, or the peer).
+    #[error("migration: {0}")]
+    Migration(migration::stream::StreamError),
     /// The guest stopped in a way it did not ask for.
     #[error("vCPU {cpu}: {reason}")]
     GuestFailure {
@@ -250,6 +265,12 @@ pub enum Error {
 impl From<state::StateError> for Error {
     fn from(e: state::StateError) -> Error {
         Error::State(e)
+    }
+}
+
+impl From<migration::stream::StreamError> for Error {
+    fn from(e: migration::stream::StreamError) -> Error {
+        Error::Migration(e)
     }
 }
 

@@ -29,7 +29,7 @@ use vmm_sys_util::signal::{block_signal, register_signal_handler, Killable, SIGR
 use vmm_sys_util::terminal::Terminal;
 
 use crate::api::{ApiServer, Reply};
-use crate::checkpoint::Restored;
+use crate::checkpoint::{Restored, RestoredMemory};
 use crate::control::RunControl;
 use crate::controller::Controller;
 use crate::devices::bus::Bus;
@@ -70,7 +70,7 @@ pub(crate) fn block_stop_signals() {
 }
 
 /// Checks the configuration before anything is created.
-fn validate(config: &VmConfig) -> Result<()> {
+pub(crate) fn validate(config: &VmConfig) -> Result<()> {
     if config.cpus == 0 || config.cpus > MAX_CPUS {
         return Err(Error::Config(format!(
             "--cpus must be 1 to {MAX_CPUS}, not {}",
@@ -116,7 +116,7 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<GuestExit> {
 pub(crate) fn run_vm(
     config: &VmConfig,
     opts: &RunOptions,
-    restored: Option<Restored>,
+    mut restored: Option<Restored>,
 ) -> Result<GuestExit> {
     validate(config)?;
     // The API socket first: a clash there should not cost a VM start.
@@ -137,8 +137,14 @@ pub(crate) fn run_vm(
         .into_iter()
         .map(|(a, l)| (GuestAddress(a), l as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&regions)
-        .map_err(|e| Error::Setup(format!("allocate guest memory: {e}")))?;
+    let mem = match &restored {
+        Some(Restored {
+            memory: RestoredMemory::Loaded(m),
+            ..
+        }) => m.clone(),
+        _ => GuestMemoryMmap::from_ranges(&regions)
+            .map_err(|e| Error::Setup(format!("allocate guest memory: {e}")))?,
+    };
 
     let vm = kvm
         .create_vm()
@@ -193,7 +199,9 @@ pub(crate) fn run_vm(
             .entry
         }
         Some(r) => {
-            restore::memory(&mem, &r.memory, r.memory_len, r.memory_crc)?;
+            if let RestoredMemory::File { path, len, crc } = &r.memory {
+                restore::memory(&mem, path, *len, *crc)?;
+            }
             restore::vm(&vm, &r.state.kvm)?;
             0
         }
@@ -257,6 +265,11 @@ pub(crate) fn run_vm(
     for sig in [libc::SIGINT, libc::SIGTERM] {
         register_signal_handler(sig, stop_handler)
             .map_err(|e| Error::Setup(format!("install the handler of signal {sig}: {e}")))?;
+    }
+
+    // Last word before anything runs (a migration target waits for the source's go).
+    if let Some(commit) = restored.as_mut().and_then(|r| r.commit.take()) {
+        commit()?;
     }
 
     let (tx, rx) = channel::<VmEvent>();

@@ -10,6 +10,11 @@
 //!  driver <──used ring── process_completions: status byte, used len, notify (EVENT_IDX aware)
 //! ```
 //!
+//! Dirty tracking (live migration): writes into guest memory by the host (KVM's dirty log does
+//! not see them) are reported to the hook of [`VirtioBlk::set_dirty_hook`] when they are
+//! complete: read data and GET_ID buffers, and status bytes. The used ring is not reported
+//! (its place is in the queue state, which a migrating VMM sends last anyway).
+//!
 //! Invariants: nothing from the driver is trusted (see [`super::request`]); guest buffers stay
 //! mapped while the engine uses them because each request holds an Arc of the guest memory
 //! ([`GuestBuf`]); the device has no `unsafe`; a chain is returned to the used ring exactly
@@ -61,7 +66,12 @@ struct Pending {
     used_len: u32,
     remaining: usize,
     failed: bool,
+    /// Guest ranges the request writes (reads).
+    writes: Vec<(GuestAddress, u32)>,
 }
+
+/// Called with each guest range the device wrote (see [`VirtioBlk::set_dirty_hook`]).
+pub type DirtyHook = Arc<dyn Fn(GuestAddress, usize) + Send + Sync>;
 
 /// Device configuration.
 #[derive(Debug, Clone)]
@@ -86,6 +96,7 @@ pub struct VirtioBlk {
     next_tag: u64,
     notify: Box<dyn FnMut(u16) + Send>,
     done: Vec<IoCompletion>,
+    dirty: Option<DirtyHook>,
 }
 
 impl std::fmt::Debug for VirtioBlk {
@@ -143,6 +154,7 @@ impl VirtioBlk {
             next_tag: 0,
             notify,
             done: Vec::new(),
+            dirty: None,
         })
     }
 
@@ -154,6 +166,24 @@ impl VirtioBlk {
             fds.extend(e.completion_fd()?);
         }
         Ok(fds)
+    }
+
+    /// Reports every later write into guest memory (data of reads, GET_ID, status bytes) to
+    /// `hook` once it is complete (requests already in flight included); `None` stops
+    /// reporting.
+    pub fn set_dirty_hook(&mut self, hook: Option<DirtyHook>) {
+        self.dirty = hook;
+    }
+
+    /// Drains every request and closes the disk (drops the engines and with them the chain
+    /// and its image lock). The device must not process its queues until
+    /// [`VirtioBlk::replace_disk`] gave it a disk again.
+    pub fn close_disk(&mut self) -> Result<()> {
+        while self.in_flight() > 0 {
+            self.process_completions(true)?;
+        }
+        self.engines.clear();
+        Ok(())
     }
 
     /// Features the device offers.
@@ -262,6 +292,9 @@ impl VirtioBlk {
     fn answer(&mut self, queue: u16, head: u16, status: GuestAddress, code: u32, used_len: u32) {
         // The status address was checked to lie in guest memory when the chain was parsed.
         let _ = self.mem.write_obj(code as u8, status);
+        if let Some(hook) = &self.dirty {
+            hook(status, 1);
+        }
         if self.queues[queue as usize]
             .add_used(&*self.mem, head, used_len)
             .is_err()
@@ -357,6 +390,9 @@ impl VirtioBlk {
                     let _ = self
                         .mem
                         .write_slice(&id[written as usize..written as usize + take], addr);
+                    if let Some(hook) = &self.dirty {
+                        hook(addr, take);
+                    }
                     written += take as u32;
                 }
                 self.answer(queue, head, req.status, VIRTIO_BLK_S_OK, written + 1);
@@ -402,6 +438,7 @@ impl VirtioBlk {
         req: &Request,
         used_len: u32,
         remaining: usize,
+        writes: Vec<(GuestAddress, u32)>,
     ) -> u64 {
         let id = self.next_tag;
         self.next_tag += 1;
@@ -414,6 +451,7 @@ impl VirtioBlk {
                 used_len,
                 remaining,
                 failed: false,
+                writes,
             },
         );
         id
@@ -433,6 +471,13 @@ impl VirtioBlk {
         // All data segments as one byte array: the engine plans the request once (one lock
         // of the chain), moves each planned piece straight to or from the guest ranges it
         // covers, and commits a write's metadata once.
+        // Kept for every read (a few bytes), so one started before a dirty hook was set is
+        // still reported when it completes after.
+        let writes = if req.kind == RequestType::In {
+            req.data.clone()
+        } else {
+            Vec::new()
+        };
         let buf = match GuestBuf::new(self.mem.clone(), std::mem::take(&mut req.data)) {
             Ok(b) => b,
             Err(e) => {
@@ -442,7 +487,7 @@ impl VirtioBlk {
                 return Ok(());
             }
         };
-        let id = self.new_pending(queue, head, &req, used, 1);
+        let id = self.new_pending(queue, head, &req, used, 1, writes);
         let offset = req.sector * SECTOR;
         let r = if req.kind == RequestType::In {
             IoRequest::read(id, offset, buf)
@@ -461,7 +506,7 @@ impl VirtioBlk {
     ) -> Result<()> {
         // Ordering point: what other queues have in flight completes (and commits) first.
         self.drain_except(queue)?;
-        let id = self.new_pending(queue, head, req, 1, 0);
+        let id = self.new_pending(queue, head, req, 1, 0, Vec::new());
         let ops = ops(id);
         if let Some(p) = self.pending.get_mut(&id) {
             p.remaining = ops.len();
@@ -480,6 +525,11 @@ impl VirtioBlk {
         p.remaining -= 1;
         if p.remaining == 0 {
             let p = self.pending.remove(&id).expect("present");
+            if let Some(hook) = &self.dirty {
+                for &(addr, len) in &p.writes {
+                    hook(addr, len as usize);
+                }
+            }
             let code = if p.failed {
                 VIRTIO_BLK_S_IOERR
             } else {

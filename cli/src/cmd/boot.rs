@@ -1,10 +1,11 @@
 //! `vhdtool boot --kernel BZIMAGE [--initrd FILE] [--cmdline STR] [--memory SIZE] [--cpus N]
 //! [--disk IMAGE[,read-only]]… [--api-socket PATH]` | `vhdtool boot --restore DIR
-//! [--api-socket PATH]`: boot a Linux kernel in a minimal KVM VM (crate `vmm`) with the
+//! [--api-socket PATH]` | `vhdtool boot --incoming tcp:HOST:PORT [--api-socket PATH]`: boot a Linux kernel in a minimal KVM VM (crate `vmm`) with the
 //! images as virtio-blk disks (`/dev/vda`, `/dev/vdb`, … in order).
 //!
 //! The serial console is stdin/stdout (with a terminal, ^A x stops the VM). Exit status 0 when
-//! the guest reboots or powers off, or is stopped through the API (`vhdtool vm shutdown`); 1
+//! the guest reboots or powers off, is stopped through the API (`vhdtool vm shutdown`) or
+//! migrated away (`vhdtool vm migrate`); 1
 //! with a message naming the cause when it panics, triple
 //! faults, hits a KVM error, or the VMM fails. Disks are flushed before exit either way.
 
@@ -18,7 +19,7 @@ use crate::size::parse_size;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Linux kernel (bzImage, boot protocol 2.14 or later).
-    #[arg(long, required_unless_present = "restore")]
+    #[arg(long, required_unless_present_any = ["restore", "incoming"])]
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
@@ -43,6 +44,12 @@ pub struct Args {
     /// children of its frozen disk layers; memory, vCPUs and disks come from DIR.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "disks", "cmdline"])]
     pub restore: Option<PathBuf>,
+    /// Receive a live migration (`vhdtool vm migrate … tcp:HOST:PORT` on the source) on
+    /// `tcp:HOST:PORT` (port 0: any, printed on stderr) and run the VM; memory, vCPUs and
+    /// disks (the same paths: shared storage) come in the stream.
+    #[arg(long, value_name = "tcp:HOST:PORT",
+          conflicts_with_all = ["kernel", "initrd", "disks", "cmdline", "restore"])]
+    pub incoming: Option<String>,
 }
 
 /// `IMAGE[,read-only]` (also `,ro`).
@@ -75,10 +82,11 @@ pub fn run(args: &Args) -> Result<u8> {
     let opts = vmm::RunOptions {
         api_socket: args.api_socket.clone(),
     };
-    let result = match (&args.restore, &args.kernel) {
-        (Some(dir), _) => vmm::restore(dir, &opts),
-        (None, Some(kernel)) => vmm::run(&boot_config(args, kernel), &opts),
-        (None, None) => bail!("--kernel or --restore is needed"),
+    let result = match (&args.restore, &args.incoming, &args.kernel) {
+        (Some(dir), _, _) => vmm::restore(dir, &opts),
+        (None, Some(uri), _) => vmm::incoming(uri, &opts),
+        (None, None, Some(kernel)) => vmm::run(&boot_config(args, kernel), &opts),
+        (None, None, None) => bail!("--kernel, --restore or --incoming is needed"),
     };
     match result {
         Ok(exit) => {

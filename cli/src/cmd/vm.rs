@@ -1,10 +1,11 @@
 //! `vhdtool vm status [--json] | pause | resume | shutdown [--timeout S] | checkpoint [--stop]
-//! DIR --api-socket PATH`:
+//! DIR | migrate [--downtime-ms N] [--max-bandwidth MIB] tcp:HOST:PORT --api-socket PATH`:
 //! control a VM started with `vhdtool boot --api-socket PATH` (protocol: `vmm::api`).
 //!
 //! Exit status 0 when the VMM carried out the command, 1 with its reason otherwise (or when
 //! the socket cannot be reached). `shutdown` returns once the VMM has stopped the guest and
-//! flushed its disks.
+//! flushed its disks; `migrate` once the target runs the guest (the source VMM then exits 0),
+//! or, failing, with the cause while the guest runs on at the source.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -69,6 +70,20 @@ enum Verb {
         /// Folder of the checkpoint.
         dir: PathBuf,
     },
+    /// Move the running VM live to `vhdtool boot --incoming tcp:HOST:PORT` (disks on shared
+    /// storage); the guest runs on here if the migration fails.
+    Migrate {
+        #[command(flatten)]
+        socket: Socket,
+        /// Longest guest pause to aim for: pre-copy passes go on until the rest fits.
+        #[arg(long, default_value_t = 50)]
+        downtime_ms: u64,
+        /// Send at most this many MiB per second.
+        #[arg(long, value_name = "MIB")]
+        max_bandwidth: Option<u64>,
+        /// The target, tcp:HOST:PORT.
+        to: String,
+    },
 }
 
 /// Runs `vm`.
@@ -91,6 +106,20 @@ pub fn run(args: &Args) -> Result<u8> {
                 // The VMM may run elsewhere: give it an absolute path.
                 dir: std::path::absolute(dir)?,
                 stop: *stop,
+            },
+            Duration::from_secs(3600),
+        ),
+        Verb::Migrate {
+            socket,
+            downtime_ms,
+            max_bandwidth,
+            to,
+        } => (
+            socket,
+            Command::Migrate {
+                to: to.clone(),
+                downtime_ms: *downtime_ms,
+                max_bandwidth_mib: *max_bandwidth,
             },
             Duration::from_secs(3600),
         ),

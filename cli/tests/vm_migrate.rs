@@ -1,0 +1,399 @@
+//! Live migration of a tiny guest on the machine's own `/dev/kvm`: `vhdtool vm migrate` from
+//! a `vhdtool boot --api-socket` to a `vhdtool boot --incoming` (the guest's letter sequence
+//! goes on at the target, the source exits 0, the disk is clean), and against fake peers
+//! written here: a target that hangs up part way (before and after the disks were released)
+//! or runs another version, and a source of another version. The guest keeps running at the
+//! source whenever the migration fails.
+//!
+//! Without a usable `/dev/kvm` these tests print SKIP and pass, except under `CI=true`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm::migration::stream::{encode_header, Receiver, Record, Sender, PROTOCOL_VERSION};
+
+mod support;
+use support::tiny_guest::{bzimage, Asm};
+
+fn vhdtool() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vhdtool"))
+}
+
+fn kvm_or_skip() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        vhdkit_tests::skip_unless_ci("/dev/kvm is not usable");
+    }
+    ok
+}
+
+/// A guest printing a, b, …, z, a, … with the last letter kept in guest memory (a page the
+/// guest dirties all the time).
+fn letters_guest() -> Asm {
+    let at = 0x60_0000u32.to_le_bytes();
+    let mut c = Asm::default().dx(0x3f8);
+    c = c.raw(&[0xc6, 0x04, 0x25]).raw(&at).raw(&[b'a' - 1]);
+    c = c.raw(&[0x8a, 0x04, 0x25]).raw(&at);
+    c = c.raw(&[0xfe, 0xc0, 0x3c, b'z' + 1, 0x75, 0x02, 0xb0, b'a']);
+    c = c.raw(&[0x88, 0x04, 0x25]).raw(&at).raw(&[0xee, 0xb9]);
+    c = c.raw(&0x0001_0000u32.to_le_bytes());
+    c.raw(&[0xff, 0xc9, 0x75, 0xfc, 0xeb, 0xde])
+}
+
+/// A `vhdtool boot` process whose stdout and stderr are collected as they come.
+struct Vmm {
+    child: Child,
+    socket: PathBuf,
+    out: Arc<Mutex<Vec<u8>>>,
+    printed: Arc<AtomicUsize>,
+    err: Arc<Mutex<String>>,
+}
+
+impl Vmm {
+    fn spawn(socket: PathBuf, args: &[&std::ffi::OsStr]) -> Vmm {
+        let mut child = vhdtool()
+            .arg("boot")
+            .args(args)
+            .arg("--api-socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (out, printed) = (
+            Arc::new(Mutex::new(Vec::new())),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (o, p) = (out.clone(), printed.clone());
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                o.lock().unwrap().extend_from_slice(&buf[..n]);
+                p.fetch_add(n, Ordering::SeqCst);
+            }
+        });
+        let err = Arc::new(Mutex::new(String::new()));
+        let e = err.clone();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let mut e = e.lock().unwrap();
+                e.push_str(&line);
+                e.push('\n');
+            }
+        });
+        Vmm {
+            child,
+            socket,
+            out,
+            printed,
+            err,
+        }
+    }
+
+    /// The letters guest over `disk`.
+    fn source(dir: &Path, disk: &Path) -> Vmm {
+        let kernel = dir.join("letters.bzImage");
+        std::fs::write(&kernel, bzimage(&letters_guest().0)).unwrap();
+        let vm = Vmm::spawn(
+            dir.join("src.sock"),
+            &[
+                "--kernel".as_ref(),
+                kernel.as_os_str(),
+                "--memory".as_ref(),
+                "128M".as_ref(),
+                "--disk".as_ref(),
+                disk.as_os_str(),
+            ],
+        );
+        vm.wait_for_output(3);
+        vm
+    }
+
+    /// `boot --incoming` on a free port; returns it with its `tcp:HOST:PORT`.
+    fn target(dir: &Path) -> (Vmm, String) {
+        let vm = Vmm::spawn(
+            dir.join("dst.sock"),
+            &["--incoming".as_ref(), "tcp:127.0.0.1:0".as_ref()],
+        );
+        let uri = vm.wait_for_stderr("waiting for a migration on ");
+        (vm, uri)
+    }
+
+    fn wait_for_output(&self, n: usize) -> usize {
+        let start = Instant::now();
+        loop {
+            let now = self.printed.load(Ordering::SeqCst);
+            if now > n {
+                return now;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the guest printed nothing more than {n} bytes in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The rest of the first stderr line holding `tag` (bounded wait).
+    fn wait_for_stderr(&self, tag: &str) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(rest) = self
+                .err
+                .lock()
+                .unwrap()
+                .lines()
+                .find_map(|l| l.split_once(tag).map(|x| x.1.trim().to_string()))
+            {
+                return rest;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no {tag:?} on stderr"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn vm(&self, args: &[&str]) -> std::process::Output {
+        vhdtool()
+            .arg("vm")
+            .args(args)
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap()
+    }
+
+    fn wait(mut self) -> (Option<i32>, String, Vec<u8>) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = self.child.kill();
+                panic!("the VMM did not exit: {}", self.err.lock().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let err = self.err.lock().unwrap().clone();
+        let out = self.out.lock().unwrap().clone();
+        (status.code(), err, out)
+    }
+
+    fn shutdown(self) -> String {
+        let o = self.vm(&["shutdown", "--timeout", "0"]);
+        assert!(o.status.success(), "{o:?}");
+        let (code, err, _) = self.wait();
+        assert_eq!(code, Some(0), "{err}");
+        err
+    }
+}
+
+fn dynamic_vhdx(dir: &Path) -> PathBuf {
+    let disk = dir.join("d.vhdx");
+    let o = vhdtool()
+        .args(["create", "--type", "dynamic"])
+        .arg(&disk)
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    disk
+}
+
+fn next_letter(c: u8) -> u8 {
+    if c == b'z' {
+        b'a'
+    } else {
+        c + 1
+    }
+}
+
+fn assert_sequence(out: &[u8]) {
+    for w in out.windows(2) {
+        assert_eq!(
+            w[1],
+            next_letter(w[0]),
+            "sequence broken: {}",
+            String::from_utf8_lossy(out)
+        );
+    }
+}
+
+fn assert_clean(disk: &Path) {
+    let o = vhdtool().arg("check").arg(disk).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+}
+
+#[test]
+fn a_running_guest_moves_to_the_incoming_vmm_and_its_sequence_goes_on_there() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dynamic_vhdx(dir.path());
+    let src = Vmm::source(dir.path(), &disk);
+    let (dst, uri) = Vmm::target(dir.path());
+    let start = Instant::now();
+    let o = src.vm(&["migrate", &uri]);
+    let took = start.elapsed();
+    let said = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{o:?}");
+    println!("migrate: {said}");
+    println!("migrate command took {:.1} ms", took.as_secs_f64() * 1e3);
+    assert!(
+        said.contains("migrated to") && said.contains("guest paused"),
+        "{said}"
+    );
+
+    let (code, err, before) = src.wait();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("guest migrated"), "{err}");
+    dst.wait_for_output(3);
+    let after = dst.out.lock().unwrap().clone();
+    assert_eq!(
+        after[0],
+        next_letter(*before.last().unwrap()),
+        "the target did not continue where the source stopped: {:?} then {:?}",
+        String::from_utf8_lossy(&before),
+        String::from_utf8_lossy(&after)
+    );
+    assert_sequence(&after);
+    let v: serde_json::Value =
+        serde_json::from_slice(&dst.vm(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["memory"], 128u64 << 20);
+    assert_eq!(v["disks"][0]["path"], disk.to_str().unwrap());
+    dst.shutdown();
+    assert_clean(&disk);
+}
+
+/// How a fake target misbehaves.
+#[derive(Clone, Copy, Debug)]
+enum Fake {
+    /// Hangs up after this many records.
+    HangUpAfter(u64),
+    /// Hangs up once the disks were released (the source must reopen them).
+    HangUpAtDisksReleased,
+    /// Answers with another vhdtool version.
+    OtherVersion,
+}
+
+/// A fake target on a free port: returns its `tcp:` address.
+fn fake_target(how: Fake) -> (String, std::thread::JoinHandle<String>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("tcp:{}", l.local_addr().unwrap());
+    let h = std::thread::spawn(move || {
+        let (conn, _) = l.accept().unwrap();
+        let mut tx = Sender::new(conn.try_clone().unwrap(), "source");
+        let mut rx = Receiver::new(BufReader::new(conn), "source");
+        if let Fake::OtherVersion = how {
+            let mut w = conn_writer(&mut tx);
+            std::io::Write::write_all(&mut w, &encode_header(PROTOCOL_VERSION, "0.0.0-other"))
+                .unwrap();
+            return format!("{:?}", rx.header().map(|_| ()).and_then(|()| rx.record()));
+        }
+        tx.header().unwrap();
+        rx.header().unwrap();
+        loop {
+            let r = rx.record();
+            match (how, &r) {
+                (Fake::HangUpAfter(n), Ok(_)) if rx.records > n => {
+                    return format!("hung up after {} records, {} bytes", rx.records, rx.offset)
+                }
+                (Fake::HangUpAtDisksReleased, Ok(Record::DisksReleased)) => {
+                    return format!("hung up at disks released, {} bytes", rx.offset)
+                }
+                (_, Ok(_)) => {}
+                (_, Err(e)) => return format!("stream ended: {e}"),
+            }
+        }
+    });
+    (uri, h)
+}
+
+fn conn_writer(tx: &mut Sender<std::net::TcpStream>) -> std::net::TcpStream {
+    tx.get_ref().try_clone().unwrap()
+}
+
+#[test]
+fn a_migration_cut_part_way_leaves_the_guest_running_at_the_source() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dynamic_vhdx(dir.path());
+    let src = Vmm::source(dir.path(), &disk);
+    for (how, want) in [
+        (Fake::HangUpAfter(3), "migration"),
+        (Fake::HangUpAtDisksReleased, "migration"),
+        (Fake::OtherVersion, "0.0.0-other"),
+    ] {
+        let (uri, fake) = fake_target(how);
+        let o = src.vm(&["migrate", &uri]);
+        let said = fake.join().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        println!("{how:?}: target {said}; migrate: {err}");
+        assert!(!o.status.success(), "{how:?}: {o:?}");
+        assert!(
+            err.contains(&uri) && err.contains(want) && err.contains("runs on here"),
+            "{how:?}: {err}"
+        );
+        // The guest goes on, in sequence, at the source.
+        let v: serde_json::Value =
+            serde_json::from_slice(&src.vm(&["status", "--json"]).stdout).unwrap();
+        assert_eq!(v["state"], "running", "{how:?}");
+        let n = src.printed.load(Ordering::SeqCst);
+        src.wait_for_output(n + 3);
+    }
+    assert_sequence(&src.out.lock().unwrap());
+    // The disk was reopened and is flushed and clean at the end.
+    src.shutdown();
+    assert_clean(&disk);
+}
+
+#[test]
+fn an_incoming_vmm_refuses_a_source_of_another_version_clearly() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (dst, uri) = Vmm::target(dir.path());
+    let addr = uri.strip_prefix("tcp:").unwrap();
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(&mut conn, &encode_header(PROTOCOL_VERSION + 1, "9.9.9")).unwrap();
+    let (code, err, _) = dst.wait();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("refused") && err.contains("protocol 2") && err.contains("tcp:127.0.0.1"),
+        "{err}"
+    );
+    // The source is told why.
+    let mut rx = Receiver::new(BufReader::new(conn), "target");
+    let said = rx
+        .header()
+        .map(|_| ())
+        .and_then(|()| rx.record().map(|_| ()));
+    assert!(
+        format!("{said:?}").contains("protocol"),
+        "the target did not say why: {said:?}"
+    );
+}
