@@ -303,6 +303,35 @@ mod tests {
     }
 
     #[test]
+    fn madt_of_many_cpus_has_one_enabled_lapic_per_cpu_with_distinct_ids() {
+        for n in [64u8, 128, crate::MAX_CPUS] {
+            let t = tables(0xe0000, n, &mmio_devices(crate::MAX_DISKS));
+            let (madt_addr, madt) = find(&t, b"APIC");
+            assert_eq!(sum(&madt), 0);
+            let (mut uids, mut ids) = (Vec::new(), Vec::new());
+            let mut off = 44;
+            while off < madt.len() {
+                let (ty, len) = (madt[off], madt[off + 1] as usize);
+                if ty == 0 {
+                    assert_eq!(len, 8);
+                    assert_eq!(u32_at(&madt, off + 4) & 1, 1, "enabled");
+                    uids.push(madt[off + 2]);
+                    ids.push(madt[off + 3]);
+                }
+                off += len;
+            }
+            assert_eq!(off, madt.len(), "entries fill the table exactly");
+            let want: Vec<u8> = (0..n).collect();
+            assert_eq!(ids, want, "APIC ids 0..{n}, the vCPU indexes");
+            assert_eq!(uids, want, "processor UIDs");
+            assert!(!ids.contains(&0xff), "0xff is the broadcast id");
+            let end = t.iter().map(|(a, b)| a + b.len() as u64).max().unwrap();
+            assert!(end <= layout::ACPI_END, "{n} CPUs: tables end at {end:#x}");
+            assert!(madt_addr >= 0xe0000);
+        }
+    }
+
+    #[test]
     fn dsdt_describes_com1_and_each_virtio_device() {
         let devs = mmio_devices(2);
         let t = tables(0xe0000, 1, &devs);

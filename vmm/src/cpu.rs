@@ -67,9 +67,25 @@ pub fn patch_cpuid(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8) {
                     }
                 }
             }
+            4 if e.eax & 0x1f != 0 => {
+                // Deterministic cache parameters (Intel): EAX[31:26] = addressable core ids in
+                // the package - 1, EAX[25:14] = logical processors sharing the cache - 1 (one
+                // per core for L1 and L2, the whole package for L3).
+                let ids = (1u32 << shift) - 1;
+                let level = (e.eax >> 5) & 7;
+                let sharing = if level >= 3 { ids.min(0xfff) } else { 0 };
+                e.eax = (e.eax & 0x3fff) | (sharing << 14) | (ids.min(63) << 26);
+            }
             0x8000_0008 if amd => {
                 // ECX: number of cores - 1, APIC id size.
                 e.ecx = (e.ecx & !0xf0ff) | (shift << 12) | (u32::from(count) - 1);
+            }
+            0x8000_001e if amd => {
+                // Extended APIC id; core id (one thread per core); node 0 of one.
+                e.eax = u32::from(id);
+                e.ebx = u32::from(id);
+                e.ecx = 0;
+                e.edx = 0;
             }
             _ => {}
         }
@@ -185,6 +201,83 @@ mod tests {
         assert_ne!(e[1].edx & EDX_HTT, 0);
         assert_eq!((e[2].edx, e[2].ebx, e[2].ecx), (1, 1, 1 << 8));
         assert_eq!((e[3].edx, e[3].ebx, e[3].eax), (1, 2, 1));
+    }
+
+    /// KVM's leaves as an AMD or Intel host reports them, before patching.
+    fn host_leaves(amd: bool) -> Vec<kvm_cpuid_entry2> {
+        let mut v = vec![entry(0, 0), entry(1, 0)];
+        if amd {
+            (v[0].ebx, v[0].edx, v[0].ecx) = (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+        } else {
+            (v[0].ebx, v[0].edx, v[0].ecx) = (0x756e_6547, 0x4965_6e69, 0x6c65_746e);
+        }
+        for i in 0..3 {
+            v.push(entry(0xb, i));
+        }
+        // Leaf 4: L1d (type 1, level 1), L3 (type 3, level 3) and the end (type 0).
+        let mut l1 = entry(4, 0);
+        l1.eax = 1 | (1 << 5) | (7 << 26);
+        let mut l3 = entry(4, 1);
+        l3.eax = 3 | (3 << 5) | (15 << 14) | (7 << 26);
+        v.extend([l1, l3, entry(4, 2)]);
+        v.extend([entry(0x8000_0008, 0), entry(0x8000_001e, 0)]);
+        v
+    }
+
+    fn leaf(e: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *e.iter()
+            .find(|x| x.function == function && x.index == index)
+            .unwrap()
+    }
+
+    #[test]
+    fn every_vcpu_of_many_has_its_own_apic_id_in_leaves_1_and_0xb() {
+        for count in [64u8, 128, 254] {
+            for amd in [true, false] {
+                let mut ids = std::collections::BTreeSet::new();
+                for id in 0..count {
+                    let mut e = host_leaves(amd);
+                    patch_cpuid(&mut e, id, count);
+                    let l1 = leaf(&e, 1, 0);
+                    assert_eq!(l1.ebx >> 24, u32::from(id), "leaf 1 initial APIC id");
+                    assert_eq!((l1.ebx >> 16) & 0xff, u32::from(count));
+                    for sub in 0..3 {
+                        assert_eq!(leaf(&e, 0xb, sub).edx, u32::from(id), "x2APIC id");
+                    }
+                    assert!(ids.insert(l1.ebx >> 24));
+                    // Level 1 (core): the shift covers every APIC id, and level 2 ends the list.
+                    let core = leaf(&e, 0xb, 1);
+                    assert_eq!((core.ecx >> 8) & 0xff, 2, "core level");
+                    assert!(1u32 << core.eax >= u32::from(count));
+                    assert!(u32::from(id) >> core.eax == 0, "one package");
+                    assert_eq!(core.ebx, u32::from(count));
+                    assert_eq!((leaf(&e, 0xb, 2).ecx >> 8) & 0xff, 0, "invalid level");
+                    if amd {
+                        let ext = leaf(&e, 0x8000_001e, 0);
+                        assert_eq!((ext.eax, ext.ebx & 0xff), (u32::from(id), u32::from(id)));
+                        let size = leaf(&e, 0x8000_0008, 0).ecx;
+                        assert_eq!(size & 0xff, u32::from(count) - 1, "cores - 1");
+                        assert!(1u32 << ((size >> 12) & 0xf) >= u32::from(count));
+                    }
+                }
+                assert_eq!(ids.len(), usize::from(count));
+            }
+        }
+    }
+
+    #[test]
+    fn cache_leaf_4_names_cores_per_package_and_l3_sharing() {
+        let mut e = host_leaves(false);
+        patch_cpuid(&mut e, 5, 128);
+        let (l1, l3, end) = (leaf(&e, 4, 0), leaf(&e, 4, 1), leaf(&e, 4, 2));
+        assert_eq!(l1.eax >> 26, 63, "at most 64 core ids fit in 6 bits");
+        assert_eq!((l1.eax >> 14) & 0xfff, 0, "L1 is per core");
+        assert_eq!((l3.eax >> 14) & 0xfff, 127, "L3 shared by the package");
+        assert_eq!(l3.eax & 0x3fff, 3 | (3 << 5), "type and level kept");
+        assert_eq!(end.eax, 0, "the end marker stays");
+        let mut e = host_leaves(false);
+        patch_cpuid(&mut e, 0, 4);
+        assert_eq!(leaf(&e, 4, 0).eax >> 26, 3);
     }
 
     #[test]

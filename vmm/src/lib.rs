@@ -172,8 +172,9 @@ pub struct RunOptions {
 /// Kernel command line the VMM always passes, before the user's.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1";
 
-/// Most vCPUs (the MADT and CPUID use 8-bit APIC ids).
-pub const MAX_CPUS: u8 = 64;
+/// Most vCPUs: the xAPIC limit. APIC ids are the vCPU indexes, 8 bits in the MADT's local APIC
+/// entries, CPUID leaf 1 and the IOAPIC's destination field, and 0xff is the broadcast id.
+pub const MAX_CPUS: u8 = 254;
 
 /// Most disks (one IOAPIC GSI each, 5 to 23).
 pub const MAX_DISKS: usize = layout::MAX_VIRTIO_DEVICES;

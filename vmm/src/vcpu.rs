@@ -294,8 +294,21 @@ fn cpu_state(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
             }
             _ => s.push_str(", RIP is not mapped"),
         }
+        if is_init_state(regs.rip, sregs.cs.selector) {
+            s.push_str(INIT_STATE_NOTE);
+        }
     }
     s
+}
+
+/// Said when the registers are the INIT values: KVM on AMD (SVM) re-initializes a vCPU on a
+/// shutdown intercept before reporting KVM_EXIT_SHUTDOWN, because the VMCB is undefined then.
+const INIT_STATE_NOTE: &str = " (the INIT values: KVM on AMD resets a vCPU that triple faults \
+     before reporting it, so these registers do not show where the fault happened)";
+
+/// Whether RIP and CS hold their INIT/reset values (CS:IP = f000:fff0).
+fn is_init_state(rip: u64, cs: u16) -> bool {
+    rip == 0xfff0 && cs == 0xf000
 }
 
 #[cfg(test)]
@@ -305,5 +318,12 @@ mod tests {
     #[test]
     fn hex_formats_instruction_bytes() {
         assert_eq!(hex(&[0x0f, 0xc7, 0x0e]), "0f c7 0e");
+    }
+
+    #[test]
+    fn the_reset_vector_state_is_recognised() {
+        assert!(is_init_state(0xfff0, 0xf000));
+        assert!(!is_init_state(0x1000200, 0x10));
+        assert!(!is_init_state(0xfff0, 0x10));
     }
 }

@@ -96,6 +96,20 @@ pub(crate) fn validate(config: &VmConfig) -> Result<()> {
     Ok(())
 }
 
+/// Checks `cpus` against what this KVM can create: `max_vcpus` (KVM_CAP_MAX_VCPUS) vCPUs with
+/// ids below `max_vcpu_id` (KVM_CAP_MAX_VCPU_ID); vCPU `i` has id (and APIC id) `i`.
+fn check_kvm_vcpus(cpus: u8, max_vcpus: usize, max_vcpu_id: usize) -> Result<()> {
+    let cpus = usize::from(cpus);
+    if cpus > max_vcpus || cpus > max_vcpu_id {
+        return Err(Error::Config(format!(
+            "--cpus {cpus}: this KVM creates at most {} vCPUs (KVM_CAP_MAX_VCPUS {max_vcpus}, \
+             KVM_CAP_MAX_VCPU_ID {max_vcpu_id})",
+            max_vcpus.min(max_vcpu_id)
+        )));
+    }
+    Ok(())
+}
+
 /// The kernel command line: [`BASE_CMDLINE`] then the user's.
 pub fn full_cmdline(extra: &str) -> String {
     let extra = extra.trim();
@@ -131,6 +145,7 @@ pub(crate) fn run_vm(
             "/dev/kvm has API version {kvm_api}, not 12"
         )));
     }
+    check_kvm_vcpus(config.cpus, kvm.get_max_vcpus(), kvm.get_max_vcpu_id())?;
 
     // Guest memory first: it must outlive the VM and every thread that uses it.
     let regions: Vec<(GuestAddress, usize)> = layout::ram_regions(config.memory)
@@ -550,5 +565,25 @@ mod tests {
             ..config()
         })
         .is_err());
+    }
+
+    #[test]
+    fn more_vcpus_than_kvm_creates_are_refused_with_its_limits() {
+        assert!(check_kvm_vcpus(254, 1024, 4096).is_ok());
+        assert!(check_kvm_vcpus(64, 64, 64).is_ok());
+        let e = check_kvm_vcpus(65, 64, 1024).unwrap_err().to_string();
+        assert!(e.contains("at most 64 vCPUs"), "{e}");
+        let e = check_kvm_vcpus(128, 1024, 100).unwrap_err().to_string();
+        assert!(e.contains("KVM_CAP_MAX_VCPU_ID 100"), "{e}");
+    }
+
+    #[test]
+    fn the_xapic_maximum_of_254_vcpus_is_accepted() {
+        assert_eq!(MAX_CPUS, 254);
+        assert!(validate(&VmConfig {
+            cpus: 254,
+            ..config()
+        })
+        .is_ok());
     }
 }
