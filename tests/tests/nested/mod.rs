@@ -201,22 +201,38 @@ pub fn write_exec(path: &Path, text: &str) {
 
 /// Runs `cmd`, collecting stdout and stderr lines (echoed to stderr), killing it after the hang
 /// guard. Returns (exit code, output).
-pub fn run_guarded(mut cmd: Command, what: &str) -> (Option<i32>, String) {
+pub fn run_guarded(cmd: Command, what: &str) -> (Option<i32>, String) {
+    let (code, out, _) = run_watched(cmd, what, |_| false);
+    (code, out)
+}
+
+/// [`run_guarded`], but also killing `cmd` as soon as an output line satisfies `fatal`;
+/// the third value says whether that happened.
+pub fn run_watched(
+    mut cmd: Command,
+    what: &str,
+    fatal: fn(&str) -> bool,
+) -> (Option<i32>, String, bool) {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let start = Instant::now();
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {what}: {e}"));
     let log = Arc::new(Mutex::new(String::new()));
+    let seen_fatal = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut readers = Vec::new();
     for stream in [
         Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
         Box::new(child.stderr.take().unwrap()),
     ] {
         let log = log.clone();
+        let seen_fatal = seen_fatal.clone();
         readers.push(std::thread::spawn(move || {
             for line in BufReader::new(stream).lines() {
                 let Ok(line) = line else { break };
+                if fatal(&line) {
+                    seen_fatal.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 let stamped = format!("[{:7.3}] {line}", start.elapsed().as_secs_f64());
                 eprintln!("{stamped}");
                 let mut l = log.lock().unwrap();
@@ -228,6 +244,15 @@ pub fn run_guarded(mut cmd: Command, what: &str) -> (Option<i32>, String) {
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
+        }
+        if seen_fatal.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = child.kill();
+            let _ = child.wait();
+            for r in readers {
+                let _ = r.join();
+            }
+            let out = log.lock().unwrap().clone();
+            return (None, out, true);
         }
         if start.elapsed() > HANG_GUARD {
             let _ = child.kill();
@@ -250,7 +275,7 @@ pub fn run_guarded(mut cmd: Command, what: &str) -> (Option<i32>, String) {
         start.elapsed().as_secs_f64()
     );
     let out = log.lock().unwrap().clone();
-    (status.code(), out)
+    (status.code(), out, false)
 }
 
 pub fn shell_quote(s: &str) -> String {
@@ -307,6 +332,30 @@ pub fn l1_command(name: &str) -> String {
 /// Boots L1 with a scratch ext4 disk of `scratch_size` made from `stage` (which holds
 /// `run.sh`), runs it to the end and returns L1's console output and the scratch disk.
 pub fn run_l1(dir: &Path, stage: &Path, kernel: &Kernel, scratch_size: &str) -> (String, PathBuf) {
+    // QEMU's TCG emulation of nested SVM at times wedges a CPU of L1 itself (issue 20's
+    // analysis: halted vCPUs triple-fault or stall at random); L1's own kernel then reports an
+    // RCU stall. That run is thrown away and L1 boots once more from the untouched stage; a
+    // second stall fails the test. Stalls of L2 (lines L1 prefixes) never count here.
+    for attempt in 1..=2 {
+        if let Some(done) = run_l1_once(dir, stage, kernel, scratch_size) {
+            return done;
+        }
+        eprintln!("L1's kernel stalled (RCU) under QEMU TCG: attempt {attempt} discarded");
+    }
+    panic!("L1's kernel stalled under QEMU TCG twice in a row");
+}
+
+/// An RCU stall report of L1's own kernel (L2's lines come prefixed with `[L1 …]`).
+fn l1_stalled(line: &str) -> bool {
+    line.contains("rcu_preempt detected stalls") && !line.contains("[L1 ")
+}
+
+fn run_l1_once(
+    dir: &Path,
+    stage: &Path,
+    kernel: &Kernel,
+    scratch_size: &str,
+) -> Option<(String, PathBuf)> {
     assert!(
         tool_or_skip("qemu-system-x86_64"),
         "qemu-system-x86_64 is needed for the nested VMM tests"
@@ -365,10 +414,13 @@ pub fn run_l1(dir: &Path, stage: &Path, kernel: &Kernel, scratch_size: &str) -> 
         "file={},format=raw,if=virtio,cache=unsafe",
         scratch.display()
     ));
-    let (code, out) = run_guarded(qemu, "L1 (qemu-system-x86_64 -accel tcg)");
+    let (code, out, stalled) = run_watched(qemu, "L1 (qemu-system-x86_64 -accel tcg)", l1_stalled);
+    if stalled {
+        return None;
+    }
     assert_eq!(code, Some(0), "qemu failed:\n{out}");
     assert!(out.contains("L1: end"), "L1 did not finish:\n{out}");
-    (out, scratch)
+    Some((out, scratch))
 }
 
 /// Copies `/name` out of the scratch ext4 disk to `to`.
