@@ -8,160 +8,33 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 mod support;
-use support::tiny_guest::{bzimage, Asm};
+use support::vm_process::{dynamic_vhdx, kvm_or_skip, letters_kernel, next_letter, Vmm};
 
 fn vhdtool() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vhdtool"))
 }
 
-fn kvm_or_skip() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        vhdkit_tests::skip_unless_ci("/dev/kvm is not usable");
-    }
-    ok
-}
-
-/// Guest byte that holds the last letter printed.
-const LETTER_AT: u32 = 0x60_0000;
-
-/// A guest that prints the letters a to z over and over, one per delay loop, keeping the last
-/// letter in guest memory at [`LETTER_AT`] (so a restored guest shows whether memory and
-/// registers came back: the sequence continues where it stopped).
-fn letters_guest() -> Asm {
-    let at = LETTER_AT.to_le_bytes();
-    let mut c = Asm::default().dx(0x3f8);
-    // mov byte [LETTER_AT], 'a' - 1
-    c = c.raw(&[0xc6, 0x04, 0x25]).raw(&at).raw(&[b'a' - 1]);
-    // loop: mov al, [LETTER_AT]; inc al; cmp al, 'z' + 1; jne +2; mov al, 'a'
-    c = c.raw(&[0x8a, 0x04, 0x25]).raw(&at);
-    c = c.raw(&[0xfe, 0xc0, 0x3c, b'z' + 1, 0x75, 0x02, 0xb0, b'a']);
-    // mov [LETTER_AT], al; out dx, al; mov ecx, delay; dec ecx; jnz -4; jmp loop
-    c = c.raw(&[0x88, 0x04, 0x25]).raw(&at).raw(&[0xee, 0xb9]);
-    c = c.raw(&0x0001_0000u32.to_le_bytes());
-    c.raw(&[0xff, 0xc9, 0x75, 0xfc, 0xeb, 0xde])
-}
-
-/// A running `vhdtool boot --api-socket` whose console output is collected.
-struct Vm {
-    child: Child,
-    socket: PathBuf,
-    out: Arc<Mutex<Vec<u8>>>,
-    printed: Arc<AtomicUsize>,
-    stderr: std::thread::JoinHandle<String>,
-}
-
-impl Vm {
-    fn start(dir: &Path, disk: &Path, extra: &[&str]) -> Vm {
-        let kernel = dir.join("letters.bzImage");
-        std::fs::write(&kernel, bzimage(&letters_guest().0)).unwrap();
-        let socket = dir.join("api.sock");
-        let mut child = vhdtool()
-            .arg("boot")
-            .arg("--kernel")
-            .arg(&kernel)
-            .args(["--memory", "128M", "--api-socket"])
-            .arg(&socket)
-            .arg("--disk")
-            .arg(disk)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (out, printed) = (
-            Arc::new(Mutex::new(Vec::new())),
-            Arc::new(AtomicUsize::new(0)),
-        );
-        let (o, p) = (out.clone(), printed.clone());
-        let mut stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                o.lock().unwrap().extend_from_slice(&buf[..n]);
-                p.fetch_add(n, Ordering::SeqCst);
-            }
-        });
-        let mut stderr = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stderr.read_to_string(&mut s);
-            s
-        });
-        let vm = Vm {
-            child,
-            socket,
-            out,
-            printed,
-            stderr,
-        };
-        vm.wait_for_output(1);
-        assert!(vm.socket.exists(), "no API socket");
-        vm
-    }
-
-    /// Waits until more than `n` bytes were printed (bounded: fails after 60 s).
-    fn wait_for_output(&self, n: usize) -> usize {
-        let start = Instant::now();
-        loop {
-            let now = self.printed.load(Ordering::SeqCst);
-            if now > n {
-                return now;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "the guest printed nothing more than {n} bytes in 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn vm(&self, args: &[&str]) -> std::process::Output {
-        vhdtool()
-            .arg("vm")
-            .args(args)
-            .arg("--api-socket")
-            .arg(&self.socket)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.vm(args);
-        assert!(o.status.success(), "vm {args:?}: {o:?}");
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn state(&self) -> String {
-        let v: serde_json::Value = serde_json::from_str(&self.ok(&["status", "--json"])).unwrap();
-        v["state"].as_str().unwrap().to_string()
-    }
-}
-
-fn dynamic_vhdx(dir: &Path) -> PathBuf {
-    let disk = dir.join("d.vhdx");
-    let o = vhdtool()
-        .args(["create", "--type", "dynamic"])
-        .arg(&disk)
-        .arg("64M")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{o:?}");
-    disk
+/// The letters guest over `disk`, with `extra` boot arguments, once it printed.
+fn start(dir: &Path, disk: &Path, extra: &[&str]) -> Vmm {
+    let kernel = letters_kernel(dir);
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--memory".as_ref(),
+        "128M".as_ref(),
+        "--disk".as_ref(),
+        disk.as_os_str(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    let vm = Vmm::spawn(dir.join("api.sock"), &args);
+    vm.wait_for_output(1);
+    assert!(vm.socket.exists(), "no API socket");
+    vm
 }
 
 #[test]
@@ -171,7 +44,7 @@ fn pause_stops_the_guest_resume_continues_and_shutdown_stops_it_with_exit_0() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dynamic_vhdx(dir.path());
-    let vm = Vm::start(dir.path(), &disk, &[]);
+    let vm = start(dir.path(), &disk, &[]);
 
     let v: serde_json::Value = serde_json::from_str(&vm.ok(&["status", "--json"])).unwrap();
     assert_eq!(v["state"], "running");
@@ -215,15 +88,9 @@ fn pause_stops_the_guest_resume_continues_and_shutdown_stops_it_with_exit_0() {
         "{said}"
     );
     assert!(start.elapsed() >= Duration::from_secs(1));
-    let Vm {
-        mut child,
-        socket,
-        stderr,
-        ..
-    } = vm;
-    let status = child.wait().unwrap();
-    let stderr = stderr.join().unwrap();
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    let socket = vm.socket.clone();
+    let (code, stderr, _) = vm.wait();
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("stopped; disks flushed"), "{stderr}");
     assert!(!socket.exists(), "the API socket was left behind");
     // The image is free again and clean.
@@ -238,7 +105,7 @@ fn hostile_api_clients_get_errors_and_the_vm_runs_on() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dynamic_vhdx(dir.path());
-    let vm = Vm::start(dir.path(), &disk, &[]);
+    let vm = start(dir.path(), &disk, &[]);
     let ask = |bytes: &[u8]| {
         let mut s = UnixStream::connect(&vm.socket).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -277,91 +144,31 @@ fn hostile_api_clients_get_errors_and_the_vm_runs_on() {
     let n = vm.printed.load(Ordering::SeqCst);
     vm.wait_for_output(n + 1);
     vm.ok(&["shutdown", "--timeout", "0"]);
-    let Vm { mut child, .. } = vm;
-    assert_eq!(child.wait().unwrap().code(), Some(0));
-}
-
-/// The letter after `c` in the guest's sequence.
-fn next_letter(c: u8) -> u8 {
-    if c == b'z' {
-        b'a'
-    } else {
-        c + 1
-    }
+    assert_eq!(vm.wait().0, Some(0));
 }
 
 /// Takes `vm checkpoint --stop DIR` and waits for the VMM to exit 0; returns what the guest
 /// printed.
-fn checkpoint_and_stop(vm: Vm, dir: &Path) -> Vec<u8> {
+fn checkpoint_and_stop(vm: Vmm, dir: &Path) -> Vec<u8> {
     let said = vm.ok(&["checkpoint", "--stop", dir.to_str().unwrap()]);
     assert!(said.contains("checkpoint in"), "{said}");
-    let Vm {
-        mut child,
-        out,
-        stderr,
-        ..
-    } = vm;
-    let status = child.wait().unwrap();
-    let stderr = stderr.join().unwrap();
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    let (code, stderr, printed) = vm.wait();
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("checkpointed and stopped"), "{stderr}");
-    let printed = out.lock().unwrap().clone();
     printed
 }
 
-fn restore(dir: &Path, ckpt: &Path, socket: &str) -> Vm {
-    let socket = dir.join(socket);
-    let mut child = vhdtool()
-        .arg("boot")
-        .arg("--restore")
-        .arg(ckpt)
-        .arg("--api-socket")
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (out, printed) = (
-        Arc::new(Mutex::new(Vec::new())),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let (o, p) = (out.clone(), printed.clone());
-    let mut stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 256];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            o.lock().unwrap().extend_from_slice(&buf[..n]);
-            p.fetch_add(n, Ordering::SeqCst);
-        }
-    });
-    let mut stderr = child.stderr.take().unwrap();
-    let stderr = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let vm = Vm {
-        child,
-        socket,
-        out,
-        printed,
-        stderr,
-    };
+fn restore(dir: &Path, ckpt: &Path, socket: &str) -> Vmm {
+    let vm = Vmm::spawn(dir.join(socket), &["--restore".as_ref(), ckpt.as_os_str()]);
     vm.wait_for_output(1);
     vm
 }
 
-fn stop(vm: Vm) -> String {
+fn stop(vm: Vmm) -> String {
     vm.ok(&["shutdown", "--timeout", "0"]);
-    let Vm {
-        mut child, stderr, ..
-    } = vm;
-    assert_eq!(child.wait().unwrap().code(), Some(0));
-    stderr.join().unwrap()
+    let (code, stderr, _) = vm.wait();
+    assert_eq!(code, Some(0), "{stderr}");
+    stderr
 }
 
 fn images(dir: &Path) -> Vec<String> {
@@ -382,7 +189,7 @@ fn restored_guest_continues_where_the_checkpoint_stopped_it_twice_independently(
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dynamic_vhdx(dir.path());
-    let vm = Vm::start(dir.path(), &disk, &[]);
+    let vm = start(dir.path(), &disk, &[]);
     vm.wait_for_output(3);
     let ckpt = dir.path().join("ckpt");
     let before = checkpoint_and_stop(vm, &ckpt);
@@ -446,7 +253,7 @@ fn a_checkpoint_of_a_running_guest_lets_it_run_on_over_a_new_child() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dynamic_vhdx(dir.path());
-    let vm = Vm::start(dir.path(), &disk, &[]);
+    let vm = start(dir.path(), &disk, &[]);
     let ckpt = dir.path().join("ckpt");
     let said = vm.ok(&["checkpoint", ckpt.to_str().unwrap()]);
     assert!(said.contains("guest paused"), "{said}");
@@ -472,7 +279,7 @@ fn damaged_checkpoints_and_changed_layers_are_refused_with_clear_errors() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dynamic_vhdx(dir.path());
-    let vm = Vm::start(dir.path(), &disk, &[]);
+    let vm = start(dir.path(), &disk, &[]);
     let ckpt = dir.path().join("ckpt");
     checkpoint_and_stop(vm, &ckpt);
     let images_before = images(dir.path());

@@ -7,108 +7,26 @@
 //!
 //! Without a usable `/dev/kvm` these tests print SKIP and pass, except under `CI=true`.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::BufReader;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use vmm::migration::stream::{encode_header, Receiver, Record, Sender, PROTOCOL_VERSION};
 
 mod support;
-use support::tiny_guest::{bzimage, Asm};
+use support::vm_process::{dynamic_vhdx, kvm_or_skip, letters_kernel, next_letter, Vmm};
 
 fn vhdtool() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vhdtool"))
 }
 
-fn kvm_or_skip() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        vhdkit_tests::skip_unless_ci("/dev/kvm is not usable");
-    }
-    ok
-}
-
-/// A guest printing a, b, …, z, a, … with the last letter kept in guest memory (a page the
-/// guest dirties all the time).
-fn letters_guest() -> Asm {
-    let at = 0x60_0000u32.to_le_bytes();
-    let mut c = Asm::default().dx(0x3f8);
-    c = c.raw(&[0xc6, 0x04, 0x25]).raw(&at).raw(&[b'a' - 1]);
-    c = c.raw(&[0x8a, 0x04, 0x25]).raw(&at);
-    c = c.raw(&[0xfe, 0xc0, 0x3c, b'z' + 1, 0x75, 0x02, 0xb0, b'a']);
-    c = c.raw(&[0x88, 0x04, 0x25]).raw(&at).raw(&[0xee, 0xb9]);
-    c = c.raw(&0x0001_0000u32.to_le_bytes());
-    c.raw(&[0xff, 0xc9, 0x75, 0xfc, 0xeb, 0xde])
-}
-
-/// A `vhdtool boot` process whose stdout and stderr are collected as they come.
-struct Vmm {
-    child: Child,
-    socket: PathBuf,
-    out: Arc<Mutex<Vec<u8>>>,
-    printed: Arc<AtomicUsize>,
-    err: Arc<Mutex<String>>,
-}
-
 impl Vmm {
-    fn spawn(socket: PathBuf, args: &[&std::ffi::OsStr]) -> Vmm {
-        let mut child = vhdtool()
-            .arg("boot")
-            .args(args)
-            .arg("--api-socket")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (out, printed) = (
-            Arc::new(Mutex::new(Vec::new())),
-            Arc::new(AtomicUsize::new(0)),
-        );
-        let (o, p) = (out.clone(), printed.clone());
-        let mut stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            while let Ok(n) = stdout.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                o.lock().unwrap().extend_from_slice(&buf[..n]);
-                p.fetch_add(n, Ordering::SeqCst);
-            }
-        });
-        let err = Arc::new(Mutex::new(String::new()));
-        let e = err.clone();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                let mut e = e.lock().unwrap();
-                e.push_str(&line);
-                e.push('\n');
-            }
-        });
-        Vmm {
-            child,
-            socket,
-            out,
-            printed,
-            err,
-        }
-    }
-
     /// The letters guest over `disk`.
     fn source(dir: &Path, disk: &Path) -> Vmm {
-        let kernel = dir.join("letters.bzImage");
-        std::fs::write(&kernel, bzimage(&letters_guest().0)).unwrap();
+        let kernel = letters_kernel(dir);
         let vm = Vmm::spawn(
             dir.join("src.sock"),
             &[
@@ -134,96 +52,12 @@ impl Vmm {
         (vm, uri)
     }
 
-    fn wait_for_output(&self, n: usize) -> usize {
-        let start = Instant::now();
-        loop {
-            let now = self.printed.load(Ordering::SeqCst);
-            if now > n {
-                return now;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "the guest printed nothing more than {n} bytes in 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// The rest of the first stderr line holding `tag` (bounded wait).
-    fn wait_for_stderr(&self, tag: &str) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(rest) = self
-                .err
-                .lock()
-                .unwrap()
-                .lines()
-                .find_map(|l| l.split_once(tag).map(|x| x.1.trim().to_string()))
-            {
-                return rest;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "no {tag:?} on stderr"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn vm(&self, args: &[&str]) -> std::process::Output {
-        vhdtool()
-            .arg("vm")
-            .args(args)
-            .arg("--api-socket")
-            .arg(&self.socket)
-            .output()
-            .unwrap()
-    }
-
-    fn wait(mut self) -> (Option<i32>, String, Vec<u8>) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                let _ = self.child.kill();
-                panic!("the VMM did not exit: {}", self.err.lock().unwrap());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        let err = self.err.lock().unwrap().clone();
-        let out = self.out.lock().unwrap().clone();
-        (status.code(), err, out)
-    }
-
     fn shutdown(self) -> String {
         let o = self.vm(&["shutdown", "--timeout", "0"]);
         assert!(o.status.success(), "{o:?}");
         let (code, err, _) = self.wait();
         assert_eq!(code, Some(0), "{err}");
         err
-    }
-}
-
-fn dynamic_vhdx(dir: &Path) -> PathBuf {
-    let disk = dir.join("d.vhdx");
-    let o = vhdtool()
-        .args(["create", "--type", "dynamic"])
-        .arg(&disk)
-        .arg("64M")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{o:?}");
-    disk
-}
-
-fn next_letter(c: u8) -> u8 {
-    if c == b'z' {
-        b'a'
-    } else {
-        c + 1
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod nbd_peer;
 pub mod tiny_guest;
+pub mod vm_process;
 
 use std::ffi::OsStr;
 use std::path::Path;
