@@ -31,33 +31,8 @@ fn reseal(v: &mut [u8]) {
 #[test]
 fn mutated_migration_streams_never_break_the_decoder() {
     let seeds = vhdkit_fuzz_targets::migration_stream_seeds();
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    for round in 0..2000 {
-        let (_, base) = &seeds[round % seeds.len()];
-        let mut v = base.clone();
-        for _ in 0..1 + next() % 4 {
-            let at = (next() as usize) % v.len().max(1);
-            match next() % 5 {
-                0 => v[at] ^= 1 << (next() % 8),
-                1 => v[at] = next() as u8,
-                2 => v.insert(at, next() as u8),
-                3 if v.len() > 2 => {
-                    v.remove(at);
-                }
-                _ => {
-                    let (_, other) = &seeds[(next() as usize) % seeds.len()];
-                    let from = (next() as usize) % other.len();
-                    let n = ((next() as usize) % 64).min(other.len() - from);
-                    v.splice(at..at, other[from..from + n].iter().copied());
-                }
-            }
-        }
+    let inputs = vhdkit_fuzz_targets::mutations(&seeds, 0x2545_f491_4f6c_dd1d, 2000, 4);
+    for (round, mut v) in inputs.enumerate() {
         if round % 2 == 0 {
             reseal(&mut v);
         }

@@ -6,33 +6,7 @@
 #[test]
 fn mutated_nbd_sessions_never_break_the_server() {
     let seeds = vhdkit_fuzz_targets::nbd_server_seeds();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    for round in 0..250 {
-        let (_, base) = &seeds[round % seeds.len()];
-        let mut v = base.clone();
-        for _ in 0..1 + next() % 6 {
-            let at = (next() as usize) % v.len().max(1);
-            match next() % 5 {
-                0 => v[at] ^= 1 << (next() % 8),
-                1 => v[at] = next() as u8,
-                2 => v.insert(at, next() as u8),
-                3 if v.len() > 2 => {
-                    v.remove(at);
-                }
-                _ => {
-                    let (_, other) = &seeds[(next() as usize) % seeds.len()];
-                    let from = (next() as usize) % other.len();
-                    let n = ((next() as usize) % 64).min(other.len() - from);
-                    v.splice(at..at, other[from..from + n].iter().copied());
-                }
-            }
-        }
+    for v in vhdkit_fuzz_targets::mutations(&seeds, 0x9e37_79b9_7f4a_7c15, 250, 6) {
         vhdkit_fuzz_targets::nbd_server(&v);
     }
     vhdkit_fuzz_targets::cleanup();
