@@ -66,6 +66,10 @@ fn l2_initrd(dir: &Path, kernel: &Kernel, out: &Path) {
     cpio(&root, out);
 }
 
+/// How vhdtool reports a vCPU that triple-faulted (on AMD, KVM reset it before exiting: the
+/// registers shown are the reset values).
+const NESTED_FAULT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
+
 /// Runs `script` with $W = the files' folder and $V = vhdtool, directly or in L1; returns the
 /// output and a folder holding the images afterwards.
 pub fn run_script(dir: &Path, kernel: &Kernel, script: &str, images: &[&str]) -> String {
@@ -89,7 +93,15 @@ pub fn run_script(dir: &Path, kernel: &Kernel, script: &str, images: &[&str]) ->
                 &stage.join("run.sh"),
                 &format!("W=/work\nV='{L1_VHDTOOL}'\n{script}"),
             );
-            let (out, scratch) = run_l1(dir, &stage, kernel, "1G");
+            let (mut out, mut scratch) = run_l1(dir, &stage, kernel, "1G");
+            // QEMU 7.2's TCG emulation of nested SVM triple-faults halted L2 vCPUs at random
+            // (issue 20's tracing: the fault is in the guest's sti;hlt while the LAPIC timer is
+            // delivered; L1 itself resets at times). One such run is discarded and the script
+            // runs once more from the untouched stage; a second fault is the test's to judge.
+            if out.contains(NESTED_FAULT) {
+                eprintln!("an L2 vCPU triple-faulted under QEMU TCG: the run is repeated once");
+                (out, scratch) = run_l1(dir, &stage, kernel, "1G");
+            }
             for f in images {
                 nested::dump(&scratch, f, &dir.join(f));
             }
