@@ -13,21 +13,10 @@ use std::process::{Command, Output, Stdio};
 
 mod support;
 use support::tiny_guest::{bzimage, Asm};
+use support::vm_process::kvm_or_skip;
 
 fn vhdtool() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vhdtool"))
-}
-
-fn kvm_or_skip() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        vhdkit_tests::skip_unless_ci("/dev/kvm is not usable");
-    }
-    ok
 }
 
 struct Run {
