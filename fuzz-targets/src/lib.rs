@@ -21,6 +21,7 @@
 //! | `nbd_server`   | mode byte + a client's byte stream       | the connection ends; the disk keeps its size; a read-only export is never written; the server greets first |
 //! | `fs_free`      | a volume ([`sparse`] or raw): ext, NTFS, FAT, exFAT | free ranges ascending, disjoint, inside the volume, summing to `free`; forcing changes nothing a plain scan accepted |
 //! | `migration_stream` | a live-migration stream (header, records)   | what decodes re-encodes to the same records; errors name the peer and an offset inside the input; state records go through the state decoder |
+//! | `checkpoint_state` | flags + a checkpoint's manifest and VM state | what decodes re-encodes to the same manifest and state; errors name the folder and an offset inside the file they name |
 //! | `virtio_blk`   | device config + driver operations       | used ring: popped heads only, each once, all once drained; valid statuses, OK exactly for well-formed requests; IN/OUT/DISCARD/WRITE_ZEROES/GET_ID against a flat disk model, and the reopened disk equals it; read-only never writes |
 //!
 //! Invariant: a target function panics only on a real bug (a panic inside the format crates, or
@@ -29,6 +30,7 @@
 #![warn(missing_docs)]
 
 mod bounded;
+mod checkpoint_state;
 mod diff_pair;
 mod fs_free;
 mod input;
@@ -44,6 +46,7 @@ mod virtio_blk;
 mod write_oracle;
 
 pub use bounded::BoundedFile;
+pub use checkpoint_state::{checkpoint_input, checkpoint_state};
 pub use diff_pair::diff_pair;
 pub use fs_free::fs_free;
 pub use migration_stream::{migration_stream, migration_stream_seeds};
@@ -69,6 +72,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("nbd_server", nbd_server),
     ("fs_free", fs_free),
     ("migration_stream", migration_stream),
+    ("checkpoint_state", checkpoint_state),
 ];
 
 /// Removes the scratch directories the file-based targets (`diff_pair`, `virtio_blk`) use in

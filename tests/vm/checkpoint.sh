@@ -1,5 +1,5 @@
 # The checkpoint test (tests/tests/vm_lifecycle.rs), run with $W = folder of the files
-# (vmlinuz, initrd.cpio, disk.vhdx) and $V = the vhdtool command. Lines starting with "T:" are
+# (vmlinuz, initrd.cpio, the disk $D) and $V = the vhdtool command. Lines starting with "T:" are
 # results for the host; the consoles are printed at the end with "L2-<name>: " in front.
 last() { grep -o 'COUNTER [0-9]*' $1 | tail -n1 | cut -d' ' -f2; }
 first() { grep -o 'COUNTER [0-9]* [0-9.]*' $1 | head -n1 | cut -d' ' -f2-; }
@@ -26,7 +26,7 @@ bounded_wait() {
     wait $1
 }
 $V boot --kernel $W/vmlinuz --initrd $W/initrd.cpio --memory 256M --cpus 2 \
-    --disk $W/disk.vhdx --api-socket $W/a.sock --cmdline quiet </dev/null >$W/run0.log 2>&1 &
+    --disk $W/$D --api-socket $W/a.sock --cmdline quiet </dev/null >$W/run0.log 2>&1 &
 pid=$!
 wait_for $W/run0.log "GUEST: power button at" && wait_for $W/run0.log "COUNTER 5 "
 pre=$(last $W/run0.log)
@@ -60,7 +60,8 @@ for n in 1 2; do
     eval "bounded_wait \$pid$n"
     echo "T: restore$n vmm rc=$? last $(last $W/run$n.log)"
 done
-for img in $W/*.vhdx $W/*.avhdx; do
+for img in $W/*.vhd $W/*.vhdx $W/*.avhdx; do
+    [ -e $img ] || continue
     $V check $img >/dev/null 2>&1
     echo "T: image $(basename $img) check rc=$? counter $($V read $img --offset 0 --length 16 | head -n1)"
 done
@@ -70,6 +71,6 @@ mkdir -p $W/bad
 cp $W/ck/manifest.json $W/bad/
 head -c 1000 $W/ck/vmstate.bin >$W/bad/vmstate.bin
 echo "T: truncated $($V boot --restore $W/bad 2>&1 | tail -n1)"
-dd if=/dev/zero bs=512 count=1 2>/dev/null | tr '\000' x | $V write $W/disk.vhdx --offset 4096 --input -
+dd if=/dev/zero bs=512 count=1 2>/dev/null | tr '\000' x | $V write $W/$D --offset 4096 --input -
 echo "T: changed layer $($V boot --restore $W/ck 2>&1 | tail -n1)"
 for n in 0 1 2; do sed "s/^/L2-run$n: /" $W/run$n.log; done

@@ -1,5 +1,5 @@
 # The live migration test (tests/tests/vm_lifecycle.rs), run with $W = folder of the files
-# (vmlinuz, initrd.cpio, disk.vhdx) and $V = the vhdtool command. Two VMM processes over TCP
+# (vmlinuz, initrd.cpio, the disk $D) and $V = the vhdtool command. Two VMM processes over TCP
 # loopback: the counter guest moves from the source (a.sock) to the target (b.sock) while it
 # writes its disk; then a second migration, to a target killed half-way, must leave it
 # running. Console lines are stamped with L1's uptime. "T:" lines are results for the host.
@@ -23,7 +23,7 @@ ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 
 (
     $V boot --kernel $W/vmlinuz --initrd $W/initrd.cpio --memory 256M --cpus 2 \
-        --disk $W/disk.vhdx --api-socket $W/a.sock --cmdline quiet </dev/null 2>&1
+        --disk $W/$D --api-socket $W/a.sock --cmdline quiet </dev/null 2>&1
     echo "VMM rc=$?"
 ) | stamp >$W/src.log &
 wait_for $W/src.log "GUEST: power button at" && wait_for $W/src.log "COUNTER 5 "
@@ -68,6 +68,6 @@ echo "T: after the cut status $($V vm status --json --api-socket $W/b.sock)"
 $V vm shutdown --timeout 120 --api-socket $W/b.sock >/dev/null
 wait_for $W/dst.log "VMM rc=" 600
 echo "T: target $(grep -o 'VMM rc=[0-9]*' $W/dst.log) last $(last $W/dst.log)"
-$V check $W/disk.vhdx >/dev/null 2>&1
-echo "T: image check rc=$? counter $($V read $W/disk.vhdx --offset 0 --length 16 | head -n1)"
+$V check $W/$D >/dev/null 2>&1
+echo "T: image check rc=$? counter $($V read $W/$D --offset 0 --length 16 | head -n1)"
 for n in src dst cut; do sed "s/^/L2-$n: /" $W/$n.log; done

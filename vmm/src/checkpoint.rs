@@ -26,9 +26,8 @@ use crate::controller::Controller;
 use crate::devices::serial;
 use crate::disks::{open_engines, queues_for};
 use crate::state::{
-    self, decode_manifest, decode_state, encode_manifest, encode_state, save, LayerIdentity,
-    Manifest, ManifestDisk, ManifestFile, StateError, VmState, MANIFEST, MANIFEST_KIND,
-    MEMORY_FILE, STATE_FILE, STATE_VERSION,
+    self, encode_manifest, encode_state, save, LayerIdentity, Manifest, ManifestDisk, ManifestFile,
+    StateError, VmState, MANIFEST, MANIFEST_KIND, MEMORY_FILE, STATE_FILE, STATE_VERSION,
 };
 use crate::{DiskConfig, Error, GuestExit, Result, RunOptions, VmConfig};
 
@@ -308,42 +307,18 @@ fn freeze(d: &mut crate::disks::DiskSlot, nq: usize) -> Result<ManifestDisk> {
     })
 }
 
-/// Reads and checks the checkpoint in `dir`.
+/// Reads and checks the checkpoint in `dir` (see [`state::decode_checkpoint`]).
 fn load(dir: &Path) -> std::result::Result<(Manifest, VmState), StateError> {
     let mpath = dir.join(MANIFEST);
     let bytes = fs::read(&mpath).map_err(io(&mpath, "read"))?;
-    let manifest = decode_manifest(&mpath, &bytes)?;
-    let spath = dir.join(&manifest.state.name);
-    if manifest.state.name.contains('/') || manifest.memory_file.name.contains('/') {
-        return Err(StateError::Mismatch(format!(
-            "{}: file names must not leave the folder",
-            mpath.display()
-        )));
-    }
-    let len = fs::metadata(&spath).map_err(io(&spath, "stat"))?.len();
-    if len != manifest.state.len || len > state::MAX_BODY + state::HEADER_LEN as u64 {
-        return Err(StateError::Corrupt {
-            path: spath,
-            structure: "state",
-            offset: len.min(manifest.state.len),
-            detail: format!("{len} bytes, the manifest says {}", manifest.state.len),
-        });
-    }
-    let sbytes = fs::read(&spath).map_err(io(&spath, "read"))?;
-    let state = decode_state(&spath, &sbytes)?;
-    if state.vcpus.len() != usize::from(manifest.cpus)
-        || state.transports.len() != manifest.disks.len()
-    {
-        return Err(StateError::Mismatch(format!(
-            "{}: {} vCPUs and {} devices saved, the manifest says {} and {}",
-            spath.display(),
-            state.vcpus.len(),
-            state.transports.len(),
-            manifest.cpus,
-            manifest.disks.len()
-        )));
-    }
-    Ok((manifest, state))
+    state::decode_checkpoint(dir, &bytes, |spath, want| {
+        let f = fs::File::open(spath).map_err(io(spath, "open"))?;
+        let mut out = Vec::new();
+        // One byte past the manifest's length tells a longer file from an exact one.
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, want + 1), &mut out)
+            .map_err(io(spath, "read"))?;
+        Ok(out)
+    })
 }
 
 /// Refuses a checkpoint whose vCPUs used CPU features a vCPU of this host lacks, before any

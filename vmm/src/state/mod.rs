@@ -393,6 +393,65 @@ pub fn decode_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, StateError
     Ok(m)
 }
 
+/// Decodes a checkpoint from the bytes of its manifest (read from `dir`) and checks it whole:
+/// the files it names stay inside `dir`, `read_state` gives the state file's bytes (bounded by
+/// the manifest's length), which must match the manifest's length and decode, and the state
+/// holds as many vCPUs and devices as the manifest says. The only I/O is `read_state`'s.
+pub fn decode_checkpoint(
+    dir: &Path,
+    manifest: &[u8],
+    read_state: impl FnOnce(&Path, u64) -> Result<Vec<u8>, StateError>,
+) -> Result<(Manifest, VmState), StateError> {
+    let mpath = dir.join(MANIFEST);
+    let manifest = decode_manifest(&mpath, manifest)?;
+    for name in [&manifest.state.name, &manifest.memory_file.name] {
+        if name.is_empty() || name.contains('/') || name == ".." {
+            return Err(corrupt(
+                &mpath,
+                "manifest",
+                0,
+                format!("file name {name:?} leaves the checkpoint folder"),
+            ));
+        }
+    }
+    let spath = dir.join(&manifest.state.name);
+    if manifest.state.len > MAX_BODY + HEADER_LEN as u64 {
+        return Err(corrupt(
+            &mpath,
+            "manifest",
+            0,
+            format!("state length {} is over the limit", manifest.state.len),
+        ));
+    }
+    let bytes = read_state(&spath, manifest.state.len)?;
+    if bytes.len() as u64 != manifest.state.len {
+        return Err(corrupt(
+            &spath,
+            "state",
+            (bytes.len() as u64).min(manifest.state.len),
+            format!(
+                "{} bytes, the manifest says {}",
+                bytes.len(),
+                manifest.state.len
+            ),
+        ));
+    }
+    let state = decode_state(&spath, &bytes)?;
+    if state.vcpus.len() != usize::from(manifest.cpus)
+        || state.transports.len() != manifest.disks.len()
+    {
+        return Err(StateError::Mismatch(format!(
+            "{}: {} vCPUs and {} devices saved, the manifest says {} and {}",
+            spath.display(),
+            state.vcpus.len(),
+            state.transports.len(),
+            manifest.cpus,
+            manifest.disks.len()
+        )));
+    }
+    Ok((manifest, state))
+}
+
 /// Byte offset of 1-based `line` and `column` in `bytes`.
 fn line_col_offset(bytes: &[u8], line: usize, column: usize) -> u64 {
     let start: usize = bytes
