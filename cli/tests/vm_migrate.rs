@@ -120,6 +120,66 @@ fn a_running_guest_moves_to_the_incoming_vmm_and_its_sequence_goes_on_there() {
     assert_clean(&disk);
 }
 
+/// `vhdtool serve --unix` of `disk` until dropped (SIGTERM, then the exit is awaited).
+struct Served(std::process::Child);
+
+impl Served {
+    fn start(dir: &Path, disk: &Path) -> (Served, String) {
+        let sock = dir.join("nbd.sock");
+        let child = vhdtool()
+            .arg("serve")
+            .arg("--unix")
+            .arg(&sock)
+            .arg(disk)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !sock.exists() {
+            assert!(start.elapsed().as_secs() < 30, "serve did not listen");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        (
+            Served(child),
+            format!("nbd+unix:///?socket={}", sock.display()),
+        )
+    }
+
+    /// Stops the server and returns its exit code.
+    fn stop(mut self) -> Option<i32> {
+        // SAFETY: kill(2) on the server's own pid, which we have not reaped yet.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        self.0.wait().unwrap().code()
+    }
+}
+
+#[test]
+fn a_guest_on_an_nbd_export_migrates_and_the_target_reconnects_to_it() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dynamic_vhdx(dir.path());
+    let (server, uri) = Served::start(dir.path(), &disk);
+    let src = Vmm::source(dir.path(), Path::new(&uri));
+    let (dst, to) = Vmm::target(dir.path());
+    let o = src.vm(&["migrate", &to]);
+    assert!(o.status.success(), "{o:?}");
+    let (code, err, before) = src.wait();
+    assert_eq!(code, Some(0), "{err}");
+    dst.wait_for_output(3);
+    let after = dst.out.lock().unwrap().clone();
+    assert_eq!(after[0], next_letter(*before.last().unwrap()));
+    assert_sequence(&after);
+    let v: serde_json::Value =
+        serde_json::from_slice(&dst.vm(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["disks"][0]["path"], uri.as_str(), "{v}");
+    dst.shutdown();
+    assert_eq!(server.stop(), Some(0), "serve did not end cleanly");
+    assert_clean(&disk);
+}
+
 /// How a fake target misbehaves.
 #[derive(Clone, Copy, Debug)]
 enum Fake {

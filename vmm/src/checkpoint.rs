@@ -55,6 +55,9 @@ pub struct Restored {
     /// Called once the VM is built (disks open, state set), before any vCPU or disk worker
     /// runs; an error stops the VM there (a migration target asks the source for the go).
     pub commit: Option<Box<dyn FnOnce() -> Result<()>>>,
+    /// Advance kvmclock by the host time since the save (a migration), rather than continue
+    /// from the saved value (a checkpoint).
+    pub advance_clock: bool,
 }
 
 fn io<'a>(path: &'a Path, what: &'static str) -> impl Fn(std::io::Error) -> StateError + 'a {
@@ -417,6 +420,7 @@ pub fn restore(dir: &Path, opts: &RunOptions) -> Result<GuestExit> {
             crc: manifest.memory_file.crc32c,
         },
         commit: None,
+        advance_clock: false,
     };
     let result = crate::vm::run_vm(&config, opts, Some(restored));
     if let Err(Error::State(_)) = &result {

@@ -217,7 +217,12 @@ pub(crate) fn run_vm(
             if let RestoredMemory::File { path, len, crc } = &r.memory {
                 restore::memory(&mem, path, *len, *crc)?;
             }
-            restore::vm(&vm, &r.state.kvm)?;
+            if let Some(d) = restore::vm(&vm, &r.state.kvm, r.advance_clock)? {
+                eprintln!(
+                    "vhdtool: guest clock advanced by {:.1} ms (the time since it was saved)",
+                    d.as_secs_f64() * 1e3
+                );
+            }
             0
         }
     };

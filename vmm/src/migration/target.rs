@@ -117,6 +117,7 @@ pub fn incoming(uri: &str, opts: &RunOptions) -> Result<GuestExit> {
         state,
         memory: RestoredMemory::Loaded(mem),
         commit: Some(Box::new(commit)),
+        advance_clock: true,
     };
     let result = crate::vm::run_vm(&config, opts, Some(restored));
     match result {

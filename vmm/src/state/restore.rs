@@ -1,8 +1,9 @@
 //! Restoring: guest memory from the sparse file, the in-kernel devices and clock, and each
 //! vCPU.
 //!
-//! VM order (as Firecracker): PIT, kvmclock (flags cleared: the clock continues from the saved
-//! value, so guest uptime goes on from the checkpoint), PIC master, PIC slave, IOAPIC.
+//! VM order (as Firecracker): PIT, kvmclock (a checkpoint's continues from the saved value, so
+//! guest uptime goes on from the checkpoint; a migrated guest's is advanced by the host time
+//! since the save), PIC master, PIC slave, IOAPIC.
 //! vCPU order: CPUID, MP state, registers, system registers (they hold the APIC base, which
 //! the LAPIC needs), XSAVE, XCRs, debug registers, LAPIC (before the MSRs: writing
 //! TSC_DEADLINE needs the LAPIC in TSC-deadline mode), MSRs, vCPU events last; then
@@ -13,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, CpuId, Msrs};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, CpuId, Msrs, KVM_CLOCK_REALTIME};
 use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
@@ -161,16 +162,44 @@ pub fn vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
     Ok(())
 }
 
-/// Sets the in-kernel devices and the clock.
-pub fn vm(vm: &VmFd, s: &VmKvmState) -> Result<(), StateError> {
+/// Sets the in-kernel devices and the clock. With `advance`, kvmclock goes on by the host
+/// wall-clock time since it was saved (KVM_CLOCK_REALTIME, Linux 5.16+: a migrated guest sees
+/// the downtime, as it would have passed on a host that kept it running); returns by how much.
+/// Without, or where KVM or the saved state lacks the realtime stamp, it continues from the
+/// saved value (a restored checkpoint's uptime goes on from the checkpoint).
+pub fn vm(
+    vm: &VmFd,
+    s: &VmKvmState,
+    advance: bool,
+) -> Result<Option<std::time::Duration>, StateError> {
     vm.set_pit2(&s.pit).map_err(kvm("KVM_SET_PIT2"))?;
     let mut clock = s.clock;
     clock.flags = 0;
-    vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
+    let mut advanced = None;
+    if advance && s.clock.flags & KVM_CLOCK_REALTIME != 0 {
+        let mut stamped = clock;
+        stamped.flags = KVM_CLOCK_REALTIME;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        match vm.set_clock(&stamped) {
+            Ok(()) => {
+                advanced = Some(std::time::Duration::from_nanos(
+                    now.saturating_sub(s.clock.realtime),
+                ))
+            }
+            // EINVAL: this KVM does not take the stamp; continue from the saved value.
+            Err(e) => tracing::debug!("KVM_SET_CLOCK with KVM_CLOCK_REALTIME: {e}"),
+        }
+    }
+    if advanced.is_none() {
+        vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
+    }
     for chip in &s.irqchips {
         vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
     }
-    Ok(())
+    Ok(advanced)
 }
 
 /// Loads the memory file into guest memory, reading only its data extents (holes stay the
