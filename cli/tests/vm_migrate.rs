@@ -120,6 +120,36 @@ fn a_running_guest_moves_to_the_incoming_vmm_and_its_sequence_goes_on_there() {
     assert_clean(&disk);
 }
 
+#[test]
+fn a_guest_checkpointed_while_running_then_migrates_on_its_new_child() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dynamic_vhdx(dir.path());
+    let src = Vmm::source(dir.path(), &disk);
+    let ckpt = dir.path().join("ckpt");
+    let said = src.ok(&["checkpoint", ckpt.to_str().unwrap()]);
+    assert!(said.contains("checkpoint in"), "{said}");
+    let (dst, uri) = Vmm::target(dir.path());
+    let o = src.vm(&["migrate", &uri]);
+    assert!(o.status.success(), "{o:?}");
+    let (code, err, before) = src.wait();
+    assert_eq!(code, Some(0), "{err}");
+    dst.wait_for_output(3);
+    let after = dst.out.lock().unwrap().clone();
+    assert_eq!(after[0], next_letter(*before.last().unwrap()));
+    let v: serde_json::Value =
+        serde_json::from_slice(&dst.vm(&["status", "--json"]).stdout).unwrap();
+    let on = v["disks"][0]["path"].as_str().unwrap().to_string();
+    assert!(
+        on.ends_with(".avhdx"),
+        "the target is not on the checkpoint's child: {on}"
+    );
+    dst.shutdown();
+    assert_clean(Path::new(&on));
+}
+
 /// `vhdtool serve --unix` of `disk` until dropped (SIGTERM, then the exit is awaited).
 struct Served(std::process::Child);
 
