@@ -13,26 +13,15 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 mod support;
-use support::vm_process::{dynamic_vhdx, kvm_or_skip, letters_kernel, next_letter, Vmm};
+use support::vm_process::{dynamic_vhdx, kvm_or_skip, next_letter, Vmm};
 
 fn vhdtool() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vhdtool"))
 }
 
-/// The letters guest over `disk`, with `extra` boot arguments, once it printed.
-fn start(dir: &Path, disk: &Path, extra: &[&str]) -> Vmm {
-    let kernel = letters_kernel(dir);
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "--kernel".as_ref(),
-        kernel.as_os_str(),
-        "--memory".as_ref(),
-        "128M".as_ref(),
-        "--disk".as_ref(),
-        disk.as_os_str(),
-    ];
-    args.extend(extra.iter().map(std::ffi::OsStr::new));
-    let vm = Vmm::spawn(dir.join("api.sock"), &args);
-    vm.wait_for_output(1);
+/// The letters guest over `disk` once it printed, its API socket ready.
+fn start(dir: &Path, disk: &Path) -> Vmm {
+    let vm = Vmm::letters(dir, "api.sock", disk, 1);
     assert!(vm.socket.exists(), "no API socket");
     vm
 }
@@ -44,7 +33,7 @@ fn pause_stops_the_guest_resume_continues_and_shutdown_stops_it_with_exit_0() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dynamic_vhdx(dir.path());
-    let vm = start(dir.path(), &disk, &[]);
+    let vm = start(dir.path(), &disk);
 
     let v: serde_json::Value = serde_json::from_str(&vm.ok(&["status", "--json"])).unwrap();
     assert_eq!(v["state"], "running");
@@ -105,7 +94,7 @@ fn hostile_api_clients_get_errors_and_the_vm_runs_on() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dynamic_vhdx(dir.path());
-    let vm = start(dir.path(), &disk, &[]);
+    let vm = start(dir.path(), &disk);
     let ask = |bytes: &[u8]| {
         let mut s = UnixStream::connect(&vm.socket).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -189,7 +178,7 @@ fn restored_guest_continues_where_the_checkpoint_stopped_it_twice_independently(
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dynamic_vhdx(dir.path());
-    let vm = start(dir.path(), &disk, &[]);
+    let vm = start(dir.path(), &disk);
     vm.wait_for_output(3);
     let ckpt = dir.path().join("ckpt");
     let before = checkpoint_and_stop(vm, &ckpt);
@@ -253,7 +242,7 @@ fn a_checkpoint_of_a_running_guest_lets_it_run_on_over_a_new_child() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dynamic_vhdx(dir.path());
-    let vm = start(dir.path(), &disk, &[]);
+    let vm = start(dir.path(), &disk);
     let ckpt = dir.path().join("ckpt");
     let said = vm.ok(&["checkpoint", ckpt.to_str().unwrap()]);
     assert!(said.contains("guest paused"), "{said}");
@@ -279,7 +268,7 @@ fn damaged_checkpoints_and_changed_layers_are_refused_with_clear_errors() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dynamic_vhdx(dir.path());
-    let vm = start(dir.path(), &disk, &[]);
+    let vm = start(dir.path(), &disk);
     let ckpt = dir.path().join("ckpt");
     checkpoint_and_stop(vm, &ckpt);
     let images_before = images(dir.path());

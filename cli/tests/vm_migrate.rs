@@ -17,29 +17,16 @@ use std::time::Instant;
 use vmm::migration::stream::{encode_header, Receiver, Record, Sender, PROTOCOL_VERSION};
 
 mod support;
-use support::vm_process::{dynamic_vhdx, kvm_or_skip, letters_kernel, next_letter, Vmm};
+use support::vm_process::{dynamic_vhdx, kvm_or_skip, next_letter, Vmm};
 
 fn vhdtool() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vhdtool"))
 }
 
 impl Vmm {
-    /// The letters guest over `disk`.
+    /// The letters guest over `disk`, once it printed 3 letters.
     fn source(dir: &Path, disk: &Path) -> Vmm {
-        let kernel = letters_kernel(dir);
-        let vm = Vmm::spawn(
-            dir.join("src.sock"),
-            &[
-                "--kernel".as_ref(),
-                kernel.as_os_str(),
-                "--memory".as_ref(),
-                "128M".as_ref(),
-                "--disk".as_ref(),
-                disk.as_os_str(),
-            ],
-        );
-        vm.wait_for_output(3);
-        vm
+        Vmm::letters(dir, "src.sock", disk, 3)
     }
 
     /// `boot --incoming` on a free port; returns it with its `tcp:HOST:PORT`.

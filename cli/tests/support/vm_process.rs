@@ -70,6 +70,25 @@ pub struct Vmm {
 }
 
 impl Vmm {
+    /// The letters guest (128 MiB) over `disk`, its API socket `dir/socket`; returns once it
+    /// has printed `n` letters.
+    pub fn letters(dir: &Path, socket: &str, disk: &Path, n: usize) -> Vmm {
+        let kernel = letters_kernel(dir);
+        let vm = Vmm::spawn(
+            dir.join(socket),
+            &[
+                "--kernel".as_ref(),
+                kernel.as_os_str(),
+                "--memory".as_ref(),
+                "128M".as_ref(),
+                "--disk".as_ref(),
+                disk.as_os_str(),
+            ],
+        );
+        vm.wait_for_output(n);
+        vm
+    }
+
     /// `vhdtool boot ARGS --api-socket SOCKET`.
     pub fn spawn(socket: PathBuf, args: &[&std::ffi::OsStr]) -> Vmm {
         let mut child = vhdtool()
