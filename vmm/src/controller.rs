@@ -20,7 +20,12 @@ use crate::control::RunControl;
 use crate::devices::serial::SerialDevice;
 use crate::disks::DiskSlot;
 use crate::vcpu::VmEvent;
-use crate::{GuestExit, VmConfig};
+use crate::{GuestExit, Transport, VmConfig};
+
+/// Why a pci-transport VM cannot be checkpointed or migrated: the refusal comes before
+/// anything is paused or written, so no partial checkpoint and no half migration exist.
+pub const PCI_NOT_SAVED: &str = "checkpoint and migration support only the mmio transport: \
+     this VM's disks use --transport pci, whose PCI config space and MSI-X state are not saved";
 
 /// What the main thread needs to act on API calls.
 pub struct Controller<'a> {
@@ -129,6 +134,11 @@ impl Controller<'_> {
             }
             Command::Migrate { .. } if self.shutdown.is_some() => {
                 Reply::failed("a shutdown is in progress")
+            }
+            Command::Checkpoint { .. } | Command::Migrate { .. }
+                if self.config.transport == Transport::Pci =>
+            {
+                Reply::failed(PCI_NOT_SAVED)
             }
             Command::Migrate {
                 to,

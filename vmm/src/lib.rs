@@ -85,7 +85,8 @@
 //!
 //! The VMM always puts `console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1` in front of
 //! the given command line (the only console is ttyS0, there is no PCI, and a reset is how the
-//! guest ends the VM). Disks are `/dev/vda`, `/dev/vdb`, … in `--disk` order once the guest has
+//! guest ends the VM); `--transport pci` leaves out `pci=off`, and the guest then needs
+//! `virtio_pci_legacy_dev`, `virtio_pci_modern_dev` and `virtio_pci` instead of `virtio_mmio`. Disks are `/dev/vda`, `/dev/vdb`, … in `--disk` order once the guest has
 //! loaded `virtio_mmio` and `virtio_blk` (`virtio_ring`, `virtio`, `virtio_mmio`, `virtio_blk`
 //! with `insmod`, in that order, for the Debian kernel; never pass `nomodule`).
 //!
@@ -160,6 +161,31 @@ pub struct VmConfig {
     pub cpus: u8,
     /// Disks, `/dev/vda` first.
     pub disks: Vec<DiskConfig>,
+    /// How the guest reaches the disks.
+    pub transport: Transport,
+}
+
+/// The virtio transport of the disks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// virtio-mmio devices in the DSDT, one IOAPIC pin each; no PCI (`pci=off`).
+    #[default]
+    Mmio,
+    /// virtio-pci functions on a PCI host bridge (config mechanism #1, `PCI0` in the DSDT),
+    /// MSI-X vectors through KVM MSI routes. Checkpoints and migration refuse such a VM.
+    Pci,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Transport, String> {
+        match s {
+            "mmio" => Ok(Transport::Mmio),
+            "pci" => Ok(Transport::Pci),
+            other => Err(format!("transport must be mmio or pci, not {other:?}")),
+        }
+    }
 }
 
 /// How to run the VM beside its configuration.
@@ -169,7 +195,8 @@ pub struct RunOptions {
     pub api_socket: Option<PathBuf>,
 }
 
-/// Kernel command line the VMM always passes, before the user's.
+/// Kernel command line the VMM always passes, before the user's (with the mmio transport;
+/// the pci transport drops `pci=off`).
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1";
 
 /// Most vCPUs: the xAPIC limit. APIC ids are the vCPU indexes, 8 bits in the MADT's local APIC
