@@ -27,6 +27,16 @@ use crate::{GuestExit, Transport, VmConfig};
 pub const PCI_NOT_SAVED: &str = "checkpoint and migration support only the mmio transport: \
      this VM's disks use --transport pci, whose PCI config space and MSI-X state are not saved";
 
+/// The refusal of `command` for a VM whose disks use `transport`, if it is refused: a
+/// checkpoint or migration of a pci-transport VM.
+pub fn unsaved_transport(transport: Transport, command: &Command) -> Option<&'static str> {
+    let saves = matches!(
+        command,
+        Command::Checkpoint { .. } | Command::Migrate { .. }
+    );
+    (saves && transport == Transport::Pci).then_some(PCI_NOT_SAVED)
+}
+
 /// What the main thread needs to act on API calls.
 pub struct Controller<'a> {
     /// The VM's configuration.
@@ -135,10 +145,8 @@ impl Controller<'_> {
             Command::Migrate { .. } if self.shutdown.is_some() => {
                 Reply::failed("a shutdown is in progress")
             }
-            Command::Checkpoint { .. } | Command::Migrate { .. }
-                if self.config.transport == Transport::Pci =>
-            {
-                Reply::failed(PCI_NOT_SAVED)
+            ref c if unsaved_transport(self.config.transport, c).is_some() => {
+                Reply::failed(unsaved_transport(self.config.transport, c).unwrap_or_default())
             }
             Command::Migrate {
                 to,
@@ -165,5 +173,31 @@ impl Controller<'_> {
             }
         };
         let _ = call.reply.send(reply);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_and_migrate_of_a_pci_vm_are_refused_up_front() {
+        let checkpoint = Command::Checkpoint {
+            dir: "/tmp/ck".into(),
+            stop: false,
+        };
+        let migrate = Command::Migrate {
+            to: "tcp:127.0.0.1:1".into(),
+            downtime_ms: 300,
+            max_bandwidth_mib: None,
+        };
+        for c in [&checkpoint, &migrate] {
+            let e = unsaved_transport(Transport::Pci, c).expect("refused");
+            assert!(e.contains("--transport pci"), "{e}");
+            assert_eq!(unsaved_transport(Transport::Mmio, c), None);
+        }
+        for c in [Command::Status, Command::Pause, Command::Resume] {
+            assert_eq!(unsaved_transport(Transport::Pci, &c), None, "{c:?}");
+        }
     }
 }
