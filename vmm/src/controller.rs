@@ -106,6 +106,10 @@ impl Controller<'_> {
 
     /// Carries out `call` and answers it (a shutdown answers later).
     pub fn handle(&mut self, call: ApiCall) {
+        if let Some(why) = unsaved_transport(self.config.transport, &call.command) {
+            let _ = call.reply.send(Reply::failed(why));
+            return;
+        }
         let reply = match call.command {
             Command::Status => Reply {
                 version: API_VERSION,
@@ -144,9 +148,6 @@ impl Controller<'_> {
             }
             Command::Migrate { .. } if self.shutdown.is_some() => {
                 Reply::failed("a shutdown is in progress")
-            }
-            ref c if unsaved_transport(self.config.transport, c).is_some() => {
-                Reply::failed(unsaved_transport(self.config.transport, c).unwrap_or_default())
             }
             Command::Migrate {
                 to,

@@ -132,4 +132,27 @@ mod tests {
         assert!(parse_disk("d.vhd,rw").is_err());
         assert!(parse_disk(",read-only").is_err());
     }
+
+    #[test]
+    fn transport_is_mmio_unless_pci_is_asked_for() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            boot: Args,
+        }
+        let parse = |extra: &[&str]| {
+            Cli::try_parse_from(["boot", "--kernel", "k"].iter().chain(extra))
+                .map(|c| c.boot.transport)
+        };
+        assert_eq!(parse(&[]).unwrap(), vmm::Transport::Mmio);
+        assert_eq!(parse(&["--transport", "pci"]).unwrap(), vmm::Transport::Pci);
+        assert_eq!(
+            parse(&["--transport", "mmio"]).unwrap(),
+            vmm::Transport::Mmio
+        );
+        let e = parse(&["--transport", "isa"]).err().unwrap().to_string();
+        assert!(e.contains("mmio or pci"), "{e}");
+        assert!(parse(&["--transport", "pci", "--restore", "d"]).is_err());
+    }
 }

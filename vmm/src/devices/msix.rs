@@ -12,7 +12,8 @@
 //!   routes are only rewritten while a vector is deliverable, and under the same lock as the
 //!   sends, so no interrupt uses a stale message.
 //! - Table accesses other than aligned 32- or 64-bit ones inside the table, and any PBA
-//!   write, are ignored (reads return 0) and logged; nothing the guest writes panics.
+//!   write, are ignored (reads return 0) and logged at debug level (a guest cannot flood the
+//!   log); nothing the guest writes panics.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -199,7 +200,7 @@ impl Msix {
     /// A guest write of the table at `off`.
     pub fn table_write(&self, off: u64, data: &[u8]) {
         if !Self::valid(off, data.len(), self.table_len()) {
-            tracing::warn!(
+            tracing::debug!(
                 "MSI-X table write of {} bytes at {off:#x} ignored (table of {} bytes)",
                 data.len(),
                 self.table_len()
@@ -242,7 +243,7 @@ impl Msix {
 
     /// A guest write of the pending bit array: read-only, ignored.
     pub fn pba_write(&self, off: u64, data: &[u8]) {
-        tracing::warn!(
+        tracing::debug!(
             "MSI-X PBA write of {} bytes at {off:#x} ignored (read-only)",
             data.len()
         );

@@ -241,7 +241,7 @@ impl VirtioPci {
     /// the vectors, the pci cfg data window reaches BAR0.
     pub fn config_write(&self, off: usize, data: &[u8]) {
         if !ConfigSpace::valid(off, data.len()) {
-            tracing::warn!("config write of {} bytes at {off:#x} refused", data.len());
+            tracing::debug!("config write of {} bytes at {off:#x} refused", data.len());
             return;
         }
         let control = {
