@@ -133,7 +133,14 @@ fn run_nested(dir: &Path, kernel: &Kernel) -> String {
             args("mmio")
         ),
     );
-    let (out, scratch) = run_l1(dir, &stage, kernel, "256M");
+    let (mut out, mut scratch) = run_l1(dir, &stage, kernel, "256M");
+    // QEMU 7.2's TCG emulation of nested SVM triple-faults halted L2 vCPUs at random (seen here
+    // 0.5 s into a boot, before the guest's first port or MMIO access; see vm_lifecycle.rs).
+    // One such run is discarded and repeated from the untouched stage; a second is judged.
+    if out.contains("triple fault (KVM_EXIT_SHUTDOWN)") {
+        eprintln!("an L2 vCPU triple-faulted under QEMU TCG: the run is repeated once");
+        (out, scratch) = run_l1(dir, &stage, kernel, "256M");
+    }
     assert!(
         out.contains("L1: vhdtool exit status 0"),
         "vhdtool boot did not exit 0 inside L1:\n{out}"

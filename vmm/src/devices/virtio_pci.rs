@@ -141,7 +141,7 @@ impl VirtioPci {
                                        // MSI-X: enable and function mask writable.
         c.set_u8(CAP_MSIX, 0x11);
         c.set_u8(CAP_MSIX + 1, CAP_COMMON as u8);
-        c.set_u16(CAP_MSIX + 2, (msix.len() - 1) as u16);
+        c.set_u16(CAP_MSIX + 2, msix.len().saturating_sub(1) as u16);
         c.set_writable(CAP_MSIX + 3, &[0xc0]);
         c.set_u32(CAP_MSIX + 4, MSIX_TABLE as u32);
         c.set_u32(CAP_MSIX + 8, MSIX_PBA as u32);
