@@ -17,7 +17,8 @@
 # software hypervisor (/sys/module/kvm_pvm: the stock kernel cannot boot there, and nested
 # numbers mean nothing) unless VMM_BENCH_FORCE=1. QEMU_CPU overrides QEMU's `-cpu host`,
 # VMM_BENCH_QEMU_ACCEL its `-accel kvm`, VHDTOOL the release build of vhdtool, VMM_BENCH_TIMEOUT
-# the 300 s limit of one VM run.
+# the 300 s limit of one VM run, VMM_BENCH_TRANSPORT vhdtool's `--transport` (mmio; pci for
+# virtio-pci with MSI-X: run both to decide the default transport).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 format=${1:-vhdx}
@@ -100,6 +101,7 @@ run() {
   local cmd start line first=- iops=-
   if [ "$1" = vhdtool ]; then
     cmd=("$vt" boot --kernel "$vmlinuz" --initrd "$initrd" --memory 512M --cpus "$3"
+      --transport "${VMM_BENCH_TRANSPORT:-mmio}"
       --disk "$img" --cmdline "quiet bench=$2 runtime=$runtime")
   else
     cmd=(qemu-system-x86_64 -accel "${VMM_BENCH_QEMU_ACCEL:-kvm}" -cpu "${QEMU_CPU:-host}" -M pc
@@ -133,7 +135,7 @@ done
 median() { tr ' ' '\n' | { grep -v '^-*$' || true; } | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "-"; else print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 spread() { tr ' ' '\n' | { grep -v '^-*$' || true; } | sort -g | awk 'NR==1{lo=$1} {hi=$1} END {print lo".."hi}'; }
 echo
-echo "format $format, $rounds rounds, fio ${runtime}s (4 KiB randread QD32, io_uring, O_DIRECT)"
+echo "vhdtool --transport ${VMM_BENCH_TRANSPORT:-mmio}, format $format, $rounds rounds, fio ${runtime}s (4 KiB randread QD32, io_uring, O_DIRECT)"
 for k in vhdtool_boot_ms qemu_boot_ms vhdtool_fio_iops qemu_fio_iops; do
   printf '%-18s median %10s   spread %s\n' "$k" "$(echo ${res[$k]} | median)" "$(echo ${res[$k]} | spread)"
 done

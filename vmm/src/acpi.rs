@@ -1,13 +1,16 @@
 //! ACPI tables (hardware-reduced): RSDP → XSDT → FADT (→ DSDT) and MADT.
 //!
 //! - FADT: `HW_REDUCED_ACPI`, power and sleep buttons as control-method devices, no VGA, no
-//!   MSI, no CMOS RTC, no i8042 (IAPC_BOOT_ARCH bit 1 clear: the guest does not probe a
+//!   MSI (unless the disks are on PCI: Linux disables MSI when the FADT says so), no CMOS RTC, no i8042 (IAPC_BOOT_ARCH bit 1 clear: the guest does not probe a
 //!   keyboard controller; `reboot=k` still writes 0xFE to port 0x64), and the sleep
 //!   control/status registers at I/O port 0x600/0x601 so `poweroff` can reach S5.
 //! - MADT: one enabled local APIC per vCPU (APIC id = index), one IOAPIC (id 0, GSI 0-23),
 //!   no PC-AT dual 8259 flag.
 //! - DSDT: COM1 (`PNP0501`, I/O 0x3f8, GSI 4), one `LNRO0005` virtio-mmio device per disk
-//!   (4 KiB window, edge-triggered active-high GSI), and `\_S5` for poweroff.
+//!   (4 KiB window, edge-triggered active-high GSI), and `\_S5` for poweroff. With the pci
+//!   transport instead: `PCI0`, a PCI host bridge (`PNP0A03`, segment 0, bus 0) whose `_CRS`
+//!   gives bus 0 and the 32-bit BAR window; its config space is mechanism #1 (ports
+//!   0xCF8/0xCFC, see `devices::pci`), so there is no MCFG; no `_PRT` (no INTx: MSI-X only).
 //! - The power button of a hardware-reduced machine: a Generic Event Device (`ACPI0013`) with
 //!   one edge-triggered GSI ([`GED_GSI`]) whose `_EVT` notifies `PWRB` (`PNP0C0C`) with 0x80
 //!   ("button pressed"). The VMM presses it by raising that GSI (`vhdtool vm shutdown`); the
@@ -25,7 +28,8 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 
 use crate::layout::{
-    self, ACPI_SLEEP_PORT, GED_GSI, IOAPIC_ADDR, LAPIC_ADDR, SERIAL_GSI, SERIAL_PORT,
+    self, ACPI_SLEEP_PORT, GED_GSI, IOAPIC_ADDR, LAPIC_ADDR, PCI_MMIO_BASE, PCI_MMIO_SIZE,
+    SERIAL_GSI, SERIAL_PORT,
 };
 
 const OEM_ID: [u8; 6] = *b"VHDKIT";
@@ -48,20 +52,21 @@ pub struct MmioDevice {
     pub gsi: u32,
 }
 
-/// The tables, laid out from `base`: `(guest address, bytes)` each, RSDP first at `base`.
-pub fn tables(base: u64, cpus: u8, devices: &[MmioDevice]) -> Vec<(u64, Vec<u8>)> {
+/// The tables, laid out from `base`: `(guest address, bytes)` each, RSDP first at `base`;
+/// with `pci`, the PCI host bridge too.
+pub fn tables(base: u64, cpus: u8, devices: &[MmioDevice], pci: bool) -> Vec<(u64, Vec<u8>)> {
     let align = |a: u64| (a + 15) & !15;
     let rsdp_addr = base;
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
     // The XSDT has two entries.
     let fadt_addr = align(xsdt_addr + 36 + 2 * 8);
 
-    let dsdt = dsdt(devices);
+    let dsdt = dsdt(devices, pci);
     let madt = madt(cpus);
     let fadt_len = acpi_tables::fadt::FADT::len() as u64;
     let madt_addr = align(fadt_addr + fadt_len);
     let dsdt_addr = align(madt_addr + madt.len() as u64);
-    let fadt = aml_bytes(&fadt(dsdt_addr));
+    let fadt = aml_bytes(&fadt(dsdt_addr, pci));
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
@@ -78,14 +83,14 @@ pub fn tables(base: u64, cpus: u8, devices: &[MmioDevice]) -> Vec<(u64, Vec<u8>)
     ]
 }
 
-fn fadt(dsdt_addr: u64) -> acpi_tables::fadt::FADT {
+fn fadt(dsdt_addr: u64, msi: bool) -> acpi_tables::fadt::FADT {
     let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    f.iapc_boot_arch =
-        (IAPC_VGA_NOT_PRESENT | IAPC_MSI_NOT_SUPPORTED | IAPC_CMOS_RTC_NOT_PRESENT).into();
+    let no_msi = if msi { 0 } else { IAPC_MSI_NOT_SUPPORTED };
+    f.iapc_boot_arch = (IAPC_VGA_NOT_PRESENT | no_msi | IAPC_CMOS_RTC_NOT_PRESENT).into();
     f.sleep_control_reg = GAS::new(
         AddressSpace::SystemIo,
         8,
@@ -179,9 +184,35 @@ fn power_button() -> Vec<u8> {
     v
 }
 
-fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
+/// `Device(PCI0)`: the host bridge, bus 0, the BAR window.
+fn pci_host_bridge() -> Vec<u8> {
+    let hid = aml::EISAName::new("PNP0A03");
+    let name_hid = aml::Name::new("_HID".into(), &hid);
+    let name_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let name_seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let name_bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_BASE as u32,
+        (PCI_MMIO_BASE + PCI_MMIO_SIZE - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &window]);
+    let name_crs = aml::Name::new("_CRS".into(), &crs);
+    aml_bytes(&aml::Device::new(
+        "PCI0".into(),
+        vec![&name_hid, &name_uid, &name_seg, &name_bbn, &name_crs],
+    ))
+}
+
+fn dsdt(devices: &[MmioDevice], pci: bool) -> Vec<u8> {
     let mut sb = com1();
     sb.extend(power_button());
+    if pci {
+        sb.extend(pci_host_bridge());
+    }
     for (i, d) in devices.iter().enumerate() {
         sb.extend(virtio_device(i, d));
     }
@@ -230,7 +261,7 @@ mod tests {
 
     #[test]
     fn every_table_checksums_to_zero_and_states_its_length() {
-        let t = tables(0xe0000, 2, &mmio_devices(3));
+        let t = tables(0xe0000, 2, &mmio_devices(3), false);
         let (_, rsdp) = find(&t, b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0, "RSDP v1 checksum");
         assert_eq!(sum(&rsdp), 0, "RSDP extended checksum");
@@ -243,7 +274,7 @@ mod tests {
 
     #[test]
     fn tables_are_linked_and_do_not_overlap() {
-        let t = tables(0xe0000, 1, &mmio_devices(1));
+        let t = tables(0xe0000, 1, &mmio_devices(1), false);
         assert_eq!(t[0].0, 0xe0000);
         let (_, rsdp) = find(&t, b"RSD PTR ");
         let (xsdt_addr, xsdt) = find(&t, b"XSDT");
@@ -264,7 +295,7 @@ mod tests {
 
     #[test]
     fn fadt_is_hardware_reduced_without_i8042_and_with_sleep_registers() {
-        let t = tables(0xe0000, 1, &[]);
+        let t = tables(0xe0000, 1, &[], false);
         let (_, fadt) = find(&t, b"FACP");
         assert_eq!(fadt.len(), 276);
         let flags = u32_at(&fadt, 112);
@@ -280,7 +311,7 @@ mod tests {
 
     #[test]
     fn madt_lists_each_cpu_and_the_ioapic() {
-        let t = tables(0xe0000, 4, &[]);
+        let t = tables(0xe0000, 4, &[], false);
         let (_, madt) = find(&t, b"APIC");
         assert_eq!(u32_at(&madt, 36), 0xfee0_0000);
         let mut off = 44;
@@ -305,7 +336,7 @@ mod tests {
     #[test]
     fn madt_of_many_cpus_has_one_enabled_lapic_per_cpu_with_distinct_ids() {
         for n in [64u8, 128, crate::MAX_CPUS] {
-            let t = tables(0xe0000, n, &mmio_devices(crate::MAX_DISKS));
+            let t = tables(0xe0000, n, &mmio_devices(crate::MAX_DISKS), false);
             let (madt_addr, madt) = find(&t, b"APIC");
             assert_eq!(sum(&madt), 0);
             let (mut uids, mut ids) = (Vec::new(), Vec::new());
@@ -334,7 +365,7 @@ mod tests {
     #[test]
     fn dsdt_describes_com1_and_each_virtio_device() {
         let devs = mmio_devices(2);
-        let t = tables(0xe0000, 1, &devs);
+        let t = tables(0xe0000, 1, &devs, false);
         let (_, dsdt) = find(&t, b"DSDT");
         let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"LNRO0005"));
@@ -358,5 +389,36 @@ mod tests {
         let mut irq4 = vec![0x89, 6, 0, 0x03, 1];
         irq4.extend_from_slice(&4u32.to_le_bytes());
         assert!(has(&irq4), "COM1 interrupt");
+    }
+
+    #[test]
+    fn pci_transport_adds_the_host_bridge_and_allows_msi() {
+        let t = tables(0xe0000, 1, &[], true);
+        let (_, dsdt) = find(&t, b"DSDT");
+        assert_eq!(sum(&dsdt), 0);
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"PCI0") && has(b"_SEG") && has(b"_BBN") && has(b"_CRS"));
+        assert!(!has(b"LNRO0005"), "no virtio-mmio device");
+        // PNP0A03 as an EISA id.
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x03]), "PNP0A03");
+        // WordBusNumber 0-0 (type 2), then DWordMemory 0xe000_0000-0xefff_ffff, producers.
+        assert!(has(&[
+            0x88, 13, 0, 2, 0x0c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0
+        ]));
+        let mut mem = vec![0x87, 23, 0, 0, 0x0c, 1, 0, 0, 0, 0];
+        mem.extend_from_slice(&0xe000_0000u32.to_le_bytes());
+        mem.extend_from_slice(&0xefff_ffffu32.to_le_bytes());
+        mem.extend_from_slice(&[0; 4]);
+        mem.extend_from_slice(&0x1000_0000u32.to_le_bytes());
+        assert!(has(&mem), "BAR window");
+        let (_, fadt) = find(&t, b"FACP");
+        let iapc = u16::from_le_bytes([fadt[109], fadt[110]]);
+        assert_eq!(iapc & IAPC_MSI_NOT_SUPPORTED, 0, "MSI allowed");
+        let t = tables(0xe0000, 1, &[], false);
+        let (_, fadt) = find(&t, b"FACP");
+        let iapc = u16::from_le_bytes([fadt[109], fadt[110]]);
+        assert_ne!(iapc & IAPC_MSI_NOT_SUPPORTED, 0, "no MSI without PCI");
+        let (_, dsdt) = find(&t, b"DSDT");
+        assert!(!dsdt.windows(4).any(|w| w == b"PCI0"));
     }
 }

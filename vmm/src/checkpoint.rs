@@ -411,6 +411,7 @@ pub fn restore(dir: &Path, opts: &RunOptions) -> Result<GuestExit> {
         memory: manifest.memory,
         cpus: manifest.cpus,
         disks,
+        transport: crate::Transport::Mmio,
     };
     let restored = Restored {
         state,

@@ -1,5 +1,6 @@
-//! The disks: building each virtio-mmio block device over its image, and the worker thread
-//! that serves its queues.
+//! The disks: building each virtio block device over its image behind its transport
+//! (virtio-mmio with an IOAPIC pin, or virtio-pci with MSI-X), and the worker thread that
+//! serves its queues.
 //!
 //! Invariant: a worker that returns has drained every request of its device and flushed its
 //! disk; a checkpoint stops a disk's worker, moves the device onto a new differencing child,
@@ -21,10 +22,14 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::devices::virtio_mmio::{VirtioMmio, INT_VRING, QUEUE_NOTIFY};
+use crate::devices::msix::{MsiRouter, Msix};
+use crate::devices::virtio::{VirtioDevice, INT_VRING};
+use crate::devices::virtio_mmio::{VirtioMmio, QUEUE_NOTIFY};
+use crate::devices::virtio_pci::{Vectors, VirtioPci};
 use crate::layout;
 use crate::vcpu::VmEvent;
 use crate::vm::block_stop_signals;
+use crate::Transport;
 use crate::{Error, Result};
 
 /// Virtqueue size of each disk.
@@ -37,7 +42,7 @@ fn new_eventfd() -> Result<EventFd> {
 /// A disk of the running VM.
 pub struct DiskSlot {
     /// Its device.
-    pub transport: Arc<VirtioMmio>,
+    pub transport: Arc<VirtioDevice>,
     /// The image the guest writes now (changes at each checkpoint).
     pub path: PathBuf,
     /// Opened read-only.
@@ -116,15 +121,29 @@ pub fn queues_for(cpus: usize) -> usize {
     cpus.clamp(1, MAX_DISK_QUEUES)
 }
 
+/// A disk's device and the transport the guest reaches it through.
+pub struct BuiltDisk {
+    /// The device (what the worker, checkpoints and migration use).
+    pub device: Arc<VirtioDevice>,
+    /// Its virtio-mmio registers, with `--transport mmio`.
+    pub mmio: Option<Arc<VirtioMmio>>,
+    /// Its PCI function, with `--transport pci`.
+    pub pci: Option<Arc<VirtioPci>>,
+}
+
 /// Opens disk `i` and builds its device (one virtqueue, and one io_uring, per vCPU up to
-/// [`MAX_DISK_QUEUES`]), irqfd and ioeventfd.
+/// [`MAX_DISK_QUEUES`]) behind `transport`: its interrupts (an irqfd on IOAPIC pin
+/// [`layout::virtio_gsi`], or one irqfd per MSI-X vector on GSIs from
+/// [`layout::PCI_MSI_GSI_BASE`] routed by `router`) and its queue notify ioeventfds.
 pub fn make_disk(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     i: usize,
     disk: &crate::DiskConfig,
     cpus: usize,
-) -> Result<VirtioMmio> {
+    transport: Transport,
+    router: &Arc<dyn MsiRouter>,
+) -> Result<BuiltDisk> {
     let derr = |source| Error::Disk {
         path: disk.path.clone(),
         source,
@@ -135,39 +154,78 @@ pub fn make_disk(
         .map(|_| Queue::new(QUEUE_SIZE))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::Setup(format!("virtqueue: {e:?}")))?;
-    let irq = Arc::new(new_eventfd()?);
-    let gsi = layout::virtio_gsi(i);
-    vm.register_irqfd(&irq, gsi)
-        .map_err(|e| Error::kvm(format!("KVM_IRQFD (disk {i}, GSI {gsi})"), e))?;
+    let config = Config {
+        id: format!("vhdkit{i}"),
+    };
     let status = Arc::new(AtomicU32::new(0));
-    let (s, q) = (status.clone(), irq.clone());
-    let dev = VirtioBlk::new(
-        engines,
-        mem.clone(),
-        queues,
-        Config {
-            id: format!("vhdkit{i}"),
-        },
-        Box::new(move |_queue| {
-            s.fetch_or(INT_VRING, Ordering::SeqCst);
-            if let Err(e) = q.write(1) {
-                tracing::warn!("virtio interrupt: {e}");
-            }
-        }),
-    )
-    .map_err(derr)?;
     let kick = new_eventfd()?;
-    let notify = IoEventAddress::Mmio(layout::virtio_mmio_addr(i) + QUEUE_NOTIFY);
-    vm.register_ioevent(&kick, &notify, NoDatamatch)
-        .map_err(|e| Error::kvm(format!("KVM_IOEVENTFD (disk {i})"), e))?;
-    Ok(VirtioMmio::new(dev, status, kick))
+    let ioevent = |kick: &EventFd, addr: u64| {
+        vm.register_ioevent(kick, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| Error::kvm(format!("KVM_IOEVENTFD (disk {i} at {addr:#x})"), e))
+    };
+    match transport {
+        Transport::Mmio => {
+            let irq = Arc::new(new_eventfd()?);
+            let gsi = layout::virtio_gsi(i);
+            vm.register_irqfd(&irq, gsi)
+                .map_err(|e| Error::kvm(format!("KVM_IRQFD (disk {i}, GSI {gsi})"), e))?;
+            let (s, q) = (status.clone(), irq.clone());
+            let notify = Box::new(move |_queue| {
+                s.fetch_or(INT_VRING, Ordering::SeqCst);
+                if let Err(e) = q.write(1) {
+                    tracing::warn!("virtio interrupt: {e}");
+                }
+            });
+            let dev = VirtioBlk::new(engines, mem.clone(), queues, config, notify).map_err(derr)?;
+            ioevent(&kick, layout::virtio_mmio_addr(i) + QUEUE_NOTIFY)?;
+            let mmio = Arc::new(VirtioMmio::new(dev, status, kick));
+            Ok(BuiltDisk {
+                device: mmio.device().clone(),
+                mmio: Some(mmio),
+                pci: None,
+            })
+        }
+        Transport::Pci => {
+            // Vector 0 for the configuration, 1 + q for queue q (what Linux asks for).
+            let nvec = nq + 1;
+            let base = layout::PCI_MSI_GSI_BASE + i as u32 * layout::PCI_VECTORS_PER_DISK;
+            let gsis: Vec<u32> = (0..nvec as u32).map(|v| base + v).collect();
+            let mut irqfds: Vec<EventFd> = Vec::new();
+            for &gsi in &gsis {
+                let fd = new_eventfd()?;
+                vm.register_irqfd(&fd, gsi)
+                    .map_err(|e| Error::kvm(format!("KVM_IRQFD (disk {i}, GSI {gsi})"), e))?;
+                irqfds.push(fd);
+            }
+            let msix = Arc::new(Msix::new(irqfds, gsis, router.clone()));
+            let vectors = Arc::new(Vectors::new(nq));
+            let (s, m, v) = (status.clone(), msix.clone(), vectors.clone());
+            let notify = Box::new(move |queue| {
+                s.fetch_or(INT_VRING, Ordering::SeqCst);
+                m.notify(v.queue(queue));
+            });
+            let dev = VirtioBlk::new(engines, mem.clone(), queues, config, notify).map_err(derr)?;
+            let device = Arc::new(VirtioDevice::new(dev, status, kick));
+            let bar = layout::pci_bar_addr(i) as u32;
+            let pci = VirtioPci::new(device, nq as u16, msix, vectors, bar);
+            // All queues wake the one worker of the disk.
+            for q in 0..nq as u16 {
+                ioevent(pci.device().kick_evt(), pci.notify_addr(q))?;
+            }
+            Ok(BuiltDisk {
+                device: pci.device().clone(),
+                mmio: None,
+                pci: Some(Arc::new(pci)),
+            })
+        }
+    }
 }
 
 /// The disk worker: queue notifications and engine completions in (one epoll over the kick
 /// eventfd, every queue engine's completion eventfd and `stop`), used-ring entries out, until
 /// `stop`; then drains and flushes. It sleeps only in epoll, never while holding the device
 /// lock, so vCPUs reading registers are never held up behind a disk request.
-pub fn disk_worker(t: &VirtioMmio, stop: &EventFd, path: &std::path::Path) -> Result<()> {
+pub fn disk_worker(t: &VirtioDevice, stop: &EventFd, path: &std::path::Path) -> Result<()> {
     const KICK: u64 = 0;
     const STOP: u64 = 1;
     const COMPLETION: u64 = 2;

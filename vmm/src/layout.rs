@@ -34,6 +34,15 @@ pub const HIGH_RAM: u64 = 1 << 32;
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Size of each virtio-mmio window.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The PCI host bridge's 32-bit MMIO window (the BARs), in the DSDT's `PCI0._CRS`.
+pub const PCI_MMIO_BASE: u64 = 0xe000_0000;
+/// Size of the PCI MMIO window.
+pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
+/// First GSI of the MSI-X vectors (after the IOAPIC's 24 pins); disk `i` has
+/// [`PCI_VECTORS_PER_DISK`] from `PCI_MSI_GSI_BASE + i * PCI_VECTORS_PER_DISK`.
+pub const PCI_MSI_GSI_BASE: u32 = 24;
+/// GSIs reserved per virtio-pci disk (its queues plus the config vector).
+pub const PCI_VECTORS_PER_DISK: u32 = 8;
 /// IOAPIC registers (in KVM).
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Local APIC registers (in KVM).
@@ -71,6 +80,11 @@ pub fn virtio_mmio_addr(i: usize) -> u64 {
 /// GSI of virtio device `i`.
 pub fn virtio_gsi(i: usize) -> u32 {
     VIRTIO_GSI_BASE + i as u32
+}
+
+/// BAR0 of virtio-pci disk `i` (assigned by the VMM, as firmware would).
+pub fn pci_bar_addr(i: usize) -> u64 {
+    PCI_MMIO_BASE + i as u64 * crate::devices::virtio_pci::BAR0_SIZE
 }
 
 /// RAM regions `(start, length)` for `memory` bytes: below the hole, then above 4 GiB.
@@ -145,6 +159,9 @@ mod tests {
         let last = virtio_mmio_addr(MAX_VIRTIO_DEVICES - 1) + VIRTIO_MMIO_SIZE;
         assert!(VIRTIO_MMIO_BASE >= MMIO_HOLE && last <= u64::from(IOAPIC_ADDR));
         assert_eq!(virtio_gsi(MAX_VIRTIO_DEVICES - 1), GED_GSI - 1);
+        let bars = pci_bar_addr(MAX_VIRTIO_DEVICES);
+        assert!(last <= PCI_MMIO_BASE && bars <= PCI_MMIO_BASE + PCI_MMIO_SIZE);
+        assert!(PCI_MMIO_BASE + PCI_MMIO_SIZE <= u64::from(IOAPIC_ADDR));
     }
 
     #[test]

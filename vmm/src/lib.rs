@@ -2,8 +2,8 @@
 //! VHD/VHDX/raw disks served by [`block_backend`]'s io_uring engine (`vhdtool boot`).
 //!
 //! A Firecracker-sized VMM built from rust-vmm crates (kvm-ioctls, kvm-bindings, vm-memory,
-//! linux-loader, vm-superio, virtio-queue, vmm-sys-util, acpi_tables): no firmware, no PCI, no
-//! hand-written ioctls. The reference guest is Debian's `linux-image-cloud-amd64` (6.1) with a
+//! linux-loader, vm-superio, virtio-queue, vmm-sys-util, acpi_tables): no firmware, no PCI
+//! unless asked for (`--transport pci`), no hand-written ioctls. The reference guest is Debian's `linux-image-cloud-amd64` (6.1) with a
 //! busybox initramfs.
 //!
 //! # Device model
@@ -31,9 +31,20 @@
 //! never did. Given that ACPI is needed anyway, the smallest transport is virtio-mmio: one
 //! `LNRO0005` device per disk in the DSDT (the Firecracker ≥1.8 and QEMU microvm model), one
 //! edge-triggered IOAPIC GSI per disk, a 4 KiB register window, no PCI config space, BARs,
-//! bridges or `_PRT` routing. virtio-pci with MSI-X (no interrupt-acknowledge exits,
-//! per-queue vectors) would be faster and is the way forward for performance; it needs a PCI host
-//! bridge in the DSDT, config space, BARs and MSI-X tables. The ACPI tables are
+//! bridges or `_PRT` routing.
+//!
+//! **`--transport pci`: virtio-pci with MSI-X.** The same devices as modern virtio-pci
+//! functions on bus 0 of a PCI host bridge (`PCI0`, `PNP0A03` in the DSDT; config mechanism #1
+//! on ports 0xCF8/0xCFC, no MCFG: `devices::pci` says why), one 32 KiB BAR0 each in the window
+//! 0xe000_0000-0xefff_ffff, one MSI-X vector per queue plus config, each an irqfd on its own
+//! GSI (24 + 8·disk + vector) that KVM routes to the guest's MSI message
+//! (KVM_SET_GSI_ROUTING, rewritten when the guest unmasks or reprograms a vector), queue
+//! notifications by ioeventfd. An interrupt costs no exit (virtio-mmio costs two: the ISR read
+//! and the acknowledge). It stays opt-in until guest fio on hardware KVM (`benches/vmm.sh`,
+//! 4 KiB random reads at queue depth 1 and 32, and boot time) shows it at least as fast on
+//! each: the nested TCG figures of `tests/tests/virtio_pci.rs` are dominated by emulation.
+//! A pci-transport VM cannot be checkpointed or migrated (refused up front: its PCI config
+//! space and MSI-X table are not in the saved state). The ACPI tables are
 //! "hardware-reduced" (FADT flag): no PIC, PIT or SCI for the guest; the LAPIC timer runs in
 //! TSC-deadline mode and kvm-clock gives the time (CPUID hypervisor bit set).
 //!
@@ -85,7 +96,8 @@
 //!
 //! The VMM always puts `console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1` in front of
 //! the given command line (the only console is ttyS0, there is no PCI, and a reset is how the
-//! guest ends the VM). Disks are `/dev/vda`, `/dev/vdb`, … in `--disk` order once the guest has
+//! guest ends the VM); `--transport pci` leaves out `pci=off`, and the guest then needs
+//! `virtio_pci_legacy_dev`, `virtio_pci_modern_dev` and `virtio_pci` instead of `virtio_mmio`. Disks are `/dev/vda`, `/dev/vdb`, … in `--disk` order once the guest has
 //! loaded `virtio_mmio` and `virtio_blk` (`virtio_ring`, `virtio`, `virtio_mmio`, `virtio_blk`
 //! with `insmod`, in that order, for the Debian kernel; never pass `nomodule`).
 //!
@@ -160,6 +172,40 @@ pub struct VmConfig {
     pub cpus: u8,
     /// Disks, `/dev/vda` first.
     pub disks: Vec<DiskConfig>,
+    /// How the guest reaches the disks.
+    pub transport: Transport,
+}
+
+/// The virtio transport of the disks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// virtio-mmio devices in the DSDT, one IOAPIC pin each; no PCI (`pci=off`).
+    #[default]
+    Mmio,
+    /// virtio-pci functions on a PCI host bridge (config mechanism #1, `PCI0` in the DSDT),
+    /// MSI-X vectors through KVM MSI routes. Checkpoints and migration refuse such a VM.
+    Pci,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Mmio => "mmio",
+            Transport::Pci => "pci",
+        })
+    }
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Transport, String> {
+        match s {
+            "mmio" => Ok(Transport::Mmio),
+            "pci" => Ok(Transport::Pci),
+            other => Err(format!("transport must be mmio or pci, not {other:?}")),
+        }
+    }
 }
 
 /// How to run the VM beside its configuration.
@@ -169,7 +215,8 @@ pub struct RunOptions {
     pub api_socket: Option<PathBuf>,
 }
 
-/// Kernel command line the VMM always passes, before the user's.
+/// Kernel command line the VMM always passes, before the user's (with the mmio transport;
+/// the pci transport drops `pci=off`).
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off 8250.nr_uarts=1";
 
 /// Most vCPUs: the xAPIC limit. APIC ids are the vCPU indexes, 8 bits in the MADT's local APIC

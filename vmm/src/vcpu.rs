@@ -139,9 +139,7 @@ impl VcpuCtx {
             let outcome = match step {
                 Step::Continue | Step::Event(BusEvent::None) => continue,
                 Step::Event(BusEvent::Kick(i)) => {
-                    if let Some(t) = self.bus.virtio(i) {
-                        let _ = t.kick_evt().write(1);
-                    }
+                    self.bus.kick(i);
                     continue;
                 }
                 Step::Event(BusEvent::Reset) => self.on_reset(),

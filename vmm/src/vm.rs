@@ -33,6 +33,8 @@ use crate::checkpoint::{Restored, RestoredMemory};
 use crate::control::RunControl;
 use crate::controller::Controller;
 use crate::devices::bus::Bus;
+use crate::devices::msix::{KvmMsiRouter, MsiRouter};
+use crate::devices::pci::PciRoot;
 use crate::devices::serial;
 use crate::devices::serial::{ConsoleOut, ConsoleState, SerialDevice};
 use crate::devices::EventFdTrigger;
@@ -41,7 +43,8 @@ use crate::layout::{self, ACPI_START, GED_GSI, MIN_MEMORY, SERIAL_GSI};
 use crate::state::restore;
 use crate::vcpu::{VcpuCtx, VmEvent};
 use crate::{
-    acpi, boot, cpu, Error, GuestExit, Result, RunOptions, VmConfig, BASE_CMDLINE, MAX_CPUS,
+    acpi, boot, cpu, Error, GuestExit, Result, RunOptions, Transport, VmConfig, BASE_CMDLINE,
+    MAX_CPUS,
 };
 
 /// KVM_SET_TSS_ADDR: three pages just below the identity map page, in the MMIO hole.
@@ -110,13 +113,18 @@ fn check_kvm_vcpus(cpus: u8, max_vcpus: usize, max_vcpu_id: usize) -> Result<()>
     Ok(())
 }
 
-/// The kernel command line: [`BASE_CMDLINE`] then the user's.
-pub fn full_cmdline(extra: &str) -> String {
+/// The kernel command line: [`BASE_CMDLINE`] (without `pci=off` for the pci transport) then
+/// the user's.
+pub fn full_cmdline(extra: &str, transport: Transport) -> String {
+    let base = match transport {
+        Transport::Mmio => BASE_CMDLINE.to_string(),
+        Transport::Pci => BASE_CMDLINE.replace(" pci=off", ""),
+    };
     let extra = extra.trim();
     if extra.is_empty() {
-        BASE_CMDLINE.to_string()
+        base
     } else {
-        format!("{BASE_CMDLINE} {extra}")
+        format!("{base} {extra}")
     }
 }
 
@@ -161,9 +169,11 @@ pub(crate) fn run_vm(
             .map_err(|e| Error::Setup(format!("allocate guest memory: {e}")))?,
     };
 
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
+    // Shared with the MSI-X router, which rewrites the GSI routes from the vCPU threads.
+    let vm = Arc::new(
+        kvm.create_vm()
+            .map_err(|e| Error::kvm("KVM_CREATE_VM", e))?,
+    );
     vm.set_tss_address(TSS_ADDR)
         .map_err(|e| Error::kvm("KVM_SET_TSS_ADDR", e))?;
     if let Err(e) = vm.set_identity_map_address(IDENTITY_MAP_ADDR) {
@@ -197,12 +207,15 @@ pub(crate) fn run_vm(
     // ACPI tables, then the kernel; or the checkpoint's memory and in-kernel devices.
     let entry = match &restored {
         None => {
-            let mmio = acpi::mmio_devices(config.disks.len());
-            for (addr, bytes) in acpi::tables(ACPI_START, config.cpus, &mmio) {
+            let (mmio, pci) = match config.transport {
+                Transport::Mmio => (acpi::mmio_devices(config.disks.len()), false),
+                Transport::Pci => (Vec::new(), true),
+            };
+            for (addr, bytes) in acpi::tables(ACPI_START, config.cpus, &mmio, pci) {
                 mem.write_slice(&bytes, GuestAddress(addr))
                     .map_err(|e| Error::Setup(format!("write the ACPI tables: {e}")))?;
             }
-            let cmdline = full_cmdline(&config.cmdline);
+            let cmdline = full_cmdline(&config.cmdline, config.transport);
             boot::load(
                 &mem,
                 config.memory,
@@ -241,9 +254,21 @@ pub(crate) fn run_vm(
     let serial = Arc::new(Mutex::new(serial));
 
     // Disks.
-    let mut transports = Vec::new();
+    let router: Arc<dyn MsiRouter> = Arc::new(KvmMsiRouter::new(vm.clone()));
+    let (mut transports, mut mmio, mut pci) = (Vec::new(), Vec::new(), Vec::new());
     for (i, disk) in config.disks.iter().enumerate() {
-        let t = make_disk(&vm, &mem, i, disk, usize::from(config.cpus))?;
+        let built = make_disk(
+            &vm,
+            &mem,
+            i,
+            disk,
+            usize::from(config.cpus),
+            config.transport,
+            &router,
+        )?;
+        mmio.extend(built.mmio);
+        pci.extend(built.pci);
+        let t = built.device;
         if let Some(r) = &restored {
             let saved =
                 r.state.transports.get(i).ok_or_else(|| {
@@ -252,9 +277,10 @@ pub(crate) fn run_vm(
             t.restore_state(saved)
                 .map_err(|e| Error::Setup(format!("restore: disk {i}: {e}")))?;
         }
-        transports.push(Arc::new(t));
+        transports.push(t);
     }
-    let bus = Arc::new(Bus::new(serial.clone(), transports.clone()));
+    let pci = (config.transport == Transport::Pci).then(|| PciRoot::new(pci));
+    let bus = Arc::new(Bus::new(serial.clone(), mmio, pci, transports.clone()));
     // The power button: the GED's interrupt.
     let power_button = new_eventfd()?;
     vm.register_irqfd(&power_button, GED_GSI)
@@ -527,13 +553,22 @@ mod tests {
             memory: 512 << 20,
             cpus: 1,
             disks: Vec::new(),
+            transport: Transport::Mmio,
         }
     }
 
     #[test]
     fn base_cmdline_comes_first() {
-        assert_eq!(full_cmdline(""), BASE_CMDLINE);
-        assert_eq!(full_cmdline(" quiet "), format!("{BASE_CMDLINE} quiet"));
+        assert_eq!(full_cmdline("", Transport::Mmio), BASE_CMDLINE);
+        assert_eq!(
+            full_cmdline(" quiet ", Transport::Mmio),
+            format!("{BASE_CMDLINE} quiet")
+        );
+        let pci = full_cmdline("quiet", Transport::Pci);
+        assert!(
+            !pci.contains("pci=off") && pci.ends_with("8250.nr_uarts=1 quiet"),
+            "{pci}"
+        );
         assert!(BASE_CMDLINE.contains("reboot=k"));
         assert!(!BASE_CMDLINE.contains("nomodule"), "would forbid insmod");
     }

@@ -1,5 +1,5 @@
 //! `vhdtool boot --kernel BZIMAGE [--initrd FILE] [--cmdline STR] [--memory SIZE] [--cpus N]
-//! [--disk IMAGE[,read-only]]… [--api-socket PATH]` | `vhdtool boot --restore DIR
+//! [--disk IMAGE[,read-only]]… [--transport mmio|pci] [--api-socket PATH]` | `vhdtool boot --restore DIR
 //! [--api-socket PATH]` | `vhdtool boot --incoming tcp:HOST:PORT [--api-socket PATH]`: boot a Linux kernel in a minimal KVM VM (crate `vmm`) with the
 //! images as virtio-blk disks (`/dev/vda`, `/dev/vdb`, … in order).
 //!
@@ -37,6 +37,12 @@ pub struct Args {
     /// A disk image (raw, VHD, VHDX, differencing), `IMAGE` or `IMAGE,read-only`; repeatable.
     #[arg(long = "disk", value_name = "IMAGE[,read-only]", value_parser = parse_disk)]
     pub disks: Vec<vmm::DiskConfig>,
+    /// How the guest reaches the disks: `mmio` (virtio-mmio devices in the ACPI tables, the
+    /// guest needs `virtio_mmio`) or `pci` (virtio-pci functions with MSI-X on a PCI host
+    /// bridge; the guest needs `virtio_pci`, and checkpoints and migration are refused).
+    #[arg(long, default_value = "mmio", value_name = "mmio|pci",
+          conflicts_with_all = ["restore", "incoming"])]
+    pub transport: vmm::Transport,
     /// Serve the control API on this unix socket (`vhdtool vm … --api-socket PATH`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -105,6 +111,7 @@ fn boot_config(args: &Args, kernel: &std::path::Path) -> vmm::VmConfig {
         memory: args.memory,
         cpus: args.cpus,
         disks: args.disks.clone(),
+        transport: args.transport,
     }
 }
 
@@ -124,5 +131,28 @@ mod tests {
         assert_eq!((d.path, d.read_only), (PathBuf::from("./odd,name"), false));
         assert!(parse_disk("d.vhd,rw").is_err());
         assert!(parse_disk(",read-only").is_err());
+    }
+
+    #[test]
+    fn transport_is_mmio_unless_pci_is_asked_for() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            boot: Args,
+        }
+        let parse = |extra: &[&str]| {
+            Cli::try_parse_from(["boot", "--kernel", "k"].iter().chain(extra))
+                .map(|c| c.boot.transport)
+        };
+        assert_eq!(parse(&[]).unwrap(), vmm::Transport::Mmio);
+        assert_eq!(parse(&["--transport", "pci"]).unwrap(), vmm::Transport::Pci);
+        assert_eq!(
+            parse(&["--transport", "mmio"]).unwrap(),
+            vmm::Transport::Mmio
+        );
+        let e = parse(&["--transport", "isa"]).err().unwrap().to_string();
+        assert!(e.contains("mmio or pci"), "{e}");
+        assert!(parse(&["--transport", "pci", "--restore", "d"]).is_err());
     }
 }

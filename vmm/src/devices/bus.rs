@@ -5,8 +5,10 @@
 //! | PIO 0x3f8-0x3ff | 16550A console |
 //! | PIO 0x60, 0x64 | i8042 (only the 0xFE reset command does anything; status reads 0) |
 //! | PIO 0x600 | ACPI sleep control: SLP_EN with SLP_TYP 5 = power off |
+//! | PIO 0xcf8-0xcff | PCI config mechanism #1 (pci transport only) |
 //! | PIO other | reads all ones, writes ignored (no device) |
-//! | MMIO 0xd000_0000 + 4 KiB·i | virtio-mmio disk i |
+//! | MMIO 0xd000_0000 + 4 KiB·i | virtio-mmio disk i (mmio transport) |
+//! | MMIO 0xe000_0000-0xefff_ffff | PCI BARs: virtio-pci disk i's BAR0 (pci transport) |
 //! | MMIO other | reads zeros, writes ignored |
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use vm_superio::{I8042Device, Trigger};
 
+use super::pci::PciRoot;
 use super::serial::SerialDevice;
+use super::virtio::VirtioDevice;
 use super::virtio_mmio::{Action, VirtioMmio};
 use crate::layout::{
     self, ACPI_SLEEP_PORT, I8042_COMMAND, I8042_DATA, SERIAL_PORT, VIRTIO_MMIO_BASE,
@@ -58,17 +62,27 @@ pub struct Bus {
     i8042: Mutex<I8042Device<ResetLine>>,
     reset: ResetLine,
     virtio: Vec<Arc<VirtioMmio>>,
+    pci: Option<PciRoot>,
+    devices: Vec<Arc<VirtioDevice>>,
 }
 
 impl Bus {
-    /// A bus with these devices; virtio device `i` sits at window `i`.
-    pub fn new(serial: Arc<Mutex<SerialDevice>>, virtio: Vec<Arc<VirtioMmio>>) -> Bus {
+    /// A bus with these devices: virtio-mmio device `i` at window `i`, and the PCI bus if
+    /// any; `devices[i]` is disk `i` whatever its transport (for [`BusEvent::Kick`]).
+    pub fn new(
+        serial: Arc<Mutex<SerialDevice>>,
+        virtio: Vec<Arc<VirtioMmio>>,
+        pci: Option<PciRoot>,
+        devices: Vec<Arc<VirtioDevice>>,
+    ) -> Bus {
         let reset = ResetLine::default();
         Bus {
             serial,
             i8042: Mutex::new(I8042Device::new(reset.clone())),
             reset,
             virtio,
+            pci,
+            devices,
         }
     }
 
@@ -84,6 +98,11 @@ impl Bus {
                 let mut k = self.i8042.lock().unwrap_or_else(|e| e.into_inner());
                 data.fill(0);
                 data[0] = k.read((port - I8042_DATA) as u8);
+            }
+            p if PciRoot::owns_port(p) && self.pci.is_some() => {
+                if let Some(pci) = &self.pci {
+                    pci.pio_in(p, data);
+                }
             }
             _ => data.fill(0xff),
         }
@@ -111,6 +130,11 @@ impl Bus {
             ACPI_SLEEP_PORT if value & SLP_EN != 0 && (value >> 2) & 7 == SLP_TYP_S5 => {
                 return BusEvent::PowerOff;
             }
+            p if PciRoot::owns_port(p) => {
+                if let Some(pci) = &self.pci {
+                    pci.pio_out(p, data);
+                }
+            }
             _ => {}
         }
         BusEvent::None
@@ -125,6 +149,9 @@ impl Bus {
 
     /// An MMIO read.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if let Some(pci) = self.pci.as_ref().filter(|_| PciRoot::owns_mmio(addr)) {
+            return pci.mmio_read(addr, data);
+        }
         match self.virtio_at(addr) {
             Some((_, dev, off)) => dev.read(off, data),
             None => data.fill(0),
@@ -133,6 +160,11 @@ impl Bus {
 
     /// An MMIO write.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> BusEvent {
+        if let Some(pci) = self.pci.as_ref().filter(|_| PciRoot::owns_mmio(addr)) {
+            return pci
+                .mmio_write(addr, data)
+                .map_or(BusEvent::None, BusEvent::Kick);
+        }
         match self.virtio_at(addr) {
             Some((i, dev, off)) => match dev.write(off, data) {
                 Action::Kick => BusEvent::Kick(i),
@@ -142,9 +174,11 @@ impl Bus {
         }
     }
 
-    /// Virtio device `i`.
-    pub fn virtio(&self, i: usize) -> Option<&Arc<VirtioMmio>> {
-        self.virtio.get(i)
+    /// Wakes the worker of disk `i`.
+    pub fn kick(&self, i: usize) {
+        if let Some(d) = self.devices.get(i) {
+            let _ = d.kick_evt().write(1);
+        }
     }
 }
 
@@ -164,7 +198,7 @@ mod tests {
                 Arc::new(Mutex::new(ConsoleState::default())),
             ),
         );
-        Bus::new(Arc::new(Mutex::new(serial)), Vec::new())
+        Bus::new(Arc::new(Mutex::new(serial)), Vec::new(), None, Vec::new())
     }
 
     #[test]
@@ -208,6 +242,20 @@ mod tests {
         b.mmio_read(0xd000_0000, &mut d);
         assert_eq!(d, [0; 4], "no virtio device 0");
         assert_eq!(b.mmio_write(0xd000_0050, &[0, 0, 0, 0]), BusEvent::None);
+    }
+
+    #[test]
+    fn pci_ports_and_window_answer_only_with_the_pci_transport() {
+        let mut b = bus();
+        let mut d = [0u8; 4];
+        b.pio_out(0xcf8, &0x8000_0000u32.to_le_bytes());
+        b.pio_in(0xcf8, &mut d);
+        assert_eq!(d, [0xff; 4], "no PCI: no CONFIG_ADDRESS");
+        b.pci = Some(PciRoot::new(Vec::new()));
+        b.pio_out(0xcf8, &0x8000_0000u32.to_le_bytes());
+        b.pio_in(0xcfc, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x0008_1b36, "the host bridge");
+        assert_eq!(b.mmio_write(0xe000_3000, &[0, 0]), BusEvent::None);
     }
 
     #[test]

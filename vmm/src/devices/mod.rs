@@ -1,9 +1,14 @@
-//! Devices: the 16550A console, the i8042 reset line, the ACPI sleep register and the
-//! virtio-mmio transport, behind the port and MMIO dispatch of [`bus`].
+//! Devices: the 16550A console, the i8042 reset line, the ACPI sleep register, and the virtio
+//! disks ([`virtio`]) behind one of two transports: virtio-mmio, or virtio-pci with MSI-X on a
+//! PCI host bridge ([`pci`]); all behind the port and MMIO dispatch of [`bus`].
 
 pub mod bus;
+pub mod msix;
+pub mod pci;
 pub mod serial;
+pub mod virtio;
 pub mod virtio_mmio;
+pub mod virtio_pci;
 
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;

@@ -1,4 +1,4 @@
-//! virtio-mmio (version 2, "modern") transport in front of a [`VirtioBlk`].
+//! virtio-mmio (version 2, "modern") transport: a register map over a [`VirtioDevice`].
 //!
 //! Registers (virtio 1.x §4.2.2), 4 KiB window:
 //!
@@ -12,67 +12,30 @@
 //!  0x0fc ConfigGeneration  0x100… device config (struct virtio_blk_config)
 //! ```
 //!
-//! Invariants: the device model is only touched under the mutex (the vCPU threads for register
-//! accesses, the disk worker for queue processing); FEATURES_OK is only accepted when the
-//! driver took VIRTIO_F_VERSION_1; a reset (status 0) first waits for every request in flight,
-//! then resets the queues, so no completion lands in a ring the driver gave up.
+//! Feature negotiation, status, reset and queue state live in [`super::virtio`]; this module
+//! only maps offsets onto them.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use block_backend::virtio_blk::VirtioBlk;
-use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1,
-};
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::state::{QueueState, TransportState};
+pub use super::virtio::{Action, DEVICE_ID_BLOCK};
+use super::virtio::{StatusChange, VirtioDevice};
 
 /// "virt".
 pub const MAGIC: u32 = 0x7472_6976;
-/// Virtio device id of a block device.
-pub const DEVICE_ID_BLOCK: u32 = 2;
 /// Our vendor id ("VHDK").
 pub const VENDOR_ID: u32 = 0x4b44_4856;
 /// Offset of the queue notify register (for the ioeventfd).
 pub const QUEUE_NOTIFY: u64 = 0x50;
-/// InterruptStatus bit: a used buffer was added.
-pub const INT_VRING: u32 = 1;
-
-/// Transport state under the lock.
-struct Inner {
-    dev: VirtioBlk,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    status: u32,
-}
 
 /// A virtio-mmio device.
+#[derive(Debug)]
 pub struct VirtioMmio {
-    inner: Mutex<Inner>,
-    interrupt_status: Arc<AtomicU32>,
-    kick: EventFd,
-}
-
-impl std::fmt::Debug for VirtioMmio {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VirtioMmio")
-            .field("interrupt_status", &self.interrupt_status)
-            .finish()
-    }
-}
-
-/// What a register write asks of the VMM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Nothing.
-    None,
-    /// The worker should look at the queues (driver ready, or a notify that missed the
-    /// ioeventfd).
-    Kick,
+    dev: Arc<VirtioDevice>,
 }
 
 impl VirtioMmio {
@@ -80,113 +43,21 @@ impl VirtioMmio {
     /// raises the interrupt. `kick` wakes the device's worker.
     pub fn new(dev: VirtioBlk, interrupt_status: Arc<AtomicU32>, kick: EventFd) -> VirtioMmio {
         VirtioMmio {
-            inner: Mutex::new(Inner {
-                dev,
-                device_features_sel: 0,
-                driver_features_sel: 0,
-                driver_features: 0,
-                queue_sel: 0,
-                status: 0,
-            }),
-            interrupt_status,
-            kick,
+            dev: Arc::new(VirtioDevice::new(dev, interrupt_status, kick)),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Runs `f` on the device if the driver has set DRIVER_OK (else returns `None`).
-    pub fn with_active_device<R>(&self, f: impl FnOnce(&mut VirtioBlk) -> R) -> Option<R> {
-        let mut g = self.lock();
-        (g.status & VIRTIO_CONFIG_S_DRIVER_OK != 0).then(|| f(&mut g.dev))
-    }
-
-    /// Runs `f` on the device whatever its state (shutdown: drain and flush).
-    pub fn with_device<R>(&self, f: impl FnOnce(&mut VirtioBlk) -> R) -> R {
-        f(&mut self.lock().dev)
-    }
-
-    /// The eventfd that wakes the worker.
-    pub fn kick_evt(&self) -> &EventFd {
-        &self.kick
-    }
-
-    /// The transport and queue registers, for a checkpoint (the device is drained first).
-    pub fn save_state(&self) -> TransportState {
-        let mut g = self.lock();
-        let queues = g
-            .dev
-            .queues_mut()
-            .iter()
-            .map(|q| QueueState {
-                size: q.size(),
-                ready: q.ready(),
-                desc_table: q.desc_table(),
-                avail_ring: q.avail_ring(),
-                used_ring: q.used_ring(),
-                next_avail: q.next_avail(),
-                next_used: q.next_used(),
-                event_idx: q.event_idx_enabled(),
-            })
-            .collect();
-        TransportState {
-            status: g.status,
-            device_features_sel: g.device_features_sel,
-            driver_features_sel: g.driver_features_sel,
-            driver_features: g.driver_features,
-            queue_sel: g.queue_sel,
-            interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
-            queues,
-        }
-    }
-
-    /// Puts saved registers back on a fresh transport with the same queues. Checks every
-    /// value the guest could not have set (queue count, sizes) and says which is wrong.
-    pub fn restore_state(&self, s: &TransportState) -> Result<(), String> {
-        let mut g = self.lock();
-        if s.queues.len() != g.dev.queues_mut().len() {
-            return Err(format!(
-                "{} virtqueues saved, the device has {}",
-                s.queues.len(),
-                g.dev.queues_mut().len()
-            ));
-        }
-        if s.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
-            g.dev.set_acked_features(s.driver_features);
-        }
-        for (i, (q, st)) in g.dev.queues_mut().iter_mut().zip(&s.queues).enumerate() {
-            q.try_set_size(st.size)
-                .map_err(|e| format!("virtqueue {i}: size {}: {e:?}", st.size))?;
-            let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-            let (l, h) = split(st.desc_table);
-            q.set_desc_table_address(l, h);
-            let (l, h) = split(st.avail_ring);
-            q.set_avail_ring_address(l, h);
-            let (l, h) = split(st.used_ring);
-            q.set_used_ring_address(l, h);
-            q.set_next_avail(st.next_avail);
-            q.set_next_used(st.next_used);
-            q.set_event_idx(st.event_idx);
-            q.set_ready(st.ready);
-        }
-        g.status = s.status;
-        g.device_features_sel = s.device_features_sel;
-        g.driver_features_sel = s.driver_features_sel;
-        g.driver_features = s.driver_features;
-        g.queue_sel = s.queue_sel;
-        self.interrupt_status
-            .store(s.interrupt_status, Ordering::SeqCst);
-        Ok(())
+    /// The device behind the registers.
+    pub fn device(&self) -> &Arc<VirtioDevice> {
+        &self.dev
     }
 
     /// A guest read of `data.len()` bytes at `offset` in the window.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         let value: u32 = match offset {
-            0x60 => self.interrupt_status.load(Ordering::SeqCst),
+            0x60 => self.dev.interrupt_status().load(Ordering::SeqCst),
             0x100.. => {
-                let cfg = self.lock().dev.config_space();
+                let cfg = self.dev.with_device(|d| d.config_space());
                 let start = (offset - 0x100) as usize;
                 for (i, b) in data.iter_mut().enumerate() {
                     *b = cfg.get(start + i).copied().unwrap_or(0);
@@ -194,43 +65,28 @@ impl VirtioMmio {
                 return;
             }
             _ => {
-                let mut g = self.lock();
-                let sel = g.queue_sel as usize;
+                let mut g = self.dev.lock();
                 match offset {
                     0x00 => MAGIC,
                     0x04 => 2,
                     0x08 => DEVICE_ID_BLOCK,
                     0x0c => VENDOR_ID,
-                    0x10 => match g.device_features_sel {
-                        0 => g.dev.device_features() as u32,
-                        1 => (g.dev.device_features() >> 32) as u32,
-                        _ => 0,
-                    },
-                    0x34 => g
-                        .dev
-                        .queues_mut()
-                        .get(sel)
-                        .map_or(0, |q| q.max_size().into()),
-                    0x44 => g
-                        .dev
-                        .queues_mut()
-                        .get(sel)
-                        .map_or(0, |q| u32::from(q.ready())),
+                    0x10 => g.device_features_word(),
+                    0x34 => g.queue().map_or(0, |q| q.max_size().into()),
+                    0x44 => g.queue().map_or(0, |q| u32::from(q.ready())),
                     0x70 => g.status,
-                    0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
-                        g.dev.queues_mut().get(sel).map_or(0, |q| {
-                            let a = match offset {
-                                0x80 | 0x84 => q.desc_table(),
-                                0x90 | 0x94 => q.avail_ring(),
-                                _ => q.used_ring(),
-                            };
-                            if offset & 4 == 0 {
-                                a as u32
-                            } else {
-                                (a >> 32) as u32
-                            }
-                        })
-                    }
+                    0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => g.queue().map_or(0, |q| {
+                        let a = match offset {
+                            0x80 | 0x84 => q.desc_table(),
+                            0x90 | 0x94 => q.avail_ring(),
+                            _ => q.used_ring(),
+                        };
+                        if offset & 4 == 0 {
+                            a as u32
+                        } else {
+                            (a >> 32) as u32
+                        }
+                    }),
                     0xfc => 0, // ConfigGeneration: the config never changes.
                     _ => 0,
                 }
@@ -250,37 +106,37 @@ impl VirtioMmio {
         let v = u32::from_le_bytes(b);
         match offset {
             0x64 => {
-                self.interrupt_status.fetch_and(!v, Ordering::SeqCst);
+                self.dev.interrupt_status().fetch_and(!v, Ordering::SeqCst);
                 return Action::None;
             }
             QUEUE_NOTIFY => return Action::Kick,
             0x100.. => return Action::None, // virtio-blk config is read-only here (no WCE).
+            0x70 => {
+                return match self.dev.set_status(v) {
+                    StatusChange::DriverOk => Action::Kick,
+                    StatusChange::None | StatusChange::Reset => Action::None,
+                }
+            }
             _ => {}
         }
-        let mut g = self.lock();
-        let sel = g.queue_sel as usize;
+        let mut g = self.dev.lock();
         match offset {
             0x14 => g.device_features_sel = v,
-            0x20 => match g.driver_features_sel {
-                0 => g.driver_features = (g.driver_features & !0xffff_ffff) | u64::from(v),
-                1 => g.driver_features = (g.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
-                _ => {}
-            },
+            0x20 => g.set_driver_features_word(v),
             0x24 => g.driver_features_sel = v,
             0x30 => g.queue_sel = v,
             0x38 => {
-                if let Some(q) = g.dev.queues_mut().get_mut(sel) {
+                if let Some(q) = g.queue() {
                     q.set_size(v as u16);
                 }
             }
             0x44 => {
-                if let Some(q) = g.dev.queues_mut().get_mut(sel) {
+                if let Some(q) = g.queue() {
                     q.set_ready(v == 1);
                 }
             }
-            0x70 => return g.set_status(v, &self.interrupt_status),
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
-                if let Some(q) = g.dev.queues_mut().get_mut(sel) {
+                if let Some(q) = g.queue() {
                     let (low, high) = if offset & 4 == 0 {
                         (Some(v), None)
                     } else {
@@ -299,54 +155,17 @@ impl VirtioMmio {
     }
 }
 
-impl Inner {
-    fn set_status(&mut self, v: u32, interrupt_status: &AtomicU32) -> Action {
-        if v == 0 {
-            self.reset(interrupt_status);
-            return Action::None;
-        }
-        let mut v = v;
-        let new = v & !self.status;
-        if new & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
-            if self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0 {
-                self.dev.set_acked_features(self.driver_features);
-            } else {
-                // A legacy driver: refuse (the driver reads FEATURES_OK back and gives up).
-                v &= !VIRTIO_CONFIG_S_FEATURES_OK;
-            }
-        }
-        self.status = v;
-        if new & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
-            Action::Kick
-        } else {
-            Action::None
-        }
-    }
-
-    fn reset(&mut self, interrupt_status: &AtomicU32) {
-        if let Err(e) = self.dev.flush() {
-            tracing::warn!("virtio-blk reset: draining requests failed: {e}");
-        }
-        for q in self.dev.queues_mut() {
-            q.reset();
-        }
-        self.dev.set_acked_features(0);
-        self.status = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.driver_features = 0;
-        self.queue_sel = 0;
-        interrupt_status.store(0, Ordering::SeqCst);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::INT_VRING;
     use block_backend::engine::{new_engine, EngineKind};
     use block_backend::virtio_blk::Config;
     use block_backend::OpenOptions;
-    use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER};
+    use virtio_bindings::virtio_config::{
+        VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+        VIRTIO_CONFIG_S_FEATURES_OK,
+    };
     use virtio_queue::Queue;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
@@ -433,7 +252,7 @@ mod tests {
             s | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK,
         );
         assert_eq!(a, Action::Kick);
-        assert!(r.t.with_active_device(|_| ()).is_some());
+        assert!(r.t.device().with_active_device(|_| ()).is_some());
     }
 
     #[test]
@@ -475,7 +294,7 @@ mod tests {
     #[test]
     fn interrupt_status_is_acknowledged_bit_by_bit() {
         let r = rig(false);
-        r.t.interrupt_status.store(3, Ordering::SeqCst);
+        r.t.device().interrupt_status().store(3, Ordering::SeqCst);
         assert_eq!(r32(&r.t, 0x60), 3);
         w32(&r.t, 0x64, 1);
         assert_eq!(r32(&r.t, 0x60), 2);
@@ -570,13 +389,14 @@ mod tests {
                 .collect();
             vq.add_desc_chains(&raw, next).unwrap();
             next += 3;
-            t.with_active_device(|d| {
-                d.process_queue(0).unwrap();
-                while d.pending() > 0 {
-                    d.process_completions(true).unwrap();
-                }
-            })
-            .expect("the device is active");
+            t.device()
+                .with_active_device(|d| {
+                    d.process_queue(0).unwrap();
+                    while d.pending() > 0 {
+                        d.process_completions(true).unwrap();
+                    }
+                })
+                .expect("the device is active");
             mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap()
         };
 
@@ -606,7 +426,7 @@ mod tests {
 
         // A reset waits for nothing in flight and clears the queue.
         w32(&t, 0x70, 0);
-        assert!(t.with_active_device(|_| ()).is_none());
+        assert!(t.device().with_active_device(|_| ()).is_none());
         assert_eq!(r32(&t, 0x44), 0);
         drop(t);
         let on_disk = std::fs::read(&path).unwrap();

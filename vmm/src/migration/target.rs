@@ -91,6 +91,8 @@ pub fn incoming(uri: &str, opts: &RunOptions) -> Result<GuestExit> {
                 read_only: d.read_only,
             })
             .collect(),
+        // The source refuses to migrate a pci-transport VM.
+        transport: crate::Transport::Mmio,
     };
     let committed = Arc::new(AtomicBool::new(false));
     let (c, ctx) = (committed.clone(), tx.clone());
@@ -164,6 +166,7 @@ fn receive(
         memory: wire.memory,
         cpus: wire.cpus,
         disks: Vec::new(),
+        transport: crate::Transport::Mmio,
     };
     crate::vm::validate(&shape)
         .and_then(|()| {

@@ -1,0 +1,424 @@
+//! virtio-pci, modern only (virtio 1.x §4.1): a PCI function (vendor 0x1af4, device
+//! 0x1040 + virtio id, revision 1) whose capabilities point into one 32-bit memory BAR.
+//!
+//! ```text
+//!  config space                          BAR0 (32 KiB, at a fixed address)
+//!  0x00 header: 1af4:1042 rev 1,         0x0000 common cfg (56 bytes, §4.1.4.3)
+//!       class 01/80/00, subsystem        0x1000 ISR (1 byte, read clears)
+//!       1af4:0040, pin 0 (no INTx)       0x2000 device cfg (struct virtio_blk_config)
+//!  0x40 MSI-X: N = queues + 1            0x3000 notify: queue q at 0x3000 + 4q (ioeventfds)
+//!  0x4c..0xa8 virtio caps: common,       0x4000 MSI-X table (16 bytes per vector)
+//!       notify (multiplier 4), ISR,      0x5000 MSI-X PBA
+//!       device, pci cfg access
+//! ```
+//!
+//! Interrupts are MSI-X only (the driver's fallback to INTx finds no pin): vector 0 is the
+//! usual config vector, and the vector of queue `q` is whatever the driver writes to
+//! `queue_msix_vector` (read by the device's notify callback through [`Vectors`]).
+//!
+//! Invariants: feature, status and queue state live in the shared [`VirtioDevice`] (this
+//! module maps offsets onto it); the BAR never moves: a write of another address is logged and
+//! undone, so BAR0 decodes only at its assigned address with memory space enabled; every
+//! access the layout does not define (wrong size or offset, beyond a region, to read-only
+//! registers) is ignored and reads 0, never a panic.
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use virtio_queue::QueueT;
+
+use super::msix::{Msix, NO_VECTOR};
+use super::pci::ConfigSpace;
+use super::virtio::{Action, StatusChange, VirtioDevice, DEVICE_ID_BLOCK};
+
+/// The virtio PCI vendor.
+pub const VENDOR: u16 = 0x1af4;
+/// Size of BAR0.
+pub const BAR0_SIZE: u64 = 0x8000;
+/// Common configuration in BAR0.
+pub const COMMON: u64 = 0x0000;
+const COMMON_LEN: u64 = 0x38;
+/// ISR status in BAR0.
+pub const ISR: u64 = 0x1000;
+/// Device configuration in BAR0.
+pub const DEVICE: u64 = 0x2000;
+const DEVICE_LEN: u64 = 0x1000;
+/// Queue notifications in BAR0: queue `q` at `NOTIFY + q * NOTIFY_MULTIPLIER`.
+pub const NOTIFY: u64 = 0x3000;
+/// `notify_off_multiplier`.
+pub const NOTIFY_MULTIPLIER: u32 = 4;
+/// MSI-X table in BAR0.
+pub const MSIX_TABLE: u64 = 0x4000;
+/// MSI-X pending bit array in BAR0.
+pub const MSIX_PBA: u64 = 0x5000;
+
+/// Capability offsets in config space.
+const CAP_MSIX: usize = 0x40;
+const CAP_COMMON: usize = 0x4c;
+const CAP_NOTIFY: usize = 0x5c;
+const CAP_ISR: usize = 0x70;
+const CAP_DEVICE: usize = 0x80;
+const CAP_PCI_CFG: usize = 0x90;
+/// `struct virtio_pci_cap` cfg_type values.
+const TYPE_COMMON: u8 = 1;
+const TYPE_NOTIFY: u8 = 2;
+const TYPE_ISR: u8 = 3;
+const TYPE_DEVICE: u8 = 4;
+const TYPE_PCI_CFG: u8 = 5;
+const BAR0: usize = 0x10;
+const COMMAND_MEMORY: u16 = 1 << 1;
+
+/// The vector registers: `[0]` is `config_msix_vector`, `[1 + q]` queue `q`'s.
+#[derive(Debug)]
+pub struct Vectors(Vec<AtomicU16>);
+
+impl Vectors {
+    /// Every vector [`NO_VECTOR`], for `queues` queues.
+    pub fn new(queues: usize) -> Vectors {
+        Vectors((0..=queues).map(|_| AtomicU16::new(NO_VECTOR)).collect())
+    }
+
+    /// The vector of queue `q` ([`NO_VECTOR`] if there is none).
+    pub fn queue(&self, q: u16) -> u16 {
+        self.0
+            .get(1 + usize::from(q))
+            .map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst))
+    }
+
+    fn reset(&self) {
+        for v in &self.0 {
+            v.store(NO_VECTOR, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A virtio-pci function over a [`VirtioDevice`].
+#[derive(Debug)]
+pub struct VirtioPci {
+    dev: Arc<VirtioDevice>,
+    msix: Arc<Msix>,
+    vectors: Arc<Vectors>,
+    config: Mutex<ConfigSpace>,
+    bar: u32,
+    queues: u16,
+}
+
+/// Appends a `struct virtio_pci_cap` at `at` (length `len`: 16, or 20 with a trailing u32).
+fn vendor_cap(c: &mut ConfigSpace, at: usize, next: usize, len: u8, kind: u8, region: (u64, u64)) {
+    c.set_u8(at, 0x09);
+    c.set_u8(at + 1, next as u8);
+    c.set_u8(at + 2, len);
+    c.set_u8(at + 3, kind);
+    c.set_u8(at + 4, 0); // BAR0
+    c.set_u32(at + 8, region.0 as u32);
+    c.set_u32(at + 12, region.1 as u32);
+}
+
+impl VirtioPci {
+    /// The function of `dev` with `queues` virtqueues, MSI-X vectors `msix` (one per queue plus
+    /// config), and BAR0 at `bar` (a multiple of [`BAR0_SIZE`], below 4 GiB).
+    pub fn new(
+        dev: Arc<VirtioDevice>,
+        queues: u16,
+        msix: Arc<Msix>,
+        vectors: Arc<Vectors>,
+        bar: u32,
+    ) -> VirtioPci {
+        let mut c = ConfigSpace::new(
+            VENDOR,
+            0x1040 + DEVICE_ID_BLOCK as u16,
+            0x0180_0001, // mass storage, other; revision 1 (modern)
+        );
+        c.set_writable(0x04, &[0x07, 0x04]); // I/O, memory, bus master; INTx disable
+        c.set_u16(0x06, 1 << 4); // capabilities list
+        c.set_writable(0x0c, &[0xff]); // cache line size
+        c.set_u32(BAR0, bar); // 32-bit, non-prefetchable memory
+        c.set_writable(BAR0, &(!(BAR0_SIZE as u32 - 1)).to_le_bytes());
+        c.set_u16(0x2c, VENDOR);
+        c.set_u16(0x2e, 0x0040);
+        c.set_u8(0x34, CAP_MSIX as u8);
+        c.set_writable(0x3c, &[0xff]); // interrupt line; pin 0
+                                       // MSI-X: enable and function mask writable.
+        c.set_u8(CAP_MSIX, 0x11);
+        c.set_u8(CAP_MSIX + 1, CAP_COMMON as u8);
+        c.set_u16(CAP_MSIX + 2, msix.len().saturating_sub(1) as u16);
+        c.set_writable(CAP_MSIX + 3, &[0xc0]);
+        c.set_u32(CAP_MSIX + 4, MSIX_TABLE as u32);
+        c.set_u32(CAP_MSIX + 8, MSIX_PBA as u32);
+        vendor_cap(
+            &mut c,
+            CAP_COMMON,
+            CAP_NOTIFY,
+            16,
+            TYPE_COMMON,
+            (COMMON, COMMON_LEN),
+        );
+        let notify_len = u64::from(queues) * u64::from(NOTIFY_MULTIPLIER);
+        vendor_cap(
+            &mut c,
+            CAP_NOTIFY,
+            CAP_ISR,
+            20,
+            TYPE_NOTIFY,
+            (NOTIFY, notify_len),
+        );
+        c.set_u32(CAP_NOTIFY + 16, NOTIFY_MULTIPLIER);
+        vendor_cap(&mut c, CAP_ISR, CAP_DEVICE, 16, TYPE_ISR, (ISR, 1));
+        vendor_cap(
+            &mut c,
+            CAP_DEVICE,
+            CAP_PCI_CFG,
+            16,
+            TYPE_DEVICE,
+            (DEVICE, DEVICE_LEN),
+        );
+        vendor_cap(&mut c, CAP_PCI_CFG, 0, 20, TYPE_PCI_CFG, (0, 0));
+        // pci cfg access: bar, offset, length and the data window are the driver's.
+        c.set_writable(CAP_PCI_CFG + 4, &[0xff]);
+        c.set_writable(CAP_PCI_CFG + 8, &[0xff; 12]);
+        VirtioPci {
+            dev,
+            msix,
+            vectors,
+            config: Mutex::new(c),
+            bar,
+            queues,
+        }
+    }
+
+    fn config(&self) -> MutexGuard<'_, ConfigSpace> {
+        self.config.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The device behind the function.
+    pub fn device(&self) -> &Arc<VirtioDevice> {
+        &self.dev
+    }
+
+    /// Guest address of queue `q`'s notify register (for its ioeventfd).
+    pub fn notify_addr(&self, q: u16) -> u64 {
+        u64::from(self.bar) + NOTIFY + u64::from(q) * u64::from(NOTIFY_MULTIPLIER)
+    }
+
+    /// `(base, size)` of BAR0 while it decodes: memory space on, at its address.
+    pub fn decoded_bar(&self) -> Option<(u64, u64)> {
+        let c = self.config();
+        (c.u16(0x04) & COMMAND_MEMORY != 0 && c.u32(BAR0) == self.bar)
+            .then_some((u64::from(self.bar), BAR0_SIZE))
+    }
+
+    /// A config space read (`off` and `data.len()` as [`ConfigSpace::valid`] allows; other
+    /// accesses read all ones).
+    pub fn config_read(&self, off: usize, data: &mut [u8]) {
+        if !ConfigSpace::valid(off, data.len()) {
+            tracing::debug!("config read of {} bytes at {off:#x} refused", data.len());
+            data.fill(0xff);
+            return;
+        }
+        let data_window = CAP_PCI_CFG + 16..CAP_PCI_CFG + 20;
+        if data_window.contains(&off) {
+            let (bar, at, len) = self.pci_cfg_window();
+            if let (0, 1 | 2 | 4) = (bar, len) {
+                let mut buf = [0u8; 4];
+                self.bar_read(at, &mut buf[..len]);
+                self.config()
+                    .set_u32(CAP_PCI_CFG + 16, u32::from_le_bytes(buf));
+            }
+        }
+        self.config().read(off, data);
+    }
+
+    /// The VIRTIO_PCI_CAP_PCI_CFG window the driver set: `(bar, offset, length)`.
+    fn pci_cfg_window(&self) -> (u8, u64, usize) {
+        let c = self.config();
+        let mut bar = [0u8];
+        c.read(CAP_PCI_CFG + 4, &mut bar);
+        let (at, len) = (c.u32(CAP_PCI_CFG + 8), c.u32(CAP_PCI_CFG + 12));
+        (bar[0], u64::from(at), len as usize)
+    }
+
+    /// A config space write: writable bits only; BAR0 keeps its address, MSI-X control goes to
+    /// the vectors, the pci cfg data window reaches BAR0.
+    pub fn config_write(&self, off: usize, data: &[u8]) {
+        if !ConfigSpace::valid(off, data.len()) {
+            tracing::debug!("config write of {} bytes at {off:#x} refused", data.len());
+            return;
+        }
+        let control = {
+            let mut c = self.config();
+            c.write(off, data);
+            let bar = c.u32(BAR0);
+            let sizing = !(BAR0_SIZE as u32 - 1);
+            if (BAR0..BAR0 + 4).contains(&off) && bar != self.bar && bar != sizing {
+                tracing::warn!(
+                    "guest moved BAR0 to {bar:#x}: not supported, it stays at {:#x}",
+                    self.bar
+                );
+                c.set_u32(BAR0, self.bar);
+            }
+            (off < CAP_MSIX + 4 && off + data.len() > CAP_MSIX + 2).then(|| c.u16(CAP_MSIX + 2))
+        };
+        if let Some(control) = control {
+            self.msix.set_control(control);
+        }
+        if (CAP_PCI_CFG + 16..CAP_PCI_CFG + 20).contains(&off) {
+            let (bar, at, len) = self.pci_cfg_window();
+            if let (0, 1 | 2 | 4) = (bar, len) {
+                let word = self.config().u32(CAP_PCI_CFG + 16).to_le_bytes();
+                if self.bar_write(at, &word[..len]) == Action::Kick {
+                    let _ = self.dev.kick_evt().write(1);
+                }
+            }
+        }
+    }
+
+    /// A read of `data.len()` bytes at `off` in BAR0.
+    pub fn bar_read(&self, off: u64, data: &mut [u8]) {
+        data.fill(0);
+        let len = data.len() as u64;
+        match off {
+            COMMON..0x1000 if off + len <= COMMON_LEN => self.common_read(off, data),
+            ISR if len == 1 => {
+                data[0] = self.dev.interrupt_status().swap(0, Ordering::SeqCst) as u8;
+            }
+            DEVICE..0x3000 if off + len <= DEVICE + DEVICE_LEN => {
+                let cfg = self.dev.with_device(|d| d.config_space());
+                for (i, b) in data.iter_mut().enumerate() {
+                    *b = cfg.get((off - DEVICE) as usize + i).copied().unwrap_or(0);
+                }
+            }
+            MSIX_TABLE..MSIX_PBA => self.msix.table_read(off - MSIX_TABLE, data),
+            MSIX_PBA..BAR0_SIZE => self.msix.pba_read(off - MSIX_PBA, data),
+            _ => tracing::debug!("BAR0 read of {len} bytes at {off:#x} ignored"),
+        }
+    }
+
+    /// A write of `data` at `off` in BAR0.
+    pub fn bar_write(&self, off: u64, data: &[u8]) -> Action {
+        let len = data.len() as u64;
+        match off {
+            COMMON..0x1000 if off + len <= COMMON_LEN => return self.common_write(off, data),
+            NOTIFY..MSIX_TABLE
+                if off + len <= NOTIFY + u64::from(self.queues) * u64::from(NOTIFY_MULTIPLIER) =>
+            {
+                return Action::Kick
+            }
+            MSIX_TABLE..MSIX_PBA => self.msix.table_write(off - MSIX_TABLE, data),
+            MSIX_PBA..BAR0_SIZE => self.msix.pba_write(off - MSIX_PBA, data),
+            _ => tracing::debug!("BAR0 write of {len} bytes at {off:#x} ignored"),
+        }
+        Action::None
+    }
+
+    fn common_read(&self, off: u64, data: &mut [u8]) {
+        let mut g = self.dev.lock();
+        let sel = g.queue_sel as usize;
+        let vector = |i: usize| self.vectors.0.get(i).map(|v| v.load(Ordering::SeqCst));
+        let v: u64 = match (off, data.len()) {
+            (0x00, 4) => g.device_features_sel.into(),
+            (0x04, 4) => g.device_features_word().into(),
+            (0x08, 4) => g.driver_features_sel.into(),
+            (0x0c, 4) => g.driver_features_word().into(),
+            (0x10, 2) => vector(0).unwrap_or(NO_VECTOR).into(),
+            (0x12, 2) => self.queues.into(),
+            (0x14, 1) => g.status.into(),
+            (0x15, 1) => 0, // config_generation: the config never changes
+            (0x16, 2) => g.queue_sel.into(),
+            (0x18, 2) => g.queue().map_or(0, |q| q.size().into()),
+            (0x1a, 2) => vector(1 + sel).unwrap_or(NO_VECTOR).into(),
+            (0x1c, 2) => g.queue().map_or(0, |q| q.ready().into()),
+            (0x1e, 2) => g.queue().map_or(0, |_| sel as u64),
+            (0x20..=0x37, 4 | 8) if off % data.len() as u64 == 0 => {
+                let a = g.queue().map_or(0, |q| match off & !7 {
+                    0x20 => q.desc_table(),
+                    0x28 => q.avail_ring(),
+                    _ => q.used_ring(),
+                });
+                if off & 4 == 0 {
+                    a
+                } else {
+                    a >> 32
+                }
+            }
+            _ => {
+                tracing::debug!(
+                    "common cfg read of {} bytes at {off:#x} ignored",
+                    data.len()
+                );
+                0
+            }
+        };
+        let bytes = v.to_le_bytes();
+        data.copy_from_slice(&bytes[..data.len()]);
+    }
+
+    fn common_write(&self, off: u64, data: &[u8]) -> Action {
+        let mut b = [0u8; 8];
+        b[..data.len()].copy_from_slice(data);
+        let v = u64::from_le_bytes(b);
+        if (off, data.len()) == (0x14, 1) {
+            return match self.dev.set_status(v as u32) {
+                StatusChange::DriverOk => Action::Kick,
+                StatusChange::Reset => {
+                    self.vectors.reset();
+                    Action::None
+                }
+                StatusChange::None => Action::None,
+            };
+        }
+        let mut g = self.dev.lock();
+        let sel = g.queue_sel as usize;
+        let vector = |v: u64| {
+            if v < self.msix.len() as u64 {
+                v as u16
+            } else {
+                NO_VECTOR
+            }
+        };
+        match (off, data.len()) {
+            (0x00, 4) => g.device_features_sel = v as u32,
+            (0x08, 4) => g.driver_features_sel = v as u32,
+            (0x0c, 4) => g.set_driver_features_word(v as u32),
+            (0x10, 2) => self.vectors.0[0].store(vector(v), Ordering::SeqCst),
+            (0x16, 2) => g.queue_sel = v as u32,
+            (0x18, 2) => {
+                if let Some(q) = g.queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            (0x1a, 2) => {
+                if let Some(slot) = self.vectors.0.get(1 + sel) {
+                    slot.store(vector(v), Ordering::SeqCst);
+                }
+            }
+            (0x1c, 2) if v == 1 => {
+                if let Some(q) = g.queue() {
+                    q.set_ready(true);
+                }
+            }
+            (0x20..=0x37, 4 | 8) if off % data.len() as u64 == 0 => {
+                if let Some(q) = g.queue() {
+                    let (low, high) = match (data.len(), off & 4) {
+                        (8, _) => (Some(v as u32), Some((v >> 32) as u32)),
+                        (_, 0) => (Some(v as u32), None),
+                        _ => (None, Some(v as u32)),
+                    };
+                    match off & !7 {
+                        0x20 => q.set_desc_table_address(low, high),
+                        0x28 => q.set_avail_ring_address(low, high),
+                        _ => q.set_used_ring_address(low, high),
+                    }
+                }
+            }
+            _ => tracing::debug!(
+                "common cfg write of {} bytes at {off:#x} ignored",
+                data.len()
+            ),
+        }
+        Action::None
+    }
+}
+
+#[cfg(test)]
+#[path = "virtio_pci_tests.rs"]
+mod tests;
