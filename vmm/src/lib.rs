@@ -123,6 +123,7 @@ mod devices;
 mod disks;
 mod layout;
 pub mod migration;
+mod pages;
 pub mod state;
 mod vcpu;
 mod vm;

@@ -193,7 +193,7 @@ impl Controller<'_> {
         let t = Instant::now();
         let (b0, s) = (
             tx.offset,
-            dirty::send(tx, self.mem, &dirty::all(self.mem), true, &mut paced)?,
+            dirty::send(tx, self.mem, &dirty::first_pass(self.mem), true, &mut paced)?,
         );
         stats.pages_sent += s.data_pages;
         stats.bandwidth = rate(tx.offset - b0, t.elapsed());

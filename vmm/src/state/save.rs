@@ -6,7 +6,7 @@
 //! earlier adds an event after they were taken.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use kvm_bindings::{
@@ -16,13 +16,12 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
+use crate::pages::{self, PAGE};
+
 use super::{CpuidEntry, Msr, StateError, VcpuState, VmKvmState};
 
 /// Largest MSR batch of one KVM_GET_MSRS.
 const MSR_CHUNK: usize = 64;
-/// Page size of the memory file's holes.
-const PAGE: usize = 4096;
-
 fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> StateError {
     move |e| StateError::Mismatch(format!("KVM {what}: {e}"))
 }
@@ -122,7 +121,9 @@ pub fn vm(vm: &VmFd) -> Result<VmKvmState, StateError> {
 }
 
 /// Writes guest memory to `path` (regions back to back), skipping zero pages so they stay
-/// holes, and syncs it. Returns the file length and the CRC-32C of the whole content.
+/// holes, and syncs it. Returns the file length and the CRC-32C of the whole content. Pages
+/// never populated (see [`crate::pages`]) are not even read: the cost follows the memory the
+/// guest touched, not its size.
 pub fn memory(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u32), StateError> {
     let io = |what| {
         move |source| StateError::Io {
@@ -131,11 +132,11 @@ pub fn memory(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u32), StateErr
             source,
         }
     };
-    let mut f = File::create(path).map_err(io("create"))?;
+    let f = File::create(path).map_err(io("create"))?;
     let mut crc = 0u32;
     let mut off = 0u64;
-    let zero = [0u8; PAGE];
-    for region in mem.iter() {
+    let populated = pages::populated(mem);
+    for (region, bits) in mem.iter().zip(&populated) {
         let len = region.len() as usize;
         let host = region
             .get_host_address(MemoryRegionAddress(0))
@@ -144,21 +145,38 @@ pub fn memory(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u32), StateErr
         // `mem`; the vCPUs are paused and the disk workers stopped, so nothing writes it
         // while this reads it.
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
-        for page in bytes.chunks(PAGE) {
-            if page == &zero[..page.len()] {
-                crc = crc32c::crc32c_append(crc, page);
-                continue;
-            }
-            crc = crc32c::crc32c_append(crc, page);
-            f.seek(SeekFrom::Start(
-                off + (page.as_ptr() as usize - host as usize) as u64,
-            ))
-            .map_err(io("seek"))?;
-            f.write_all(page).map_err(io("write"))?;
+        let mut done = 0usize;
+        for (start, end) in pages::runs(bits, len / PAGE) {
+            let (start, end) = (start * PAGE, end * PAGE);
+            crc = pages::crc_append_zeros(crc, (start - done) as u64);
+            crc = crc32c::crc32c_append(crc, &bytes[start..end]);
+            write_data(&f, &bytes[start..end], off + start as u64).map_err(io("write"))?;
+            done = end;
         }
+        crc = pages::crc_append_zeros(crc, (len - done) as u64);
         off += len as u64;
     }
     f.set_len(off).map_err(io("set the length"))?;
     f.sync_all().map_err(io("sync"))?;
     Ok((off, crc))
+}
+
+/// Writes the non-zero pages of `run` at `at` in `f`, one write per run of them.
+fn write_data(f: &File, run: &[u8], at: u64) -> std::io::Result<()> {
+    let zero = [0u8; PAGE];
+    let is_zero = |p: usize| run[p * PAGE..(p + 1) * PAGE] == zero;
+    let n = run.len() / PAGE;
+    let mut p = 0;
+    while p < n {
+        if is_zero(p) {
+            p += 1;
+            continue;
+        }
+        let start = p;
+        while p < n && !is_zero(p) {
+            p += 1;
+        }
+        f.write_all_at(&run[start * PAGE..p * PAGE], at + (start * PAGE) as u64)?;
+    }
+    Ok(())
 }
