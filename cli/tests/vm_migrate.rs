@@ -206,6 +206,8 @@ enum Fake {
     HangUpAtDisksReleased,
     /// Answers with another vhdtool version.
     OtherVersion,
+    /// Reports a failure of its own once the disks were released.
+    FailsAtDisksReleased,
 }
 
 /// A fake target on a free port: returns its `tcp:` address.
@@ -233,6 +235,11 @@ fn fake_target(how: Fake) -> (String, std::thread::JoinHandle<String>) {
                 (Fake::HangUpAtDisksReleased, Ok(Record::DisksReleased)) => {
                     return format!("hung up at disks released, {} bytes", rx.offset)
                 }
+                (Fake::FailsAtDisksReleased, Ok(Record::DisksReleased)) => {
+                    tx.send(&Record::Failed("cannot open the disk (test)".into()))
+                        .unwrap();
+                    return format!("{:?}", rx.record());
+                }
                 (_, Ok(_)) => {}
                 (_, Err(e)) => return format!("stream ended: {e}"),
             }
@@ -257,6 +264,10 @@ fn a_migration_cut_part_way_leaves_the_guest_running_at_the_source() {
         (Fake::HangUpAfter(3), "migration"),
         (Fake::HangUpAtDisksReleased, "migration"),
         (Fake::OtherVersion, "0.0.0-other"),
+        (
+            Fake::FailsAtDisksReleased,
+            "failed: cannot open the disk (test)",
+        ),
     ] {
         let (uri, fake) = fake_target(how);
         let o = src.vm(&["migrate", &uri]);

@@ -52,6 +52,9 @@ pub struct Restored {
     pub state: VmState,
     /// Guest memory.
     pub memory: RestoredMemory,
+    /// Called before the disks are opened (the rest of the VM is built); an error stops the
+    /// VM there (a migration target waits for the source to release the disks).
+    pub before_disks: Option<Box<dyn FnOnce() -> Result<()>>>,
     /// Called once the VM is built (disks open, state set), before any vCPU or disk worker
     /// runs; an error stops the VM there (a migration target asks the source for the go).
     pub commit: Option<Box<dyn FnOnce() -> Result<()>>>,
@@ -326,7 +329,7 @@ fn load(dir: &Path) -> std::result::Result<(Manifest, VmState), StateError> {
 
 /// Refuses a checkpoint whose vCPUs used CPU features a vCPU of this host lacks, before any
 /// file is made (a scratch VM with one vCPU set up as the VMM sets them up).
-pub(crate) fn check_host(state: &VmState, cpus: u8) -> Result<()> {
+fn check_host(state: &VmState, cpus: u8) -> Result<()> {
     let kvm = kvm_ioctls::Kvm::new().map_err(|e| Error::Kvm {
         what: "open /dev/kvm".into(),
         source: e,
@@ -420,6 +423,7 @@ pub fn restore(dir: &Path, opts: &RunOptions) -> Result<GuestExit> {
             len: manifest.memory_file.len,
             crc: manifest.memory_file.crc32c,
         },
+        before_disks: None,
         commit: None,
         advance_clock: false,
     };

@@ -253,6 +253,31 @@ pub(crate) fn run_vm(
     };
     let serial = Arc::new(Mutex::new(serial));
 
+    // vCPUs, before the disks: a migration target builds them while the source still
+    // releases the disks.
+    let mut fds = Vec::new();
+    for id in 0..config.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| Error::kvm(format!("KVM_CREATE_VCPU {id}"), e))?;
+        cpu::configure(&kvm, &fd, id, config.cpus, entry)?;
+        if let Some(r) = &restored {
+            let saved = r
+                .state
+                .vcpus
+                .get(usize::from(id))
+                .ok_or_else(|| Error::Setup(format!("restore: no state for vCPU {id}")))?;
+            // The vCPU is set up as a fresh one: refuse a saved CPU feature this host lacks
+            // (a migration target checks here; a checkpoint restore also before any file).
+            restore::check_cpuid(&fd, saved)?;
+            restore::vcpu(&fd, saved)?;
+        }
+        fds.push(fd);
+    }
+    if let Some(wait) = restored.as_mut().and_then(|r| r.before_disks.take()) {
+        wait()?;
+    }
+
     // Disks.
     let router: Arc<dyn MsiRouter> = Arc::new(KvmMsiRouter::new(vm.clone()));
     let (mut transports, mut mmio, mut pci) = (Vec::new(), Vec::new(), Vec::new());
@@ -286,23 +311,7 @@ pub(crate) fn run_vm(
     vm.register_irqfd(&power_button, GED_GSI)
         .map_err(|e| Error::kvm("KVM_IRQFD (power button)", e))?;
 
-    // vCPUs and signal handlers, before any thread starts (a failure here leaves none behind).
-    let mut fds = Vec::new();
-    for id in 0..config.cpus {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|e| Error::kvm(format!("KVM_CREATE_VCPU {id}"), e))?;
-        cpu::configure(&kvm, &fd, id, config.cpus, entry)?;
-        if let Some(r) = &restored {
-            let saved = r
-                .state
-                .vcpus
-                .get(usize::from(id))
-                .ok_or_else(|| Error::Setup(format!("restore: no state for vCPU {id}")))?;
-            restore::vcpu(&fd, saved)?;
-        }
-        fds.push(fd);
-    }
+    // Signal handlers, before any thread starts (a failure here leaves none behind).
     register_signal_handler(SIGRTMIN(), kick_handler)
         .map_err(|e| Error::Setup(format!("install the vCPU kick signal handler: {e}")))?;
     // SIGINT/SIGTERM stop the VM like any other exit: vCPUs stopped, disks drained and

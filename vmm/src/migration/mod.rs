@@ -12,9 +12,9 @@
 //!     … until the dirty set fits --downtime-ms at the measured bandwidth (or MAX_PASSES)
 //!  pause vCPUs, stop disk workers (drain, flush)
 //!  last dirty set + used rings ─── Pages/Zero ───>
-//!  VM state (vmstate.bin container) ─ State ─────>  decode, check vCPUs/devices/CPUID
-//!  close every disk (image locks released)
-//!  DisksReleased ───────────────────────────────>  open the disks, build the VM
+//!  VM state (vmstate.bin container) ─ State ─────>  decode, check; build the VM but its
+//!  close every disk (image locks released)           disks (vCPUs: CPUID checked, state set)
+//!  DisksReleased ───────────────────────────────>  open the disks
 //!                 <─────────────────────── Ready
 //!  Go ──────────────────────────────────────────>  start vCPUs and disk workers
 //!  reply ok, VMM exits 0

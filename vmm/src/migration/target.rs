@@ -1,9 +1,10 @@
 //! The target side of a live migration: `vhdtool boot --incoming tcp:HOST:PORT`.
 //!
 //! Listens, takes one connection, receives the VM's shape, its memory and its state (checked
-//! as a checkpoint is: versions, sizes, checksums, vCPU and device counts, this host's CPU
-//! features), waits for `DisksReleased`, builds the VM over the same disk paths, says
-//! `Ready`, and runs it on `Go` (see [`super`]). Any failure before `Go` is reported to the
+//! as a checkpoint is: versions, sizes, checksums, vCPU and device counts; this host's CPU
+//! features when each vCPU is built), builds the VM but its disks, waits for
+//! `DisksReleased`, opens the same disk paths, says `Ready`, and runs it on `Go` (see
+//! [`super`]). Any failure before `Go` is reported to the
 //! source (`Failed`) so that it keeps the guest, and ends this process with an error.
 
 use std::io::BufReader;
@@ -17,7 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::parse_tcp;
 use super::stream::{Receiver, Record, Sender, WireConfig, PAGE};
-use crate::checkpoint::{check_host, Restored, RestoredMemory};
+use crate::checkpoint::{Restored, RestoredMemory};
 use crate::state::{decode_state, VmState};
 use crate::{layout, DiskConfig, Error, GuestExit, Result, RunOptions, VmConfig};
 
@@ -74,9 +75,6 @@ pub fn incoming(uri: &str, opts: &RunOptions) -> Result<GuestExit> {
         t0.elapsed().as_secs_f64() * 1e3,
         rx.offset
     );
-    if let Err(e) = check_host(&state, wire.cpus) {
-        return Err(fail(e));
-    }
     let config = VmConfig {
         kernel: PathBuf::new(),
         initrd: None,
@@ -95,11 +93,30 @@ pub fn incoming(uri: &str, opts: &RunOptions) -> Result<GuestExit> {
         transport: crate::Transport::Mmio,
     };
     let committed = Arc::new(AtomicBool::new(false));
+    let rx = Arc::new(Mutex::new(rx));
+    let rx2 = rx.clone();
+    // The rest of the VM is built while the source closes the disks.
+    let before_disks = move || -> Result<()> {
+        let mut rx = rx2.lock().unwrap_or_else(|p| p.into_inner());
+        let at = rx.offset;
+        match rx.record()? {
+            Record::DisksReleased => Ok(()),
+            other => Err(rx
+                .bad_record(
+                    "record",
+                    at,
+                    format!("expected disks-released, got a {}", other.name()),
+                )
+                .into()),
+        }
+    };
     let (c, ctx) = (committed.clone(), tx.clone());
     let commit = move || -> Result<()> {
         ctx.lock()
             .unwrap_or_else(|p| p.into_inner())
             .send(&Record::Ready)?;
+        let mut rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+        let at = rx.offset;
         match rx.record()? {
             Record::Go => {
                 c.store(true, Ordering::SeqCst);
@@ -107,17 +124,14 @@ pub fn incoming(uri: &str, opts: &RunOptions) -> Result<GuestExit> {
                 Ok(())
             }
             other => Err(rx
-                .bad_record(
-                    "reply",
-                    rx.offset,
-                    format!("expected go, got a {}", other.name()),
-                )
+                .bad_record("reply", at, format!("expected go, got a {}", other.name()))
                 .into()),
         }
     };
     let restored = Restored {
         state,
         memory: RestoredMemory::Loaded(mem),
+        before_disks: Some(Box::new(before_disks)),
         commit: Some(Box::new(commit)),
         advance_clock: true,
     };
@@ -142,7 +156,7 @@ fn host_memory() -> Option<u64> {
     Some(kib << 10)
 }
 
-/// Receives the VM's shape, memory and state up to `DisksReleased`.
+/// Receives the VM's shape, its memory and its state.
 fn receive(
     rx: &mut Receiver<BufReader<TcpStream>>,
 ) -> Result<(WireConfig, GuestMemoryMmap, VmState)> {
@@ -189,7 +203,6 @@ fn receive(
         .collect();
     let mem = GuestMemoryMmap::from_ranges(&regions)
         .map_err(|e| Error::Setup(format!("allocate guest memory: {e}")))?;
-    let mut state = None;
     let (mut bytes, mut next_report) = (0u64, 0u64);
     loop {
         let at = rx.offset;
@@ -248,16 +261,9 @@ fn receive(
                         )
                         .into());
                 }
-                state = Some(s);
+                // The last record before DisksReleased (read while the VM is built).
+                return Ok((wire, mem, s));
             }
-            Record::DisksReleased => match state {
-                Some(s) => return Ok((wire, mem, s)),
-                None => {
-                    return Err(rx
-                        .bad_record("disks-released record", at, "before the VM state".into())
-                        .into())
-                }
-            },
             other => {
                 return Err(rx
                     .bad_record(
