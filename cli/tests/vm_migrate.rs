@@ -48,6 +48,37 @@ impl Vmm {
     }
 }
 
+/// Migrates `src` to a new target in `dir`; checks that the source exited 0 and that the
+/// target goes on with the next letter; returns the target, its `vm status --json` and what
+/// `migrate` printed.
+fn migrate(dir: &Path, src: Vmm) -> (Vmm, serde_json::Value, String) {
+    let (dst, uri) = Vmm::target(dir);
+    let start = Instant::now();
+    let o = src.vm(&["migrate", &uri]);
+    let took = start.elapsed();
+    let said = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{o:?}");
+    println!("migrate: {said}");
+    println!("migrate command took {:.1} ms", took.as_secs_f64() * 1e3);
+    let (code, err, before) = src.wait();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("guest migrated"), "{err}");
+    dst.wait_for_output(3);
+    let after = dst.out.lock().unwrap().clone();
+    assert_eq!(
+        after[0],
+        next_letter(*before.last().unwrap()),
+        "the target did not continue where the source stopped: {:?} then {:?}",
+        String::from_utf8_lossy(&before),
+        String::from_utf8_lossy(&after)
+    );
+    assert_sequence(&after);
+    let v: serde_json::Value =
+        serde_json::from_slice(&dst.vm(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(v["state"], "running");
+    (dst, v, said)
+}
+
 fn assert_sequence(out: &[u8]) {
     for w in out.windows(2) {
         assert_eq!(
@@ -72,35 +103,11 @@ fn a_running_guest_moves_to_the_incoming_vmm_and_its_sequence_goes_on_there() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dynamic_vhdx(dir.path());
     let src = Vmm::source(dir.path(), &disk);
-    let (dst, uri) = Vmm::target(dir.path());
-    let start = Instant::now();
-    let o = src.vm(&["migrate", &uri]);
-    let took = start.elapsed();
-    let said = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(o.status.success(), "{o:?}");
-    println!("migrate: {said}");
-    println!("migrate command took {:.1} ms", took.as_secs_f64() * 1e3);
+    let (dst, v, said) = migrate(dir.path(), src);
     assert!(
         said.contains("migrated to") && said.contains("guest paused"),
         "{said}"
     );
-
-    let (code, err, before) = src.wait();
-    assert_eq!(code, Some(0), "{err}");
-    assert!(err.contains("guest migrated"), "{err}");
-    dst.wait_for_output(3);
-    let after = dst.out.lock().unwrap().clone();
-    assert_eq!(
-        after[0],
-        next_letter(*before.last().unwrap()),
-        "the target did not continue where the source stopped: {:?} then {:?}",
-        String::from_utf8_lossy(&before),
-        String::from_utf8_lossy(&after)
-    );
-    assert_sequence(&after);
-    let v: serde_json::Value =
-        serde_json::from_slice(&dst.vm(&["status", "--json"]).stdout).unwrap();
-    assert_eq!(v["state"], "running");
     assert_eq!(v["memory"], 128u64 << 20);
     assert_eq!(v["disks"][0]["path"], disk.to_str().unwrap());
     dst.shutdown();
@@ -118,16 +125,7 @@ fn a_guest_checkpointed_while_running_then_migrates_on_its_new_child() {
     let ckpt = dir.path().join("ckpt");
     let said = src.ok(&["checkpoint", ckpt.to_str().unwrap()]);
     assert!(said.contains("checkpoint in"), "{said}");
-    let (dst, uri) = Vmm::target(dir.path());
-    let o = src.vm(&["migrate", &uri]);
-    assert!(o.status.success(), "{o:?}");
-    let (code, err, before) = src.wait();
-    assert_eq!(code, Some(0), "{err}");
-    dst.wait_for_output(3);
-    let after = dst.out.lock().unwrap().clone();
-    assert_eq!(after[0], next_letter(*before.last().unwrap()));
-    let v: serde_json::Value =
-        serde_json::from_slice(&dst.vm(&["status", "--json"]).stdout).unwrap();
+    let (dst, v, _) = migrate(dir.path(), src);
     let on = v["disks"][0]["path"].as_str().unwrap().to_string();
     assert!(
         on.ends_with(".avhdx"),
@@ -179,18 +177,7 @@ fn a_guest_on_an_nbd_export_migrates_and_the_target_reconnects_to_it() {
     let disk = dynamic_vhdx(dir.path());
     let (server, uri) = Served::start(dir.path(), &disk);
     let src = Vmm::source(dir.path(), Path::new(&uri));
-    let (dst, to) = Vmm::target(dir.path());
-    let o = src.vm(&["migrate", &to]);
-    assert!(o.status.success(), "{o:?}");
-    let (code, err, before) = src.wait();
-    assert_eq!(code, Some(0), "{err}");
-    dst.wait_for_output(3);
-    let after = dst.out.lock().unwrap().clone();
-    assert_eq!(after[0], next_letter(*before.last().unwrap()));
-    assert_sequence(&after);
-    let v: serde_json::Value =
-        serde_json::from_slice(&dst.vm(&["status", "--json"]).stdout).unwrap();
-    assert_eq!(v["state"], "running");
+    let (dst, v, _) = migrate(dir.path(), src);
     assert_eq!(v["disks"][0]["path"], uri.as_str(), "{v}");
     dst.shutdown();
     assert_eq!(server.stop(), Some(0), "serve did not end cleanly");

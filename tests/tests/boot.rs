@@ -33,8 +33,8 @@ use vhdkit_tests::{fresh_scratch_dir, output, run, tool_or_skip, vhdtool, vhdtoo
 
 mod nested;
 use nested::{
-    busybox, cpio, dump, kernel, mode, module, run_guarded, run_l1, sh, shell_quote, stage_vhdtool,
-    write_exec, Kernel, Mode, L1_VHDTOOL,
+    dump, kernel, l2_initrd, mode, run_guarded, run_l1, sh, shell_quote, stage_vhdtool, write_exec,
+    Kernel, Mode, L1_VHDTOOL,
 };
 
 const L2_INIT: &str = include_str!("../boot/l2-init.sh");
@@ -127,27 +127,19 @@ fn make_images(dir: &Path, kernel: &Kernel, initrd: &Path) -> Expect {
     fs::write(dir.join("ro.raw"), noise(77, 4 << 20)).unwrap();
 
     // L2 initramfs.
-    let root = work.join("initrd");
-    for d in ["bin", "dev", "proc", "sys", "mods", "mnt"] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    fs::copy(busybox(), root.join("bin/busybox")).unwrap();
-    for m in L2_MODULES {
-        fs::copy(
-            module(&kernel.modules, m),
-            root.join(format!("mods/{m}.ko")),
-        )
-        .unwrap();
-    }
-    write_exec(&root.join("init"), L2_INIT);
-    fs::write(
-        root.join("expected.sha256"),
-        format!("{known_sha}  known.bin\n"),
-    )
-    .unwrap();
     let pattern = noise(4242, PATTERN_LEN);
-    fs::write(root.join("pattern.bin"), &pattern).unwrap();
-    cpio(&root, initrd);
+    let expected = format!("{known_sha}  known.bin\n");
+    l2_initrd(
+        kernel,
+        &work.join("initrd"),
+        L2_INIT,
+        L2_MODULES,
+        &[
+            ("expected.sha256", expected.as_bytes()),
+            ("pattern.bin", &pattern),
+        ],
+        initrd,
+    );
 
     Expect {
         pattern,

@@ -21,8 +21,8 @@ use vhdkit_tests::{fresh_scratch_dir, noise, tool_or_skip, vhdtool_bin};
 
 mod nested;
 use nested::{
-    busybox, cpio, dump, kernel, mode, module, run_guarded, run_l1, shell_quote, stage_vhdtool,
-    write_exec, Kernel, Mode, L1_VHDTOOL,
+    dump, kernel, l2_initrd, mode, run_guarded, run_l1, shell_quote, stage_vhdtool, write_exec,
+    Kernel, Mode, L1_VHDTOOL,
 };
 
 const L2_INIT: &str = include_str!("../boot/l2-pci.sh");
@@ -40,24 +40,6 @@ const DISK_SIZE: usize = 32 << 20;
 /// The guest writes the pattern at 4 KiB block 256.
 const PATTERN_OFFSET: usize = 1 << 20;
 const PATTERN_LEN: usize = 64 << 10;
-
-fn l2_initrd(dir: &Path, kernel: &Kernel, pattern: &[u8], out: &Path) {
-    let root = dir.join("l2root");
-    for d in ["bin", "dev", "proc", "sys", "mods"] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    fs::copy(busybox(), root.join("bin/busybox")).unwrap();
-    for m in L2_MODULES {
-        fs::copy(
-            module(&kernel.modules, m),
-            root.join(format!("mods/{m}.ko")),
-        )
-        .unwrap();
-    }
-    write_exec(&root.join("init"), L2_INIT);
-    fs::write(root.join("pattern.bin"), pattern).unwrap();
-    cpio(&root, out);
-}
 
 fn boot_args(base: &str, transport: &str) -> Vec<String> {
     [
@@ -156,7 +138,14 @@ fn guest_finds_its_disk_as_a_virtio_pci_function_with_msix_and_writes_reach_the_
     let original = noise(0x5eed, DISK_SIZE);
     fs::write(dir.join("disk.raw"), &original).unwrap();
     let pattern = noise(31337, PATTERN_LEN);
-    l2_initrd(&dir, &kernel, &pattern, &dir.join("initrd.cpio"));
+    l2_initrd(
+        &kernel,
+        &dir.join("l2root"),
+        L2_INIT,
+        L2_MODULES,
+        &[("pattern.bin", &pattern)],
+        &dir.join("initrd.cpio"),
+    );
     fs::copy(&kernel.vmlinuz, dir.join("vmlinuz")).unwrap();
 
     let out = match mode {

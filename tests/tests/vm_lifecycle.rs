@@ -35,8 +35,8 @@ use vhdkit_tests::{fresh_scratch_dir, run, tool_or_skip, vhdtool, vhdtool_bin};
 
 mod nested;
 use nested::{
-    busybox, cpio, kernel, mode, module, run_guarded, run_l1, stage_vhdtool, write_exec, Kernel,
-    Mode, L1_VHDTOOL,
+    kernel, l2_initrd, mode, run_guarded, run_l1, stage_vhdtool, write_exec, Kernel, Mode,
+    L1_VHDTOOL,
 };
 
 const L2_INIT: &str = include_str!("../vm/l2-counter.sh");
@@ -51,24 +51,6 @@ const L2_MODULES: &[&str] = &[
     "button",
     "evdev",
 ];
-
-/// The guest's initramfs at `out`.
-fn l2_initrd(dir: &Path, kernel: &Kernel, out: &Path) {
-    let root = dir.join("l2root");
-    for d in ["bin", "dev", "proc", "sys", "mods", "tmp"] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    fs::copy(busybox(), root.join("bin/busybox")).unwrap();
-    for m in L2_MODULES {
-        fs::copy(
-            module(&kernel.modules, m),
-            root.join(format!("mods/{m}.ko")),
-        )
-        .unwrap();
-    }
-    write_exec(&root.join("init"), L2_INIT);
-    cpio(&root, out);
-}
 
 /// Runs `script` with $W = the files' folder, $V = vhdtool and `vars` (shell assignments),
 /// directly or in L1; returns the output. `images` come back into `dir` afterwards.
@@ -119,7 +101,14 @@ fn counter_guest(disk: &str) -> (PathBuf, Kernel, Vec<&str>) {
     let dir = fresh_scratch_dir();
     let kernel = kernel();
     fs::copy(&kernel.vmlinuz, dir.join("vmlinuz")).unwrap();
-    l2_initrd(&dir, &kernel, &dir.join("initrd.cpio"));
+    l2_initrd(
+        &kernel,
+        &dir.join("l2root"),
+        L2_INIT,
+        L2_MODULES,
+        &[],
+        &dir.join("initrd.cpio"),
+    );
     let mut images = vec![disk];
     let base = if disk == "child.vhd" {
         images.push("base.vhd");

@@ -170,6 +170,35 @@ pub fn module(modules: &Path, name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("module {name} not in {}", modules.display()))
 }
 
+/// An L2 guest's initramfs at `out`, built in the folder `root`: a static busybox, `init`,
+/// the test kernel's `modules` under /mods, the empty folders a busybox init mounts on, and
+/// `files` (name, bytes) at the top.
+pub fn l2_initrd(
+    kernel: &Kernel,
+    root: &Path,
+    init: &str,
+    modules: &[&str],
+    files: &[(&str, &[u8])],
+    out: &Path,
+) {
+    for d in ["bin", "dev", "proc", "sys", "mods", "mnt", "tmp"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy(busybox(), root.join("bin/busybox")).unwrap();
+    for m in modules {
+        fs::copy(
+            module(&kernel.modules, m),
+            root.join(format!("mods/{m}.ko")),
+        )
+        .unwrap();
+    }
+    write_exec(&root.join("init"), init);
+    for (name, bytes) in files {
+        fs::write(root.join(name), bytes).unwrap();
+    }
+    cpio(root, out);
+}
+
 /// A static busybox (busybox-static).
 pub fn busybox() -> PathBuf {
     let p = PathBuf::from("/bin/busybox");
