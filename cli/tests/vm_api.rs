@@ -323,6 +323,29 @@ fn damaged_checkpoints_and_changed_layers_are_refused_with_clear_errors() {
         std::fs::write(c.join("manifest.json"), t.replace("134217728", "134221824")).unwrap();
     });
     refused(&manifest, &["manifest.json", "checksum"]);
+    // A CPU feature this host does not offer (a bit its own vCPUs have clear), with the
+    // state and manifest sealed again: refused by the feature check, before any file is made.
+    let foreign = copy("foreign-cpu", &|c| {
+        let spath = c.join("vmstate.bin");
+        let mut st = vmm::state::decode_state(&spath, &std::fs::read(&spath).unwrap()).unwrap();
+        let leaf = st.vcpus[0]
+            .cpuid
+            .iter_mut()
+            .find(|e| e.function == 1 && e.index == 0)
+            .expect("CPUID leaf 1 saved");
+        // Not OSXSAVE (27, follows the guest's CR4) nor the hypervisor bit (31).
+        let bit = (0..31)
+            .find(|&b| b != 27 && leaf.ecx & (1 << b) == 0)
+            .unwrap();
+        leaf.ecx |= 1 << bit;
+        let bytes = vmm::state::encode_state(&st);
+        std::fs::write(&spath, &bytes).unwrap();
+        let mpath = c.join("manifest.json");
+        let mut m = vmm::state::decode_manifest(&mpath, &std::fs::read(&mpath).unwrap()).unwrap();
+        m.state.len = bytes.len() as u64;
+        std::fs::write(&mpath, vmm::state::encode_manifest(&m)).unwrap();
+    });
+    refused(&foreign, &["lacks CPU feature CPUID.1:ecx bit"]);
     refused(&dir.path().join("nowhere"), &["manifest.json"]);
     assert_eq!(
         images(dir.path()),
