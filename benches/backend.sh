@@ -7,7 +7,11 @@
 #
 # DIR must be on a real file system (O_DIRECT); default: a directory under target/.
 # Both fio and vhdtool bench hand each request to the kernel as soon as its slot frees (fio's
-# iodepth_batch_submit=1 default, vhdtool's --batch 1 default).
+# iodepth_batch_submit=1 default, vhdtool's --batch 1 default), and so, as strace shows, does
+# qemu-img bench: one io_uring_enter per request. Sequential reads are also measured with
+# `--batch 32` (= iodepth): the requests whose slots one reap frees go to the kernel in one
+# io_uring_enter, under one block-layer plug, which merges adjacent 4 KiB reads and notifies
+# the (virtual) disk once; that is how the virtio-blk device submits a guest's notification.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-target/bench-backend}
@@ -51,9 +55,9 @@ qemu_seq() { # format file -> "iops cpu_us_per_req"
   cpu=$(echo "$out" | sed -n 's/^CPU //p')
   python3 -c "import sys; s=float('$secs'); u,k=map(float,'$cpu'.split()); print($n/s, (u+k)*1e6/$n)"
 }
-vt_seq_cpu() { # file -> "iops cpu_us_per_req"
+vt_seq_cpu() { # file [batch] -> "iops cpu_us_per_req"
   local out cpu iops reqs
-  out=$( { /usr/bin/time -f "CPU %U %S" "$vt" bench --rw read --bs 4k --iodepth 32 --runtime "$runtime" --json "$1"; } 2>&1)
+  out=$( { /usr/bin/time -f "CPU %U %S" "$vt" bench --rw read --bs 4k --iodepth 32 --batch "${2:-1}" --runtime "$runtime" --json "$1"; } 2>&1)
   cpu=$(echo "$out" | sed -n 's/^CPU //p')
   iops=$(echo "$out" | grep -v '^CPU' | json "d['iops']")
   reqs=$(echo "$out" | grep -v '^CPU' | json "d['requests']")
@@ -71,6 +75,10 @@ for r in $(seq "$rounds"); do
   add fio_randread2 "$(fio_run randread "$raw")"
   read -r a b <<<"$(vt_seq_cpu "$dir/full.vhdx")"; add vhdx_seqread "$a"; add vhdx_seq_cpu_us "$b"
   read -r a b <<<"$(qemu_seq vhdx "$dir/full.vhdx")"; add qemu_vhdx_seqread "$a"; add qemu_vhdx_seq_cpu_us "$b"
+  read -r a b <<<"$(vt_seq_cpu "$dir/full.vhdx" 32)"; add vhdx_seqread_batched "$a"; add vhdx_seq_batched_cpu_us "$b"
+  read -r a b <<<"$(vt_seq_cpu "$dir/full.vhd")"; add vhd_seqread "$a"; add vhd_seq_cpu_us "$b"
+  read -r a b <<<"$(qemu_seq vpc "$dir/full.vhd")"; add qemu_vhd_seqread "$a"; add qemu_vhd_seq_cpu_us "$b"
+  read -r a b <<<"$(vt_seq_cpu "$dir/full.vhd" 32)"; add vhd_seqread_batched "$a"; add vhd_seq_batched_cpu_us "$b"
   add fio_seqread "$(fio_run read "$raw")"
   rm -f "$dir/fresh.vhdx"
   "$vt" create -f vhdx --block-size 2M "$dir/fresh.vhdx" 2G >/dev/null
@@ -93,6 +101,9 @@ print(f"VHDX 4K randread QD32 / fio raw: {m(vals['vhdx_randread'])/m(fio_rr):.2f
 print(f"VHDX 4K randread through virtio-blk / backend: {m(vals['vhdx_randread_virtio'])/m(vals['vhdx_randread']):.2f}  (target >= 0.85)")
 print(f"VHDX 4K seq read QD32 / fio raw: {m(vals['vhdx_seqread'])/m(vals['fio_seqread']):.2f}")
 print(f"VHDX 4K seq read IOPS / qemu-img bench: {m(vals['vhdx_seqread'])/m(vals['qemu_vhdx_seqread']):.2f}  (target >= 0.95)")
-print(f"VHDX 4K seq read CPU per request / qemu-img bench: {m(vals['vhdx_seq_cpu_us'])/m(vals['qemu_vhdx_seq_cpu_us']):.2f}  (target <= 0.8)")
+print(f"VHDX 4K seq read CPU per request / qemu-img bench: {m(vals['vhdx_seq_cpu_us'])/m(vals['qemu_vhdx_seq_cpu_us']):.2f}  (one request per system call, as qemu-img; target <= 0.8)")
+print(f"VHDX 4K seq read CPU per request, --batch 32 / qemu-img bench: {m(vals['vhdx_seq_batched_cpu_us'])/m(vals['qemu_vhdx_seq_cpu_us']):.2f}  (issue 15: <= 0.7)")
+print(f"VHD  4K seq read CPU per request / qemu-img bench: {m(vals['vhd_seq_cpu_us'])/m(vals['qemu_vhd_seq_cpu_us']):.2f}  (one request per system call)")
+print(f"VHD  4K seq read CPU per request, --batch 32 / qemu-img bench: {m(vals['vhd_seq_batched_cpu_us'])/m(vals['qemu_vhd_seq_cpu_us']):.2f}  (issue 15: <= 0.7)")
 print(f"VHDX allocating 4K randwrite / fio randwrite raw: {m(vals['vhdx_alloc_randwrite'])/m(vals['fio_randwrite']):.2f}  (target >= 0.5)")
 PY

@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod compact;
 pub mod error;
 pub mod format;
 pub mod lock;

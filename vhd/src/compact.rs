@@ -16,6 +16,9 @@
 //! images are compacted as in quick mode). Both modes close every hole in the file. Work is
 //! proportional to the allocated data, not to the virtual size.
 //!
+//! The hole-closing loop is the one both formats share ([`image_io::compact::close_holes`]);
+//! this module says where blocks may go, how they move and how a batch of moves commits.
+//!
 //! Invariants (crash safety: at every step the file is a valid image with the same content):
 //! - A release only changes a BAT entry of a block that reads the same without it; the 512-byte
 //!   BAT sector is written whole and synced. A crash leaves at most leaked space.
@@ -29,15 +32,15 @@ use crate::error::{Error, Result};
 use crate::footer::{DiskType, FOOTER_SIZE};
 use crate::image::VhdImage;
 use crate::layout::{read_at, write_at, UNALLOCATED};
+use image_io::compact::{close_holes, BlockMover, FreeRanges, LiveBlock};
 use image_io::ImageFile;
-use std::collections::BTreeMap;
 
 pub use image_io::format::{BackingReader, CompactMode, CompactReport};
 
 /// Moves committed together: at most this many bytes copied between two BAT updates.
 const BATCH_BYTES: u64 = 64 << 20;
 /// Copy buffer size.
-const COPY_CHUNK: usize = 4 << 20;
+const COPY_CHUNK: u64 = 4 << 20;
 
 impl<F: ImageFile> VhdImage<F> {
     /// Compacts a dynamic or differencing image in place; see the [module docs](self).
@@ -112,7 +115,7 @@ impl<F: ImageFile> VhdImage<F> {
         let bitmap = self.bitmap(block)?.clone();
         let data = self.bat[block as usize] as u64 * 512 + self.bitmap_size;
         let base = block as u64 * self.block_size;
-        let mut buf = vec![0u8; (COPY_CHUNK as u64).min(self.block_size) as usize];
+        let mut buf = vec![0u8; COPY_CHUNK.min(self.block_size) as usize];
         let mut other = vec![0u8; buf.len()];
         let mut s = 0;
         while s < spb {
@@ -208,117 +211,31 @@ impl<F: ImageFile> VhdImage<F> {
         v
     }
 
-    /// Live blocks sorted by file offset: (bitmap offset, block index).
-    fn live_blocks(&self) -> Vec<(u64, u32)> {
-        let mut v: Vec<(u64, u32)> = self
+    /// Moves blocks from the end of the file into holes until none fits; returns how many moved.
+    fn close_holes(&mut self, progress: &mut dyn FnMut(u64)) -> Result<u64> {
+        let bb = self.block_bytes();
+        let live: Vec<LiveBlock> = self
             .bat
             .iter()
             .enumerate()
             .filter(|(_, &e)| e != UNALLOCATED)
-            .map(|(i, &e)| (e as u64 * 512, i as u32))
+            .map(|(id, &e)| LiveBlock {
+                offset: e as u64 * 512,
+                len: bb,
+                id,
+            })
             .collect();
-        v.sort_unstable();
-        v
-    }
-
-    /// Free file ranges between the metadata and the footer: start -> end.
-    fn free_space(&self, live: &[(u64, u32)]) -> BTreeMap<u64, u64> {
-        let bb = self.block_bytes();
-        let mut used: Vec<(u64, u64)> = self.metadata_ranges();
-        used.extend(live.iter().map(|&(s, _)| (s, s + bb)));
-        used.sort_unstable();
-        let mut free = BTreeMap::new();
-        let mut end = 0;
-        for (s, e) in used {
-            if s > end {
-                free.insert(end, s.min(self.footer_offset));
-            }
-            end = end.max(e);
-        }
-        if end < self.footer_offset {
-            free.insert(end, self.footer_offset);
-        }
-        free.retain(|s, e| *e > *s);
-        free
-    }
-
-    /// Lowest place for a block in `free` that ends at or before `limit`: data 4 KiB aligned
-    /// where possible, else any sector.
-    fn find_slot(&self, free: &BTreeMap<u64, u64>, limit: u64) -> Option<u64> {
-        let bb = self.block_bytes();
-        for (&s, &e) in free {
-            if s >= limit {
-                break;
-            }
-            let aligned = (s + self.bitmap_size).next_multiple_of(4096) - self.bitmap_size;
-            let plain = s.next_multiple_of(512);
-            for at in [aligned, plain] {
-                if at >= s && at + bb <= e && at + bb <= limit {
-                    return Some(at);
-                }
-            }
-        }
-        None
-    }
-
-    /// Moves blocks from the end of the file into holes until none fits; returns how many moved.
-    fn close_holes(&mut self, progress: &mut dyn FnMut(u64)) -> Result<u64> {
-        let bb = self.block_bytes();
-        let mut live = self.live_blocks();
-        let mut free = self.free_space(&live);
-        let mut moved = 0;
-        let mut pending_free: Vec<(u64, u64)> = Vec::new();
-        let mut batch_bytes = 0u64;
-        let mut buf = vec![0u8; (COPY_CHUNK as u64).min(bb) as usize];
-        while let Some(&(from, block)) = live.last() {
-            let Some(to) = self.find_slot(&free, from) else {
-                break;
-            };
-            live.pop();
-            take_range(&mut free, to, to + bb);
-            let mut done = 0;
-            while done < bb {
-                let n = (bb - done).min(buf.len() as u64) as usize;
-                read_at(
-                    &self.file,
-                    &self.path,
-                    &mut buf[..n],
-                    from + done,
-                    "read block to move",
-                )?;
-                write_at(&self.file, &self.path, &buf[..n], to + done, "move block")?;
-                done += n as u64;
-            }
-            self.bat[block as usize] = (to / 512) as u32;
-            self.dirty_bat.insert(block as usize / 128);
-            pending_free.push((from, from + bb));
-            moved += 1;
-            batch_bytes += bb;
-            progress(bb);
-            if batch_bytes >= BATCH_BYTES {
-                self.commit_moves(&mut free, &mut pending_free)?;
-                batch_bytes = 0;
-            }
-        }
-        self.commit_moves(&mut free, &mut pending_free)?;
-        Ok(moved)
-    }
-
-    /// Makes a batch of moves durable (copies, then BAT) and frees their old places.
-    fn commit_moves(
-        &mut self,
-        free: &mut BTreeMap<u64, u64>,
-        pending: &mut Vec<(u64, u64)>,
-    ) -> Result<()> {
-        if self.dirty_bat.is_empty() {
-            return Ok(());
-        }
-        self.sync("sync moved blocks")?;
-        self.write_dirty_bat()?;
-        for (s, e) in pending.drain(..) {
-            add_range(free, s, e);
-        }
-        Ok(())
+        let mut used = self.metadata_ranges();
+        used.extend(live.iter().map(|b| (b.offset, b.offset + b.len)));
+        let free = FreeRanges::gaps(used, self.footer_offset);
+        close_holes(
+            &mut Mover(self),
+            live,
+            free,
+            BATCH_BYTES,
+            COPY_CHUNK,
+            progress,
+        )
     }
 
     /// Puts the footer just past the last live byte and truncates the file there.
@@ -362,54 +279,40 @@ impl<F: ImageFile> VhdImage<F> {
     }
 }
 
-/// Removes `[s, e)` from the free map (it must lie inside one free range).
-fn take_range(free: &mut BTreeMap<u64, u64>, s: u64, e: u64) {
-    let Some((&fs, &fe)) = free.range(..=s).next_back() else {
-        return;
-    };
-    free.remove(&fs);
-    if fs < s {
-        free.insert(fs, s);
-    }
-    if e < fe {
-        free.insert(e, fe);
-    }
-}
+/// The image as the shared hole-closing loop sees it.
+struct Mover<'a, F: ImageFile>(&'a mut VhdImage<F>);
 
-/// Adds `[s, e)` to the free map, merging with neighbours.
-fn add_range(free: &mut BTreeMap<u64, u64>, mut s: u64, mut e: u64) {
-    if let Some((&ps, &pe)) = free.range(..=s).next_back() {
-        if pe >= s {
-            free.remove(&ps);
-            s = ps;
-            e = e.max(pe);
-        }
-    }
-    while let Some((&ns, &ne)) = free.range(s..).next() {
-        if ns > e {
-            break;
-        }
-        free.remove(&ns);
-        e = e.max(ne);
-    }
-    free.insert(s, e);
-}
+impl<F: ImageFile> BlockMover for Mover<'_, F> {
+    type Error = Error;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// Data 4 KiB aligned where possible, else at any sector.
+    fn place(&self, start: u64, end: u64, len: u64) -> Option<u64> {
+        let bitmap = self.0.bitmap_size;
+        let aligned = (start + bitmap).next_multiple_of(4096) - bitmap;
+        let plain = start.next_multiple_of(512);
+        [aligned, plain]
+            .into_iter()
+            .find(|&at| at >= start && at + len <= end)
+    }
 
-    #[test]
-    fn free_ranges_split_and_merge() {
-        let mut f = BTreeMap::new();
-        f.insert(0, 100);
-        take_range(&mut f, 10, 20);
-        assert_eq!(f.into_iter().collect::<Vec<_>>(), vec![(0, 10), (20, 100)]);
-        let mut f = BTreeMap::from([(0, 10), (20, 100)]);
-        add_range(&mut f, 10, 20);
-        assert_eq!(f.into_iter().collect::<Vec<_>>(), vec![(0, 100)]);
-        let mut f = BTreeMap::from([(0, 10), (50, 60)]);
-        add_range(&mut f, 20, 30);
-        assert_eq!(f.len(), 3);
+    fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let i = &self.0;
+        read_at(&i.file, &i.path, buf, offset, "read block to move")
+    }
+
+    fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        let i = &self.0;
+        write_at(&i.file, &i.path, buf, offset, "move block")
+    }
+
+    fn repoint(&mut self, id: usize, to: u64) {
+        self.0.bat[id] = (to / 512) as u32;
+        self.0.dirty_bat.insert(id / 128);
+    }
+
+    /// Syncs the copies, then writes the changed BAT sectors and syncs.
+    fn commit(&mut self) -> Result<()> {
+        self.0.sync("sync moved blocks")?;
+        self.0.write_dirty_bat()
     }
 }

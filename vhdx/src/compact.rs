@@ -16,6 +16,9 @@
 //! reads as zeros in differencing images too) or, in a differencing image whose parent view
 //! the caller supplies, as the parent's bytes (state NOT_PRESENT). Both modes close holes.
 //!
+//! The hole-closing loop is the one both formats share ([`image_io::compact::close_holes`]);
+//! this module says where blocks may go, how they move and how a batch of moves commits.
+//!
 //! Invariants (every step leaves a valid image with the same content):
 //! - BAT and sector-bitmap changes go through the log ([`VhdxImage::flush`]); a block's
 //!   bitmap bits are cleared in the same flush that makes it NOT_PRESENT, bitmap pages first.
@@ -28,8 +31,8 @@
 use crate::error::{Error, Result};
 use crate::format::{state, BatEntry, MIB};
 use crate::image::{io, VhdxImage};
+use image_io::compact::{close_holes, BlockMover, FreeRanges, LiveBlock};
 use image_io::ImageFile;
-use std::collections::BTreeMap;
 
 pub use image_io::format::{BackingReader, CompactMode, CompactReport};
 
@@ -265,87 +268,20 @@ impl<F: ImageFile> VhdxImage<F> {
 
     /// Moves blocks from the end of the file into holes until none fits; returns how many moved.
     pub(crate) fn close_holes(&mut self, progress: &mut dyn FnMut(u64)) -> Result<u64> {
-        let mut live = self.live_blocks();
+        let live: Vec<LiveBlock> = self
+            .live_blocks()
+            .into_iter()
+            .map(|(offset, id)| LiveBlock {
+                offset,
+                len: self.entry_bytes(id),
+                id,
+            })
+            .collect();
         let end = self.file.len().map_err(io(&self.path, "stat", 0))?;
         let mut used = self.structure_ranges();
-        used.extend(live.iter().map(|&(s, i)| (s, s + self.entry_bytes(i))));
-        used.sort_unstable();
-        let mut free = BTreeMap::new();
-        let mut at = 0;
-        for (s, e) in used {
-            if s > at {
-                free.insert(at, s);
-            }
-            at = at.max(e);
-        }
-        if at < end {
-            free.insert(at, end.next_multiple_of(MIB));
-        }
-        let mut pending: Vec<(u64, u64)> = Vec::new();
-        let mut batch = 0u64;
-        let mut moved = 0;
-        let mut buf = vec![0u8; CHUNK as usize];
-        let bs = self.params.block_size as u64;
-        let mut payload_stuck = false;
-        while let Some((from, idx)) = live.pop() {
-            let len = self.entry_bytes(idx);
-            if payload_stuck && len == bs {
-                continue;
-            }
-            let Some(to) = free
-                .iter()
-                .find(|(&s, &e)| e - s >= len && s + len <= from)
-                .map(|(&s, _)| s)
-            else {
-                // No lower payload block fits either; a sector bitmap (1 MiB) still may.
-                payload_stuck |= len == bs;
-                continue;
-            };
-            take_range(&mut free, to, to + len);
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(CHUNK) as usize;
-                self.read_file_at(&mut buf[..n], from + done)?;
-                self.file.write_all_at(&buf[..n], to + done).map_err(io(
-                    &self.path,
-                    "move block",
-                    to + done,
-                ))?;
-                done += n as u64;
-            }
-            let e = self.bat[idx];
-            self.set_bat(idx, BatEntry::new(e.state(), to));
-            pending.push((from, from + len));
-            moved += 1;
-            batch += len;
-            progress(len);
-            if batch >= BATCH_BYTES {
-                self.commit_moves(&mut free, &mut pending)?;
-                batch = 0;
-            }
-        }
-        self.commit_moves(&mut free, &mut pending)?;
-        Ok(moved)
-    }
-
-    /// Makes a batch of moves durable (copies synced, then the logged BAT change) and frees
-    /// their old places.
-    fn commit_moves(
-        &mut self,
-        free: &mut BTreeMap<u64, u64>,
-        pending: &mut Vec<(u64, u64)>,
-    ) -> Result<()> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        self.sync("sync moved blocks")?;
-        self.flush()?;
-        // Sector-bitmap pages are cached by file offset: moved ones must be read afresh.
-        self.bitmap_pages.clear();
-        for (s, e) in pending.drain(..) {
-            add_range(free, s, e);
-        }
-        Ok(())
+        used.extend(live.iter().map(|b| (b.offset, b.offset + b.len)));
+        let free = FreeRanges::gaps(used, end.next_multiple_of(MIB));
+        close_holes(&mut Mover(self), live, free, BATCH_BYTES, CHUNK, progress)
     }
 
     /// Closes the log, then truncates the file after the last live byte.
@@ -377,35 +313,34 @@ impl<F: ImageFile> VhdxImage<F> {
     }
 }
 
-/// Removes `[s, e)` from the free map (it must lie inside one free range).
-fn take_range(free: &mut BTreeMap<u64, u64>, s: u64, e: u64) {
-    let Some((&fs, &fe)) = free.range(..=s).next_back() else {
-        return;
-    };
-    free.remove(&fs);
-    if fs < s {
-        free.insert(fs, s);
-    }
-    if e < fe {
-        free.insert(e, fe);
-    }
-}
+/// The image as the shared hole-closing loop sees it.
+struct Mover<'a, F: ImageFile>(&'a mut VhdxImage<F>);
 
-/// Adds `[s, e)` to the free map, merging with neighbours.
-fn add_range(free: &mut BTreeMap<u64, u64>, mut s: u64, mut e: u64) {
-    if let Some((&ps, &pe)) = free.range(..=s).next_back() {
-        if pe >= s {
-            free.remove(&ps);
-            s = ps;
-            e = e.max(pe);
-        }
+impl<F: ImageFile> BlockMover for Mover<'_, F> {
+    type Error = Error;
+
+    fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.0.read_file_at(buf, offset)
     }
-    while let Some((&ns, &ne)) = free.range(s..).next() {
-        if ns > e {
-            break;
-        }
-        free.remove(&ns);
-        e = e.max(ne);
+
+    fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        let i = &self.0;
+        i.file
+            .write_all_at(buf, offset)
+            .map_err(io(&i.path, "move block", offset))
     }
-    free.insert(s, e);
+
+    fn repoint(&mut self, id: usize, to: u64) {
+        let e = self.0.bat[id];
+        self.0.set_bat(id, BatEntry::new(e.state(), to));
+    }
+
+    /// Syncs the copies, then makes the BAT change durable through the log.
+    fn commit(&mut self) -> Result<()> {
+        self.0.sync("sync moved blocks")?;
+        self.0.flush()?;
+        // Sector-bitmap pages are cached by file offset: moved ones must be read afresh.
+        self.0.bitmap_pages.clear();
+        Ok(())
+    }
 }
