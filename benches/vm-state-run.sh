@@ -134,7 +134,13 @@ for r in $(seq "$ROUNDS"); do
         echo "R: qemu_state_kib_$mem $(du -sk "$W/q.state" | cut -f1)"
         eval "$(qemu_cmd "$mem" "$W/q.raw" raw 4602 -incoming "tcp:127.0.0.1:4603")" </dev/null 2>&1 |
             stamp >"$W/qb.log" &
-        sleep 1
+        # Its incoming port takes the first connection: wait for its QMP instead.
+        i=0
+        until qmp 4602 '{"execute":"query-status"}' 2>/dev/null | grep -q inmigrate; do
+            i=$((i + 1))
+            [ $i -gt 600 ] && break
+            sleep 0.1
+        done
         qmp 4601 '{"execute":"migrate-set-parameters","arguments":{"downtime-limit":50}}' >/dev/null
         qmp 4601 '{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:4603"}}' >/dev/null
         rep=$(qmp_wait_migration 4601)
