@@ -58,6 +58,9 @@ pub struct Restored {
     /// Called once the VM is built (disks open, state set), before any vCPU or disk worker
     /// runs; an error stops the VM there (a migration target asks the source for the go).
     pub commit: Option<Box<dyn FnOnce() -> Result<()>>>,
+    /// The VM already built over `memory` (a migration target builds it while the memory
+    /// streams in); `None` builds it then.
+    pub built: Option<crate::vm::BuiltVm>,
     /// Advance kvmclock by the host time since the save (a migration), rather than continue
     /// from the saved value (a checkpoint).
     pub advance_clock: bool,
@@ -425,6 +428,7 @@ pub fn restore(dir: &Path, opts: &RunOptions) -> Result<GuestExit> {
         },
         before_disks: None,
         commit: None,
+        built: None,
         advance_clock: false,
     };
     let result = crate::vm::run_vm(&config, opts, Some(restored));

@@ -134,18 +134,18 @@ pub fn run(config: &VmConfig, opts: &RunOptions) -> Result<GuestExit> {
     run_vm(config, opts, None)
 }
 
-/// Runs `config`: booted, or continued from `restored` (a checkpoint).
-pub(crate) fn run_vm(
-    config: &VmConfig,
-    opts: &RunOptions,
-    mut restored: Option<Restored>,
-) -> Result<GuestExit> {
-    validate(config)?;
-    // The API socket first: a clash there should not cost a VM start.
-    let api = match &opts.api_socket {
-        Some(p) => Some(ApiServer::start(p).map_err(|e| Error::Setup(e.to_string()))?),
-        None => None,
-    };
+/// A KVM VM with its in-kernel devices (irqchip, PIT) and `mem` registered, for `cpus` vCPUs:
+/// what a migration target builds while the source's memory still streams in.
+pub(crate) struct BuiltVm {
+    /// /dev/kvm.
+    pub kvm: Kvm,
+    /// The VM; shared with the MSI-X router, which rewrites the GSI routes from the vCPU
+    /// threads.
+    pub vm: Arc<kvm_ioctls::VmFd>,
+}
+
+/// Builds [`BuiltVm`] over `mem`, which must outlive it.
+pub(crate) fn build_vm(cpus: u8, mem: &GuestMemoryMmap) -> Result<BuiltVm> {
     let kvm = Kvm::new().map_err(|e| Error::kvm("open /dev/kvm", e))?;
     let kvm_api = kvm.get_api_version();
     if kvm_api != 12 {
@@ -153,23 +153,8 @@ pub(crate) fn run_vm(
             "/dev/kvm has API version {kvm_api}, not 12"
         )));
     }
-    check_kvm_vcpus(config.cpus, kvm.get_max_vcpus(), kvm.get_max_vcpu_id())?;
+    check_kvm_vcpus(cpus, kvm.get_max_vcpus(), kvm.get_max_vcpu_id())?;
 
-    // Guest memory first: it must outlive the VM and every thread that uses it.
-    let regions: Vec<(GuestAddress, usize)> = layout::ram_regions(config.memory)
-        .into_iter()
-        .map(|(a, l)| (GuestAddress(a), l as usize))
-        .collect();
-    let mem = match &restored {
-        Some(Restored {
-            memory: RestoredMemory::Loaded(m),
-            ..
-        }) => m.clone(),
-        _ => GuestMemoryMmap::from_ranges(&regions)
-            .map_err(|e| Error::Setup(format!("allocate guest memory: {e}")))?,
-    };
-
-    // Shared with the MSI-X router, which rewrites the GSI routes from the vCPU threads.
     let vm = Arc::new(
         kvm.create_vm()
             .map_err(|e| Error::kvm("KVM_CREATE_VM", e))?,
@@ -198,11 +183,49 @@ pub(crate) fn run_vm(
             userspace_addr: host as u64,
         };
         // SAFETY: `host` is the start of an anonymous mapping of `region.len()` bytes owned by
-        // `mem`. `mem` (or a clone sharing the mapping) is kept alive by this function and by
-        // every thread that runs the guest, so the mapping outlives its use through KVM.
+        // `mem`. The caller keeps `mem` (or a clone sharing the mapping) for the VM's life:
+        // run_vm holds it and hands clones to every thread that runs the guest, so the
+        // mapping outlives its use through KVM.
         unsafe { vm.set_user_memory_region(r) }
             .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
     }
+
+    Ok(BuiltVm { kvm, vm })
+}
+
+/// Runs `config`: booted, or continued from `restored` (a checkpoint).
+pub(crate) fn run_vm(
+    config: &VmConfig,
+    opts: &RunOptions,
+    mut restored: Option<Restored>,
+) -> Result<GuestExit> {
+    validate(config)?;
+    // The API socket first: a clash there should not cost a VM start.
+    let api = match &opts.api_socket {
+        Some(p) => Some(ApiServer::start(p).map_err(|e| Error::Setup(e.to_string()))?),
+        None => None,
+    };
+    // Guest memory first: it must outlive the VM and every thread that uses it.
+    let regions: Vec<(GuestAddress, usize)> = layout::ram_regions(config.memory)
+        .into_iter()
+        .map(|(a, l)| (GuestAddress(a), l as usize))
+        .collect();
+    let (mem, built) = match restored.as_mut() {
+        Some(Restored {
+            memory: RestoredMemory::Loaded(m),
+            built,
+            ..
+        }) => (m.clone(), built.take()),
+        _ => (
+            GuestMemoryMmap::from_ranges(&regions)
+                .map_err(|e| Error::Setup(format!("allocate guest memory: {e}")))?,
+            None,
+        ),
+    };
+    let BuiltVm { kvm, vm } = match built {
+        Some(b) => b,
+        None => build_vm(config.cpus, &mem)?,
+    };
 
     // ACPI tables, then the kernel; or the checkpoint's memory and in-kernel devices.
     let entry = match &restored {

@@ -20,6 +20,7 @@ use super::parse_tcp;
 use super::stream::{Receiver, Record, Sender, WireConfig, PAGE};
 use crate::checkpoint::{Restored, RestoredMemory};
 use crate::state::{decode_state, VmState};
+use crate::vm::{build_vm, BuiltVm};
 use crate::{layout, DiskConfig, Error, GuestExit, Result, RunOptions, VmConfig};
 
 /// How long one read may block (the source's passes come back to back).
@@ -64,7 +65,7 @@ pub fn incoming(uri: &str, opts: &RunOptions) -> Result<GuestExit> {
         rx.header()?;
         receive(&mut rx)
     })();
-    let (wire, mem, state) = match received {
+    let (wire, mem, built, state) = match received {
         Ok(r) => r,
         // A peer that failed or broke needs no word; a bad stream gets one.
         Err(e @ Error::Migration(super::stream::StreamError::Remote { .. })) => return Err(e),
@@ -133,6 +134,7 @@ pub fn incoming(uri: &str, opts: &RunOptions) -> Result<GuestExit> {
         memory: RestoredMemory::Loaded(mem),
         before_disks: Some(Box::new(before_disks)),
         commit: Some(Box::new(commit)),
+        built: Some(built),
         advance_clock: true,
     };
     let result = crate::vm::run_vm(&config, opts, Some(restored));
@@ -156,10 +158,12 @@ fn host_memory() -> Option<u64> {
     Some(kib << 10)
 }
 
-/// Receives the VM's shape, its memory and its state.
+/// Receives the VM's shape, its memory and its state; builds the VM (KVM, in-kernel devices,
+/// memory slots) as soon as the shape is known, while the memory streams in, so that the
+/// guest's pause does not wait for it.
 fn receive(
     rx: &mut Receiver<BufReader<TcpStream>>,
-) -> Result<(WireConfig, GuestMemoryMmap, VmState)> {
+) -> Result<(WireConfig, GuestMemoryMmap, BuiltVm, VmState)> {
     let wire = match rx.record()? {
         Record::Config(c) => c,
         other => {
@@ -203,6 +207,7 @@ fn receive(
         .collect();
     let mem = GuestMemoryMmap::from_ranges(&regions)
         .map_err(|e| Error::Setup(format!("allocate guest memory: {e}")))?;
+    let built = build_vm(wire.cpus, &mem)?;
     let (mut bytes, mut next_report) = (0u64, 0u64);
     loop {
         let at = rx.offset;
@@ -262,7 +267,7 @@ fn receive(
                         .into());
                 }
                 // The last record before DisksReleased (read while the VM is built).
-                return Ok((wire, mem, s));
+                return Ok((wire, mem, built, s));
             }
             other => {
                 return Err(rx
