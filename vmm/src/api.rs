@@ -15,8 +15,8 @@
 //!
 //! Invariants: a request is read with a deadline ([`READ_TIMEOUT`]) and a size bound, so a
 //! silent or flooding client costs at most that; connections are served one at a time; the
-//! socket file is removed when the server stops. `shutdown` and `checkpoint` reply when the
-//! work is done (disks flushed), so a script can chain on the reply.
+//! socket file is removed when the server stops. `shutdown`, `checkpoint` and `disk-remove`
+//! reply when the work is done (disks flushed), so a script can chain on the reply.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -71,6 +71,24 @@ pub enum Command {
         #[serde(default)]
         max_bandwidth_mib: Option<u64>,
     },
+    /// Hot-add the image at `path` as a new disk (pci transport only); the reply's detail is
+    /// the new disk's id.
+    DiskAdd {
+        /// The image (an absolute path: the VMM may run elsewhere).
+        path: PathBuf,
+        /// Open it read-only.
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// Hot-remove a disk (an id from `status`, or its image path): the guest is asked to eject
+    /// it; the reply comes once it has and the disk is drained, flushed and closed, or is an
+    /// error after `timeout_s` (the disk then stays attached).
+    DiskRemove {
+        /// Id or image path.
+        disk: String,
+        /// Seconds the guest gets to eject it.
+        timeout_s: u64,
+    },
 }
 
 /// A request line.
@@ -86,6 +104,12 @@ pub struct Request {
 /// A disk as reported by `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskStatus {
+    /// Its id (`disk0`, …) for `disk-remove`.
+    #[serde(default)]
+    pub id: String,
+    /// Its PCI device number on bus 0 (pci transport).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_slot: Option<u8>,
     /// The image the guest writes to now.
     pub path: PathBuf,
     /// Opened read-only.

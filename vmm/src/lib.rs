@@ -121,6 +121,7 @@ mod controller;
 mod cpu;
 mod devices;
 mod disks;
+mod hotplug;
 mod layout;
 pub mod migration;
 pub mod state;

@@ -39,7 +39,8 @@ use crate::devices::serial;
 use crate::devices::serial::{ConsoleOut, ConsoleState, SerialDevice};
 use crate::devices::EventFdTrigger;
 use crate::disks::{make_disk, DiskSlot};
-use crate::layout::{self, ACPI_START, GED_GSI, MIN_MEMORY, SERIAL_GSI};
+use crate::hotplug::HotplugState;
+use crate::layout::{self, ACPI_START, GED_GSI, HOTPLUG_GSI, MIN_MEMORY, SERIAL_GSI};
 use crate::state::restore;
 use crate::vcpu::{VcpuCtx, VmEvent};
 use crate::{
@@ -279,12 +280,25 @@ pub(crate) fn run_vm(
         }
         transports.push(t);
     }
-    let pci = (config.transport == Transport::Pci).then(|| PciRoot::new(pci));
-    let bus = Arc::new(Bus::new(serial.clone(), mmio, pci, transports.clone()));
+    let pci_functions: Vec<_> = pci.clone();
+    let pci =
+        (config.transport == Transport::Pci).then(|| Arc::new(PciRoot::new(crate::MAX_DISKS, pci)));
+    // PCI functions wake their own workers; BusEvent::Kick(i) is virtio-mmio disk i's.
+    let mmio_kicks = match config.transport {
+        Transport::Mmio => transports.clone(),
+        Transport::Pci => Vec::new(),
+    };
+    let bus = Arc::new(Bus::new(serial.clone(), mmio, pci.clone(), mmio_kicks));
     // The power button: the GED's interrupt.
     let power_button = new_eventfd()?;
     vm.register_irqfd(&power_button, GED_GSI)
         .map_err(|e| Error::kvm("KVM_IRQFD (power button)", e))?;
+    // The PCI hotplug interrupt: the GED's second GSI (pci transport).
+    let hotplug_irq = new_eventfd()?;
+    if pci.is_some() {
+        vm.register_irqfd(&hotplug_irq, HOTPLUG_GSI)
+            .map_err(|e| Error::kvm("KVM_IRQFD (PCI hotplug)", e))?;
+    }
 
     // vCPUs and signal handlers, before any thread starts (a failure here leaves none behind).
     let mut fds = Vec::new();
@@ -322,7 +336,10 @@ pub(crate) fn run_vm(
     let mut disks: Vec<DiskSlot> = transports
         .iter()
         .zip(&config.disks)
-        .map(|(t, d)| DiskSlot {
+        .enumerate()
+        .map(|(i, (t, d))| DiskSlot {
+            id: format!("disk{i}"),
+            pci: pci_functions.get(i).map(|f| (i as u8 + 1, f.clone())),
             transport: t.clone(),
             path: d.path.clone(),
             read_only: d.read_only,
@@ -380,6 +397,7 @@ pub(crate) fn run_vm(
         tx,
         msr_index,
         stop_after_checkpoint: None,
+        hotplug: HotplugState::new(pci, hotplug_irq, vm.clone(), router, config.disks.len()),
     };
     let outcome = loop {
         match rx.recv_timeout(Duration::from_millis(20)) {
@@ -409,6 +427,9 @@ pub(crate) fn run_vm(
             while let Ok(call) = rx.try_recv() {
                 ctl.handle(call);
             }
+        }
+        if let Err(e) = ctl.poll_hotplug() {
+            break Err(e);
         }
     };
     let pending_shutdown = ctl.shutdown.take();
