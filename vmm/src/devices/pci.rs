@@ -167,10 +167,14 @@ impl PciRoot {
         self.slots().get(device.checked_sub(1)?).cloned().flatten()
     }
 
-    /// The lowest free device number, if any.
+    /// The lowest free device number, if any: empty, and not holding a function the guest
+    /// ejected that the main thread has not taken out of KVM yet (its ioeventfds would clash).
     pub fn free_slot(&self) -> Option<u8> {
         let s = self.slots();
-        (0..s.len()).find(|&i| s[i].is_none()).map(|i| i as u8 + 1)
+        let ejected = self.ejected.lock().unwrap_or_else(|e| e.into_inner());
+        (0..s.len())
+            .map(|i| i as u8 + 1)
+            .find(|&d| s[usize::from(d) - 1].is_none() && !ejected.iter().any(|e| e.0 == d))
     }
 
     /// Plugs `dev` in at device number `device` (free, see [`PciRoot::free_slot`]) and tells

@@ -409,3 +409,44 @@ fn the_pci_cfg_capability_reaches_bar0() {
     set_cfg(&r.f, CAP_PCI_CFG + 16, 0, 4);
     assert_eq!(bar(&r.f, 0x16, 2), 1);
 }
+
+#[test]
+fn a_plugged_function_answers_on_bus_0_until_the_guest_ejects_it_when_asked() {
+    use crate::devices::pci::{PciRoot, CONFIG_ADDRESS, CONFIG_DATA};
+    use crate::layout::HOTPLUG_PORT;
+    let (a, b) = (rig(), rig());
+    let root = PciRoot::new(2, vec![Arc::new(a.f)]);
+    assert_eq!(root.free_slot(), Some(2));
+    root.plug(2, Arc::new(b.f));
+    assert_eq!(root.free_slot(), None, "both slots taken");
+    let id = |dev: u32| {
+        root.pio_out(CONFIG_ADDRESS, &(0x8000_0000u32 | dev << 11).to_le_bytes());
+        let mut v = [0u8; 4];
+        root.pio_in(CONFIG_DATA, &mut v);
+        u32::from_le_bytes(v)
+    };
+    assert_eq!(id(2), 0x1042_1af4);
+    let reg = |off: u16| {
+        let mut v = [0u8; 4];
+        root.hotplug().pio_in(HOTPLUG_PORT + off, &mut v);
+        u32::from_le_bytes(v)
+    };
+    assert_eq!(reg(0), 1 << 2, "PCIU reports the new function");
+    let eject = |bits: u32| root.hotplug_out(HOTPLUG_PORT + 8, &bits.to_le_bytes());
+    eject(1 << 1 | 1 << 2);
+    assert!(root.take_ejected().is_empty(), "nobody asked for an eject");
+    assert_eq!(id(2), 0x1042_1af4);
+    root.hotplug().request_remove(2);
+    assert_eq!(reg(4), 1 << 2, "PCID");
+    eject(1 << 2);
+    assert_eq!(id(2), 0xffff_ffff, "gone from the bus");
+    assert_eq!(id(1), 0x1042_1af4, "the other stays");
+    assert_eq!(
+        root.free_slot(),
+        None,
+        "not free before the main thread took it"
+    );
+    let taken = root.take_ejected();
+    assert_eq!(taken.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(root.free_slot(), Some(2));
+}
