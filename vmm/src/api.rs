@@ -395,6 +395,28 @@ mod tests {
             parse_request(br#"{"version":1,"command":"status"}"#).unwrap(),
             Command::Status
         );
+        let add = br#"{"version":1,"command":"disk-add","path":"/i/a.vhdx"}"#;
+        assert_eq!(
+            parse_request(add).unwrap(),
+            Command::DiskAdd {
+                path: "/i/a.vhdx".into(),
+                read_only: false
+            },
+            "read_only defaults to false"
+        );
+        let remove = br#"{"version":1,"command":"disk-remove","disk":"disk3","timeout_s":5}"#;
+        assert_eq!(
+            parse_request(remove).unwrap(),
+            Command::DiskRemove {
+                disk: "disk3".into(),
+                timeout_s: 5
+            }
+        );
+        let e = parse_request(br#"{"version":1,"command":"disk-remove","disk":"d"}"#);
+        assert!(e.unwrap_err().contains("timeout_s"));
+        // A status from a VMM without disk ids still parses.
+        let old: DiskStatus = serde_json::from_str(r#"{"path":"/a","read_only":true}"#).unwrap();
+        assert_eq!((old.id.as_str(), old.pci_slot), ("", None));
     }
 
     #[test]

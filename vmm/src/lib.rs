@@ -116,6 +116,7 @@ mod acpi;
 pub mod api;
 mod boot;
 mod checkpoint;
+mod console;
 mod control;
 mod controller;
 mod cpu;

@@ -7,12 +7,11 @@
 //!           requests and flushes its disk), restore the terminal, return
 //!  vCPU thread i: KVM_RUN loop, port and MMIO exits through the Bus
 //!  disk worker i: epoll(ioeventfd, stop) → process_queue / process_completions
-//!  stdin thread: stdin → UART receive FIFO
+//!  stdin thread: stdin → UART receive FIFO (crate::console)
 //! ```
 
-use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -26,10 +25,10 @@ use vm_memory::{
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{block_signal, register_signal_handler, Killable, SIGRTMIN};
-use vmm_sys_util::terminal::Terminal;
 
 use crate::api::{ApiServer, Reply};
 use crate::checkpoint::{Restored, RestoredMemory};
+use crate::console::{spawn_stdin, TerminalGuard};
 use crate::control::RunControl;
 use crate::controller::Controller;
 use crate::devices::bus::Bus;
@@ -52,8 +51,6 @@ use crate::{
 const TSS_ADDR: usize = 0xfffb_d000;
 /// KVM_SET_IDENTITY_MAP_ADDR.
 const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
-/// Console escape: ^A then `x` stops the VM (when stdin is a terminal).
-const ESCAPE: u8 = 0x01;
 
 /// The signal (SIGINT or SIGTERM) that asked the VMM to stop, 0 if none.
 static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -487,79 +484,6 @@ pub(crate) extern "C" fn kick_handler(
     _: *mut libc::siginfo_t,
     _: *mut libc::c_void,
 ) {
-}
-
-/// Restores the terminal mode on drop, when stdin is a terminal put in raw mode.
-struct TerminalGuard;
-
-impl TerminalGuard {
-    fn new() -> Option<TerminalGuard> {
-        let stdin = std::io::stdin();
-        let lock = stdin.lock();
-        if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-            return None;
-        }
-        lock.set_raw_mode().ok()?;
-        Some(TerminalGuard)
-    }
-}
-
-impl Drop for TerminalGuard {
-    fn drop(&mut self) {
-        let _ = std::io::stdin().lock().set_canon_mode();
-    }
-}
-
-/// Feeds stdin to the UART. With a terminal, ^A x stops the VM.
-fn spawn_stdin(serial: Arc<Mutex<SerialDevice>>, tx: Sender<VmEvent>, tty: bool) {
-    let _ = std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            block_stop_signals();
-            let mut buf = [0u8; 64];
-            let mut escape = false;
-            let stdin = std::io::stdin();
-            loop {
-                let n = match stdin.lock().read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(_) => return,
-                };
-                let mut input = Vec::with_capacity(n);
-                for &b in &buf[..n] {
-                    if tty && escape {
-                        escape = false;
-                        if b == b'x' {
-                            let _ = tx
-                                .send(Err(Error::Setup("stopped from the console (^A x)".into())));
-                            return;
-                        }
-                        input.push(ESCAPE);
-                        if b == ESCAPE {
-                            continue;
-                        }
-                    } else if tty && b == ESCAPE {
-                        escape = true;
-                        continue;
-                    }
-                    input.push(b);
-                }
-                let mut rest = &input[..];
-                while !rest.is_empty() {
-                    let taken = serial
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .enqueue_raw_bytes(rest)
-                        .unwrap_or(0);
-                    rest = &rest[taken..];
-                    if !rest.is_empty() {
-                        // The guest has not read the FIFO yet.
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                }
-            }
-        });
 }
 
 #[cfg(test)]
