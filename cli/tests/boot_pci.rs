@@ -2,7 +2,7 @@
 //! `/dev/kvm`: the guest reaches the PCI host bridge and the virtio-pci disk through config
 //! mechanism #1 (port exits) and BAR0 (MMIO exits), then throws malformed accesses at both:
 //! every config register written with all ones in every width, straddling and wrong-bus
-//! accesses, a BAR moved away, garbage in every common-config register, a queue enabled on
+//! accesses, a BAR moved out of the window and within it, garbage in every common-config register, a queue enabled on
 //! garbage addresses with DRIVER_OK, MSI-X enabled with garbage messages in the table and
 //! beyond it, PBA writes. The VMM must survive all of it (no panic, exit 0 on the guest's reset)
 //! and the guest then still reads the right ids. The Linux guest over virtio-pci is
@@ -142,12 +142,18 @@ fn malformed_config_bar_and_msix_accesses_leave_the_vmm_and_the_device_working()
     c.cfg_addr(0x8001_0800).out32(0xcfc, 0);
     c.cfg_addr(0x0000_0800).out32(0xcfc, 0);
     c.out8(0xcfb, 1).out16(0xcfa, 0xffff);
-    // The BAR reads the sizing mask now; a move elsewhere is undone; then back to BAR0 with
-    // memory decoding on and MSI-X enabled without the function mask.
+    // The BAR reads the sizing mask now; a move out of the PCI window is kept but does not
+    // decode; a move inside it with memory decoding on decodes there (the ioeventfds follow);
+    // then back to BAR0, MSI-X enabled without the function mask.
     c.expect_cfg(1, 0x10, 0xffff_8000);
     c.cfg_addr(0x8000_0810).out32(0xcfc, 0xd000_0000);
-    c.expect_cfg(1, 0x10, BAR0);
+    c.expect_cfg(1, 0x10, 0xd000_0000);
+    c.cfg_addr(0x8000_0810).out32(0xcfc, 0xe010_0000);
     c.cfg_addr(0x8000_0804).out32(0xcfc, 0x0000_0006);
+    c.raw(&[0xbf]).raw(&0xe010_0000u32.to_le_bytes()); // mov edi, the moved BAR
+    c.expect_bar16(0x12, 1);
+    c.cfg_addr(0x8000_0810).out32(0xcfc, BAR0);
+    c.expect_cfg(1, 0x10, BAR0);
     c.cfg_addr(0x8000_0840).out32(0xcfc, 0x8000_0000);
     c.rdi_bar0();
     c.expect_bar16(0x12, 1); // num_queues through BAR0

@@ -10,11 +10,14 @@
 //!   (4 KiB window, edge-triggered active-high GSI), and `\_S5` for poweroff. With the pci
 //!   transport instead: `PCI0`, a PCI host bridge (`PNP0A03`, segment 0, bus 0) whose `_CRS`
 //!   gives bus 0 and the 32-bit BAR window; its config space is mechanism #1 (ports
-//!   0xCF8/0xCFC, see `devices::pci`), so there is no MCFG; no `_PRT` (no INTx: MSI-X only).
+//!   0xCF8/0xCFC, see `devices::pci`), so there is no MCFG; no `_PRT` (no INTx: MSI-X only);
+//!   under it the ACPI hotplug slots `S001`.. with `_ADR`, `_SUN`, `_EJ0` and the scan `PSCN`
+//!   (see `devices::hotplug`).
 //! - The power button of a hardware-reduced machine: a Generic Event Device (`ACPI0013`) with
 //!   one edge-triggered GSI ([`GED_GSI`]) whose `_EVT` notifies `PWRB` (`PNP0C0C`) with 0x80
 //!   ("button pressed"). The VMM presses it by raising that GSI (`vhdtool vm shutdown`); the
-//!   guest's `button` driver turns it into a KEY_POWER input event for userspace.
+//!   guest's `button` driver turns it into a KEY_POWER input event for userspace. With the
+//!   pci transport the GED has a second GSI ([`HOTPLUG_GSI`]): `_EVT` then runs `PCI0.PSCN`.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -27,9 +30,10 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 
+use crate::devices::hotplug::{self, RawAml};
 use crate::layout::{
-    self, ACPI_SLEEP_PORT, GED_GSI, IOAPIC_ADDR, LAPIC_ADDR, PCI_MMIO_BASE, PCI_MMIO_SIZE,
-    SERIAL_GSI, SERIAL_PORT,
+    self, ACPI_SLEEP_PORT, GED_GSI, HOTPLUG_GSI, IOAPIC_ADDR, LAPIC_ADDR, PCI_MMIO_BASE,
+    PCI_MMIO_SIZE, SERIAL_GSI, SERIAL_PORT,
 };
 
 const OEM_ID: [u8; 6] = *b"VHDKIT";
@@ -162,8 +166,9 @@ fn virtio_device(i: usize, d: &MmioDevice) -> Vec<u8> {
     ))
 }
 
-/// `Device(PWRB)` and `Device(GED0)`: the power button and the event device that presses it.
-fn power_button() -> Vec<u8> {
+/// `Device(PWRB)` and `Device(GED0)`: the power button and the event device that presses it;
+/// with `hotplug`, the GED also has [`HOTPLUG_GSI`], which runs the PCI slot scan.
+fn power_button(hotplug: bool) -> Vec<u8> {
     let hid = aml::EISAName::new("PNP0C0C");
     let name_hid = aml::Name::new("_HID".into(), &hid);
     let name_uid = aml::Name::new("_UID".into(), &aml::ZERO);
@@ -171,12 +176,19 @@ fn power_button() -> Vec<u8> {
     let ged_hid: aml::AmlStr = "ACPI0013";
     let name_hid = aml::Name::new("_HID".into(), &ged_hid);
     let irq = aml::Interrupt::new(true, true, false, false, GED_GSI);
-    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let hp_irq = aml::Interrupt::new(true, true, false, false, HOTPLUG_GSI);
+    let crs = if hotplug {
+        aml::ResourceTemplate::new(vec![&irq, &hp_irq])
+    } else {
+        aml::ResourceTemplate::new(vec![&irq])
+    };
     let name_crs = aml::Name::new("_CRS".into(), &crs);
     let pwrb = aml::Path::new("PWRB");
     let pressed = 0x80u8;
     let notify = aml::Notify::new(&pwrb, &pressed);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
+    let dispatch = RawAml(hotplug::ged_event_aml());
+    let body: &dyn Aml = if hotplug { &dispatch } else { &notify };
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![body]);
     v.extend(aml_bytes(&aml::Device::new(
         "GED0".into(),
         vec![&name_hid, &name_uid, &name_crs, &evt],
@@ -184,8 +196,8 @@ fn power_button() -> Vec<u8> {
     v
 }
 
-/// `Device(PCI0)`: the host bridge, bus 0, the BAR window.
-fn pci_host_bridge() -> Vec<u8> {
+/// `Device(PCI0)`: the host bridge, bus 0, the BAR window, and hotplug slots `1..=slots`.
+fn pci_host_bridge(slots: u8) -> Vec<u8> {
     let hid = aml::EISAName::new("PNP0A03");
     let name_hid = aml::Name::new("_HID".into(), &hid);
     let name_uid = aml::Name::new("_UID".into(), &aml::ZERO);
@@ -201,17 +213,20 @@ fn pci_host_bridge() -> Vec<u8> {
     );
     let crs = aml::ResourceTemplate::new(vec![&bus, &window]);
     let name_crs = aml::Name::new("_CRS".into(), &crs);
+    let slots = RawAml(hotplug::pci0_aml(slots));
     aml_bytes(&aml::Device::new(
         "PCI0".into(),
-        vec![&name_hid, &name_uid, &name_seg, &name_bbn, &name_crs],
+        vec![
+            &name_hid, &name_uid, &name_seg, &name_bbn, &name_crs, &slots,
+        ],
     ))
 }
 
 fn dsdt(devices: &[MmioDevice], pci: bool) -> Vec<u8> {
     let mut sb = com1();
-    sb.extend(power_button());
+    sb.extend(power_button(pci));
     if pci {
-        sb.extend(pci_host_bridge());
+        sb.extend(pci_host_bridge(crate::MAX_DISKS as u8));
     }
     for (i, d) in devices.iter().enumerate() {
         sb.extend(virtio_device(i, d));
@@ -420,5 +435,66 @@ mod tests {
         assert_ne!(iapc & IAPC_MSI_NOT_SUPPORTED, 0, "no MSI without PCI");
         let (_, dsdt) = find(&t, b"DSDT");
         assert!(!dsdt.windows(4).any(|w| w == b"PCI0"));
+    }
+
+    #[test]
+    fn the_pci_dsdt_with_hotplug_slots_disassembles_cleanly_with_iasl() {
+        if std::process::Command::new("iasl")
+            .arg("-v")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "iasl (acpica-tools) is needed in CI"
+            );
+            eprintln!("SKIP: no iasl (apt-get install acpica-tools)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let t = tables(0xe0000, 2, &[], true);
+        let (_, dsdt) = find(&t, b"DSDT");
+        let path = dir.path().join("dsdt.dat");
+        std::fs::write(&path, &dsdt).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "iasl -d failed:\n{log}");
+        let dsl = std::fs::read_to_string(dir.path().join("dsdt.dsl")).unwrap();
+        for want in [
+            "Device (S001)",
+            "Device (S018)",
+            "Name (_ADR, 0x00120000)",
+            "Name (_SUN, 0x12)",
+            "Method (_EJ0, 1, NotSerialized)",
+            "B0EJ = 0x00040000",
+            "OperationRegion (PHPR, SystemIO, 0x0700, 0x0C)",
+            "Method (PSCN, 0, Serialized)",
+            "Notify (S002, 0x03)",
+            "Notify (S018, One)",
+            "If ((Arg0 == 0x16))",
+            "\\_SB.PCI0.PSCN ()",
+            "Notify (PWRB, 0x80)",
+        ] {
+            assert!(dsl.contains(want), "no {want:?} in\n{dsl}");
+        }
+        // Re-compiling the disassembly finds no errors either.
+        let out = std::process::Command::new("iasl")
+            .arg(dir.path().join("dsdt.dsl"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "iasl could not compile its own disassembly:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

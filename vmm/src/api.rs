@@ -15,8 +15,8 @@
 //!
 //! Invariants: a request is read with a deadline ([`READ_TIMEOUT`]) and a size bound, so a
 //! silent or flooding client costs at most that; connections are served one at a time; the
-//! socket file is removed when the server stops. `shutdown` and `checkpoint` reply when the
-//! work is done (disks flushed), so a script can chain on the reply.
+//! socket file is removed when the server stops. `shutdown`, `checkpoint` and `disk-remove`
+//! reply when the work is done (disks flushed), so a script can chain on the reply.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -71,6 +71,24 @@ pub enum Command {
         #[serde(default)]
         max_bandwidth_mib: Option<u64>,
     },
+    /// Hot-add the image at `path` as a new disk (pci transport only); the reply's detail is
+    /// the new disk's id.
+    DiskAdd {
+        /// The image (an absolute path: the VMM may run elsewhere).
+        path: PathBuf,
+        /// Open it read-only.
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// Hot-remove a disk (an id from `status`, or its image path): the guest is asked to eject
+    /// it; the reply comes once it has and the disk is drained, flushed and closed, or is an
+    /// error after `timeout_s` (the disk then stays attached).
+    DiskRemove {
+        /// Id or image path.
+        disk: String,
+        /// Seconds the guest gets to eject it.
+        timeout_s: u64,
+    },
 }
 
 /// A request line.
@@ -86,6 +104,12 @@ pub struct Request {
 /// A disk as reported by `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskStatus {
+    /// Its id (`disk0`, …) for `disk-remove`.
+    #[serde(default)]
+    pub id: String,
+    /// Its PCI device number on bus 0 (pci transport).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_slot: Option<u8>,
     /// The image the guest writes to now.
     pub path: PathBuf,
     /// Opened read-only.
@@ -371,6 +395,28 @@ mod tests {
             parse_request(br#"{"version":1,"command":"status"}"#).unwrap(),
             Command::Status
         );
+        let add = br#"{"version":1,"command":"disk-add","path":"/i/a.vhdx"}"#;
+        assert_eq!(
+            parse_request(add).unwrap(),
+            Command::DiskAdd {
+                path: "/i/a.vhdx".into(),
+                read_only: false
+            },
+            "read_only defaults to false"
+        );
+        let remove = br#"{"version":1,"command":"disk-remove","disk":"disk3","timeout_s":5}"#;
+        assert_eq!(
+            parse_request(remove).unwrap(),
+            Command::DiskRemove {
+                disk: "disk3".into(),
+                timeout_s: 5
+            }
+        );
+        let e = parse_request(br#"{"version":1,"command":"disk-remove","disk":"d"}"#);
+        assert!(e.unwrap_err().contains("timeout_s"));
+        // A status from a VMM without disk ids still parses.
+        let old: DiskStatus = serde_json::from_str(r#"{"path":"/a","read_only":true}"#).unwrap();
+        assert_eq!((old.id.as_str(), old.pci_slot), ("", None));
     }
 
     #[test]

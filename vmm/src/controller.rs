@@ -1,5 +1,6 @@
 //! The main thread's side of the control API: carries out each [`ApiCall`] against the
-//! running VM (pause, resume, status, the power button and the shutdown deadline).
+//! running VM (pause, resume, status, the power button and the shutdown deadline; disk
+//! hotplug is in `crate::hotplug`).
 //!
 //! Invariant: only the main thread pauses or resumes the vCPUs, so calls never race each
 //! other; a pending `shutdown` holds its reply until the VM has stopped and the disks are
@@ -19,6 +20,7 @@ use crate::api::{ApiCall, Command, DiskStatus, Reply, Status, API_VERSION};
 use crate::control::RunControl;
 use crate::devices::serial::SerialDevice;
 use crate::disks::DiskSlot;
+use crate::hotplug::HotplugState;
 use crate::vcpu::VmEvent;
 use crate::{GuestExit, Transport, VmConfig};
 
@@ -64,6 +66,8 @@ pub struct Controller<'a> {
     /// Set by `checkpoint --stop` (or a checkpoint that left a disk unusable): how the VM
     /// ends.
     pub stop_after_checkpoint: Option<VmEvent>,
+    /// Disk hotplug (`disk-add`, `disk-remove`).
+    pub hotplug: HotplugState,
 }
 
 impl std::fmt::Display for GuestExit {
@@ -122,6 +126,8 @@ impl Controller<'_> {
                         .disks
                         .iter()
                         .map(|d| DiskStatus {
+                            id: d.id.clone(),
+                            pci_slot: d.pci.as_ref().map(|p| p.0),
                             path: d.path.clone(),
                             read_only: d.read_only,
                         })
@@ -161,6 +167,19 @@ impl Controller<'_> {
                 Ok(detail) => Reply::done(detail),
                 Err(e) => Reply::failed(e.to_string()),
             },
+            Command::DiskAdd { path, read_only } => match self.disk_add(&path, read_only) {
+                Ok(id) => Reply::done(id),
+                Err(e) => Reply::failed(format!("disk-add {}: {e}", path.display())),
+            },
+            Command::DiskRemove { disk, timeout_s } => {
+                match self.disk_remove(&disk, timeout_s, call.reply) {
+                    Ok(()) => return,
+                    Err((e, reply)) => {
+                        let _ = reply.send(Reply::failed(format!("disk-remove {disk}: {e}")));
+                        return;
+                    }
+                }
+            }
             Command::Shutdown { timeout_s } => {
                 // A paused guest cannot see the button.
                 self.control.resume();

@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::devices::msix::{MsiRouter, Msix};
 use crate::devices::virtio::{VirtioDevice, INT_VRING};
 use crate::devices::virtio_mmio::{VirtioMmio, QUEUE_NOTIFY};
-use crate::devices::virtio_pci::{Vectors, VirtioPci};
+use crate::devices::virtio_pci::{IoeventHook, Vectors, VirtioPci};
 use crate::layout;
 use crate::vcpu::VmEvent;
 use crate::vm::block_stop_signals;
@@ -41,6 +41,10 @@ fn new_eventfd() -> Result<EventFd> {
 
 /// A disk of the running VM.
 pub struct DiskSlot {
+    /// Its name in the control API (`disk0`, `disk1`, …; never reused while the VM runs).
+    pub id: String,
+    /// Its PCI function, with the pci transport (device number `pci.0` on bus 0).
+    pub pci: Option<(u8, Arc<VirtioPci>)>,
     /// Its device.
     pub transport: Arc<VirtioDevice>,
     /// The image the guest writes now (changes at each checkpoint).
@@ -96,6 +100,17 @@ impl DiskSlot {
     }
 }
 
+/// Takes a PCI function out of KVM: its notify ioeventfds and its vectors' irqfds (the
+/// function has left the bus; its GSIs may serve another function later).
+pub fn release_pci(vm: &VmFd, pci: &VirtioPci) {
+    pci.release_ioevents();
+    for (fd, gsi) in pci.msix().irqfds() {
+        if let Err(e) = vm.unregister_irqfd(fd, gsi) {
+            tracing::warn!("unregister the irqfd of GSI {gsi}: {e}");
+        }
+    }
+}
+
 /// One engine per queue over the image at `path` (its whole chain).
 pub fn open_engines(
     path: &Path,
@@ -136,7 +151,7 @@ pub struct BuiltDisk {
 /// [`layout::virtio_gsi`], or one irqfd per MSI-X vector on GSIs from
 /// [`layout::PCI_MSI_GSI_BASE`] routed by `router`) and its queue notify ioeventfds.
 pub fn make_disk(
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
     i: usize,
     disk: &crate::DiskConfig,
@@ -207,11 +222,19 @@ pub fn make_disk(
             let dev = VirtioBlk::new(engines, mem.clone(), queues, config, notify).map_err(derr)?;
             let device = Arc::new(VirtioDevice::new(dev, status, kick));
             let bar = layout::pci_bar_addr(i) as u32;
-            let pci = VirtioPci::new(device, nq as u16, msix, vectors, bar);
-            // All queues wake the one worker of the disk.
-            for q in 0..nq as u16 {
-                ioevent(pci.device().kick_evt(), pci.notify_addr(q))?;
-            }
+            // All queues wake the one worker of the disk, through ioeventfds wherever the
+            // guest puts BAR0.
+            let vm = vm.clone();
+            let hook: IoeventHook = Box::new(move |kick, addr, register| {
+                let at = IoEventAddress::Mmio(addr);
+                if register {
+                    vm.register_ioevent(kick, &at, NoDatamatch)
+                } else {
+                    vm.unregister_ioevent(kick, &at, NoDatamatch)
+                }
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+            });
+            let pci = VirtioPci::new(device, nq as u16, msix, vectors, bar, Some(hook));
             Ok(BuiltDisk {
                 device: pci.device().clone(),
                 mmio: None,

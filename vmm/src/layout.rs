@@ -57,6 +57,11 @@ pub const I8042_DATA: u16 = 0x60;
 pub const I8042_COMMAND: u16 = 0x64;
 /// ACPI sleep control register (FADT `SLEEP_CONTROL_REG`); status at +1.
 pub const ACPI_SLEEP_PORT: u16 = 0x600;
+/// The PCI hotplug register block (pci transport): see `devices::hotplug`.
+pub const HOTPLUG_PORT: u16 = 0x0700;
+/// GSI the VMM raises when PCI slots change (pci transport only: there the virtio-mmio GSIs,
+/// this one included, are unused); the GED's second interrupt.
+pub const HOTPLUG_GSI: u32 = 22;
 /// GSI of the first virtio device; device `i` uses `VIRTIO_GSI_BASE + i`.
 pub const VIRTIO_GSI_BASE: u32 = 5;
 /// GSI of the ACPI Generic Event Device (the power button), the last IOAPIC pin.

@@ -7,12 +7,11 @@
 //!           requests and flushes its disk), restore the terminal, return
 //!  vCPU thread i: KVM_RUN loop, port and MMIO exits through the Bus
 //!  disk worker i: epoll(ioeventfd, stop) → process_queue / process_completions
-//!  stdin thread: stdin → UART receive FIFO
+//!  stdin thread: stdin → UART receive FIFO (crate::console)
 //! ```
 
-use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -26,10 +25,10 @@ use vm_memory::{
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{block_signal, register_signal_handler, Killable, SIGRTMIN};
-use vmm_sys_util::terminal::Terminal;
 
 use crate::api::{ApiServer, Reply};
 use crate::checkpoint::{Restored, RestoredMemory};
+use crate::console::{spawn_stdin, TerminalGuard};
 use crate::control::RunControl;
 use crate::controller::Controller;
 use crate::devices::bus::Bus;
@@ -39,7 +38,8 @@ use crate::devices::serial;
 use crate::devices::serial::{ConsoleOut, ConsoleState, SerialDevice};
 use crate::devices::EventFdTrigger;
 use crate::disks::{make_disk, DiskSlot};
-use crate::layout::{self, ACPI_START, GED_GSI, MIN_MEMORY, SERIAL_GSI};
+use crate::hotplug::HotplugState;
+use crate::layout::{self, ACPI_START, GED_GSI, HOTPLUG_GSI, MIN_MEMORY, SERIAL_GSI};
 use crate::state::restore;
 use crate::vcpu::{VcpuCtx, VmEvent};
 use crate::{
@@ -51,8 +51,6 @@ use crate::{
 const TSS_ADDR: usize = 0xfffb_d000;
 /// KVM_SET_IDENTITY_MAP_ADDR.
 const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
-/// Console escape: ^A then `x` stops the VM (when stdin is a terminal).
-const ESCAPE: u8 = 0x01;
 
 /// The signal (SIGINT or SIGTERM) that asked the VMM to stop, 0 if none.
 static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
@@ -327,12 +325,25 @@ pub(crate) fn run_vm(
         }
         transports.push(t);
     }
-    let pci = (config.transport == Transport::Pci).then(|| PciRoot::new(pci));
-    let bus = Arc::new(Bus::new(serial.clone(), mmio, pci, transports.clone()));
+    let pci_functions: Vec<_> = pci.clone();
+    let pci =
+        (config.transport == Transport::Pci).then(|| Arc::new(PciRoot::new(crate::MAX_DISKS, pci)));
+    // PCI functions wake their own workers; BusEvent::Kick(i) is virtio-mmio disk i's.
+    let mmio_kicks = match config.transport {
+        Transport::Mmio => transports.clone(),
+        Transport::Pci => Vec::new(),
+    };
+    let bus = Arc::new(Bus::new(serial.clone(), mmio, pci.clone(), mmio_kicks));
     // The power button: the GED's interrupt.
     let power_button = new_eventfd()?;
     vm.register_irqfd(&power_button, GED_GSI)
         .map_err(|e| Error::kvm("KVM_IRQFD (power button)", e))?;
+    // The PCI hotplug interrupt: the GED's second GSI (pci transport).
+    let hotplug_irq = new_eventfd()?;
+    if pci.is_some() {
+        vm.register_irqfd(&hotplug_irq, HOTPLUG_GSI)
+            .map_err(|e| Error::kvm("KVM_IRQFD (PCI hotplug)", e))?;
+    }
 
     // Signal handlers, before any thread starts (a failure here leaves none behind).
     register_signal_handler(SIGRTMIN(), kick_handler)
@@ -354,7 +365,10 @@ pub(crate) fn run_vm(
     let mut disks: Vec<DiskSlot> = transports
         .iter()
         .zip(&config.disks)
-        .map(|(t, d)| DiskSlot {
+        .enumerate()
+        .map(|(i, (t, d))| DiskSlot {
+            id: format!("disk{i}"),
+            pci: pci_functions.get(i).map(|f| (i as u8 + 1, f.clone())),
             transport: t.clone(),
             path: d.path.clone(),
             read_only: d.read_only,
@@ -412,6 +426,7 @@ pub(crate) fn run_vm(
         tx,
         msr_index,
         stop_after_checkpoint: None,
+        hotplug: HotplugState::new(pci, hotplug_irq, vm.clone(), router, config.disks.len()),
     };
     let outcome = loop {
         match rx.recv_timeout(Duration::from_millis(20)) {
@@ -441,6 +456,9 @@ pub(crate) fn run_vm(
             while let Ok(call) = rx.try_recv() {
                 ctl.handle(call);
             }
+        }
+        if let Err(e) = ctl.poll_hotplug() {
+            break Err(e);
         }
     };
     let pending_shutdown = ctl.shutdown.take();
@@ -498,79 +516,6 @@ pub(crate) extern "C" fn kick_handler(
     _: *mut libc::siginfo_t,
     _: *mut libc::c_void,
 ) {
-}
-
-/// Restores the terminal mode on drop, when stdin is a terminal put in raw mode.
-struct TerminalGuard;
-
-impl TerminalGuard {
-    fn new() -> Option<TerminalGuard> {
-        let stdin = std::io::stdin();
-        let lock = stdin.lock();
-        if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-            return None;
-        }
-        lock.set_raw_mode().ok()?;
-        Some(TerminalGuard)
-    }
-}
-
-impl Drop for TerminalGuard {
-    fn drop(&mut self) {
-        let _ = std::io::stdin().lock().set_canon_mode();
-    }
-}
-
-/// Feeds stdin to the UART. With a terminal, ^A x stops the VM.
-fn spawn_stdin(serial: Arc<Mutex<SerialDevice>>, tx: Sender<VmEvent>, tty: bool) {
-    let _ = std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            block_stop_signals();
-            let mut buf = [0u8; 64];
-            let mut escape = false;
-            let stdin = std::io::stdin();
-            loop {
-                let n = match stdin.lock().read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(_) => return,
-                };
-                let mut input = Vec::with_capacity(n);
-                for &b in &buf[..n] {
-                    if tty && escape {
-                        escape = false;
-                        if b == b'x' {
-                            let _ = tx
-                                .send(Err(Error::Setup("stopped from the console (^A x)".into())));
-                            return;
-                        }
-                        input.push(ESCAPE);
-                        if b == ESCAPE {
-                            continue;
-                        }
-                    } else if tty && b == ESCAPE {
-                        escape = true;
-                        continue;
-                    }
-                    input.push(b);
-                }
-                let mut rest = &input[..];
-                while !rest.is_empty() {
-                    let taken = serial
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .enqueue_raw_bytes(rest)
-                        .unwrap_or(0);
-                    rest = &rest[taken..];
-                    if !rest.is_empty() {
-                        // The guest has not read the FIFO yet.
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                }
-            }
-        });
 }
 
 #[cfg(test)]

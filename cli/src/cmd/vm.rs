@@ -1,10 +1,13 @@
 //! `vhdtool vm status [--json] | pause | resume | shutdown [--timeout S] | checkpoint [--stop]
-//! DIR | migrate [--downtime-ms N] [--max-bandwidth MIB] tcp:HOST:PORT --api-socket PATH`:
-//! control a VM started with `vhdtool boot --api-socket PATH` (protocol: `vmm::api`).
+//! DIR | migrate [--downtime-ms N] [--max-bandwidth MIB] tcp:HOST:PORT | disk-add
+//! IMAGE[,read-only] | disk-remove [--timeout S] ID|IMAGE --api-socket PATH`: control a VM
+//! started with `vhdtool boot --api-socket PATH` (protocol: `vmm::api`).
 //!
 //! Exit status 0 when the VMM carried out the command, 1 with its reason otherwise (or when
 //! the socket cannot be reached). `shutdown` returns once the VMM has stopped the guest and
-//! flushed its disks; `migrate` once the target runs the guest (the source VMM then exits 0),
+//! flushed its disks; `disk-remove` once the guest ejected the disk and the VMM drained,
+//! flushed and closed it (or, after --timeout, with an error: the disk stays attached);
+//! `migrate` once the target runs the guest (the source VMM then exits 0),
 //! or, failing, with the cause while the guest runs on at the source.
 
 use std::path::PathBuf;
@@ -84,6 +87,41 @@ enum Verb {
         /// The target, tcp:HOST:PORT.
         to: String,
     },
+    /// Hot-add IMAGE as a new disk (VMs booted with --transport pci); prints its id.
+    DiskAdd {
+        #[command(flatten)]
+        socket: Socket,
+        /// The image; `IMAGE,read-only` attaches it read-only.
+        #[arg(value_name = "IMAGE[,read-only]")]
+        image: String,
+    },
+    /// Hot-remove a disk (its id from `vm status`, or its image): the guest is asked to eject
+    /// it; returns once it has and the disk is drained, flushed and closed.
+    DiskRemove {
+        #[command(flatten)]
+        socket: Socket,
+        /// Seconds the guest gets to eject it; then the removal is refused and the disk stays.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// Disk id or image path.
+        #[arg(value_name = "ID|IMAGE")]
+        disk: String,
+    },
+}
+
+/// `IMAGE[,read-only]` as `(absolute path, read-only)`.
+fn disk_spec(spec: &str) -> Result<(PathBuf, bool)> {
+    let (path, read_only) = match spec.rsplit_once(',') {
+        Some((p, "read-only")) => (p, true),
+        Some((_, opt)) if !std::path::Path::new(spec).exists() => {
+            bail!("{spec}: unknown disk option {opt:?} (only read-only)")
+        }
+        _ => (spec, false),
+    };
+    if path.is_empty() {
+        bail!("{spec}: no image");
+    }
+    Ok((std::path::absolute(path)?, read_only))
 }
 
 /// Runs `vm`.
@@ -123,6 +161,32 @@ pub fn run(args: &Args) -> Result<u8> {
             },
             Duration::from_secs(3600),
         ),
+        Verb::DiskAdd { socket, image } => {
+            let (path, read_only) = disk_spec(image)?;
+            (socket, Command::DiskAdd { path, read_only }, QUICK)
+        }
+        Verb::DiskRemove {
+            socket,
+            timeout,
+            disk,
+        } => {
+            // An image path goes as an absolute one (the VMM may run elsewhere); an id as is.
+            let p = std::path::Path::new(disk);
+            let disk = if p.exists() {
+                std::path::absolute(p)?.display().to_string()
+            } else {
+                disk.clone()
+            };
+            (
+                socket,
+                Command::DiskRemove {
+                    disk,
+                    timeout_s: *timeout,
+                },
+                // The guest's time, then the drain and flush.
+                Duration::from_secs(*timeout) + Duration::from_secs(120),
+            )
+        }
     };
     let reply = api::call(&socket.api_socket, command, wait)?;
     if !reply.ok {
@@ -139,9 +203,12 @@ pub fn run(args: &Args) -> Result<u8> {
             println!("pid: {}", s.pid);
             println!("cpus: {}", s.cpus);
             println!("memory: {} MiB", s.memory >> 20);
-            for (i, d) in s.disks.iter().enumerate() {
+            for d in &s.disks {
                 let ro = if d.read_only { " (read-only)" } else { "" };
-                println!("disk {i}: {}{ro}", d.path.display());
+                let slot = d
+                    .pci_slot
+                    .map_or(String::new(), |s| format!(" [PCI slot {s}]"));
+                println!("{}: {}{ro}{slot}", d.id, d.path.display());
             }
         }
         (Verb::Status { .. }, None) => bail!("the VMM sent no status"),

@@ -5,6 +5,7 @@
 //! | PIO 0x3f8-0x3ff | 16550A console |
 //! | PIO 0x60, 0x64 | i8042 (only the 0xFE reset command does anything; status reads 0) |
 //! | PIO 0x600 | ACPI sleep control: SLP_EN with SLP_TYP 5 = power off |
+//! | PIO 0x700-0x70b | PCI hotplug registers (pci transport only, `super::hotplug`) |
 //! | PIO 0xcf8-0xcff | PCI config mechanism #1 (pci transport only) |
 //! | PIO other | reads all ones, writes ignored (no device) |
 //! | MMIO 0xd000_0000 + 4 KiB·i | virtio-mmio disk i (mmio transport) |
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use vm_superio::{I8042Device, Trigger};
 
+use super::hotplug::Hotplug;
 use super::pci::PciRoot;
 use super::serial::SerialDevice;
 use super::virtio::VirtioDevice;
@@ -62,17 +64,18 @@ pub struct Bus {
     i8042: Mutex<I8042Device<ResetLine>>,
     reset: ResetLine,
     virtio: Vec<Arc<VirtioMmio>>,
-    pci: Option<PciRoot>,
+    pci: Option<Arc<PciRoot>>,
     devices: Vec<Arc<VirtioDevice>>,
 }
 
 impl Bus {
     /// A bus with these devices: virtio-mmio device `i` at window `i`, and the PCI bus if
-    /// any; `devices[i]` is disk `i` whatever its transport (for [`BusEvent::Kick`]).
+    /// any; `devices[i]` is virtio-mmio disk `i` (for [`BusEvent::Kick`]; PCI functions wake
+    /// their workers themselves).
     pub fn new(
         serial: Arc<Mutex<SerialDevice>>,
         virtio: Vec<Arc<VirtioMmio>>,
-        pci: Option<PciRoot>,
+        pci: Option<Arc<PciRoot>>,
         devices: Vec<Arc<VirtioDevice>>,
     ) -> Bus {
         let reset = ResetLine::default();
@@ -102,6 +105,11 @@ impl Bus {
             p if PciRoot::owns_port(p) && self.pci.is_some() => {
                 if let Some(pci) = &self.pci {
                     pci.pio_in(p, data);
+                }
+            }
+            p if Hotplug::owns_port(p) && self.pci.is_some() => {
+                if let Some(pci) = &self.pci {
+                    pci.hotplug().pio_in(p, data);
                 }
             }
             _ => data.fill(0xff),
@@ -135,6 +143,11 @@ impl Bus {
                     pci.pio_out(p, data);
                 }
             }
+            p if Hotplug::owns_port(p) => {
+                if let Some(pci) = &self.pci {
+                    pci.hotplug_out(p, data);
+                }
+            }
             _ => {}
         }
         BusEvent::None
@@ -161,9 +174,8 @@ impl Bus {
     /// An MMIO write.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> BusEvent {
         if let Some(pci) = self.pci.as_ref().filter(|_| PciRoot::owns_mmio(addr)) {
-            return pci
-                .mmio_write(addr, data)
-                .map_or(BusEvent::None, BusEvent::Kick);
+            pci.mmio_write(addr, data);
+            return BusEvent::None;
         }
         match self.virtio_at(addr) {
             Some((i, dev, off)) => match dev.write(off, data) {
@@ -251,7 +263,7 @@ mod tests {
         b.pio_out(0xcf8, &0x8000_0000u32.to_le_bytes());
         b.pio_in(0xcf8, &mut d);
         assert_eq!(d, [0xff; 4], "no PCI: no CONFIG_ADDRESS");
-        b.pci = Some(PciRoot::new(Vec::new()));
+        b.pci = Some(Arc::new(PciRoot::new(4, Vec::new())));
         b.pio_out(0xcf8, &0x8000_0000u32.to_le_bytes());
         b.pio_in(0xcfc, &mut d);
         assert_eq!(u32::from_le_bytes(d), 0x0008_1b36, "the host bridge");

@@ -3,6 +3,7 @@
 //! PCI host bridge ([`pci`]); all behind the port and MMIO dispatch of [`bus`].
 
 pub mod bus;
+pub mod hotplug;
 pub mod msix;
 pub mod pci;
 pub mod serial;

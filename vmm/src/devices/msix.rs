@@ -99,6 +99,11 @@ impl Msix {
         }
     }
 
+    /// Each vector's irqfd and GSI (to unregister them when the function leaves).
+    pub fn irqfds(&self) -> impl Iterator<Item = (&EventFd, u32)> {
+        self.irqfds.iter().zip(self.gsis.iter().copied())
+    }
+
     /// Number of vectors.
     pub fn len(&self) -> usize {
         self.irqfds.len()

@@ -15,14 +15,18 @@
 //! a 1 MiB-per-bus window. Config accesses happen at probe time only, so their cost (two
 //! exits each) does not matter.
 //!
+//! Hotplug (see `super::hotplug`): device numbers `1..=slots` are slots the main thread plugs
+//! functions into; a function the guest ejects leaves the bus at once (its config space reads
+//! all ones from then on) and waits in [`PciRoot::take_ejected`] for the main thread.
+//!
 //! Invariants: a config access is at most 4 bytes and never crosses the 32-bit register
 //! CONFIG_ADDRESS selects (wider or straddling accesses read all ones and write nothing);
 //! functions only see offsets below 256; the bridge never panics on guest input.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
-use super::virtio::Action;
+use super::hotplug::Hotplug;
 use super::virtio_pci::VirtioPci;
 use crate::layout::{PCI_MMIO_BASE, PCI_MMIO_SIZE};
 
@@ -123,22 +127,93 @@ fn host_bridge() -> ConfigSpace {
     ConfigSpace::new(0x1b36, 0x0008, 0x0600_0000)
 }
 
-/// Bus 0 behind mechanism #1, and the BAR window.
+/// Bus 0 behind mechanism #1, the BAR window, and the hotplug registers.
 #[derive(Debug)]
 pub struct PciRoot {
     address: AtomicU32,
     host: ConfigSpace,
-    devices: Vec<Arc<VirtioPci>>,
+    /// `slots[i]`: the function at device number `i + 1`.
+    slots: RwLock<Vec<Option<Arc<VirtioPci>>>>,
+    hotplug: Hotplug,
+    /// Functions the guest ejected, with their device numbers, for the main thread.
+    ejected: Mutex<Vec<(u8, Arc<VirtioPci>)>>,
 }
 
 impl PciRoot {
-    /// Bus 0 with `devices[i]` at device number `i + 1`.
-    pub fn new(devices: Vec<Arc<VirtioPci>>) -> PciRoot {
+    /// Bus 0 with `slots` hotplug slots (device numbers `1..=slots`), `devices[i]` at device
+    /// number `i + 1`.
+    pub fn new(slots: usize, devices: Vec<Arc<VirtioPci>>) -> PciRoot {
+        let mut v: Vec<Option<Arc<VirtioPci>>> = devices.into_iter().map(Some).collect();
+        v.resize(slots.max(v.len()), None);
         PciRoot {
             address: AtomicU32::new(0),
             host: host_bridge(),
-            devices,
+            slots: RwLock::new(v),
+            hotplug: Hotplug::default(),
+            ejected: Mutex::new(Vec::new()),
         }
+    }
+
+    fn slots(&self) -> std::sync::RwLockReadGuard<'_, Vec<Option<Arc<VirtioPci>>>> {
+        self.slots.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn slots_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Option<Arc<VirtioPci>>>> {
+        self.slots.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The function at device number `device`.
+    fn device(&self, device: usize) -> Option<Arc<VirtioPci>> {
+        self.slots().get(device.checked_sub(1)?).cloned().flatten()
+    }
+
+    /// The lowest free device number, if any: empty, and not holding a function the guest
+    /// ejected that the main thread has not taken out of KVM yet (its ioeventfds would clash).
+    pub fn free_slot(&self) -> Option<u8> {
+        let s = self.slots();
+        let ejected = self.ejected.lock().unwrap_or_else(|e| e.into_inner());
+        (0..s.len())
+            .map(|i| i as u8 + 1)
+            .find(|&d| s[usize::from(d) - 1].is_none() && !ejected.iter().any(|e| e.0 == d))
+    }
+
+    /// Plugs `dev` in at device number `device` (free, see [`PciRoot::free_slot`]) and tells
+    /// the guest at its next scan.
+    pub fn plug(&self, device: u8, dev: Arc<VirtioPci>) {
+        if let Some(s) = self.slots_mut().get_mut(usize::from(device) - 1) {
+            *s = Some(dev);
+            self.hotplug.request_add(device);
+        }
+    }
+
+    /// The hotplug registers.
+    pub fn hotplug(&self) -> &Hotplug {
+        &self.hotplug
+    }
+
+    /// A write to the hotplug registers: functions the guest ejected leave the bus now.
+    pub fn hotplug_out(&self, port: u16, data: &[u8]) {
+        let ejected = self.hotplug.pio_out(port, data);
+        if ejected == 0 {
+            return;
+        }
+        let mut slots = self.slots_mut();
+        let mut out = self.ejected.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, s) in slots.iter_mut().enumerate() {
+            if 1u32
+                .checked_shl(i as u32 + 1)
+                .is_some_and(|b| ejected & b != 0)
+            {
+                if let Some(d) = s.take() {
+                    out.push((i as u8 + 1, d));
+                }
+            }
+        }
+    }
+
+    /// The functions ejected since the last call.
+    pub fn take_ejected(&self) -> Vec<(u8, Arc<VirtioPci>)> {
+        std::mem::take(&mut *self.ejected.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The config register a CONFIG_DATA access at `port` of `len` bytes reaches:
@@ -174,7 +249,7 @@ impl PciRoot {
         match self.target(port, data.len()) {
             Some((0, off)) => self.host.read(off, data),
             Some((d, off)) => {
-                if let Some(dev) = self.devices.get(d - 1) {
+                if let Some(dev) = self.device(d) {
                     dev.config_read(off, data);
                 }
             }
@@ -197,7 +272,7 @@ impl PciRoot {
         match self.target(port, data.len()) {
             Some((0, off)) => tracing::debug!("write to the host bridge's {off:#x} ignored"),
             Some((d, off)) => {
-                if let Some(dev) = self.devices.get(d - 1) {
+                if let Some(dev) = self.device(d) {
                     dev.config_write(off, data);
                 }
             }
@@ -215,27 +290,30 @@ impl PciRoot {
     }
 
     /// The decoding function and the offset in its BAR.
-    fn bar_at(&self, addr: u64, len: usize) -> Option<(usize, &VirtioPci, u64)> {
-        self.devices.iter().enumerate().find_map(|(i, d)| {
+    fn bar_at(&self, addr: u64, len: usize) -> Option<(Arc<VirtioPci>, u64)> {
+        self.slots().iter().flatten().find_map(|d| {
             let (base, size) = d.decoded_bar()?;
             let off = addr.checked_sub(base)?;
-            (off + len as u64 <= size).then_some((i, &**d, off))
+            (off + len as u64 <= size).then(|| (d.clone(), off))
         })
     }
 
     /// An MMIO read in the window (zeros where no BAR decodes).
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         match self.bar_at(addr, data.len()) {
-            Some((_, d, off)) => d.bar_read(off, data),
+            Some((d, off)) => d.bar_read(off, data),
             None => data.fill(0),
         }
     }
 
-    /// An MMIO write in the window: `Some(i)` when disk `i`'s worker should look at its
-    /// queues.
-    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> Option<usize> {
-        let (i, d, off) = self.bar_at(addr, data.len())?;
-        (d.bar_write(off, data) == Action::Kick).then_some(i)
+    /// An MMIO write in the window; a queue notification (or DRIVER_OK) wakes the function's
+    /// disk worker.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some((d, off)) = self.bar_at(addr, data.len()) {
+            if d.bar_write(off, data) == super::virtio::Action::Kick {
+                let _ = d.device().kick_evt().write(1);
+            }
+        }
     }
 }
 
@@ -256,7 +334,7 @@ mod tests {
 
     #[test]
     fn config_address_reads_back_what_linux_probes_with() {
-        let r = PciRoot::new(Vec::new());
+        let r = PciRoot::new(4, Vec::new());
         r.pio_out(CONFIG_ADDRESS, &0x8000_0000u32.to_le_bytes());
         let mut b = [0u8; 4];
         r.pio_in(CONFIG_ADDRESS, &mut b);
@@ -271,7 +349,7 @@ mod tests {
 
     #[test]
     fn the_host_bridge_is_device_0_and_absent_devices_read_all_ones() {
-        let r = PciRoot::new(Vec::new());
+        let r = PciRoot::new(4, Vec::new());
         assert_eq!(read(&r, 0, 0, 4), 0x0008_1b36);
         assert_eq!(read(&r, 0, 0x0a, 2), 0x0600, "class: host bridge");
         assert_eq!(read(&r, 0, 0x0b, 1), 0x06);
@@ -295,7 +373,7 @@ mod tests {
 
     #[test]
     fn straddling_or_oversized_config_accesses_are_refused() {
-        let r = PciRoot::new(Vec::new());
+        let r = PciRoot::new(4, Vec::new());
         r.pio_out(CONFIG_ADDRESS, &addr(0, 0));
         let mut b = [0u8; 4];
         r.pio_in(CONFIG_DATA + 2, &mut b); // 4 bytes from byte 2
@@ -326,12 +404,12 @@ mod tests {
 
     #[test]
     fn the_mmio_window_without_bars_reads_zeros() {
-        let r = PciRoot::new(Vec::new());
+        let r = PciRoot::new(4, Vec::new());
         assert!(PciRoot::owns_mmio(PCI_MMIO_BASE));
         assert!(!PciRoot::owns_mmio(PCI_MMIO_BASE + PCI_MMIO_SIZE));
         let mut b = [0xffu8; 4];
         r.mmio_read(PCI_MMIO_BASE, &mut b);
         assert_eq!(b, [0; 4]);
-        assert_eq!(r.mmio_write(PCI_MMIO_BASE, &[1, 0]), None);
+        r.mmio_write(PCI_MMIO_BASE, &[1, 0]);
     }
 }

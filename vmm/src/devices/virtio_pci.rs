@@ -16,9 +16,15 @@
 //! usual config vector, and the vector of queue `q` is whatever the driver writes to
 //! `queue_msix_vector` (read by the device's notify callback through [`Vectors`]).
 //!
+//! BAR0 starts at the address the VMM gives it, which a guest booting with the function
+//! present keeps; a guest may move it (Linux assigns the BARs of a hot-added function itself).
+//! The notify ioeventfds follow: they are registered, through the [`IoeventHook`], at the
+//! address BAR0 decodes at, and only while it decodes; notifications elsewhere exit to the
+//! VMM and still kick.
+//!
 //! Invariants: feature, status and queue state live in the shared [`VirtioDevice`] (this
-//! module maps offsets onto it); the BAR never moves: a write of another address is logged and
-//! undone, so BAR0 decodes only at its assigned address with memory space enabled; every
+//! module maps offsets onto it); BAR0 decodes only with memory space enabled and inside the
+//! host bridge's window; the ioeventfds are registered at most once, at the decoded BAR; every
 //! access the layout does not define (wrong size or offset, beyond a region, to read-only
 //! registers) is ignored and reads 0, never a panic.
 
@@ -27,8 +33,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::QueueT;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use super::msix::{Msix, NO_VECTOR};
-use super::pci::ConfigSpace;
+use super::pci::{ConfigSpace, PciRoot};
 use super::virtio::{Action, StatusChange, VirtioDevice, DEVICE_ID_BLOCK};
 
 /// The virtio PCI vendor.
@@ -92,15 +100,29 @@ impl Vectors {
     }
 }
 
+/// Registers (`true`) or unregisters (`false`) an eventfd as the ioeventfd of a guest
+/// address (KVM_IOEVENTFD in the VMM).
+pub type IoeventHook = Box<dyn Fn(&EventFd, u64, bool) -> std::io::Result<()> + Send + Sync>;
+
 /// A virtio-pci function over a [`VirtioDevice`].
-#[derive(Debug)]
 pub struct VirtioPci {
     dev: Arc<VirtioDevice>,
     msix: Arc<Msix>,
     vectors: Arc<Vectors>,
     config: Mutex<ConfigSpace>,
-    bar: u32,
     queues: u16,
+    hook: Option<IoeventHook>,
+    /// BAR0 address the ioeventfds are registered at.
+    ioevents: Mutex<Option<u64>>,
+}
+
+impl std::fmt::Debug for VirtioPci {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioPci")
+            .field("config", &self.config)
+            .field("queues", &self.queues)
+            .finish()
+    }
 }
 
 /// Appends a `struct virtio_pci_cap` at `at` (length `len`: 16, or 20 with a trailing u32).
@@ -116,13 +138,15 @@ fn vendor_cap(c: &mut ConfigSpace, at: usize, next: usize, len: u8, kind: u8, re
 
 impl VirtioPci {
     /// The function of `dev` with `queues` virtqueues, MSI-X vectors `msix` (one per queue plus
-    /// config), and BAR0 at `bar` (a multiple of [`BAR0_SIZE`], below 4 GiB).
+    /// config), and BAR0 at `bar` (a multiple of [`BAR0_SIZE`], below 4 GiB); `hook` places
+    /// the notify ioeventfds (none: every notification exits to the VMM).
     pub fn new(
         dev: Arc<VirtioDevice>,
         queues: u16,
         msix: Arc<Msix>,
         vectors: Arc<Vectors>,
         bar: u32,
+        hook: Option<IoeventHook>,
     ) -> VirtioPci {
         let mut c = ConfigSpace::new(
             VENDOR,
@@ -181,8 +205,9 @@ impl VirtioPci {
             msix,
             vectors,
             config: Mutex::new(c),
-            bar,
             queues,
+            hook,
+            ioevents: Mutex::new(None),
         }
     }
 
@@ -195,16 +220,59 @@ impl VirtioPci {
         &self.dev
     }
 
-    /// Guest address of queue `q`'s notify register (for its ioeventfd).
-    pub fn notify_addr(&self, q: u16) -> u64 {
-        u64::from(self.bar) + NOTIFY + u64::from(q) * u64::from(NOTIFY_MULTIPLIER)
+    /// Guest address of queue `q`'s notify register with BAR0 at `base`.
+    pub fn notify_addr(base: u64, q: u16) -> u64 {
+        base + NOTIFY + u64::from(q) * u64::from(NOTIFY_MULTIPLIER)
     }
 
-    /// `(base, size)` of BAR0 while it decodes: memory space on, at its address.
+    /// `(base, size)` of BAR0 while it decodes: memory space on, inside the PCI window.
     pub fn decoded_bar(&self) -> Option<(u64, u64)> {
         let c = self.config();
-        (c.u16(0x04) & COMMAND_MEMORY != 0 && c.u32(BAR0) == self.bar)
-            .then_some((u64::from(self.bar), BAR0_SIZE))
+        let base = u64::from(c.u32(BAR0) & !0xf);
+        (c.u16(0x04) & COMMAND_MEMORY != 0
+            && PciRoot::owns_mmio(base)
+            && PciRoot::owns_mmio(base + BAR0_SIZE - 1))
+        .then_some((base, BAR0_SIZE))
+    }
+
+    /// Moves the notify ioeventfds to where BAR0 decodes now (or drops them).
+    fn sync_ioevents(&self) {
+        let Some(hook) = &self.hook else { return };
+        let want = self.decoded_bar().map(|(base, _)| base);
+        let mut have = self.ioevents.lock().unwrap_or_else(|e| e.into_inner());
+        if *have == want {
+            return;
+        }
+        let kick = self.dev.kick_evt();
+        for (base, register) in [(*have, false), (want, true)] {
+            for q in 0..self.queues {
+                let Some(base) = base else { continue };
+                let addr = Self::notify_addr(base, q);
+                if let Err(e) = hook(kick, addr, register) {
+                    // Notifications there still exit to the VMM, which kicks.
+                    tracing::warn!(
+                        "ioeventfd of queue {q} at {addr:#x} (register {register}): {e}"
+                    );
+                }
+            }
+        }
+        *have = want;
+    }
+
+    /// Drops the notify ioeventfds (the function is leaving the VM).
+    pub fn release_ioevents(&self) {
+        let Some(hook) = &self.hook else { return };
+        let mut have = self.ioevents.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(base) = have.take() {
+            for q in 0..self.queues {
+                let _ = hook(self.dev.kick_evt(), Self::notify_addr(base, q), false);
+            }
+        }
+    }
+
+    /// The MSI-X vectors.
+    pub fn msix(&self) -> &Arc<Msix> {
+        &self.msix
     }
 
     /// A config space read (`off` and `data.len()` as [`ConfigSpace::valid`] allows; other
@@ -237,8 +305,8 @@ impl VirtioPci {
         (bar[0], u64::from(at), len as usize)
     }
 
-    /// A config space write: writable bits only; BAR0 keeps its address, MSI-X control goes to
-    /// the vectors, the pci cfg data window reaches BAR0.
+    /// A config space write: writable bits only; a new BAR0 address or memory enable moves the
+    /// ioeventfds, MSI-X control goes to the vectors, the pci cfg data window reaches BAR0.
     pub fn config_write(&self, off: usize, data: &[u8]) {
         if !ConfigSpace::valid(off, data.len()) {
             tracing::debug!("config write of {} bytes at {off:#x} refused", data.len());
@@ -247,19 +315,14 @@ impl VirtioPci {
         let control = {
             let mut c = self.config();
             c.write(off, data);
-            let bar = c.u32(BAR0);
-            let sizing = !(BAR0_SIZE as u32 - 1);
-            if (BAR0..BAR0 + 4).contains(&off) && bar != self.bar && bar != sizing {
-                tracing::warn!(
-                    "guest moved BAR0 to {bar:#x}: not supported, it stays at {:#x}",
-                    self.bar
-                );
-                c.set_u32(BAR0, self.bar);
-            }
             (off < CAP_MSIX + 4 && off + data.len() > CAP_MSIX + 2).then(|| c.u16(CAP_MSIX + 2))
         };
         if let Some(control) = control {
             self.msix.set_control(control);
+        }
+        if off < BAR0 + 4 {
+            // The command register or BAR0.
+            self.sync_ioevents();
         }
         if (CAP_PCI_CFG + 16..CAP_PCI_CFG + 20).contains(&off) {
             let (bar, at, len) = self.pci_cfg_window();

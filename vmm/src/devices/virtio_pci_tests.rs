@@ -28,8 +28,12 @@ impl MsiRouter for Recorder {
     }
 }
 
+/// `(address, registered)` of each ioeventfd change.
+type IoeventLog = Arc<std::sync::Mutex<Vec<(u64, bool)>>>;
+
 struct Rig {
     f: VirtioPci,
+    ioevents: IoeventLog,
     irqs: Vec<Arc<EventFd>>,
     routes: Arc<Recorder>,
     mem: GuestMemoryMmap,
@@ -69,8 +73,15 @@ fn rig() -> Rig {
         isr,
         EventFd::new(EFD_NONBLOCK).unwrap(),
     ));
+    let ioevents = IoeventLog::default();
+    let log = ioevents.clone();
+    let hook: IoeventHook = Box::new(move |_, addr, register| {
+        log.lock().unwrap().push((addr, register));
+        Ok(())
+    });
     Rig {
-        f: VirtioPci::new(dev, 2, msix, vectors, BAR),
+        f: VirtioPci::new(dev, 2, msix, vectors, BAR, Some(hook)),
+        ioevents,
         irqs,
         routes,
         mem,
@@ -151,20 +162,48 @@ fn capabilities_point_at_regions_inside_bar0() {
 }
 
 #[test]
-fn bar0_sizes_decodes_only_with_memory_enabled_and_never_moves() {
+fn bar0_sizes_decodes_only_with_memory_enabled_and_moves_with_its_ioeventfds() {
     let r = rig();
+    let log = |r: &Rig| std::mem::take(&mut *r.ioevents.lock().unwrap());
     assert_eq!(cfg(&r.f, 0x10, 4), BAR);
     assert_eq!(r.f.decoded_bar(), None, "memory space off");
     set_cfg(&r.f, 0x10, 0xffff_ffff, 4);
     assert_eq!(cfg(&r.f, 0x10, 4), 0xffff_8000, "32 KiB, 32-bit memory");
     set_cfg(&r.f, 0x04, 0x2, 2);
     assert_eq!(r.f.decoded_bar(), None, "sizing value: not decoded");
+    assert_eq!(log(&r), vec![], "nothing decoded yet");
     set_cfg(&r.f, 0x10, BAR, 4);
     assert_eq!(r.f.decoded_bar(), Some((u64::from(BAR), BAR0_SIZE)));
+    let notify = |base: u32, q: u64| u64::from(base) + NOTIFY + 4 * q;
+    assert_eq!(
+        log(&r),
+        vec![(notify(BAR, 0), true), (notify(BAR, 1), true)]
+    );
+    // Linux assigns a hot-added function's BAR itself: decoding and ioeventfds follow.
     set_cfg(&r.f, 0x10, 0xe010_0000, 4);
-    assert_eq!(cfg(&r.f, 0x10, 4), BAR, "a move is undone");
-    set_cfg(&r.f, 0x12, 0x1234, 2);
-    assert_eq!(cfg(&r.f, 0x10, 4), BAR, "a partial write too");
+    assert_eq!(cfg(&r.f, 0x10, 4), 0xe010_0000);
+    assert_eq!(r.f.decoded_bar(), Some((0xe010_0000, BAR0_SIZE)));
+    let moved = vec![
+        (notify(BAR, 0), false),
+        (notify(BAR, 1), false),
+        (notify(0xe010_0000, 0), true),
+        (notify(0xe010_0000, 1), true),
+    ];
+    assert_eq!(log(&r), moved);
+    // Outside the host bridge's window it does not decode.
+    set_cfg(&r.f, 0x10, 0x1000_0000, 4);
+    assert_eq!(r.f.decoded_bar(), None);
+    assert_eq!(log(&r).iter().filter(|e| e.1).count(), 0);
+    set_cfg(&r.f, 0x10, BAR, 4);
+    set_cfg(&r.f, 0x04, 0, 2);
+    assert_eq!(r.f.decoded_bar(), None, "memory space off again");
+    assert_eq!(log(&r).last(), Some(&(notify(BAR, 1), false)));
+    set_cfg(&r.f, 0x04, 0x2, 2);
+    r.f.release_ioevents();
+    assert_eq!(
+        log(&r)[2..],
+        [(notify(BAR, 0), false), (notify(BAR, 1), false)]
+    );
     for other in [0x14, 0x18, 0x1c, 0x20, 0x24, 0x30] {
         set_cfg(&r.f, other, 0xffff_ffff, 4);
         assert_eq!(
@@ -308,7 +347,10 @@ fn a_request_completes_and_raises_its_queues_msix_vector() {
     }
     let ok = s | u64::from(VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
     assert_eq!(set_bar(f, 0x14, ok, 1), Action::Kick);
-    assert_eq!(r.f.notify_addr(1), u64::from(BAR) + NOTIFY + 4);
+    assert_eq!(
+        VirtioPci::notify_addr(u64::from(BAR), 1),
+        u64::from(BAR) + NOTIFY + 4
+    );
 
     const HDR: u64 = 0x10_0000;
     const DATA: u64 = 0x20_0000;
@@ -366,4 +408,45 @@ fn the_pci_cfg_capability_reaches_bar0() {
     set_cfg(&r.f, CAP_PCI_CFG + 12, 3, 4);
     set_cfg(&r.f, CAP_PCI_CFG + 16, 0, 4);
     assert_eq!(bar(&r.f, 0x16, 2), 1);
+}
+
+#[test]
+fn a_plugged_function_answers_on_bus_0_until_the_guest_ejects_it_when_asked() {
+    use crate::devices::pci::{PciRoot, CONFIG_ADDRESS, CONFIG_DATA};
+    use crate::layout::HOTPLUG_PORT;
+    let (a, b) = (rig(), rig());
+    let root = PciRoot::new(2, vec![Arc::new(a.f)]);
+    assert_eq!(root.free_slot(), Some(2));
+    root.plug(2, Arc::new(b.f));
+    assert_eq!(root.free_slot(), None, "both slots taken");
+    let id = |dev: u32| {
+        root.pio_out(CONFIG_ADDRESS, &(0x8000_0000u32 | dev << 11).to_le_bytes());
+        let mut v = [0u8; 4];
+        root.pio_in(CONFIG_DATA, &mut v);
+        u32::from_le_bytes(v)
+    };
+    assert_eq!(id(2), 0x1042_1af4);
+    let reg = |off: u16| {
+        let mut v = [0u8; 4];
+        root.hotplug().pio_in(HOTPLUG_PORT + off, &mut v);
+        u32::from_le_bytes(v)
+    };
+    assert_eq!(reg(0), 1 << 2, "PCIU reports the new function");
+    let eject = |bits: u32| root.hotplug_out(HOTPLUG_PORT + 8, &bits.to_le_bytes());
+    eject(1 << 1 | 1 << 2);
+    assert!(root.take_ejected().is_empty(), "nobody asked for an eject");
+    assert_eq!(id(2), 0x1042_1af4);
+    root.hotplug().request_remove(2);
+    assert_eq!(reg(4), 1 << 2, "PCID");
+    eject(1 << 2);
+    assert_eq!(id(2), 0xffff_ffff, "gone from the bus");
+    assert_eq!(id(1), 0x1042_1af4, "the other stays");
+    assert_eq!(
+        root.free_slot(),
+        None,
+        "not free before the main thread took it"
+    );
+    let taken = root.take_ejected();
+    assert_eq!(taken.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(root.free_slot(), Some(2));
 }
