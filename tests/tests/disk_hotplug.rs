@@ -23,8 +23,8 @@ use vhdkit_tests::{fresh_scratch_dir, noise, tool_or_skip, vhdtool_bin};
 
 mod nested;
 use nested::{
-    busybox, cpio, dump, kernel, mode, module, run_guarded, run_l1, shell_quote, stage_vhdtool,
-    write_exec, Kernel, Mode, L1_VHDTOOL,
+    dump, kernel, l2_initrd, mode, run_guarded, run_l1, shell_quote, stage_vhdtool, write_exec,
+    Mode, L1_VHDTOOL,
 };
 
 const L2_INIT: &str = include_str!("../boot/l2-hotplug.sh");
@@ -42,24 +42,6 @@ const PATTERN_LEN: usize = 64 << 10;
 const REPEATS: usize = 20;
 /// The images hot-added, in order (`,read-only` as `disk-add` takes it).
 const KINDS: &[&str] = &["hot.vhdx", "hot.vhd", "child.vhdx", "base.vhdx,read-only"];
-
-fn l2_initrd(dir: &Path, kernel: &Kernel, pattern: &[u8], out: &Path) {
-    let root = dir.join("l2root");
-    for d in ["bin", "dev", "proc", "sys", "mods"] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    fs::copy(busybox(), root.join("bin/busybox")).unwrap();
-    for m in L2_MODULES {
-        fs::copy(
-            module(&kernel.modules, m),
-            root.join(format!("mods/{m}.ko")),
-        )
-        .unwrap();
-    }
-    write_exec(&root.join("init"), L2_INIT);
-    fs::write(root.join("pattern.bin"), pattern).unwrap();
-    cpio(&root, out);
-}
 
 fn vhdtool(args: &[&str], dir: &Path) {
     let o = Command::new(vhdtool_bin())
@@ -156,7 +138,14 @@ fn hot_added_disks_appear_in_the_guest_and_leave_drained_flushed_and_closed() {
     fs::create_dir_all(&stage).unwrap();
     let pattern = noise(4242, PATTERN_LEN);
     fs::write(stage.join("pattern.bin"), &pattern).unwrap();
-    l2_initrd(&dir, &kernel, &pattern, &stage.join("initrd.cpio"));
+    l2_initrd(
+        &kernel,
+        &dir.join("l2root"),
+        L2_INIT,
+        L2_MODULES,
+        &[("pattern.bin", &pattern)],
+        &stage.join("initrd.cpio"),
+    );
     fs::copy(&kernel.vmlinuz, stage.join("vmlinuz")).unwrap();
     vhdtool(&["create", "boot.vhdx", "32M"], &stage);
     vhdtool(&["create", "hot.vhdx", "32M"], &stage);

@@ -236,7 +236,7 @@ pub fn run_guarded(cmd: Command, what: &str) -> (Option<i32>, String) {
 }
 
 /// [`run_guarded`], but also killing `cmd` as soon as an output line satisfies `fatal`;
-/// the third value says whether that happened.
+/// the third value says whether any line did (also one read after `cmd` had exited).
 pub fn run_watched(
     mut cmd: Command,
     what: &str,
@@ -304,7 +304,10 @@ pub fn run_watched(
         start.elapsed().as_secs_f64()
     );
     let out = log.lock().unwrap().clone();
-    (status.code(), out, false)
+    // A fatal line may come last (a test script prints the L2 consoles at its end), read only
+    // after the process exited: it counts all the same.
+    let fatal = seen_fatal.load(std::sync::atomic::Ordering::SeqCst);
+    (status.code(), out, fatal)
 }
 
 pub fn shell_quote(s: &str) -> String {
