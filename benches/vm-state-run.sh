@@ -14,6 +14,8 @@
 #              it (vhdtool: "guest paused"; QEMU: query-migrate downtime and total-time)
 # QEMU runs on a raw disk: its vhdx driver blocks migration (printed once as qemu_vhdx_migrate).
 set -u
+# Each background VMM in a process group of its own, so a stuck one can be killed whole.
+set -m
 cd "$W"
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up 2>/dev/null
 port=4700
@@ -75,6 +77,19 @@ vt_boot() { # MEM DISK SOCKET LOG
 }
 stop_vt() { $V vm shutdown --timeout 0 --api-socket "$1" >/dev/null 2>&1; }
 kill_qemu() { qmp "$1" '{"execute":"quit"}' >/dev/null 2>&1; }
+# reap: waits (at most 30 s) for the background VMMs to end, then kills what is left.
+reap() {
+    local i=0
+    while [ -n "$(jobs -pr)" ] && [ $i -lt 300 ]; do
+        i=$((i + 1))
+        sleep 0.1
+    done
+    if [ -n "$(jobs -pr)" ]; then
+        echo "R: note a VMM did not stop when asked: killed"
+        for j in $(jobs -pr); do kill -9 -- "-$j" 2>/dev/null; done
+    fi
+    wait
+}
 
 once=
 for r in $(seq "$ROUNDS"); do
@@ -105,12 +120,12 @@ for r in $(seq "$ROUNDS"); do
         fi
         stop_vt "$W/a.sock"
         stop_vt "$W/b.sock"
-        wait
+        reap
         t0=$(now)
         ( $V boot --restore "$W/ck" --api-socket "$W/r.sock" </dev/null 2>&1 | stamp >"$W/r.log" ) &
         echo "R: vhdtool_restore_ms_$mem $(first_tick_ms "$W/r.log" "$t0")"
         stop_vt "$W/r.sock"
-        wait
+        reap
 
         # QEMU, raw disk: save to a file (the guest goes on), migration, restore of the file.
         truncate -s 64M "$W/q.raw"
@@ -122,7 +137,7 @@ for r in $(seq "$ROUNDS"); do
                 echo "R: qemu_vhdx_migrate $rep"
             }
             kill_qemu 4600
-            wait
+            reap
         fi
         eval "$(qemu_cmd "$mem" "$W/q.raw" raw 4601)" </dev/null 2>&1 | stamp >"$W/qa.log" &
         wait_line "$W/qa.log" "TICK 50 " || continue
@@ -152,13 +167,13 @@ for r in $(seq "$ROUNDS"); do
         esac
         kill_qemu 4601
         kill_qemu 4602
-        wait
+        reap
         t0=$(now)
         eval "$(qemu_cmd "$mem" "$W/q.raw" raw 4604 -incoming "'exec:cat $W/q.state'")" </dev/null 2>&1 |
             stamp >"$W/qr.log" &
         echo "R: qemu_restore_ms_$mem $(first_tick_ms "$W/qr.log" "$t0")"
         kill_qemu 4604
-        wait
+        reap
     done
 done
 echo "R: done"
