@@ -18,14 +18,10 @@ const DIR: &str = "fuzz-ck";
 
 /// The target body.
 pub fn checkpoint_state(data: &[u8]) {
-    let Some((&flags, rest)) = data.split_first() else {
+    let Some((flags, manifest, state)) = checkpoint_parts(data) else {
         return;
     };
-    let Some((len, rest)) = rest.split_first_chunk::<4>() else {
-        return;
-    };
-    let mlen = (u32::from_le_bytes(*len) as usize).min(rest.len());
-    let (mut manifest, mut state) = (rest[..mlen].to_vec(), rest[mlen..].to_vec());
+    let (mut manifest, mut state) = (manifest.to_vec(), state.to_vec());
     if flags & 1 != 0 {
         reseal_state(&mut state);
         reseal_manifest(&mut manifest, state.len() as u64);
@@ -100,11 +96,10 @@ fn reseal_manifest(manifest: &mut Vec<u8>, state_len: u64) {
     *manifest = serde_json::to_vec(&v).unwrap_or_default();
 }
 
-/// An input of this target from a checkpoint's two files.
-pub fn checkpoint_input(reseal: bool, manifest: &[u8], state: &[u8]) -> Vec<u8> {
-    let mut v = vec![u8::from(reseal)];
-    v.extend_from_slice(&(manifest.len() as u32).to_le_bytes());
-    v.extend_from_slice(manifest);
-    v.extend_from_slice(state);
-    v
+/// An input of this target split into its flags, manifest and state (`None`: too short).
+pub fn checkpoint_parts(data: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&flags, rest) = data.split_first()?;
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let (manifest, state) = rest.split_at((u32::from_le_bytes(*len) as usize).min(rest.len()));
+    Some((flags, manifest, state))
 }

@@ -46,7 +46,7 @@ mod virtio_blk;
 mod write_oracle;
 
 pub use bounded::BoundedFile;
-pub use checkpoint_state::{checkpoint_input, checkpoint_state};
+pub use checkpoint_state::{checkpoint_parts, checkpoint_state};
 pub use diff_pair::diff_pair;
 pub use fs_free::fs_free;
 pub use migration_stream::{migration_stream, migration_stream_seeds};

@@ -23,8 +23,7 @@ fn mutated_checkpoints_never_break_the_decoder() {
     assert!(!seeds.is_empty(), "no seeds in {}", corpus.display());
     // The seeds decode, so the mutations start on the round-trip oracle's path.
     for (name, seed) in &seeds {
-        let mlen = u32::from_le_bytes(seed[1..5].try_into().unwrap()) as usize;
-        let (manifest, state) = seed[5..].split_at(mlen);
+        let (_, manifest, state) = vhdkit_fuzz_targets::checkpoint_parts(seed).unwrap();
         vmm::state::decode_checkpoint(Path::new("seed"), manifest, |_, _| Ok(state.to_vec()))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
