@@ -10,6 +10,8 @@
 
 use serde::Serialize;
 
+use crate::ImageError;
+
 /// One problem a check found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
@@ -19,6 +21,28 @@ pub struct Finding {
     pub offset: u64,
     /// What is wrong, with the full error text.
     pub message: String,
+}
+
+impl From<&ImageError> for Finding {
+    /// The finding for an error a check met: the structure and offset it names (`"file"` for
+    /// an I/O error, `"image"` for an error that names no structure), and its full text.
+    fn from(e: &ImageError) -> Finding {
+        let (structure, offset) = match e {
+            ImageError::Corrupt {
+                structure, offset, ..
+            }
+            | ImageError::Checksum {
+                structure, offset, ..
+            } => (structure.to_string(), *offset),
+            ImageError::Io { offset, .. } => ("file".into(), *offset),
+            _ => ("image".into(), 0),
+        };
+        Finding {
+            structure,
+            offset,
+            message: e.to_string(),
+        }
+    }
 }
 
 /// A free file range that is not a leak (see the module docs).

@@ -52,6 +52,31 @@ pub struct ReadExtent {
     pub source: ReadSource,
 }
 
+impl ReadExtent {
+    /// Appends `[offset, offset + len)` read from `source` to `out`, extending the last extent
+    /// instead when it ends at `offset` and its source continues into this one (the same kind,
+    /// and for data the next file byte).
+    pub fn push_merged(out: &mut Vec<ReadExtent>, offset: u64, len: u64, source: ReadSource) {
+        if let Some(last) = out.last_mut() {
+            let contiguous = match (last.source, source) {
+                (ReadSource::Data { file_offset: a }, ReadSource::Data { file_offset: b }) => {
+                    a + last.len == b
+                }
+                (a, b) => a == b,
+            };
+            if contiguous && last.offset + last.len == offset {
+                last.len += len;
+                return;
+            }
+        }
+        out.push(ReadExtent {
+            offset,
+            len,
+            source,
+        });
+    }
+}
+
 /// A file range to write payload to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteExtent {

@@ -24,31 +24,13 @@ use zerocopy::{FromZeros, IntoBytes};
 
 pub use image_io::check::{CheckReport, Finding};
 
-fn finding(e: &Error) -> Finding {
-    let (structure, offset) = match e {
-        Error::Corrupt {
-            structure, offset, ..
-        }
-        | Error::Checksum {
-            structure, offset, ..
-        } => (structure.to_string(), *offset),
-        Error::Io { offset, .. } => ("file".to_string(), *offset),
-        _ => ("image".to_string(), 0),
-    };
-    Finding {
-        structure,
-        offset,
-        message: e.to_string(),
-    }
-}
-
 fn report(layout: &Layout) -> CheckReport {
     let mut r = CheckReport::default();
     for p in &layout.problems {
         match p.severity {
-            Severity::Corruption => r.corruptions.push(finding(&p.error)),
+            Severity::Corruption => r.corruptions.push(Finding::from(&p.error)),
             Severity::Leak => {
-                r.leaks.push(finding(&p.error));
+                r.leaks.push(Finding::from(&p.error));
                 r.leaked_bytes += p.bytes;
             }
         }

@@ -271,7 +271,7 @@ impl<F: ImageFile> VhdImage<F> {
             let block = (pos / bs) as u32;
             let block_end = ((block as u64 + 1) * bs).min(end);
             if self.bat[block as usize] == UNALLOCATED {
-                push_merged(&mut out, pos, block_end - pos, absent);
+                ReadExtent::push_merged(&mut out, pos, block_end - pos, absent);
                 pos = block_end;
                 continue;
             }
@@ -290,7 +290,7 @@ impl<F: ImageFile> VhdImage<F> {
                 } else {
                     absent
                 };
-                push_merged(&mut out, pos, run_end - pos, source);
+                ReadExtent::push_merged(&mut out, pos, run_end - pos, source);
                 pos = run_end;
             }
         }
@@ -559,24 +559,4 @@ impl<F: ImageFile> Drop for VhdImage<F> {
             }
         }
     }
-}
-
-fn push_merged(out: &mut Vec<ReadExtent>, offset: u64, len: u64, source: ReadSource) {
-    if let Some(last) = out.last_mut() {
-        let contiguous = match (last.source, source) {
-            (ReadSource::Data { file_offset: a }, ReadSource::Data { file_offset: b }) => {
-                a + last.len == b
-            }
-            (a, b) => a == b,
-        };
-        if contiguous && last.offset + last.len == offset {
-            last.len += len;
-            return;
-        }
-    }
-    out.push(ReadExtent {
-        offset,
-        len,
-        source,
-    });
 }

@@ -245,24 +245,6 @@ fn free_space<F: ImageFile>(img: &VhdxImage<F>) -> Vec<(u64, u64, Gap)> {
     out
 }
 
-fn finding(e: &Error) -> Finding {
-    let (structure, offset) = match e {
-        Error::Corrupt {
-            structure, offset, ..
-        }
-        | Error::Checksum {
-            structure, offset, ..
-        } => (structure.to_string(), *offset),
-        Error::Io { offset, .. } => ("file".into(), *offset),
-        _ => ("image".into(), 0),
-    };
-    Finding {
-        structure,
-        offset,
-        message: e.to_string(),
-    }
-}
-
 /// Checks an open image (for images held in memory, such as crash-test files).
 pub fn check_image<F: ImageFile>(img: &VhdxImage<F>) -> CheckReport {
     report(img)
@@ -347,7 +329,7 @@ pub fn check_with(path: &Path, mode: OpenMode) -> Result<CheckReport> {
         Ok(img) => Ok(report(&img)),
         Err(e @ (Error::Io { .. } | Error::NotThisFormat { .. } | Error::InUse(_))) => Err(e),
         Err(e) => Ok(CheckReport {
-            corruptions: vec![finding(&e)],
+            corruptions: vec![Finding::from(&e)],
             ..Default::default()
         }),
     }

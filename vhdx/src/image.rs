@@ -526,7 +526,7 @@ impl<F: ImageFile> VhdxImage<F> {
             let e = self.bat[self.payload_index(block)];
             match e.state() {
                 state::FULLY_PRESENT => {
-                    push_merged(
+                    ReadExtent::push_merged(
                         &mut out,
                         pos,
                         block_end - pos,
@@ -552,16 +552,16 @@ impl<F: ImageFile> VhdxImage<F> {
                         } else {
                             ReadSource::Parent
                         };
-                        push_merged(&mut out, pos, run_end - pos, src);
+                        ReadExtent::push_merged(&mut out, pos, run_end - pos, src);
                         pos = run_end;
                     }
                 }
                 state::ZERO => {
-                    push_merged(&mut out, pos, block_end - pos, ReadSource::Zero);
+                    ReadExtent::push_merged(&mut out, pos, block_end - pos, ReadSource::Zero);
                     pos = block_end;
                 }
                 _ => {
-                    push_merged(&mut out, pos, block_end - pos, absent);
+                    ReadExtent::push_merged(&mut out, pos, block_end - pos, absent);
                     pos = block_end;
                 }
             }
@@ -789,24 +789,4 @@ fn read_headers<F: ImageFile>(file: &F, path: &Path) -> Result<(Header, usize)> 
         }
     }
     best.ok_or_else(|| first_err.expect("no valid header means an error was recorded"))
-}
-
-fn push_merged(out: &mut Vec<ReadExtent>, offset: u64, len: u64, source: ReadSource) {
-    if let Some(last) = out.last_mut() {
-        let contiguous = match (last.source, source) {
-            (ReadSource::Data { file_offset: a }, ReadSource::Data { file_offset: b }) => {
-                a + last.len == b
-            }
-            (a, b) => a == b,
-        };
-        if contiguous && last.offset + last.len == offset {
-            last.len += len;
-            return;
-        }
-    }
-    out.push(ReadExtent {
-        offset,
-        len,
-        source,
-    });
 }
