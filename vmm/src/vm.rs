@@ -299,21 +299,39 @@ pub(crate) fn run_vm(
         wait()?;
     }
 
-    // Disks.
+    // Disks: disk i in PCI slot i + 1 at boot, in its saved slot when restored.
     let router: Arc<dyn MsiRouter> = Arc::new(KvmMsiRouter::new(vm.clone()));
+    let saved_pci = restored.as_ref().and_then(|r| r.state.pci.clone());
+    let saved_pci = saved_pci.as_ref();
+    if restored.is_some() && saved_pci.is_some() != (config.transport == Transport::Pci) {
+        return Err(Error::Setup(format!(
+            "restore: the saved state {} PCI functions, the VM's transport is {}",
+            if saved_pci.is_some() {
+                "holds"
+            } else {
+                "holds no"
+            },
+            config.transport
+        )));
+    }
     let (mut transports, mut mmio, mut pci) = (Vec::new(), Vec::new(), Vec::new());
     for (i, disk) in config.disks.iter().enumerate() {
+        let slot = match saved_pci {
+            Some(p) => p.functions.get(i).map(|f| f.slot).ok_or_else(|| {
+                Error::Setup(format!("restore: no PCI function state for disk {i}"))
+            })?,
+            None => i as u8 + 1,
+        };
         let built = make_disk(
             &vm,
             &mem,
-            i,
+            usize::from(slot).saturating_sub(1),
             disk,
             usize::from(config.cpus),
             config.transport,
             &router,
         )?;
         mmio.extend(built.mmio);
-        pci.extend(built.pci);
         let t = built.device;
         if let Some(r) = &restored {
             let saved =
@@ -323,11 +341,27 @@ pub(crate) fn run_vm(
             t.restore_state(saved)
                 .map_err(|e| Error::Setup(format!("restore: disk {i}: {e}")))?;
         }
+        if let Some(f) = built.pci {
+            if let Some(saved) = saved_pci.and_then(|p| p.functions.get(i)) {
+                f.restore_state(saved).map_err(|e| {
+                    Error::Setup(format!("restore: disk {i}, PCI slot {slot}: {e}"))
+                })?;
+            }
+            pci.push((slot, f));
+        }
         transports.push(t);
     }
     let pci_functions: Vec<_> = pci.clone();
-    let pci =
-        (config.transport == Transport::Pci).then(|| Arc::new(PciRoot::new(crate::MAX_DISKS, pci)));
+    let pci = match config.transport {
+        Transport::Mmio => None,
+        Transport::Pci => Some(Arc::new(
+            PciRoot::with_functions(crate::MAX_DISKS, pci)
+                .map_err(|e| Error::Setup(format!("restore: {e}")))?,
+        )),
+    };
+    if let (Some(root), Some(saved)) = (&pci, saved_pci) {
+        root.hotplug().restore(&saved.hotplug);
+    }
     // PCI functions wake their own workers; BusEvent::Kick(i) is virtio-mmio disk i's.
     let mmio_kicks = match config.transport {
         Transport::Mmio => transports.clone(),
@@ -367,8 +401,10 @@ pub(crate) fn run_vm(
         .zip(&config.disks)
         .enumerate()
         .map(|(i, (t, d))| DiskSlot {
-            id: format!("disk{i}"),
-            pci: pci_functions.get(i).map(|f| (i as u8 + 1, f.clone())),
+            id: saved_pci
+                .and_then(|p| p.functions.get(i))
+                .map_or_else(|| format!("disk{i}"), |f| f.id.clone()),
+            pci: pci_functions.get(i).cloned(),
             transport: t.clone(),
             path: d.path.clone(),
             read_only: d.read_only,
@@ -413,6 +449,8 @@ pub(crate) fn run_vm(
         .map_err(|e| Error::kvm("KVM_GET_MSR_INDEX_LIST", e))?
         .as_slice()
         .to_vec();
+    // Disk ids are never reused: the saved counter is past every saved id (state::pci).
+    let next_id = saved_pci.map_or(config.disks.len(), |p| p.next_id as usize);
     let mut ctl = Controller {
         config,
         control: &control,
@@ -426,7 +464,7 @@ pub(crate) fn run_vm(
         tx,
         msr_index,
         stop_after_checkpoint: None,
-        hotplug: HotplugState::new(pci, hotplug_irq, vm.clone(), router, config.disks.len()),
+        hotplug: HotplugState::new(pci, hotplug_irq, vm.clone(), router, next_id),
     };
     let outcome = loop {
         match rx.recv_timeout(Duration::from_millis(20)) {

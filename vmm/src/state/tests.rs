@@ -56,6 +56,7 @@ fn sample() -> VmState {
             registers: [1, 0, 0, 1, 3, 0x60, 8, 0xb0, 0],
             in_buffer: vec![b'x'],
         },
+        pci: None,
     }
 }
 
@@ -67,6 +68,7 @@ fn manifest() -> Manifest {
         memory: 256 << 20,
         cpus: 1,
         cmdline: "quiet".into(),
+        transport: crate::Transport::Mmio,
         disks: vec![ManifestDisk {
             frozen: "/x/disk.vhdx".into(),
             identity: LayerIdentity {
