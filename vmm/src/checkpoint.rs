@@ -214,9 +214,8 @@ impl Controller<'_> {
             pci,
         };
         // Never write a state that a restore would refuse (state::pci::check).
-        state::pci::check(Path::new("the running VM"), &state, state.version()).map_err(|e| {
-            StateError::Mismatch(format!("this VM's state cannot be saved: {e}"))
-        })?;
+        state::pci::check(Path::new("the running VM"), &state, state.version())
+            .map_err(|e| StateError::Mismatch(format!("this VM's state cannot be saved: {e}")))?;
         Ok(state)
     }
 

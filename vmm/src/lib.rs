@@ -181,9 +181,7 @@ pub struct VmConfig {
 }
 
 /// The virtio transport of the disks.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// virtio-mmio devices in the DSDT, one IOAPIC pin each; no PCI (`pci=off`).

@@ -119,7 +119,11 @@ impl ConfigSpace {
     /// A guest write (also of a whole saved config space at 0): only the writable bits
     /// change; bytes past the end are ignored.
     pub fn write(&mut self, off: usize, data: &[u8]) {
-        for (i, &b) in data.iter().enumerate().take(CONFIG_SIZE.saturating_sub(off)) {
+        for (i, &b) in data
+            .iter()
+            .enumerate()
+            .take(CONFIG_SIZE.saturating_sub(off))
+        {
             let m = self.wmask[off + i];
             self.bytes[off + i] = (self.bytes[off + i] & !m) | (b & m);
         }
@@ -170,7 +174,10 @@ impl PciRoot {
         {
             let mut s = root.slots_mut();
             for (device, f) in functions {
-                match usize::from(device).checked_sub(1).and_then(|i| s.get_mut(i)) {
+                match usize::from(device)
+                    .checked_sub(1)
+                    .and_then(|i| s.get_mut(i))
+                {
                     Some(slot @ None) => *slot = Some(f),
                     Some(Some(_)) => return Err(format!("PCI slot {device} used twice")),
                     None => return Err(format!("PCI slot {device} is not in 1..={slots}")),

@@ -519,3 +519,6 @@ fn line_col_offset(bytes: &[u8], line: usize, column: usize) -> u64 {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod pci_tests;

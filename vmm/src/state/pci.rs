@@ -92,7 +92,10 @@ const MAX_QUEUE: u16 = 32768;
 
 /// Where BAR0 of `f` decodes: `Some(base)` with memory space on (`None`: off).
 fn decoding_bar(f: &PciFunctionState) -> Option<u64> {
-    let on = f.config.get(COMMAND).is_some_and(|c| c & COMMAND_MEMORY != 0);
+    let on = f
+        .config
+        .get(COMMAND)
+        .is_some_and(|c| c & COMMAND_MEMORY != 0);
     let bar = f.config.get(BAR0..BAR0 + 4)?;
     let base = u32::from_le_bytes([bar[0], bar[1], bar[2], bar[3]]) & !0xf;
     on.then_some(u64::from(base))
@@ -161,7 +164,9 @@ pub fn check(path: &Path, s: &VmState, version: u32) -> Result<(), StateError> {
         if pci.functions[..i].iter().any(|o| o.slot == f.slot) {
             return bad("pci function", what("slot used twice".into()));
         }
-        let number = f.id.strip_prefix("disk").and_then(|n| n.parse::<u64>().ok());
+        let number =
+            f.id.strip_prefix("disk")
+                .and_then(|n| n.parse::<u64>().ok());
         if !number.is_some_and(|n| n < pci.next_id && f.id == format!("disk{n}"))
             || pci.functions[..i].iter().any(|o| o.id == f.id)
         {
