@@ -500,6 +500,8 @@ pub(crate) fn run_vm(
         }
     };
     let pending_shutdown = ctl.shutdown.take();
+    // Replies still held (a removal waiting for its eject) fail now, not at the end.
+    drop(ctl);
 
     // Stop the vCPUs: set the flag, then kick until each has left KVM_RUN (a kick that lands
     // just before KVM_RUN is lost, hence the repeats). A vCPU that never stops is left behind
