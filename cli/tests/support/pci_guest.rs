@@ -261,7 +261,7 @@ pub fn kernel() -> Vec<u8> {
     c.label("no_b");
     c.print(b'A');
     c.label("delay");
-    c.raw(&[0xb9]).u32(0x0040_0000); // mov ecx, delay
+    c.raw(&[0xb9]).u32(0x8000); // mov ecx, delay (emulated under kvm_pvm)
     c.raw(&[0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz
     c.jmp("loop");
     c.label("fail");
