@@ -304,7 +304,7 @@ fn a_removal_in_progress_refuses_checkpoint_and_migration_and_the_vm_runs_on() {
                 "vm",
                 "disk-remove",
                 "--timeout",
-                "20",
+                "10",
                 "disk1",
                 "--api-socket",
             ])
