@@ -11,6 +11,10 @@
 //!     the state instead of booting → runs
 //! ```
 //!
+//! A pci-transport VM's state also holds each function's slot, id, config space (BAR0 where
+//! the guest put it) and MSI-X table, hot-added disks included (`state::pci`); a removal
+//! waiting for the guest's eject refuses the checkpoint (and a migration).
+//!
 //! Invariants: the frozen layers are never written again (each restore writes only its own
 //! new child, so restoring one DIR twice gives two independent VMs); every file is written
 //! under a temporary name, synced and renamed; a checkpoint that fails before a disk moved

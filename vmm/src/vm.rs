@@ -37,7 +37,7 @@ use crate::devices::pci::PciRoot;
 use crate::devices::serial;
 use crate::devices::serial::{ConsoleOut, ConsoleState, SerialDevice};
 use crate::devices::EventFdTrigger;
-use crate::disks::{make_disk, DiskSlot};
+use crate::disks::{build_disks, DiskSlot, Disks};
 use crate::hotplug::HotplugState;
 use crate::layout::{self, ACPI_START, GED_GSI, HOTPLUG_GSI, MIN_MEMORY, SERIAL_GSI};
 use crate::state::restore;
@@ -301,56 +301,14 @@ pub(crate) fn run_vm(
 
     // Disks: disk i in PCI slot i + 1 at boot, in its saved slot when restored.
     let router: Arc<dyn MsiRouter> = Arc::new(KvmMsiRouter::new(vm.clone()));
-    let saved_pci = restored.as_ref().and_then(|r| r.state.pci.clone());
+    let saved_state = restored.as_ref().map(|r| &r.state);
+    let saved_pci = saved_state.and_then(|s| s.pci.clone());
     let saved_pci = saved_pci.as_ref();
-    if restored.is_some() && saved_pci.is_some() != (config.transport == Transport::Pci) {
-        return Err(Error::Setup(format!(
-            "restore: the saved state {} PCI functions, the VM's transport is {}",
-            if saved_pci.is_some() {
-                "holds"
-            } else {
-                "holds no"
-            },
-            config.transport
-        )));
-    }
-    let (mut transports, mut mmio, mut pci) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, disk) in config.disks.iter().enumerate() {
-        let slot = match saved_pci {
-            Some(p) => p.functions.get(i).map(|f| f.slot).ok_or_else(|| {
-                Error::Setup(format!("restore: no PCI function state for disk {i}"))
-            })?,
-            None => i as u8 + 1,
-        };
-        let built = make_disk(
-            &vm,
-            &mem,
-            usize::from(slot).saturating_sub(1),
-            disk,
-            usize::from(config.cpus),
-            config.transport,
-            &router,
-        )?;
-        mmio.extend(built.mmio);
-        let t = built.device;
-        if let Some(r) = &restored {
-            let saved =
-                r.state.transports.get(i).ok_or_else(|| {
-                    Error::Setup(format!("restore: no device state for disk {i}"))
-                })?;
-            t.restore_state(saved)
-                .map_err(|e| Error::Setup(format!("restore: disk {i}: {e}")))?;
-        }
-        if let Some(f) = built.pci {
-            if let Some(saved) = saved_pci.and_then(|p| p.functions.get(i)) {
-                f.restore_state(saved).map_err(|e| {
-                    Error::Setup(format!("restore: disk {i}, PCI slot {slot}: {e}"))
-                })?;
-            }
-            pci.push((slot, f));
-        }
-        transports.push(t);
-    }
+    let Disks {
+        devices: transports,
+        mmio,
+        pci,
+    } = build_disks(&vm, &mem, config, saved_state, &router)?;
     let pci_functions: Vec<_> = pci.clone();
     let pci = match config.transport {
         Transport::Mmio => None,

@@ -543,3 +543,29 @@ fn a_saved_function_restores_onto_a_fresh_one_with_its_routes_ioeventfds_and_vec
     assert_eq!(c.f.decoded_bar(), None);
     assert!(c.routes.0.lock().unwrap().is_empty());
 }
+
+/// A restored bus puts each function at its saved device number, and refuses numbers outside
+/// its slots or used twice.
+#[test]
+fn a_restored_bus_holds_functions_in_their_saved_slots_only() {
+    let (a, b) = (Arc::new(rig().f), Arc::new(rig().f));
+    let root = PciRoot::with_functions(18, vec![(1, a.clone()), (5, b.clone())]).unwrap();
+    let id = |dev: u32| {
+        root.pio_out(
+            super::super::pci::CONFIG_ADDRESS,
+            &(0x8000_0000u32 | dev << 11).to_le_bytes(),
+        );
+        let mut v = [0u8; 4];
+        root.pio_in(super::super::pci::CONFIG_DATA, &mut v);
+        u32::from_le_bytes(v)
+    };
+    assert_eq!((id(1), id(5)), (0x1042_1af4, 0x1042_1af4));
+    assert_eq!(id(2), 0xffff_ffff);
+    assert_eq!(root.free_slot(), Some(2));
+    for bad in [0u8, 19] {
+        let e = PciRoot::with_functions(18, vec![(bad, a.clone())]).unwrap_err();
+        assert!(e.contains(&format!("slot {bad} is not in 1..=18")), "{e}");
+    }
+    let e = PciRoot::with_functions(18, vec![(3, a), (3, b)]).unwrap_err();
+    assert!(e.contains("slot 3 used twice"), "{e}");
+}

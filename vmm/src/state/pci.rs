@@ -13,9 +13,11 @@
 //!
 //! Invariants: [`check`] accepts only what a running VMM can hold: at most
 //! [`crate::MAX_DISKS`] disks, power-of-two queue sizes, one function per disk in distinct
-//! slots `1..=MAX_DISKS` with ids `disk<N>` below `next_id`, a config space of 256 bytes, one MSI-X entry and pending bit per
-//! vector register, vectors inside the table (or none), and BARs that decode only inside the
-//! PCI window without overlapping. The VMM runs the same check before it writes a state, so
+//! slots `1..=MAX_DISKS` with ids `disk<N>` below `next_id`, a config space of 256 bytes,
+//! one MSI-X entry and pending bit per vector register, vectors inside the table (or none),
+//! and BARs that decode only inside the PCI window without overlapping. (A guest can leave a
+//! decoding BAR outside the window or on another one; such a VM's checkpoint or migration is
+//! refused rather than written unrestorable.) The VMM runs the same check before it writes a state, so
 //! it never writes one it would refuse to read. Read-only config bytes are taken from the
 //! fresh function at restore (only the writable bits are restored).
 
