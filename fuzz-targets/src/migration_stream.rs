@@ -46,6 +46,7 @@ pub fn migration_stream_seeds() -> Vec<(String, Vec<u8>)> {
         memory: 256 << 20,
         cpus: 2,
         cmdline: "quiet".into(),
+        transport: vmm::Transport::Mmio,
         disks: vec![WireDisk {
             path: "/work/disk.vhdx".into(),
             read_only: false,

@@ -10,12 +10,16 @@
 //!  client ──line──> API thread: bounded read (timeout), version + JSON check
 //!                      │ bad input → error reply, connection closed (never a panic)
 //!                      └─ ApiCall{command, reply} ──> main thread (acts: pause, resume, …)
-//!  client <──line── API thread <── Reply ───────────────┘
+//!  client <──line── reply thread of the call <── Reply ──┘
 //! ```
 //!
 //! Invariants: a request is read with a deadline ([`READ_TIMEOUT`]) and a size bound, so a
-//! silent or flooding client costs at most that; connections are served one at a time; the
-//! socket file is removed when the server stops. `shutdown`, `checkpoint` and `disk-remove`
+//! silent or flooding client costs at most that; requests are read one at a time and the main
+//! thread acts on them one at a time, but each reply is awaited by a thread of its own, so a
+//! call whose reply waits for the guest (`disk-remove`, `shutdown`) does not hold up
+//! `status` or a `checkpoint` (which a removal in progress then refuses); the server stops
+//! after the reply threads (bounded: [`REPLY_GRACE`]); the socket file is removed when the
+//! server stops. `shutdown`, `checkpoint` and `disk-remove`
 //! reply when the work is done (disks flushed), so a script can chain on the reply.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -35,6 +39,8 @@ pub const API_VERSION: u32 = 1;
 pub const MAX_MESSAGE: usize = 64 << 10;
 /// How long the server waits for a request line.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping server waits for replies still on their way.
+pub const REPLY_GRACE: Duration = Duration::from_secs(5);
 
 /// What a client asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -301,9 +307,11 @@ impl Drop for ApiServer {
 
 fn serve(listener: &UnixListener, tx: &Sender<ApiCall>, stop: &AtomicBool) {
     crate::vm::block_stop_signals();
+    let mut replies: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
+        replies.retain(|h| !h.is_finished());
         match listener.accept() {
-            Ok((stream, _)) => handle(stream, tx),
+            Ok((stream, _)) => replies.extend(handle(stream, tx)),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -313,31 +321,64 @@ fn serve(listener: &UnixListener, tx: &Sender<ApiCall>, stop: &AtomicBool) {
             }
         }
     }
+    // Replies the main thread sent (or gave up on) just before stopping are written first.
+    let start = std::time::Instant::now();
+    while replies.iter().any(|h| !h.is_finished()) && start.elapsed() < REPLY_GRACE {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for h in replies.into_iter().filter(JoinHandle::is_finished) {
+        let _ = h.join();
+    }
 }
 
-fn handle(mut stream: UnixStream, tx: &Sender<ApiCall>) {
+/// Reads one request and passes it on; returns the thread that awaits and writes its reply
+/// (`None`: answered here).
+fn handle(mut stream: UnixStream, tx: &Sender<ApiCall>) -> Option<JoinHandle<()>> {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
-    let reply = match read_line(&stream).and_then(|l| parse_request(&l)) {
-        Err(e) => Reply::failed(e),
-        Ok(command) => {
-            let (rtx, rrx) = channel();
-            if tx
-                .send(ApiCall {
-                    command,
-                    reply: rtx,
-                })
-                .is_err()
-            {
-                Reply::failed("the VMM is stopping")
-            } else {
-                rrx.recv()
-                    .unwrap_or_else(|_| Reply::failed("the VMM stopped before answering"))
-            }
+    let command = match read_line(&stream).and_then(|l| parse_request(&l)) {
+        Err(e) => {
+            let _ = stream.write_all(&encode(&Reply::failed(e)));
+            return None;
+        }
+        Ok(command) => command,
+    };
+    let (rtx, rrx) = channel();
+    if tx
+        .send(ApiCall {
+            command,
+            reply: rtx,
+        })
+        .is_err()
+    {
+        let _ = stream.write_all(&encode(&Reply::failed("the VMM is stopping")));
+        return None;
+    }
+    // The stream and the reply's receiver, for whichever thread writes the reply.
+    let slot = Arc::new(std::sync::Mutex::new(Some((stream, rrx))));
+    let write = |slot: &std::sync::Mutex<Option<(UnixStream, Receiver<Reply>)>>| {
+        let taken = slot.lock().map(|mut s| s.take()).unwrap_or(None);
+        if let Some((mut stream, rrx)) = taken {
+            let reply = rrx
+                .recv()
+                .unwrap_or_else(|_| Reply::failed("the VMM stopped before answering"));
+            let _ = stream.write_all(&encode(&reply));
         }
     };
-    let _ = stream.write_all(&encode(&reply));
+    let theirs = slot.clone();
+    match std::thread::Builder::new()
+        .name("api-reply".into())
+        .spawn(move || write(&theirs))
+    {
+        Ok(h) => Some(h),
+        Err(e) => {
+            // No thread to spare: the reply is awaited here (requests wait behind it).
+            tracing::warn!("API reply thread: {e}");
+            write(&slot);
+            None
+        }
+    }
 }
 
 /// Sends `command` to the VMM at `path` and waits up to `timeout` for the reply.

@@ -11,6 +11,10 @@
 //!     the state instead of booting → runs
 //! ```
 //!
+//! A pci-transport VM's state also holds each function's slot, id, config space (BAR0 where
+//! the guest put it) and MSI-X table, hot-added disks included (`state::pci`); a removal
+//! waiting for the guest's eject refuses the checkpoint (and a migration).
+//!
 //! Invariants: the frozen layers are never written again (each restore writes only its own
 //! new child, so restoring one DIR twice gives two independent VMs); every file is written
 //! under a temporary name, synced and renamed; a checkpoint that fails before a disk moved
@@ -25,11 +29,12 @@ use std::time::Instant;
 use crate::controller::Controller;
 use crate::devices::serial;
 use crate::disks::{open_engines, queues_for};
+use crate::state::pci::PciState;
 use crate::state::{
     self, encode_manifest, encode_state, save, LayerIdentity, Manifest, ManifestDisk, ManifestFile,
-    StateError, VmState, MANIFEST, MANIFEST_KIND, MEMORY_FILE, STATE_FILE, STATE_VERSION,
+    StateError, VmState, MANIFEST, MANIFEST_KIND, MEMORY_FILE, STATE_FILE,
 };
-use crate::{DiskConfig, Error, GuestExit, Result, RunOptions, VmConfig};
+use crate::{DiskConfig, Error, GuestExit, Result, RunOptions, Transport, VmConfig};
 
 /// Where a continued VM's memory comes from.
 pub enum RestoredMemory {
@@ -140,6 +145,9 @@ impl Controller<'_> {
     /// Saves the VM to `dir`; see the module docs. Returns a summary with timings.
     pub fn checkpoint(&mut self, dir: &Path, stop: bool) -> Result<String> {
         let start = Instant::now();
+        if let Some(why) = self.hotplug.unsaved() {
+            return Err(Error::Config(why));
+        }
         prepare_dir(dir)?;
         let was_paused = self.control.is_paused();
         if !was_paused {
@@ -198,11 +206,42 @@ impl Controller<'_> {
             .map(|d| d.transport.save_state())
             .collect();
         let serial = serial::save_state(&self.serial.lock().unwrap_or_else(|e| e.into_inner()));
-        Ok(VmState {
+        let pci = match self.config.transport {
+            Transport::Mmio => None,
+            Transport::Pci => Some(self.pci_state()?),
+        };
+        let state = VmState {
             vcpus,
             kvm,
             transports,
             serial,
+            pci,
+        };
+        // Never write a state that a restore would refuse (state::pci::check).
+        state::pci::check(Path::new("the running VM"), &state, state.version())
+            .map_err(|e| StateError::Mismatch(format!("this VM's state cannot be saved: {e}")))?;
+        Ok(state)
+    }
+
+    /// The PCI functions (slot, config space, MSI-X, vectors) and hotplug registers.
+    fn pci_state(&self) -> Result<PciState> {
+        let functions = self
+            .disks
+            .iter()
+            .map(|d| match &d.pci {
+                Some((slot, f)) => Ok(f.save_state(*slot, &d.id)),
+                None => Err(Error::Setup(format!("{} has no PCI function", d.id))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PciState {
+            functions,
+            hotplug: self
+                .hotplug
+                .pci
+                .as_ref()
+                .map(|p| p.hotplug().save())
+                .unwrap_or_default(),
+            next_id: self.hotplug.next_id as u64,
         })
     }
 
@@ -230,11 +269,12 @@ impl Controller<'_> {
         publish(dir, STATE_FILE, &bytes)?;
         let manifest = Manifest {
             kind: MANIFEST_KIND.into(),
-            version: STATE_VERSION,
+            version: state.version(),
             writer: format!("vhdtool {}", env!("CARGO_PKG_VERSION")),
             memory: self.config.memory,
             cpus: self.config.cpus,
             cmdline: self.config.cmdline.clone(),
+            transport: self.config.transport,
             disks,
             state: ManifestFile {
                 name: STATE_FILE.into(),
@@ -417,7 +457,7 @@ pub fn restore(dir: &Path, opts: &RunOptions) -> Result<GuestExit> {
         memory: manifest.memory,
         cpus: manifest.cpus,
         disks,
-        transport: crate::Transport::Mmio,
+        transport: manifest.transport,
     };
     let restored = Restored {
         state,

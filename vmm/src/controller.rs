@@ -22,22 +22,7 @@ use crate::devices::serial::SerialDevice;
 use crate::disks::DiskSlot;
 use crate::hotplug::HotplugState;
 use crate::vcpu::VmEvent;
-use crate::{GuestExit, Transport, VmConfig};
-
-/// Why a pci-transport VM cannot be checkpointed or migrated: the refusal comes before
-/// anything is paused or written, so no partial checkpoint and no half migration exist.
-pub const PCI_NOT_SAVED: &str = "checkpoint and migration support only the mmio transport: \
-     this VM's disks use --transport pci, whose PCI config space and MSI-X state are not saved";
-
-/// The refusal of `command` for a VM whose disks use `transport`, if it is refused: a
-/// checkpoint or migration of a pci-transport VM.
-pub fn unsaved_transport(transport: Transport, command: &Command) -> Option<&'static str> {
-    let saves = matches!(
-        command,
-        Command::Checkpoint { .. } | Command::Migrate { .. }
-    );
-    (saves && transport == Transport::Pci).then_some(PCI_NOT_SAVED)
-}
+use crate::{GuestExit, VmConfig};
 
 /// What the main thread needs to act on API calls.
 pub struct Controller<'a> {
@@ -110,10 +95,6 @@ impl Controller<'_> {
 
     /// Carries out `call` and answers it (a shutdown answers later).
     pub fn handle(&mut self, call: ApiCall) {
-        if let Some(why) = unsaved_transport(self.config.transport, &call.command) {
-            let _ = call.reply.send(Reply::failed(why));
-            return;
-        }
         let reply = match call.command {
             Command::Status => Reply {
                 version: API_VERSION,
@@ -193,31 +174,5 @@ impl Controller<'_> {
             }
         };
         let _ = call.reply.send(reply);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checkpoint_and_migrate_of_a_pci_vm_are_refused_up_front() {
-        let checkpoint = Command::Checkpoint {
-            dir: "/tmp/ck".into(),
-            stop: false,
-        };
-        let migrate = Command::Migrate {
-            to: "tcp:127.0.0.1:1".into(),
-            downtime_ms: 300,
-            max_bandwidth_mib: None,
-        };
-        for c in [&checkpoint, &migrate] {
-            let e = unsaved_transport(Transport::Pci, c).expect("refused");
-            assert!(e.contains("--transport pci"), "{e}");
-            assert_eq!(unsaved_transport(Transport::Mmio, c), None);
-        }
-        for c in [Command::Status, Command::Pause, Command::Resume] {
-            assert_eq!(unsaved_transport(Transport::Pci, &c), None, "{c:?}");
-        }
     }
 }

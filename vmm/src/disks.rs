@@ -244,6 +244,82 @@ pub fn make_disk(
     }
 }
 
+/// Every disk of a VM, built (and given its saved state when restored).
+pub struct Disks {
+    /// The devices, in disk order.
+    pub devices: Vec<Arc<VirtioDevice>>,
+    /// The virtio-mmio register windows (mmio transport).
+    pub mmio: Vec<Arc<VirtioMmio>>,
+    /// The PCI functions with their slots (pci transport).
+    pub pci: Vec<(u8, Arc<VirtioPci>)>,
+}
+
+/// Builds `config`'s disks: disk `i` in PCI slot `i + 1` at boot, in its saved slot when
+/// `saved` (a checkpoint's or migration's state) is given; then puts the saved device and PCI
+/// state on each (registers, queues, config space, MSI-X routes, ioeventfds at BAR0).
+pub fn build_disks(
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+    config: &crate::VmConfig,
+    saved: Option<&crate::state::VmState>,
+    router: &Arc<dyn MsiRouter>,
+) -> Result<Disks> {
+    let saved_pci = saved.and_then(|s| s.pci.as_ref());
+    if saved.is_some() && saved_pci.is_some() != (config.transport == Transport::Pci) {
+        return Err(Error::Setup(format!(
+            "restore: the saved state {} PCI functions, the VM's transport is {}",
+            if saved_pci.is_some() {
+                "holds"
+            } else {
+                "holds no"
+            },
+            config.transport
+        )));
+    }
+    let mut out = Disks {
+        devices: Vec::new(),
+        mmio: Vec::new(),
+        pci: Vec::new(),
+    };
+    for (i, disk) in config.disks.iter().enumerate() {
+        let slot = match saved_pci {
+            Some(p) => p.functions.get(i).map(|f| f.slot).ok_or_else(|| {
+                Error::Setup(format!("restore: no PCI function state for disk {i}"))
+            })?,
+            None => i as u8 + 1,
+        };
+        let built = make_disk(
+            vm,
+            mem,
+            usize::from(slot).saturating_sub(1),
+            disk,
+            usize::from(config.cpus),
+            config.transport,
+            router,
+        )?;
+        out.mmio.extend(built.mmio);
+        let t = built.device;
+        if let Some(s) = saved {
+            let state = s
+                .transports
+                .get(i)
+                .ok_or_else(|| Error::Setup(format!("restore: no device state for disk {i}")))?;
+            t.restore_state(state)
+                .map_err(|e| Error::Setup(format!("restore: disk {i}: {e}")))?;
+        }
+        if let Some(f) = built.pci {
+            if let Some(state) = saved_pci.and_then(|p| p.functions.get(i)) {
+                f.restore_state(state).map_err(|e| {
+                    Error::Setup(format!("restore: disk {i}, PCI slot {slot}: {e}"))
+                })?;
+            }
+            out.pci.push((slot, f));
+        }
+        out.devices.push(t);
+    }
+    Ok(out)
+}
+
 /// The disk worker: queue notifications and engine completions in (one epoll over the kick
 /// eventfd, every queue engine's completion eventfd and `stop`), used-ring entries out, until
 /// `stop`; then drains and flushes. It sleeps only in epoll, never while holding the device

@@ -78,6 +78,19 @@ impl HotplugState {
     }
 }
 
+impl HotplugState {
+    /// Why the VM cannot be checkpointed or migrated now, if it cannot: a removal waits for
+    /// the guest's eject (its reply cannot travel with the VM, and the disk is half gone).
+    pub fn unsaved(&self) -> Option<String> {
+        let r = self.removals.first()?;
+        Some(format!(
+            "a removal of {} (PCI slot {}) is in progress: the guest has not ejected it yet; \
+             checkpoint or migrate once `disk-remove` has answered",
+            r.id, r.device
+        ))
+    }
+}
+
 /// Whether `target` (an id or an image path) names `d`.
 fn names(d: &DiskSlot, target: &str) -> bool {
     if d.id == target {

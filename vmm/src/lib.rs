@@ -43,8 +43,9 @@
 //! and the acknowledge). It stays opt-in until guest fio on hardware KVM (`benches/vmm.sh`,
 //! 4 KiB random reads at queue depth 1 and 32, and boot time) shows it at least as fast on
 //! each: the nested TCG figures of `tests/tests/virtio_pci.rs` are dominated by emulation.
-//! A pci-transport VM cannot be checkpointed or migrated (refused up front: its PCI config
-//! space and MSI-X table are not in the saved state). The ACPI tables are
+//! Checkpoints and migrations of a pci-transport VM carry each function's slot, config space
+//! (BAR0 where the guest put it), MSI-X table and virtio registers, hot-added disks included
+//! (`state::pci`); only a disk removal in progress refuses them. The ACPI tables are
 //! "hardware-reduced" (FADT flag): no PIC, PIT or SCI for the guest; the LAPIC timer runs in
 //! TSC-deadline mode and kvm-clock gives the time (CPUID hypervisor bit set).
 //!
@@ -180,14 +181,22 @@ pub struct VmConfig {
 }
 
 /// The virtio transport of the disks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Transport {
     /// virtio-mmio devices in the DSDT, one IOAPIC pin each; no PCI (`pci=off`).
     #[default]
     Mmio,
     /// virtio-pci functions on a PCI host bridge (config mechanism #1, `PCI0` in the DSDT),
-    /// MSI-X vectors through KVM MSI routes. Checkpoints and migration refuse such a VM.
+    /// MSI-X vectors through KVM MSI routes; disks can be hot-added and hot-removed.
     Pci,
+}
+
+impl Transport {
+    /// Whether it is [`Transport::Mmio`] (the default, left out of saved records).
+    pub fn is_mmio(&self) -> bool {
+        *self == Transport::Mmio
+    }
 }
 
 impl std::fmt::Display for Transport {

@@ -37,7 +37,7 @@ use crate::devices::pci::PciRoot;
 use crate::devices::serial;
 use crate::devices::serial::{ConsoleOut, ConsoleState, SerialDevice};
 use crate::devices::EventFdTrigger;
-use crate::disks::{make_disk, DiskSlot};
+use crate::disks::{build_disks, DiskSlot, Disks};
 use crate::hotplug::HotplugState;
 use crate::layout::{self, ACPI_START, GED_GSI, HOTPLUG_GSI, MIN_MEMORY, SERIAL_GSI};
 use crate::state::restore;
@@ -299,35 +299,27 @@ pub(crate) fn run_vm(
         wait()?;
     }
 
-    // Disks.
+    // Disks: disk i in PCI slot i + 1 at boot, in its saved slot when restored.
     let router: Arc<dyn MsiRouter> = Arc::new(KvmMsiRouter::new(vm.clone()));
-    let (mut transports, mut mmio, mut pci) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, disk) in config.disks.iter().enumerate() {
-        let built = make_disk(
-            &vm,
-            &mem,
-            i,
-            disk,
-            usize::from(config.cpus),
-            config.transport,
-            &router,
-        )?;
-        mmio.extend(built.mmio);
-        pci.extend(built.pci);
-        let t = built.device;
-        if let Some(r) = &restored {
-            let saved =
-                r.state.transports.get(i).ok_or_else(|| {
-                    Error::Setup(format!("restore: no device state for disk {i}"))
-                })?;
-            t.restore_state(saved)
-                .map_err(|e| Error::Setup(format!("restore: disk {i}: {e}")))?;
-        }
-        transports.push(t);
-    }
+    let saved_state = restored.as_ref().map(|r| &r.state);
+    let saved_pci = saved_state.and_then(|s| s.pci.clone());
+    let saved_pci = saved_pci.as_ref();
+    let Disks {
+        devices: transports,
+        mmio,
+        pci,
+    } = build_disks(&vm, &mem, config, saved_state, &router)?;
     let pci_functions: Vec<_> = pci.clone();
-    let pci =
-        (config.transport == Transport::Pci).then(|| Arc::new(PciRoot::new(crate::MAX_DISKS, pci)));
+    let pci = match config.transport {
+        Transport::Mmio => None,
+        Transport::Pci => Some(Arc::new(
+            PciRoot::with_functions(crate::MAX_DISKS, pci)
+                .map_err(|e| Error::Setup(format!("restore: {e}")))?,
+        )),
+    };
+    if let (Some(root), Some(saved)) = (&pci, saved_pci) {
+        root.hotplug().restore(&saved.hotplug);
+    }
     // PCI functions wake their own workers; BusEvent::Kick(i) is virtio-mmio disk i's.
     let mmio_kicks = match config.transport {
         Transport::Mmio => transports.clone(),
@@ -367,8 +359,10 @@ pub(crate) fn run_vm(
         .zip(&config.disks)
         .enumerate()
         .map(|(i, (t, d))| DiskSlot {
-            id: format!("disk{i}"),
-            pci: pci_functions.get(i).map(|f| (i as u8 + 1, f.clone())),
+            id: saved_pci
+                .and_then(|p| p.functions.get(i))
+                .map_or_else(|| format!("disk{i}"), |f| f.id.clone()),
+            pci: pci_functions.get(i).cloned(),
             transport: t.clone(),
             path: d.path.clone(),
             read_only: d.read_only,
@@ -413,6 +407,8 @@ pub(crate) fn run_vm(
         .map_err(|e| Error::kvm("KVM_GET_MSR_INDEX_LIST", e))?
         .as_slice()
         .to_vec();
+    // Disk ids are never reused: the saved counter is past every saved id (state::pci).
+    let next_id = saved_pci.map_or(config.disks.len(), |p| p.next_id as usize);
     let mut ctl = Controller {
         config,
         control: &control,
@@ -426,7 +422,7 @@ pub(crate) fn run_vm(
         tx,
         msr_index,
         stop_after_checkpoint: None,
-        hotplug: HotplugState::new(pci, hotplug_irq, vm.clone(), router, config.disks.len()),
+        hotplug: HotplugState::new(pci, hotplug_irq, vm.clone(), router, next_id),
     };
     let outcome = loop {
         match rx.recv_timeout(Duration::from_millis(20)) {
@@ -462,6 +458,8 @@ pub(crate) fn run_vm(
         }
     };
     let pending_shutdown = ctl.shutdown.take();
+    // Replies still held (a removal waiting for its eject) fail now, not at the end.
+    drop(ctl);
 
     // Stop the vCPUs: set the flag, then kick until each has left KVM_RUN (a kick that lands
     // just before KVM_RUN is lost, hence the repeats). A vCPU that never stops is left behind

@@ -39,7 +39,8 @@ pub struct Args {
     pub disks: Vec<vmm::DiskConfig>,
     /// How the guest reaches the disks: `mmio` (virtio-mmio devices in the ACPI tables, the
     /// guest needs `virtio_mmio`) or `pci` (virtio-pci functions with MSI-X on a PCI host
-    /// bridge; the guest needs `virtio_pci`, and checkpoints and migration are refused).
+    /// bridge; the guest needs `virtio_pci`; disks can be hot-added, and checkpoints and
+    /// migrations carry them).
     #[arg(long, default_value = "mmio", value_name = "mmio|pci",
           conflicts_with_all = ["restore", "incoming"])]
     pub transport: vmm::Transport,

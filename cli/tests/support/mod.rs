@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 pub mod nbd_peer;
+pub mod pci_guest;
 pub mod tiny_guest;
 pub mod vm_process;
 

@@ -35,6 +35,7 @@ use acpi_tables::aml;
 use acpi_tables::Aml;
 
 use crate::layout::{HOTPLUG_GSI, HOTPLUG_PORT};
+use crate::state::pci::HotplugRegs;
 
 /// Bytes of the register block.
 pub const HOTPLUG_LEN: u16 = 12;
@@ -90,6 +91,25 @@ impl Hotplug {
         let mut s = self.lock();
         s.down &= !bit(device);
         s.ejecting &= !bit(device);
+    }
+
+    /// The registers, for a checkpoint or migration.
+    pub fn save(&self) -> HotplugRegs {
+        let s = self.lock();
+        HotplugRegs {
+            up: s.up,
+            down: s.down,
+            ejecting: s.ejecting,
+        }
+    }
+
+    /// Puts saved registers back (a restored guest that had not read PCIU yet still sees
+    /// its added slots at its next scan).
+    pub fn restore(&self, r: &HotplugRegs) {
+        let mut s = self.lock();
+        s.up = r.up;
+        s.down = r.down;
+        s.ejecting = r.ejecting;
     }
 
     /// A guest read.

@@ -25,6 +25,8 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::state::pci::MsixEntryState;
+
 /// "No vector" in the virtio-pci vector registers.
 pub const NO_VECTOR: u16 = 0xffff;
 /// Bytes per table entry.
@@ -121,6 +123,48 @@ impl Msix {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The table and pending bits, for a checkpoint.
+    pub fn save(&self) -> (Vec<MsixEntryState>, Vec<bool>) {
+        let st = self.lock();
+        let table = st
+            .entries
+            .iter()
+            .map(|e| MsixEntryState {
+                addr_lo: e.addr_lo,
+                addr_hi: e.addr_hi,
+                data: e.data,
+                control: e.control,
+            })
+            .collect();
+        (table, st.pending.clone())
+    }
+
+    /// Puts a saved table and pending bits back (lengths must match this function's); the
+    /// enable and mask bits come next through [`Msix::set_control`], which routes every
+    /// deliverable vector and sends what is pending.
+    pub fn restore(&self, table: &[MsixEntryState], pending: &[bool]) -> Result<(), String> {
+        if table.len() != self.len() || pending.len() != self.len() {
+            return Err(format!(
+                "{} MSI-X entries and {} pending bits saved, the function has {} vectors",
+                table.len(),
+                pending.len(),
+                self.len()
+            ));
+        }
+        let mut st = self.lock();
+        for (e, s) in st.entries.iter_mut().zip(table) {
+            *e = Entry {
+                addr_lo: s.addr_lo & !3,
+                addr_hi: s.addr_hi,
+                data: s.data,
+                control: s.control & MASKED,
+                routed: None,
+            };
+        }
+        st.pending.copy_from_slice(pending);
+        Ok(())
     }
 
     /// Takes the enable and function-mask bits of a message control write; vectors that

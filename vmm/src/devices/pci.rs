@@ -76,6 +76,11 @@ impl ConfigSpace {
         matches!(len, 1 | 2 | 4) && off < CONFIG_SIZE && (off % 4) + len <= 4
     }
 
+    /// All its bytes.
+    pub fn bytes(&self) -> &[u8; CONFIG_SIZE] {
+        &self.bytes
+    }
+
     /// Little-endian u16 at `off`.
     pub fn u16(&self, off: usize) -> u16 {
         u16::from_le_bytes([self.bytes[off], self.bytes[off + 1]])
@@ -111,9 +116,14 @@ impl ConfigSpace {
         data.copy_from_slice(&self.bytes[off..off + data.len()]);
     }
 
-    /// A guest write: only the writable bits change.
+    /// A guest write (also of a whole saved config space at 0): only the writable bits
+    /// change; bytes past the end are ignored.
     pub fn write(&mut self, off: usize, data: &[u8]) {
-        for (i, &b) in data.iter().enumerate() {
+        for (i, &b) in data
+            .iter()
+            .enumerate()
+            .take(CONFIG_SIZE.saturating_sub(off))
+        {
             let m = self.wmask[off + i];
             self.bytes[off + i] = (self.bytes[off + i] & !m) | (b & m);
         }
@@ -152,6 +162,29 @@ impl PciRoot {
             hotplug: Hotplug::default(),
             ejected: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Bus 0 with `slots` hotplug slots and each function at its device number (restored
+    /// from a checkpoint or migration); numbers outside `1..=slots` are refused.
+    pub fn with_functions(
+        slots: usize,
+        functions: Vec<(u8, Arc<VirtioPci>)>,
+    ) -> Result<PciRoot, String> {
+        let root = PciRoot::new(slots, Vec::new());
+        {
+            let mut s = root.slots_mut();
+            for (device, f) in functions {
+                match usize::from(device)
+                    .checked_sub(1)
+                    .and_then(|i| s.get_mut(i))
+                {
+                    Some(slot @ None) => *slot = Some(f),
+                    Some(Some(_)) => return Err(format!("PCI slot {device} used twice")),
+                    None => return Err(format!("PCI slot {device} is not in 1..={slots}")),
+                }
+            }
+        }
+        Ok(root)
     }
 
     fn slots(&self) -> std::sync::RwLockReadGuard<'_, Vec<Option<Arc<VirtioPci>>>> {

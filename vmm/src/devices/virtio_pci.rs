@@ -36,8 +36,9 @@ use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::msix::{Msix, NO_VECTOR};
-use super::pci::{ConfigSpace, PciRoot};
+use super::pci::{ConfigSpace, PciRoot, CONFIG_SIZE};
 use super::virtio::{Action, StatusChange, VirtioDevice, DEVICE_ID_BLOCK};
+use crate::state::pci::PciFunctionState;
 
 /// The virtio PCI vendor.
 pub const VENDOR: u16 = 0x1af4;
@@ -268,6 +269,67 @@ impl VirtioPci {
                 let _ = hook(self.dev.kick_evt(), Self::notify_addr(base, q), false);
             }
         }
+    }
+
+    /// The function's state for a checkpoint or migration: config space, vector registers,
+    /// MSI-X table and pending bits (the device's own is [`VirtioDevice::save_state`]).
+    pub fn save_state(&self, slot: u8, id: &str) -> PciFunctionState {
+        let (msix_table, msix_pending) = self.msix.save();
+        PciFunctionState {
+            slot,
+            id: id.to_string(),
+            config: self.config().bytes().to_vec(),
+            vectors: self
+                .vectors
+                .0
+                .iter()
+                .map(|v| v.load(Ordering::SeqCst))
+                .collect(),
+            msix_table,
+            msix_pending,
+        }
+    }
+
+    /// Puts saved state on this fresh function of the same shape: the writable config bits
+    /// (command, BAR0, MSI-X control, ...), the vector registers and the MSI-X table; then
+    /// routes every deliverable vector (and sends what was pending) and registers the notify
+    /// ioeventfds where BAR0 decodes, so the guest goes on without touching anything.
+    pub fn restore_state(&self, s: &PciFunctionState) -> Result<(), String> {
+        if s.config.len() != CONFIG_SIZE {
+            return Err(format!(
+                "config space of {} bytes, not {CONFIG_SIZE}",
+                s.config.len()
+            ));
+        }
+        if s.vectors.len() != self.vectors.0.len() {
+            return Err(format!(
+                "{} vector registers saved, the function has {}",
+                s.vectors.len(),
+                self.vectors.0.len()
+            ));
+        }
+        if let Some(v) = s
+            .vectors
+            .iter()
+            .find(|&&v| v != NO_VECTOR && usize::from(v) >= self.msix.len())
+        {
+            return Err(format!(
+                "vector {v} is past the MSI-X table of {}",
+                self.msix.len()
+            ));
+        }
+        self.msix.restore(&s.msix_table, &s.msix_pending)?;
+        let control = {
+            let mut c = self.config();
+            c.write(0, &s.config);
+            c.u16(CAP_MSIX + 2)
+        };
+        for (r, &v) in self.vectors.0.iter().zip(&s.vectors) {
+            r.store(v, Ordering::SeqCst);
+        }
+        self.msix.set_control(control);
+        self.sync_ioevents();
+        Ok(())
     }
 
     /// The MSI-X vectors.

@@ -450,3 +450,122 @@ fn a_plugged_function_answers_on_bus_0_until_the_guest_ejects_it_when_asked() {
     assert_eq!(taken.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2]);
     assert_eq!(root.free_slot(), Some(2));
 }
+
+/// What a checkpoint saves of a function comes back on a fresh one: BAR0 where the guest
+/// moved it with its notify ioeventfds there, the vector registers, the MSI-X table with the
+/// deliverable vector routed again and a masked vector's pending interrupt kept.
+#[test]
+fn a_saved_function_restores_onto_a_fresh_one_with_its_routes_ioeventfds_and_vectors() {
+    let a = rig();
+    let moved = 0xe010_0000u32;
+    set_cfg(&a.f, 0x10, moved, 4);
+    set_cfg(&a.f, 0x04, 0x6, 2);
+    // Vector 0 (config) masked; vector 2 unmasked; queue 1 on vector 2.
+    set_bar(&a.f, MSIX_TABLE, 0xfee0_0000, 4);
+    set_bar(&a.f, MSIX_TABLE + 8, 0x41, 4);
+    set_bar(&a.f, MSIX_TABLE + 32, 0xfee0_1000, 4);
+    set_bar(&a.f, MSIX_TABLE + 40, 0x42, 4);
+    set_bar(&a.f, MSIX_TABLE + 44, 0, 4);
+    set_bar(&a.f, 0x10, 0, 2);
+    set_bar(&a.f, 0x16, 1, 2);
+    set_bar(&a.f, 0x1a, 2, 2);
+    set_cfg(&a.f, CAP_MSIX + 3, 0x80, 1);
+    a.f.msix().notify(0);
+    let saved = a.f.save_state(5, "disk4");
+    assert_eq!((saved.slot, saved.id.as_str()), (5, "disk4"));
+    assert_eq!(saved.vectors, vec![0, NO_VECTOR, 2]);
+    assert_eq!(saved.msix_pending, vec![true, false, false]);
+
+    let b = rig();
+    b.f.restore_state(&saved).unwrap();
+    assert_eq!(b.f.decoded_bar(), Some((u64::from(moved), BAR0_SIZE)));
+    let notify = |q: u64| u64::from(moved) + NOTIFY + 4 * q;
+    assert_eq!(
+        *b.ioevents.lock().unwrap(),
+        vec![(notify(0), true), (notify(1), true)],
+        "ioeventfds at the saved BAR0, with no guest access"
+    );
+    assert_eq!(
+        *b.routes.0.lock().unwrap(),
+        vec![(26, 0xfee0_1000, 0x42)],
+        "only the deliverable vector is routed"
+    );
+    assert_eq!(cfg(&b.f, 0x10, 4), moved);
+    assert_eq!(cfg(&b.f, CAP_MSIX + 2, 2), 0x8002, "enabled, 3 vectors");
+    assert_eq!(
+        cfg(&b.f, 0, 4),
+        0x1042_1af4,
+        "read-only bytes are the fresh ones"
+    );
+    assert_eq!(
+        b.f.save_state(5, "disk4"),
+        saved,
+        "a second save is the same"
+    );
+    // Queue 1's vector sends through the restored route; the pending one waits for unmask.
+    b.f.msix().notify(2);
+    assert!(b.irqs[2].read().is_ok());
+    assert!(b.irqs[0].read().is_err(), "masked: still pending");
+    set_bar(&b.f, MSIX_TABLE + 12, 0, 4);
+    assert!(
+        b.irqs[0].read().is_ok(),
+        "the saved pending interrupt went out"
+    );
+    set_bar(&b.f, 0x16, 1, 2);
+    assert_eq!(bar(&b.f, 0x1a, 2), 2);
+
+    // Shapes this function cannot take are refused before anything changes.
+    let c = rig();
+    let mut bad = saved.clone();
+    bad.vectors.push(0);
+    assert!(c
+        .f
+        .restore_state(&bad)
+        .unwrap_err()
+        .contains("4 vector registers"));
+    let mut bad = saved.clone();
+    bad.vectors[1] = 3;
+    assert!(c
+        .f
+        .restore_state(&bad)
+        .unwrap_err()
+        .contains("past the MSI-X table"));
+    let mut bad = saved.clone();
+    bad.msix_table.pop();
+    assert!(c
+        .f
+        .restore_state(&bad)
+        .unwrap_err()
+        .contains("2 MSI-X entries"));
+    let mut bad = saved;
+    bad.config.truncate(64);
+    assert!(c.f.restore_state(&bad).is_err());
+    assert_eq!(c.f.decoded_bar(), None);
+    assert!(c.routes.0.lock().unwrap().is_empty());
+}
+
+/// A restored bus puts each function at its saved device number, and refuses numbers outside
+/// its slots or used twice.
+#[test]
+fn a_restored_bus_holds_functions_in_their_saved_slots_only() {
+    let (a, b) = (Arc::new(rig().f), Arc::new(rig().f));
+    let root = PciRoot::with_functions(18, vec![(1, a.clone()), (5, b.clone())]).unwrap();
+    let id = |dev: u32| {
+        root.pio_out(
+            super::super::pci::CONFIG_ADDRESS,
+            &(0x8000_0000u32 | dev << 11).to_le_bytes(),
+        );
+        let mut v = [0u8; 4];
+        root.pio_in(super::super::pci::CONFIG_DATA, &mut v);
+        u32::from_le_bytes(v)
+    };
+    assert_eq!((id(1), id(5)), (0x1042_1af4, 0x1042_1af4));
+    assert_eq!(id(2), 0xffff_ffff);
+    assert_eq!(root.free_slot(), Some(2));
+    for bad in [0u8, 19] {
+        let e = PciRoot::with_functions(18, vec![(bad, a.clone())]).unwrap_err();
+        assert!(e.contains(&format!("slot {bad} is not in 1..=18")), "{e}");
+    }
+    let e = PciRoot::with_functions(18, vec![(3, a), (3, b)]).unwrap_err();
+    assert!(e.contains("slot 3 used twice"), "{e}");
+}

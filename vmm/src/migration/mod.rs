@@ -5,7 +5,7 @@
 //! ```text
 //!  source (main thread of the VMM)                 target
 //!  connect ─────────── header ⇄ header ──────────── accept; refuse another version
-//!  Config (memory, vCPUs, cmdline, disks) ───────>  validate, allocate memory
+//!  Config (memory, vCPUs, cmdline, transport, disks) ─>  validate, allocate memory
 //!  dirty logging on (KVM + device marks)
 //!  pass 0: every non-zero page ──────── Pages ───>  write into guest memory
 //!  pass i: pages dirtied since pass i-1 ─ Pages/Zero ─>

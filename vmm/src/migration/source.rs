@@ -77,6 +77,9 @@ impl Controller<'_> {
         max_bw_mib: Option<u64>,
     ) -> Result<String> {
         let start = Instant::now();
+        if let Some(why) = self.hotplug.unsaved() {
+            return Err(Error::Config(why));
+        }
         let addrs = parse_tcp(to)?;
         let conn = addrs
             .iter()
@@ -166,6 +169,7 @@ impl Controller<'_> {
             memory: self.config.memory,
             cpus: self.config.cpus,
             cmdline: self.config.cmdline.clone(),
+            transport: self.config.transport,
             disks: self
                 .disks
                 .iter()

@@ -57,6 +57,9 @@ pub struct WireConfig {
     pub cpus: u8,
     /// The guest's extra kernel command line (informational: the guest is not booted).
     pub cmdline: String,
+    /// How the guest reaches its disks (absent from older sources: mmio).
+    #[serde(default, skip_serializing_if = "crate::Transport::is_mmio")]
+    pub transport: crate::Transport,
     /// Disks in guest order.
     pub disks: Vec<WireDisk>,
 }

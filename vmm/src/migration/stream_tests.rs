@@ -7,6 +7,7 @@ fn config() -> WireConfig {
         memory: 256 << 20,
         cpus: 2,
         cmdline: "quiet".into(),
+        transport: crate::Transport::Pci,
         disks: vec![WireDisk {
             path: "/images/disk.vhdx".into(),
             read_only: false,

@@ -90,8 +90,7 @@ pub fn incoming(uri: &str, opts: &RunOptions) -> Result<GuestExit> {
                 read_only: d.read_only,
             })
             .collect(),
-        // The source refuses to migrate a pci-transport VM.
-        transport: crate::Transport::Mmio,
+        transport: wire.transport,
     };
     let committed = Arc::new(AtomicBool::new(false));
     let rx = Arc::new(Mutex::new(rx));
@@ -250,18 +249,23 @@ fn receive(
             Record::State(bytes) => {
                 let name = PathBuf::from(format!("migration stream from {}", rx.peer()));
                 let s = decode_state(Path::new(&name), &bytes)?;
-                if s.vcpus.len() != usize::from(wire.cpus) || s.transports.len() != wire.disks.len()
+                if s.vcpus.len() != usize::from(wire.cpus)
+                    || s.transports.len() != wire.disks.len()
+                    || s.pci.is_some() != (wire.transport == crate::Transport::Pci)
                 {
                     return Err(rx
                         .bad_record(
                             "VM state record",
                             at,
                             format!(
-                                "{} vCPUs and {} devices, the config says {} and {}",
+                                "{} vCPUs and {} devices ({} PCI state), the config says {} \
+                                 and {} (transport {})",
                                 s.vcpus.len(),
                                 s.transports.len(),
+                                if s.pci.is_some() { "with" } else { "without" },
                                 wire.cpus,
-                                wire.disks.len()
+                                wire.disks.len(),
+                                wire.transport
                             ),
                         )
                         .into());

@@ -4,14 +4,22 @@
 //!  DIR/manifest.json   Manifest: versions, memory size, vCPUs, command line, the frozen disk
 //!                      layers by path with their identities, names + sizes + CRC-32C of:
 //!  DIR/vmstate.bin     "VHDKVMST" | version u32 | body length u64 | CRC-32C u32 | JSON body
-//!                      (VmState: vCPUs, irqchip, PIT, clock, devices)
+//!                      (VmState: vCPUs, irqchip, PIT, clock, devices; PCI functions and
+//!                      hotplug registers with --transport pci, see [`pci`])
 //!  DIR/memory.img      guest RAM, regions back to back; zero pages are holes (sparse file)
 //! ```
 //!
 //! Invariants: a container is checked (magic, version, length bound, checksum) before its body
 //! is parsed; every error names the file and the offset of the bad field; nothing here writes
-//! to a file it reads. [`STATE_VERSION`] changes with any change to the saved types.
+//! to a file it reads; a decoded state has passed [`pci::check`]. [`STATE_VERSION`] changes
+//! with any change to the saved types.
+//!
+//! Versions: 1 is a virtio-mmio VM (what every vhdtool wrote before PCI state existed, and
+//! what this one still writes for such a VM, so older readers keep reading it); 2 adds
+//! [`VmState::pci`] and [`Manifest::transport`], and is written for pci-transport VMs only
+//! (a version-1 reader refuses it instead of building the VM on the wrong transport).
 
+pub mod pci;
 pub mod restore;
 pub mod save;
 
@@ -23,8 +31,10 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Version of [`VmState`] and of the manifest; another version is refused.
-pub const STATE_VERSION: u32 = 1;
+/// Newest version of [`VmState`] and of the manifest; versions 1 to this are read.
+pub const STATE_VERSION: u32 = 2;
+/// The version written for a VM without PCI state.
+pub const MMIO_STATE_VERSION: u32 = 1;
 /// Magic of `vmstate.bin`.
 pub const MAGIC: [u8; 8] = *b"VHDKVMST";
 /// Header: magic, version, body length, CRC-32C.
@@ -158,6 +168,20 @@ pub struct VmState {
     pub transports: Vec<TransportState>,
     /// The console.
     pub serial: SerialState,
+    /// The PCI functions and hotplug registers (pci transport; version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci: Option<pci::PciState>,
+}
+
+impl VmState {
+    /// The version its container is written with.
+    pub fn version(&self) -> u32 {
+        if self.pci.is_some() {
+            STATE_VERSION
+        } else {
+            MMIO_STATE_VERSION
+        }
+    }
 }
 
 /// How a frozen layer is recognised: the format's identity (VHDX DataWriteGuid, VHD footer
@@ -209,6 +233,9 @@ pub struct Manifest {
     pub cpus: u8,
     /// The guest's extra kernel command line (informational: the guest is not booted again).
     pub cmdline: String,
+    /// How the guest reaches its disks (absent in version 1: mmio).
+    #[serde(default, skip_serializing_if = "crate::Transport::is_mmio")]
+    pub transport: crate::Transport,
     /// Disks in guest order.
     pub disks: Vec<ManifestDisk>,
     /// `vmstate.bin`.
@@ -270,7 +297,7 @@ pub fn encode_state(state: &VmState) -> Vec<u8> {
     let body = serde_json::to_vec(state).unwrap_or_default();
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&STATE_VERSION.to_le_bytes());
+    out.extend_from_slice(&state.version().to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
     out.extend_from_slice(&body);
@@ -301,12 +328,15 @@ pub fn decode_state(path: &Path, bytes: &[u8]) -> Result<VmState, StateError> {
     }
     let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or_default());
     let version = u32_at(8);
-    if version != STATE_VERSION {
+    if !(MMIO_STATE_VERSION..=STATE_VERSION).contains(&version) {
         return Err(corrupt(
             path,
             s,
             8,
-            format!("version {version}, this vhdtool reads version {STATE_VERSION}"),
+            format!(
+                "version {version}, this vhdtool reads versions {MMIO_STATE_VERSION} to \
+                 {STATE_VERSION}"
+            ),
         ));
     }
     let len = u64::from_le_bytes(bytes[12..20].try_into().unwrap_or_default());
@@ -329,14 +359,16 @@ pub fn decode_state(path: &Path, bytes: &[u8]) -> Result<VmState, StateError> {
             format!("checksum mismatch (CRC-32C {got:#010x}, header says {want:#010x})"),
         ));
     }
-    serde_json::from_slice(body).map_err(|e| {
+    let state: VmState = serde_json::from_slice(body).map_err(|e| {
         corrupt(
             path,
             "state body",
             HEADER_LEN as u64,
             format!("cannot be parsed: {e}"),
         )
-    })
+    })?;
+    pci::check(path, &state, version)?;
+    Ok(state)
 }
 
 /// `manifest.json` bytes: the manifest and a CRC-32C of its JSON.
@@ -377,18 +409,29 @@ pub fn decode_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, StateError
         ));
     }
     let version = body.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-    if version != u64::from(STATE_VERSION) {
+    if !(u64::from(MMIO_STATE_VERSION)..=u64::from(STATE_VERSION)).contains(&version) {
         return Err(corrupt(
             path,
             "manifest",
             0,
-            format!("version {version}, this vhdtool reads version {STATE_VERSION}"),
+            format!(
+                "version {version}, this vhdtool reads versions {MMIO_STATE_VERSION} to \
+                 {STATE_VERSION}"
+            ),
         ));
     }
     let m: Manifest = serde_json::from_value(body.clone())
         .map_err(|e| corrupt(path, "manifest", 0, format!("bad field: {e}")))?;
     if m.kind != MANIFEST_KIND {
         return Err(corrupt(path, "manifest", 0, format!("kind {:?}", m.kind)));
+    }
+    if m.transport == crate::Transport::Pci && m.version < STATE_VERSION {
+        return Err(corrupt(
+            path,
+            "manifest",
+            0,
+            format!("transport pci in a version {} manifest", m.version),
+        ));
     }
     Ok(m)
 }
@@ -449,6 +492,18 @@ pub fn decode_checkpoint(
             manifest.disks.len()
         )));
     }
+    if (manifest.transport == crate::Transport::Pci) != state.pci.is_some() {
+        return Err(StateError::Mismatch(format!(
+            "{}: the manifest says transport {}, the state {} PCI functions",
+            spath.display(),
+            manifest.transport,
+            if state.pci.is_some() {
+                "holds"
+            } else {
+                "holds no"
+            }
+        )));
+    }
     Ok((manifest, state))
 }
 
@@ -464,3 +519,6 @@ fn line_col_offset(bytes: &[u8], line: usize, column: usize) -> u64 {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod pci_tests;

@@ -1,6 +1,6 @@
 use super::*;
 
-fn sample() -> VmState {
+pub(super) fn sample() -> VmState {
     VmState {
         vcpus: vec![VcpuState {
             cpuid: vec![CpuidEntry {
@@ -56,17 +56,19 @@ fn sample() -> VmState {
             registers: [1, 0, 0, 1, 3, 0x60, 8, 0xb0, 0],
             in_buffer: vec![b'x'],
         },
+        pci: None,
     }
 }
 
-fn manifest() -> Manifest {
+pub(super) fn manifest() -> Manifest {
     Manifest {
         kind: MANIFEST_KIND.into(),
-        version: STATE_VERSION,
+        version: MMIO_STATE_VERSION,
         writer: "vhdtool test".into(),
         memory: 256 << 20,
         cpus: 1,
         cmdline: "quiet".into(),
+        transport: crate::Transport::Mmio,
         disks: vec![ManifestDisk {
             frozen: "/x/disk.vhdx".into(),
             identity: LayerIdentity {
@@ -89,7 +91,7 @@ fn manifest() -> Manifest {
     }
 }
 
-fn err(e: StateError) -> (u64, String) {
+pub(super) fn err(e: StateError) -> (u64, String) {
     match e {
         StateError::Corrupt {
             offset,
@@ -142,11 +144,11 @@ fn any_flipped_body_byte_fails_the_checksum() {
 #[test]
 fn other_versions_and_foreign_files_are_refused() {
     let p = Path::new("ck/vmstate.bin");
-    let mut v2 = encode_state(&sample());
-    v2[8] = 2;
-    let (off, d) = err(decode_state(p, &v2).unwrap_err());
+    let mut v3 = encode_state(&sample());
+    v3[8] = 3;
+    let (off, d) = err(decode_state(p, &v3).unwrap_err());
     assert_eq!(off, 8);
-    assert!(d.contains("version 2"), "{d}");
+    assert!(d.contains("version 3"), "{d}");
     let (off, d) = err(decode_state(p, &[0x7f; 64]).unwrap_err());
     assert_eq!(off, 0);
     assert!(d.contains("magic"), "{d}");
