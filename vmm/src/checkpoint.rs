@@ -18,7 +18,8 @@
 //! Invariants: the frozen layers are never written again (each restore writes only its own
 //! new child, so restoring one DIR twice gives two independent VMs); every file is written
 //! under a temporary name, synced and renamed; a checkpoint that fails before a disk moved
-//! leaves the VM running as it was.
+//! leaves the VM running as it was, and a failed checkpoint leaves no files in DIR (a raw
+//! writable disk is refused before the guest pauses).
 
 use std::fs;
 use std::io::Write;
@@ -128,6 +129,15 @@ fn child_path(parent: &Path) -> std::result::Result<PathBuf, Error> {
     Ok(parent.with_file_name(format!("{stem}-{tag}.{ext}")))
 }
 
+/// Removes what a failed checkpoint wrote to DIR (which `prepare_dir` found empty), so that
+/// no memory image is left behind without the manifest that would make it a checkpoint.
+fn discard_partial(dir: &Path) {
+    for name in [MANIFEST, STATE_FILE, MEMORY_FILE] {
+        let _ = fs::remove_file(dir.join(name));
+        let _ = fs::remove_file(dir.join(format!(".{name}.tmp")));
+    }
+}
+
 /// Creates DIR if absent; refuses one that holds anything.
 fn prepare_dir(dir: &Path) -> std::result::Result<(), StateError> {
     fs::create_dir_all(dir).map_err(io(dir, "create the checkpoint folder"))?;
@@ -147,6 +157,10 @@ impl Controller<'_> {
         let start = Instant::now();
         if let Some(why) = self.hotplug.unsaved() {
             return Err(Error::Config(why));
+        }
+        // A disk that cannot take a child (raw) refuses the checkpoint before the guest pauses.
+        for d in self.disks.iter().filter(|d| !d.read_only) {
+            child_path(&d.path)?;
         }
         prepare_dir(dir)?;
         let was_paused = self.control.is_paused();
@@ -176,6 +190,7 @@ impl Controller<'_> {
                 ))
             }
             (Err(e), None) => {
+                discard_partial(dir);
                 if !was_paused {
                     self.control.resume();
                 }
