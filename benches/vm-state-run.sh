@@ -73,7 +73,7 @@ qemu_cmd() { # MEM DISK FORMAT QMPPORT [extra...]
 }
 vt_boot() { # MEM DISK SOCKET LOG
     ( $V boot --kernel "$W/vmlinuz" --initrd "$W/initrd.cpio" --memory "$1" --cpus 1 \
-        --disk "$2" --api-socket "$3" --cmdline quiet </dev/null 2>&1 | stamp >"$4" ) &
+        --transport mmio --disk "$2" --api-socket "$3" --cmdline quiet </dev/null 2>&1 | stamp >"$4" ) &
 }
 stop_vt() { $V vm shutdown --timeout 0 --api-socket "$1" >/dev/null 2>&1; }
 kill_qemu() { qmp "$1" '{"execute":"quit"}' >/dev/null 2>&1; }

@@ -161,6 +161,8 @@ fn boot_args(base: &str, socket: &str, kernel: &str, initrd: &str) -> Vec<String
         "256M".into(),
         "--cpus".into(),
         "2".into(),
+        "--transport".into(),
+        "mmio".into(),
         "--disk".into(),
         format!("{base}/disk.vhdx"),
         "--disk".into(),

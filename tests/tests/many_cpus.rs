@@ -65,7 +65,7 @@ fn script(counts: &[u32]) -> String {
         s.push_str(&format!(
             "echo \"CPUS: boot {n}\"\n\
              $V boot --kernel $W/vmlinuz --initrd $W/initrd.cpio --memory 512M --cpus {n} \
-             --cmdline {} </dev/null 2>&1\n\
+             --transport mmio --cmdline {} </dev/null 2>&1\n\
              echo \"CPUS: exit {n} status $?\"\n",
             shell_quote(&cmdline)
         ));

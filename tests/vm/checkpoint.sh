@@ -26,7 +26,7 @@ bounded_wait() {
     wait $1
 }
 $V boot --kernel $W/vmlinuz --initrd $W/initrd.cpio --memory 256M --cpus 2 \
-    --disk $W/$D --api-socket $W/a.sock --cmdline quiet </dev/null >$W/run0.log 2>&1 &
+    --transport mmio --disk $W/$D --api-socket $W/a.sock --cmdline quiet </dev/null >$W/run0.log 2>&1 &
 pid=$!
 wait_for $W/run0.log "GUEST: power button at" && wait_for $W/run0.log "COUNTER 5 "
 pre=$(last $W/run0.log)

@@ -14,7 +14,7 @@ wait_for() {
 }
 rm -f $S
 $V boot --kernel $W/vmlinuz --initrd $W/initrd.cpio --memory 256M --cpus 2 \
-    --disk $W/disk.vhdx --api-socket $S --cmdline quiet </dev/null >$LOG 2>&1 &
+    --transport mmio --disk $W/disk.vhdx --api-socket $S --cmdline quiet </dev/null >$LOG 2>&1 &
 pid=$!
 wait_for "GUEST: power button at" && wait_for "COUNTER 3 "
 echo "T: status $($V vm status --json --api-socket $S)"

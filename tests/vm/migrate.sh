@@ -23,7 +23,7 @@ ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 
 (
     $V boot --kernel $W/vmlinuz --initrd $W/initrd.cpio --memory 256M --cpus 2 \
-        --disk $W/$D --api-socket $W/a.sock --cmdline quiet </dev/null 2>&1
+        --transport mmio --disk $W/$D --api-socket $W/a.sock --cmdline quiet </dev/null 2>&1
     echo "VMM rc=$?"
 ) | stamp >$W/src.log &
 wait_for $W/src.log "GUEST: power button at" && wait_for $W/src.log "COUNTER 5 "

@@ -81,6 +81,8 @@ impl Vmm {
                 kernel.as_os_str(),
                 "--memory".as_ref(),
                 "128M".as_ref(),
+                "--transport".as_ref(),
+                "mmio".as_ref(),
                 "--disk".as_ref(),
                 disk.as_os_str(),
             ],
