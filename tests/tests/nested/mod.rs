@@ -231,16 +231,18 @@ pub fn write_exec(path: &Path, text: &str) {
 /// Runs `cmd`, collecting stdout and stderr lines (echoed to stderr), killing it after the hang
 /// guard. Returns (exit code, output).
 pub fn run_guarded(cmd: Command, what: &str) -> (Option<i32>, String) {
-    let (code, out, _) = run_watched(cmd, what, |_| false);
+    let (code, out, _) = run_watched(cmd, what, |_| false, false);
     (code, out)
 }
 
 /// [`run_guarded`], but also killing `cmd` as soon as an output line satisfies `fatal`;
-/// the third value says whether any line did (also one read after `cmd` had exited).
+/// the third value says whether any line did (also one read after `cmd` had exited), or,
+/// with `hang_is_fault`, whether the hang guard killed `cmd` (else that panics).
 pub fn run_watched(
     mut cmd: Command,
     what: &str,
     fatal: fn(&str) -> bool,
+    hang_is_fault: bool,
 ) -> (Option<i32>, String, bool) {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -288,6 +290,10 @@ pub fn run_watched(
             let _ = child.wait();
             for r in readers {
                 let _ = r.join();
+            }
+            if hang_is_fault {
+                eprintln!("{what} still running after {HANG_GUARD:?}: killed");
+                return (None, log.lock().unwrap().clone(), true);
             }
             panic!(
                 "{what} still running after {HANG_GUARD:?}: killed. Output:\n{}",
@@ -365,15 +371,19 @@ pub fn l1_command(name: &str) -> String {
 /// `run.sh`), runs it to the end and returns L1's console output and the scratch disk.
 pub fn run_l1(dir: &Path, stage: &Path, kernel: &Kernel, scratch_size: &str) -> (String, PathBuf) {
     // QEMU's TCG emulation of nested SVM at times wedges a CPU of L1 or of an L2 guest (issue
-    // 20's analysis: halted vCPUs triple-fault or stall at random). That run is thrown away
-    // and L1 boots once more from the untouched stage; a second fault fails the test.
-    for attempt in 1..=2 {
+    // 20's analysis: halted vCPUs triple-fault or stall at random), resets L1 silently, or
+    // leaves it printing nothing. That run is thrown away and L1 boots once more from the
+    // untouched stage; a third such run fails the test.
+    for attempt in 1..=3 {
         if let Some(done) = run_l1_once(dir, stage, kernel, scratch_size) {
             return done;
         }
         eprintln!("a vCPU wedged under QEMU TCG (L1 or L2): attempt {attempt} discarded");
     }
-    panic!("a vCPU wedged under QEMU TCG (L1 or L2) twice in a row");
+    panic!(
+        "three runs in a row ended in a TCG fault, a reset of L1 or no output until the hang \
+         guard (a hang of the script's own would too: see the output above)"
+    );
 }
 
 /// A sign of QEMU TCG's nested-SVM fault: an RCU stall or soft-lockup report of L1's kernel
@@ -455,12 +465,20 @@ fn run_l1_once(
         "file={},format=raw,if=virtio,cache=unsafe",
         scratch.display()
     ));
-    let (code, out, wedged) = run_watched(qemu, "L1 (qemu-system-x86_64 -accel tcg)", tcg_fault);
+    // Every script bounds its own waits and reports through "T: FAIL"/"E2E: FAIL" lines, so an
+    // L1 that prints nothing until the hang guard is wedged (L1's vCPUs, under TCG).
+    let (code, out, wedged) =
+        run_watched(qemu, "L1 (qemu-system-x86_64 -accel tcg)", tcg_fault, true);
     if wedged {
         return None;
     }
     assert_eq!(code, Some(0), "qemu failed:\n{out}");
-    assert!(out.contains("L1: end"), "L1 did not finish:\n{out}");
+    if !out.contains("L1: end") {
+        // L1's init prints "L1: end" after the script whatever the script did, so L1's kernel
+        // reset under it: with `panic=-1` and no message, the silent reset seen under TCG.
+        eprintln!("L1 reset before its script ended");
+        return None;
+    }
     Some((out, scratch))
 }
 
