@@ -22,7 +22,9 @@
 //!
 //! The checkpoint test runs on a dynamic VHDX (restores on .avhdx children) and on a dynamic
 //! VHD (restores on .vhd children); the migration test on a dynamic VHDX and on a differencing
-//! VHD whose parent must come out unchanged.
+//! VHD whose parent must come out unchanged. The VHDX guests have their disk on virtio-pci
+//! with MSI-X (the PCI function's config space and vectors travel in the state), the VHD
+//! guests on virtio-mmio; the guest loads the drivers of both.
 //!
 //! Runs directly on hardware KVM, else nested (see `nested/mod.rs`) under the flock the
 //! caller takes (`flock /work/nested.lock cargo test …` on the shared machine).
@@ -47,6 +49,9 @@ const L2_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
     "virtio_mmio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
     "virtio_blk",
     "button",
     "evdev",
@@ -210,19 +215,20 @@ fn counter_uptime(s: &str) -> (u64, f64) {
 
 #[test]
 fn checkpointed_guest_runs_on_and_two_restores_continue_its_counter_without_a_reboot() {
-    checkpoint_and_restore_twice("disk.vhdx");
+    checkpoint_and_restore_twice("disk.vhdx", "pci");
 }
 
 #[test]
 fn checkpoint_of_a_guest_on_a_vhd_disk_restores_on_vhd_children() {
-    checkpoint_and_restore_twice("disk.vhd");
+    checkpoint_and_restore_twice("disk.vhd", "mmio");
 }
 
-/// The checkpoint test on `disk` (see `counter_guest`): the restores run on children of
-/// the disk's own format (.avhdx for VHDX, .vhd for VHD).
-fn checkpoint_and_restore_twice(disk: &str) {
+/// The checkpoint test on `disk` (see `counter_guest`) attached through `transport`: the
+/// restores run on children of the disk's own format (.avhdx for VHDX, .vhd for VHD).
+fn checkpoint_and_restore_twice(disk: &str, transport: &str) {
     let (dir, kernel, images) = counter_guest(disk);
-    let out = run_script(&dir, &kernel, CHECKPOINT_SCRIPT, &images, &[("D", disk)]);
+    let vars = [("D", disk), ("TRANSPORT", transport)];
+    let out = run_script(&dir, &kernel, CHECKPOINT_SCRIPT, &images, &vars);
     for line in out.lines().filter(|l| l.contains("T: ")) {
         println!("{line}");
     }
@@ -259,6 +265,11 @@ fn checkpoint_and_restore_twice(disk: &str) {
         let status = t_line(&out, &format!("{n} status"));
         let v: serde_json::Value = serde_json::from_str(status).unwrap();
         assert_eq!(v["state"], "running");
+        assert_eq!(
+            v["disks"][0]["pci_slot"].is_u64(),
+            transport == "pci",
+            "{n}: not on {transport}: {status}"
+        );
         children.push(v["disks"][0]["path"].as_str().unwrap().to_string());
         let rc = t_line(&out, &format!("{n} vmm rc="));
         assert!(rc.starts_with("0 "), "{n}: {rc}");
@@ -292,21 +303,22 @@ fn checkpoint_and_restore_twice(disk: &str) {
 
 #[test]
 fn live_migrated_guest_continues_its_counter_at_the_target_and_survives_a_cut_stream() {
-    migrate_twice("disk.vhdx");
+    migrate_twice("disk.vhdx", "pci");
 }
 
 #[test]
 fn live_migration_of_a_guest_on_a_differencing_vhd_leaves_its_parent_untouched() {
-    migrate_twice("child.vhd");
+    migrate_twice("child.vhd", "mmio");
 }
 
-/// The live migration test on `disk` (see `counter_guest`).
-fn migrate_twice(disk: &str) {
+/// The live migration test on `disk` (see `counter_guest`) attached through `transport`.
+fn migrate_twice(disk: &str, transport: &str) {
     let (dir, kernel, images) = counter_guest(disk);
     let base_before = images
         .contains(&"base.vhd")
         .then(|| fs::read(dir.join("base.vhd")).unwrap());
-    let out = run_script(&dir, &kernel, MIGRATE_SCRIPT, &images, &[("D", disk)]);
+    let vars = [("D", disk), ("TRANSPORT", transport)];
+    let out = run_script(&dir, &kernel, MIGRATE_SCRIPT, &images, &vars);
     for line in out.lines().filter(|l| l.contains("T: ")) {
         println!("{line}");
     }
@@ -331,6 +343,11 @@ fn migrate_twice(disk: &str) {
     let status: serde_json::Value = serde_json::from_str(t_line(&out, "target status")).unwrap();
     assert_eq!(status["state"], "running");
     assert!(status["disks"][0]["path"].as_str().unwrap().ends_with(disk));
+    assert_eq!(
+        status["disks"][0]["pci_slot"].is_u64(),
+        transport == "pci",
+        "the target's disk is not on {transport}: {status}"
+    );
 
     // The cut migration failed and the guest went on at the target of the first one.
     let cut = t_line(&out, "cut migrate rc=");

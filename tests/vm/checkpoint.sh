@@ -1,6 +1,7 @@
 # The checkpoint test (tests/tests/vm_lifecycle.rs), run with $W = folder of the files
-# (vmlinuz, initrd.cpio, the disk $D) and $V = the vhdtool command. Lines starting with "T:" are
-# results for the host; the consoles are printed at the end with "L2-<name>: " in front.
+# (vmlinuz, initrd.cpio, the disk $D), $V = the vhdtool command and $TRANSPORT (pci or
+# mmio). Lines starting with "T:" are results for the host; the consoles are printed at the
+# end with "L2-<name>: " in front.
 last() { grep -o 'COUNTER [0-9]*' $1 | tail -n1 | cut -d' ' -f2; }
 first() { grep -o 'COUNTER [0-9]* [0-9.]*' $1 | head -n1 | cut -d' ' -f2-; }
 wait_for() {
@@ -26,7 +27,7 @@ bounded_wait() {
     wait $1
 }
 $V boot --kernel $W/vmlinuz --initrd $W/initrd.cpio --memory 256M --cpus 2 \
-    --transport mmio --disk $W/$D --api-socket $W/a.sock --cmdline quiet </dev/null >$W/run0.log 2>&1 &
+    --transport $TRANSPORT --disk $W/$D --api-socket $W/a.sock --cmdline quiet </dev/null >$W/run0.log 2>&1 &
 pid=$!
 wait_for $W/run0.log "GUEST: power button at" && wait_for $W/run0.log "COUNTER 5 "
 pre=$(last $W/run0.log)

@@ -8,7 +8,8 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 echo "GUEST: boot at $(cut -d' ' -f1 /proc/uptime)"
-for m in virtio_ring virtio virtio_mmio virtio_blk button evdev; do
+for m in virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci \
+    virtio_blk button evdev; do
     insmod /mods/$m.ko || echo "GUEST: FAIL insmod $m"
 done
 i=0

@@ -1,8 +1,9 @@
 # The live migration test (tests/tests/vm_lifecycle.rs), run with $W = folder of the files
-# (vmlinuz, initrd.cpio, the disk $D) and $V = the vhdtool command. Two VMM processes over TCP
-# loopback: the counter guest moves from the source (a.sock) to the target (b.sock) while it
-# writes its disk; then a second migration, to a target killed half-way, must leave it
-# running. Console lines are stamped with L1's uptime. "T:" lines are results for the host.
+# (vmlinuz, initrd.cpio, the disk $D), $V = the vhdtool command and $TRANSPORT (pci or
+# mmio). Two VMM processes over TCP loopback: the counter guest moves from the source (a.sock)
+# to the target (b.sock) while it writes its disk; then a second migration, to a target
+# killed half-way, must leave it running. Console lines are stamped with L1's uptime. "T:"
+# lines are results for the host.
 last() { grep -o 'COUNTER [0-9]*' $1 | tail -n1 | cut -d' ' -f2; }
 first() { grep -o 'COUNTER [0-9]* [0-9.]*' $1 | head -n1 | cut -d' ' -f2-; }
 wait_for() {
@@ -23,7 +24,7 @@ ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 
 (
     $V boot --kernel $W/vmlinuz --initrd $W/initrd.cpio --memory 256M --cpus 2 \
-        --transport mmio --disk $W/$D --api-socket $W/a.sock --cmdline quiet </dev/null 2>&1
+        --transport $TRANSPORT --disk $W/$D --api-socket $W/a.sock --cmdline quiet </dev/null 2>&1
     echo "VMM rc=$?"
 ) | stamp >$W/src.log &
 wait_for $W/src.log "GUEST: power button at" && wait_for $W/src.log "COUNTER 5 "
