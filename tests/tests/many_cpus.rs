@@ -13,13 +13,15 @@
 //!
 //! `VHDKIT_CPUS=64,128,254` chooses the counts (default 64,128; distinct values);
 //! `VHDKIT_BOOT_CMDLINE` replaces the guest's extra command line (`quiet`). Runs directly on
-//! hardware KVM. Nested (`qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt`, QEMU 7.2) it
-//! runs only when `VHDKIT_CPUS` is set, and is recorded as skipped otherwise: with 64 or more
-//! L2 vCPUs on the two TCG-emulated L1 CPUs, the emulated SVM fails while injecting an event
-//! into L2 (KVM_EXIT_SHUTDOWN of an idle vCPU at `native_safe_halt`+0xb with the LAPIC timer
-//! vector 0xec pending in EXITINTINFO, seen in L1's `kvm_exit` trace) in about half the boots,
-//! and L1 itself resets in about one L1 session in three; see the report of issue 20. Run it
-//! nested by hand under the flock (`VHDKIT_CPUS=64,128 flock /work/nested.lock cargo test …`).
+//! hardware KVM. Nested (`qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt`) it runs only
+//! when `VHDKIT_CPUS` is set, and is recorded as skipped otherwise: with 64 or more L2 vCPUs on
+//! the two TCG-emulated L1 CPUs, the emulated SVM fails while injecting an event into L2
+//! (KVM_EXIT_SHUTDOWN of an idle vCPU at `native_safe_halt`+0xb with the LAPIC timer vector
+//! 0xec pending in EXITINTINFO, seen in L1's `kvm_exit` trace) in about half the boots, under
+//! QEMU 7.2 and 10.0 alike. QEMU as the L2 VMM in the same L1 loses its guests more often:
+//! `benches/cpus-control.sh 64` boots one guest with each VMM, interleaved (2026-12-06, QEMU
+//! 10.0.2: vhdtool 5 of 8 boots ok, QEMU `-accel kvm` 2 of 6). Run it nested by hand under
+//! the flock (`VHDKIT_CPUS=64,128 flock /work/nested.lock cargo test …`).
 
 use std::collections::BTreeSet;
 use std::fs;
