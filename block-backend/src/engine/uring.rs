@@ -6,7 +6,12 @@
 //! Planning (resolution, allocation) happens in `submit`, in order, on the one chain, once per
 //! request however many memory ranges it has; only the payload transfers run concurrently.
 //! Each planned file piece becomes one transfer per memory chunk it covers (one for an owned
-//! buffer, one per guest range crossed). A request's metadata commit runs once, when its last
+//! buffer, one per guest range crossed). Transfers wait in `unpushed` until the engine hands
+//! work to the kernel; then runs of reads of one file at adjacent offsets (a guest's or a
+//! reader's sequential requests) go out as one `readv` of up to [`MERGE_MAX`] transfers, as
+//! QEMU's virtio-blk merges requests: one kernel request instead of many. A merged read that
+//! fails or comes back short is resubmitted as its transfers, one entry each, so errors and
+//! short reads are handled per transfer as before. A request's metadata commit runs once, when its last
 //! transfer completes. Short transfers are resubmitted for the remainder. Flush, discard and
 //! write-zeroes first drain every request in flight, then run on the chain.
 //!
@@ -73,6 +78,21 @@ struct Xfer {
     write: bool,
 }
 
+/// Transfers merged into one `readv`, at most (well under the kernel's 1024 iovecs).
+const MERGE_MAX: usize = 64;
+/// Bytes one merged `readv` covers, at most.
+const MERGE_MAX_BYTES: usize = 1 << 20;
+/// User-data bit of a merged read's entry (transfer slots are far below it).
+const MERGED: u64 = 1 << 63;
+
+/// Adjacent reads of one file sent as one `readv`: the transfers' slots, in file order, and
+/// the iovecs the entry points at (heap storage that stays put while the entry is in flight).
+struct Merged {
+    slots: Vec<usize>,
+    iovecs: Vec<libc::iovec>,
+    len: usize,
+}
+
 /// io_uring engine over a chain.
 pub struct UringEngine {
     ring: IoUring,
@@ -89,6 +109,11 @@ pub struct UringEngine {
     free_reqs: Vec<usize>,
     xfers: Vec<Option<Xfer>>,
     free_xfers: Vec<usize>,
+    /// Transfers counted in `outstanding` whose entries are not in the ring yet (in order).
+    unpushed: Vec<usize>,
+    /// Merged reads in the kernel (user data [`MERGED`] | index).
+    merged: Vec<Option<Merged>>,
+    free_merged: Vec<usize>,
     done: Vec<IoCompletion>,
     /// Requests submitted and not yet reaped (including those in `done`).
     in_flight: usize,
@@ -206,6 +231,9 @@ impl UringEngine {
             free_reqs: Vec::new(),
             xfers: Vec::new(),
             free_xfers: Vec::new(),
+            unpushed: Vec::new(),
+            merged: Vec::new(),
+            free_merged: Vec::new(),
             done: Vec::new(),
             in_flight: 0,
             outstanding: 0,
@@ -237,7 +265,8 @@ impl UringEngine {
         }
     }
 
-    fn push_xfer(&mut self, x: Xfer) -> Result<()> {
+    /// Takes a transfer in; its entry reaches the ring in [`UringEngine::push_unpushed`].
+    fn push_xfer(&mut self, x: Xfer) {
         let slot = match self.free_xfers.pop() {
             Some(i) => {
                 self.xfers[i] = Some(x);
@@ -248,6 +277,47 @@ impl UringEngine {
                 self.xfers.len() - 1
             }
         };
+        self.unpushed.push(slot);
+        self.outstanding += 1;
+    }
+
+    /// Puts every unpushed transfer's entry into the ring, merging runs of adjacent reads.
+    fn push_unpushed(&mut self) -> Result<()> {
+        let mut slots = std::mem::take(&mut self.unpushed);
+        let mut i = 0;
+        let mut result = Ok(());
+        while i < slots.len() && result.is_ok() {
+            let first = self.xfers[slots[i]].expect("unpushed transfer");
+            let (mut end, mut bytes, mut n) = (first.offset + first.len as u64, first.len, 1);
+            while let Some(&next) = slots.get(i + n) {
+                let x = self.xfers[next].expect("unpushed transfer");
+                if first.write
+                    || x.write
+                    || x.file != first.file
+                    || x.offset != end
+                    || n == MERGE_MAX
+                    || bytes + x.len > MERGE_MAX_BYTES
+                {
+                    break;
+                }
+                end += x.len as u64;
+                bytes += x.len;
+                n += 1;
+            }
+            result = if n == 1 {
+                self.push_single(slots[i])
+            } else {
+                self.push_merged(&slots[i..i + n], bytes)
+            };
+            i += n;
+        }
+        slots.clear();
+        self.unpushed = slots;
+        result
+    }
+
+    fn push_single(&mut self, slot: usize) -> Result<()> {
+        let x = self.xfers[slot].expect("transfer in flight");
         let len = u32::try_from(x.len).unwrap_or(u32::MAX);
         let entry = if x.write {
             opcode::Write::new(types::Fixed(x.file), x.ptr, len)
@@ -257,26 +327,70 @@ impl UringEngine {
             opcode::Read::new(types::Fixed(x.file), x.ptr, len)
                 .offset(x.offset)
                 .build()
+        };
+        // SAFETY: the entry refers to a registered file and to `x.len` bytes of the memory of
+        // request `x.req` (from `IoBuf::chunks`, so inside it), whose `IoBuf` stays in `reqs`
+        // (owned buffer: heap storage that does not move; guest memory: mapped while its Arc
+        // lives) and is not handed out until this request finishes, which happens only after
+        // this entry's completion has been reaped. Nothing else reads or writes that memory
+        // meanwhile: the caller gave it up with the request.
+        unsafe { self.push_entry(entry.user_data(slot as u64)) }
+    }
+
+    fn push_merged(&mut self, slots: &[usize], len: usize) -> Result<()> {
+        let mut iovecs = Vec::with_capacity(slots.len());
+        for &s in slots {
+            let x = self.xfers[s].expect("transfer in flight");
+            iovecs.push(libc::iovec {
+                iov_base: x.ptr.cast(),
+                iov_len: x.len,
+            });
         }
-        .user_data(slot as u64);
+        let first = self.xfers[slots[0]].expect("transfer in flight");
+        let m = Merged {
+            slots: slots.to_vec(),
+            iovecs,
+            len,
+        };
+        let entry = opcode::Readv::new(
+            types::Fixed(first.file),
+            m.iovecs.as_ptr(),
+            m.iovecs.len() as u32,
+        )
+        .offset(first.offset)
+        .build();
+        let idx = match self.free_merged.pop() {
+            Some(i) => {
+                self.merged[i] = Some(m);
+                i
+            }
+            None => {
+                self.merged.push(Some(m));
+                self.merged.len() - 1
+            }
+        };
+        // SAFETY: each iovec is one transfer's chunk of its request's memory, kept as for a
+        // single transfer (see `push_single`); the iovec array is the heap storage of
+        // `merged[idx].iovecs`, which is neither moved nor freed until this entry's completion
+        // has been reaped (moving the `Merged` moves only the Vec's handle).
+        unsafe { self.push_entry(entry.user_data(MERGED | idx as u64)) }
+    }
+
+    /// Pushes one entry, handing the ring to the kernel first if it is full.
+    ///
+    /// # Safety
+    /// Every address in `entry` must stay valid until its completion has been reaped.
+    unsafe fn push_entry(&mut self, entry: io_uring::squeue::Entry) -> Result<()> {
         loop {
-            // SAFETY: the entry refers to a registered file and to `x.len` bytes of the memory
-            // of request `x.req` (from `IoBuf::chunks`, so inside it), whose `IoBuf` stays in
-            // `reqs` (owned buffer: heap storage that does not move; guest memory: mapped
-            // while its Arc lives) and is not handed out until this request finishes, which
-            // happens only after this entry's completion has been reaped. Nothing else reads
-            // or writes that memory meanwhile: the caller gave it up with the request.
-            let pushed = unsafe { self.ring.submission().push(&entry) };
-            if pushed.is_ok() {
-                break;
+            // SAFETY: the caller keeps the entry's memory valid until its completion.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return Ok(());
             }
             // Submission queue full: hand it to the kernel and retry.
             self.ring
                 .submit()
                 .map_err(|e| Error::io(&self.path, "io_uring submit", 0, e))?;
         }
-        self.outstanding += 1;
-        Ok(())
     }
 
     fn finish(&mut self, idx: usize) {
@@ -301,6 +415,7 @@ impl UringEngine {
     /// Hands queued entries to the kernel and waits for at least one completion, in one
     /// `io_uring_enter`, then processes what completed.
     fn wait_one(&mut self) -> Result<()> {
+        self.push_unpushed()?;
         if self.outstanding > 0 {
             self.ring
                 .submit_and_wait(1)
@@ -321,49 +436,76 @@ impl UringEngine {
 
     fn handle_cqes(&mut self, cqes: &[(u64, i32)]) -> Result<()> {
         for &(ud, res) in cqes {
-            self.outstanding -= 1;
-            let slot = ud as usize;
-            let Some(x) = self.xfers.get_mut(slot).and_then(Option::take) else {
-                continue;
-            };
-            self.free_xfers.push(slot);
-            let mut failed = None;
-            if res < 0 {
-                failed = Some(std::io::Error::from_raw_os_error(-res));
-            } else if res == 0 && x.len > 0 {
-                failed = Some(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "transfer stopped at end of file",
-                ));
-            } else if (res as usize) < x.len {
-                // Short transfer: queue the rest.
-                let n = res as usize;
-                // SAFETY: n < x.len, so the advanced pointer stays inside the chunk of request
-                // memory the transfer covers.
-                let ptr = unsafe { x.ptr.add(n) };
-                let rest = Xfer {
-                    ptr,
-                    len: x.len - n,
-                    offset: x.offset + n as u64,
-                    ..x
-                };
-                self.push_xfer(rest)?;
-                continue;
+            if ud & MERGED != 0 {
+                self.merged_done((ud & !MERGED) as usize, res)?;
+            } else {
+                self.xfer_done(ud as usize, res)?;
             }
-            let path = &self.path;
-            if let Some(r) = self.reqs[x.req].as_mut() {
-                if let Some(e) = failed {
-                    let op = if x.write {
-                        "write payload"
-                    } else {
-                        "read payload"
-                    };
-                    r.error.get_or_insert(Error::io(path, op, x.offset, e));
-                }
-                r.remaining -= 1;
-                if r.remaining == 0 {
-                    self.finish(x.req);
-                }
+        }
+        Ok(())
+    }
+
+    /// A merged read completed: whole, each transfer completes; otherwise each goes again
+    /// on its own, so that errors and short reads are handled per transfer.
+    fn merged_done(&mut self, idx: usize, res: i32) -> Result<()> {
+        let Some(m) = self.merged.get_mut(idx).and_then(Option::take) else {
+            return Ok(());
+        };
+        self.free_merged.push(idx);
+        let whole = usize::try_from(res).is_ok_and(|n| n == m.len);
+        for &slot in &m.slots {
+            if whole {
+                let n = self.xfers[slot].map_or(0, |x| x.len);
+                self.xfer_done(slot, n as i32)?;
+            } else {
+                self.push_single(slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn xfer_done(&mut self, slot: usize, res: i32) -> Result<()> {
+        self.outstanding -= 1;
+        let Some(x) = self.xfers.get_mut(slot).and_then(Option::take) else {
+            return Ok(());
+        };
+        self.free_xfers.push(slot);
+        let mut failed = None;
+        if res < 0 {
+            failed = Some(std::io::Error::from_raw_os_error(-res));
+        } else if res == 0 && x.len > 0 {
+            failed = Some(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "transfer stopped at end of file",
+            ));
+        } else if (res as usize) < x.len {
+            // Short transfer: queue the rest.
+            let n = res as usize;
+            // SAFETY: n < x.len, so the advanced pointer stays inside the chunk of request
+            // memory the transfer covers.
+            let ptr = unsafe { x.ptr.add(n) };
+            let rest = Xfer {
+                ptr,
+                len: x.len - n,
+                offset: x.offset + n as u64,
+                ..x
+            };
+            self.push_xfer(rest);
+            return Ok(());
+        }
+        let path = &self.path;
+        if let Some(r) = self.reqs[x.req].as_mut() {
+            if let Some(e) = failed {
+                let op = if x.write {
+                    "write payload"
+                } else {
+                    "read payload"
+                };
+                r.error.get_or_insert(Error::io(path, op, x.offset, e));
+            }
+            r.remaining -= 1;
+            if r.remaining == 0 {
+                self.finish(x.req);
             }
         }
         Ok(())
@@ -371,6 +513,7 @@ impl UringEngine {
 
     /// Hands queued submission entries to the kernel, if there are any.
     fn submit_queued(&mut self) -> Result<()> {
+        self.push_unpushed()?;
         if !self.ring.submission().is_empty() {
             self.ring
                 .submit()
@@ -529,7 +672,7 @@ impl UringEngine {
         }
         self.reqs[idx].as_mut().expect("new").remaining = xfers.len();
         for &x in xfers {
-            self.push_xfer(x)?;
+            self.push_xfer(x);
         }
         Ok(())
     }
@@ -613,6 +756,7 @@ impl Drop for UringEngine {
         // fails, leak the requests' memory rather than free it under the kernel.
         if self.drain_all().is_err() && self.outstanding > 0 {
             std::mem::forget(std::mem::take(&mut self.reqs));
+            std::mem::forget(std::mem::take(&mut self.merged));
         }
         // Give the image files back now: a ring being closed drops its registered files later,
         // from a kernel worker, and until then the image's lock (an open file description's)
