@@ -93,6 +93,20 @@ struct Merged {
     len: usize,
 }
 
+/// Stores `v` in a free slot of `slots` (or a new one) and returns its index.
+fn put_in_slot<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<usize>, v: T) -> usize {
+    match free.pop() {
+        Some(i) => {
+            slots[i] = Some(v);
+            i
+        }
+        None => {
+            slots.push(Some(v));
+            slots.len() - 1
+        }
+    }
+}
+
 /// io_uring engine over a chain.
 pub struct UringEngine {
     ring: IoUring,
@@ -253,30 +267,12 @@ impl UringEngine {
             commit: None,
             buf,
         };
-        match self.free_reqs.pop() {
-            Some(i) => {
-                self.reqs[i] = Some(r);
-                i
-            }
-            None => {
-                self.reqs.push(Some(r));
-                self.reqs.len() - 1
-            }
-        }
+        put_in_slot(&mut self.reqs, &mut self.free_reqs, r)
     }
 
     /// Takes a transfer in; its entry reaches the ring in [`UringEngine::push_unpushed`].
     fn push_xfer(&mut self, x: Xfer) {
-        let slot = match self.free_xfers.pop() {
-            Some(i) => {
-                self.xfers[i] = Some(x);
-                i
-            }
-            None => {
-                self.xfers.push(Some(x));
-                self.xfers.len() - 1
-            }
-        };
+        let slot = put_in_slot(&mut self.xfers, &mut self.free_xfers, x);
         self.unpushed.push(slot);
         self.outstanding += 1;
     }
@@ -359,16 +355,7 @@ impl UringEngine {
         )
         .offset(first.offset)
         .build();
-        let idx = match self.free_merged.pop() {
-            Some(i) => {
-                self.merged[i] = Some(m);
-                i
-            }
-            None => {
-                self.merged.push(Some(m));
-                self.merged.len() - 1
-            }
-        };
+        let idx = put_in_slot(&mut self.merged, &mut self.free_merged, m);
         // SAFETY: each iovec is one transfer's chunk of its request's memory, kept as for a
         // single transfer (see `push_single`); the iovec array is the heap storage of
         // `merged[idx].iovecs`, which is neither moved nor freed until this entry's completion
