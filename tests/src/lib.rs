@@ -240,7 +240,11 @@ fn copy_image(src: &Path, dest_dir: &Path) -> PathBuf {
 fn target_profile_dir() -> Option<PathBuf> {
     let exe = env::current_exe().ok()?;
     let dir = exe.parent()?;
-    if dir.file_name() == Some(OsStr::new("deps")) {
+    // Test binaries live in `<profile>/deps/`, examples (tests/examples/nested_run.rs) in
+    // `<profile>/examples/`.
+    if dir.file_name() == Some(OsStr::new("deps"))
+        || dir.file_name() == Some(OsStr::new("examples"))
+    {
         dir.parent().map(Path::to_path_buf)
     } else {
         Some(dir.to_path_buf())
