@@ -99,7 +99,7 @@ cp /usr/share/seabios/bios-256k.bin /usr/share/qemu/linuxboot_dma.bin \
 cp benches/vmm-run.sh "$files/"
 
 cat > "$dir/entry.sh" <<EOF
-export W V NESTED=\${NESTED:-0} QEMU=\${P_qemu_system_x86_64:-qemu-system-x86_64} IMG=bench.$format QFMT=$qfmt
+export W V QEMU=\${P_qemu_system_x86_64:-qemu-system-x86_64} IMG=bench.$format QFMT=$qfmt
 export ROUNDS=1 RUNTIME=$runtime LIMIT=${VMM_BENCH_TIMEOUT:-300}
 \${P_bash:-bash} "\$W/vmm-run.sh"
 EOF

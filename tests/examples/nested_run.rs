@@ -8,11 +8,11 @@
 //! ```
 //!
 //! SCRIPT runs with `W` = the folder of its files (DIR directly, `/work` in L1), `V` = the
-//! vhdtool command, `P_<name>` = the command of each `--program` (named by its file name,
-//! `-` and `.` read as `_`) and, in L1 only, `NESTED=1`. Nested, each `--file` (a file or a
-//! folder) is copied into the scratch disk beside the programs, which come with the libraries
-//! they link; directly, DIR must already hold them. The script's output (L1's console,
-//! nested) goes to stdout; the exit status is 0 once the script has run.
+//! vhdtool command and `P_<name>` = the command of each `--program` (named by its file name,
+//! `-` and `.` read as `_`). Nested, each `--file` (a file or a folder) is copied into the
+//! scratch disk beside the programs, which come with the libraries they link; directly, DIR
+//! must already hold them. The script's output (L1's console, nested) goes to stdout; the exit
+//! status is 0 once the script has run.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -69,7 +69,7 @@ fn main() {
             let _ = fs::remove_dir_all(&stage);
             fs::create_dir_all(&stage).unwrap();
             nested::stage_vhdtool(&stage);
-            let mut head = format!("W=/work\nV='{}'\nNESTED=1\n", nested::L1_VHDTOOL);
+            let mut head = format!("W=/work\nV='{}'\n", nested::L1_VHDTOOL);
             for p in &programs {
                 let name = p.file_name().unwrap().to_string_lossy().into_owned();
                 nested::stage_program(&stage, p, &name);

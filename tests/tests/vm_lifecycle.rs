@@ -213,6 +213,15 @@ fn counter_uptime(s: &str) -> (u64, f64) {
     (n, t)
 }
 
+/// The first disk of a `vm status` reply sits on a PCI slot exactly when `transport` is pci.
+fn assert_disk_on(status: &serde_json::Value, transport: &str, who: &str) {
+    assert_eq!(
+        status["disks"][0]["pci_slot"].is_u64(),
+        transport == "pci",
+        "{who}: disk not on {transport}: {status}"
+    );
+}
+
 #[test]
 fn checkpointed_guest_runs_on_and_two_restores_continue_its_counter_without_a_reboot() {
     checkpoint_and_restore_twice("disk.vhdx", "pci");
@@ -265,11 +274,7 @@ fn checkpoint_and_restore_twice(disk: &str, transport: &str) {
         let status = t_line(&out, &format!("{n} status"));
         let v: serde_json::Value = serde_json::from_str(status).unwrap();
         assert_eq!(v["state"], "running");
-        assert_eq!(
-            v["disks"][0]["pci_slot"].is_u64(),
-            transport == "pci",
-            "{n}: not on {transport}: {status}"
-        );
+        assert_disk_on(&v, transport, n);
         children.push(v["disks"][0]["path"].as_str().unwrap().to_string());
         let rc = t_line(&out, &format!("{n} vmm rc="));
         assert!(rc.starts_with("0 "), "{n}: {rc}");
@@ -343,11 +348,7 @@ fn migrate_twice(disk: &str, transport: &str) {
     let status: serde_json::Value = serde_json::from_str(t_line(&out, "target status")).unwrap();
     assert_eq!(status["state"], "running");
     assert!(status["disks"][0]["path"].as_str().unwrap().ends_with(disk));
-    assert_eq!(
-        status["disks"][0]["pci_slot"].is_u64(),
-        transport == "pci",
-        "the target's disk is not on {transport}: {status}"
-    );
+    assert_disk_on(&status, transport, "the target");
 
     // The cut migration failed and the guest went on at the target of the first one.
     let cut = t_line(&out, "cut migrate rc=");

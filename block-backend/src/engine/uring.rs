@@ -11,9 +11,9 @@
 //! reader's sequential requests) go out as one `readv` of up to [`MERGE_MAX`] transfers, as
 //! QEMU's virtio-blk merges requests: one kernel request instead of many. A merged read that
 //! fails or comes back short is resubmitted as its transfers, one entry each, so errors and
-//! short reads are handled per transfer as before. A request's metadata commit runs once, when its last
-//! transfer completes. Short transfers are resubmitted for the remainder. Flush, discard and
-//! write-zeroes first drain every request in flight, then run on the chain.
+//! short reads are handled per transfer as before. A request's metadata commit runs once, when
+//! its last transfer completes. Short transfers are resubmitted for the remainder. Flush,
+//! discard and write-zeroes first drain every request in flight, then run on the chain.
 //!
 //! Memory: a request's [`IoBuf`] moves into its slot in `reqs` at submission and leaves it
 //! only in its completion, after every transfer of it has completed; the addresses in the
