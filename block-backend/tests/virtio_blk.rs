@@ -802,3 +802,66 @@ fn the_dirty_hook_reports_every_host_write_into_guest_memory() {
     rig.run(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
     assert!(take().is_empty());
 }
+
+/// 16 reads and a GET_ID published at once. Without EVENT_IDX the device interrupts the
+/// driver once for the GET_ID it answers while taking the chains and once for the 16 reads
+/// that complete together, not once per used entry. With EVENT_IDX and `used_event` = 7 it
+/// stays silent for the GET_ID (entry 1) and interrupts once when the batch passes entry 8.
+#[test]
+fn a_batch_of_completions_raises_one_interrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = make("vhdx", dir.path());
+    let mem = memory();
+    for event_idx in [false, true] {
+        let mut rig = Rig::new(&mem, &path, EngineKind::Sync, false);
+        let mut features = rig.dev.device_features();
+        if !event_idx {
+            features &= !(1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
+        }
+        rig.dev.set_acked_features(features);
+        // used_event: interrupt me once the 8th entry is used.
+        let used_event = rig.vq.avail_addr().0 + 4 + 2 * 256;
+        mem.write_obj(7u16, GuestAddress(used_event)).unwrap();
+        let mut next = 0u16;
+        for i in 0..16u64 {
+            header_at(&mem, HDR + 16 * i, VIRTIO_BLK_T_IN, 8 * i);
+            let descs = [
+                (HDR + 16 * i, 16, false),
+                (DATA + 4096 * i, 4096, true),
+                (STATUS + i, 1, true),
+            ];
+            publish(&rig.vq, next, &descs);
+            next += 3;
+        }
+        header_at(&mem, HDR + 16 * 16, VIRTIO_BLK_T_GET_ID, 0);
+        publish(
+            &rig.vq,
+            next,
+            &[
+                (HDR + 16 * 16, 16, false),
+                (DATA + 0x10_0000, 20, true),
+                (STATUS + 16, 1, true),
+            ],
+        );
+        rig.dev.process_queue(0).unwrap();
+        assert_eq!(rig.vq.used().idx().load(), 1, "GET_ID is answered at once");
+        let first = usize::from(!event_idx);
+        assert_eq!(
+            rig.notified.load(Ordering::SeqCst),
+            first,
+            "event_idx {event_idx}"
+        );
+        rig.dev.process_completions(true).unwrap();
+        assert_eq!(rig.dev.pending(), 0, "the sync engine completed every read");
+        assert_eq!(rig.vq.used().idx().load(), 17);
+        assert_eq!(
+            rig.notified.load(Ordering::SeqCst),
+            first + 1,
+            "one interrupt for the 16 reads (event_idx {event_idx})"
+        );
+        for i in 0..17 {
+            let s: u8 = mem.read_obj(GuestAddress(STATUS + i)).unwrap();
+            assert_eq!(u32::from(s), VIRTIO_BLK_S_OK, "request {i}");
+        }
+    }
+}

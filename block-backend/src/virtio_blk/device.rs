@@ -10,6 +10,12 @@
 //!  driver <──used ring── process_completions: status byte, used len, notify (EVENT_IDX aware)
 //! ```
 //!
+//! Interrupts are coalesced per call: answers only mark their queue, and each public call
+//! that answered ends by asking the queue once whether the driver wants an interrupt for
+//! everything it added (with EVENT_IDX, whether `used_event` lies in that whole range), as
+//! QEMU's virtio-blk does. A driver reaping a batch of 32 completions then takes one
+//! interrupt, not one per completion that raced its handler's update of `used_event`.
+//!
 //! Dirty tracking (live migration): writes into guest memory by the host (KVM's dirty log does
 //! not see them) are reported to the hook of [`VirtioBlk::set_dirty_hook`] when they are
 //! complete: read data and GET_ID buffers, and status bytes. The used ring is not reported
@@ -95,6 +101,8 @@ pub struct VirtioBlk {
     pending: HashMap<u64, Pending>,
     next_tag: u64,
     notify: Box<dyn FnMut(u16) + Send>,
+    /// `unsignalled[q]`: queue `q` got used entries since its last notification check.
+    unsignalled: Vec<bool>,
     done: Vec<IoCompletion>,
     dirty: Option<DirtyHook>,
 }
@@ -143,6 +151,7 @@ impl VirtioBlk {
         Ok(VirtioBlk {
             engines,
             mem: mem.into(),
+            unsignalled: vec![false; queues.len()],
             queues,
             config,
             read_only,
@@ -304,10 +313,19 @@ impl VirtioBlk {
         self.signal(queue);
     }
 
+    /// Marks `queue` as having new used entries; [`Self::send_signals`] notifies.
     fn signal(&mut self, queue: u16) {
-        let q = &mut self.queues[queue as usize];
-        if q.needs_notification(&*self.mem).unwrap_or(true) {
-            (self.notify)(queue);
+        self.unsignalled[usize::from(queue)] = true;
+    }
+
+    /// Interrupts the driver once for each queue that got used entries, if it asked to be.
+    fn send_signals(&mut self) {
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            if std::mem::take(&mut self.unsignalled[i])
+                && q.needs_notification(&*self.mem).unwrap_or(true)
+            {
+                (self.notify)(i as u16);
+            }
         }
     }
 
@@ -339,9 +357,11 @@ impl VirtioBlk {
                 break;
             }
         }
-        for (head, descs) in chains {
-            self.start(queue, head, &descs)?;
-        }
+        let started = chains
+            .into_iter()
+            .try_for_each(|(head, descs)| self.start(queue, head, &descs));
+        self.send_signals();
+        started?;
         self.engines[usize::from(queue)].kick()
     }
 
@@ -569,6 +589,7 @@ impl VirtioBlk {
             }
             self.segment_done(c.tag, c.result.is_ok());
         }
+        self.send_signals();
     }
 
     /// Waits for everything in flight on every queue but `queue`, and completes it.
