@@ -1,7 +1,9 @@
 #!/bin/busybox sh
 # /init of the guest of the virtio-pci test (tests/tests/virtio_pci.rs). The command line says
-# which transport the VMM gives it: `e2e_transport=pci` or `e2e_transport=mmio`. With pci the
-# guest must find the disk as a PCI virtio function (vendor 0x1af4, device 0x1042) using MSI-X;
+# which transport the VMM gives it: `e2e_transport=pci`, `e2e_transport=mmio`, or
+# `e2e_transport=intx` (pci, the guest booted with `pci=nomsi`). With pci the guest must find
+# the disk as a PCI virtio function (vendor 0x1af4, device 0x1042) using MSI-X, with intx the
+# same function interrupting through its INTA# on an IO-APIC pin;
 # it writes /pattern.bin at 1 MiB of /dev/vda, reads it back uncached, and times a read of the
 # whole disk (printed, not judged). Results are "E2E:" lines; ends with `reboot -f`.
 /bin/busybox --install -s /bin
@@ -16,7 +18,7 @@ fail() {
 }
 transport=$(sed -n 's/.*e2e_transport=\([a-z]*\).*/\1/p' /proc/cmdline)
 echo "E2E: transport=$transport"
-if [ "$transport" = pci ]; then
+if [ "$transport" != mmio ]; then
     mods="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk"
 else
     mods="virtio_ring virtio virtio_mmio virtio_blk"
@@ -34,7 +36,7 @@ for d in /sys/bus/pci/devices/*; do
     [ -e "$d/vendor" ] || continue
     echo "E2E: pci $(basename $d) $(cat $d/vendor):$(cat $d/device) class=$(cat $d/class) driver=$(basename "$(readlink $d/driver)")"
 done
-if [ "$transport" = pci ]; then
+if [ "$transport" != mmio ]; then
     # The disk's function: 1af4:1042 bound to virtio-pci, and its block device under it.
     found=
     for d in /sys/bus/pci/devices/*; do
@@ -46,9 +48,17 @@ if [ "$transport" = pci ]; then
     [ "$(basename "$(readlink $found/driver)")" = virtio-pci ] || fail "not bound to virtio-pci"
     ls -d $found/virtio*/block/vda >/dev/null 2>&1 || fail "vda is not under $found"
     echo "E2E: vda on pci $(basename $found)"
-    [ "$(cat $found/msi_bus 2>/dev/null)" != 0 ] || fail "MSI disabled on the bus"
-    ls $found/msi_irqs >/dev/null 2>&1 || fail "no MSI-X vectors in $found/msi_irqs"
-    echo "E2E: msi_irqs $(ls $found/msi_irqs | tr '\n' ' ')"
+    if [ "$transport" = pci ]; then
+        [ "$(cat $found/msi_bus 2>/dev/null)" != 0 ] || fail "MSI disabled on the bus"
+        ls $found/msi_irqs >/dev/null 2>&1 || fail "no MSI-X vectors in $found/msi_irqs"
+        echo "E2E: msi_irqs $(ls $found/msi_irqs | tr '\n' ' ')"
+    else
+        [ -z "$(ls $found/msi_irqs 2>/dev/null)" ] || fail "MSI-X vectors with pci=nomsi"
+        irq=$(cat $found/irq)
+        line=$(grep -E "^ *$irq:" /proc/interrupts | tr -s ' ')
+        case $line in *IO-APIC*virtio*) ;; *) fail "IRQ $irq is not an IO-APIC virtio line: $line" ;; esac
+        echo "E2E: intx irq $irq: $line"
+    fi
 fi
 echo "E2E: vda queues=$(ls /sys/block/vda/mq | wc -l)"
 grep -E 'virtio|MSI' /proc/interrupts | tr -s ' ' | sed 's/^/E2E: irq /'

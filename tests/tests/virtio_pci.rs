@@ -1,14 +1,16 @@
 //! End-to-end test of `vhdtool boot --transport pci`: the stock Debian cloud kernel finds its
 //! disk as a virtio-pci function (1af4:1042, bound to `virtio-pci`, MSI-X vectors) on the
 //! VMM's PCI host bridge, writes a pattern through it and reads it back; the host finds the
-//! pattern in the image. The same image is then booted with `--transport mmio`, and both
-//! guests time an uncached read of the whole disk (printed, never asserted).
+//! pattern in the image. The same image is then booted with `--transport mmio`, and with
+//! `--transport pci` again for a guest booted with `pci=nomsi`, whose driver falls back to the
+//! function's INTA# (an IO-APIC line, no MSI-X vectors) and does the same work through it. Each
+//! guest times an uncached read of the whole disk (printed, never asserted).
 //!
 //! ```text
 //!  host: disk.raw (noise) + L2 initramfs (busybox, virtio-pci and virtio-mmio modules,
 //!        tests/boot/l2-pci.sh, pattern.bin)
-//!   ├─ direct (hardware KVM): vhdtool boot --transport pci, then --transport mmio
-//!   └─ nested: the same two boots inside L1 (see nested/mod.rs; run under
+//!   ├─ direct (hardware KVM): vhdtool boot --transport pci, then mmio, then pci + pci=nomsi
+//!   └─ nested: the same three boots inside L1 (see nested/mod.rs; run under
 //!      `flock /work/nested.lock`), disk.raw comes back out of the scratch disk
 //!  host: the E2E: lines; pattern.bin at 1 MiB of disk.raw, the rest unchanged
 //! ```
@@ -41,7 +43,13 @@ const DISK_SIZE: usize = 32 << 20;
 const PATTERN_OFFSET: usize = 1 << 20;
 const PATTERN_LEN: usize = 64 << 10;
 
+/// `vhdtool boot` arguments for the guest's `transport`: pci, mmio, or intx (pci with the
+/// guest booted with `pci=nomsi`, so its driver falls back to INTA#).
 fn boot_args(base: &str, transport: &str) -> Vec<String> {
+    let (vmm_transport, extra) = match transport {
+        "intx" => ("pci", " pci=nomsi"),
+        t => (t, ""),
+    };
     [
         "boot",
         "--kernel",
@@ -53,11 +61,11 @@ fn boot_args(base: &str, transport: &str) -> Vec<String> {
         "--cpus",
         "2",
         "--transport",
-        transport,
+        vmm_transport,
         "--disk",
         &format!("{base}/disk.raw"),
         "--cmdline",
-        &format!("quiet e2e_transport={transport}"),
+        &format!("quiet e2e_transport={transport}{extra}"),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -66,7 +74,7 @@ fn boot_args(base: &str, transport: &str) -> Vec<String> {
 
 fn run_direct(dir: &Path) -> String {
     let mut all = String::new();
-    for transport in ["pci", "mmio"] {
+    for transport in ["pci", "mmio", "intx"] {
         let mut cmd = Command::new(vhdtool_bin());
         cmd.args(boot_args(&dir.display().to_string(), transport));
         let (code, out) = run_guarded(cmd, "vhdtool boot");
@@ -112,9 +120,11 @@ fn run_nested(dir: &Path, kernel: &Kernel) -> String {
              echo \"L1: checkpoint files $(ls /work/ck 2>/dev/null | wc -l)\"\n\
              echo \"L1: status after $({L1_VHDTOOL} vm status --json --api-socket /work/api.sock 2>&1)\"\n\
              wait $vmm || {{ echo \"L1: pci boot failed\"; exit 1; }}\n\
-             {L1_VHDTOOL} {} </dev/null || {{ echo \"L1: mmio boot failed\"; exit 1; }}\n",
+             {L1_VHDTOOL} {} </dev/null || {{ echo \"L1: mmio boot failed\"; exit 1; }}\n\
+             {L1_VHDTOOL} {} </dev/null || {{ echo \"L1: intx boot failed\"; exit 1; }}\n",
             args("pci"),
-            args("mmio")
+            args("mmio"),
+            args("intx")
         ),
     );
     // run_l1 repeats a run in which an L2 vCPU triple-faulted under QEMU TCG once (seen here
@@ -170,10 +180,12 @@ fn guest_finds_its_disk_as_a_virtio_pci_function_with_msix_and_writes_reach_the_
         "E2E: msi_irqs",
         "E2E: vda queues=2",
         "E2E: transport=mmio",
+        "E2E: transport=intx",
+        "E2E: intx irq",
     ] {
         assert!(out.contains(marker), "no {marker:?} from the guest:\n{out}");
     }
-    assert_eq!(out.matches("E2E: pattern ok").count(), 2, "{out}");
+    assert_eq!(out.matches("E2E: pattern ok").count(), 3, "{out}");
     if mode == Mode::Nested {
         for (refused, why) in [
             (
@@ -201,7 +213,7 @@ fn guest_finds_its_disk_as_a_virtio_pci_function_with_msix_and_writes_reach_the_
             "the VM did not run on:\n{out}"
         );
     }
-    assert_eq!(out.matches("E2E: done").count(), 2, "{out}");
+    assert_eq!(out.matches("E2E: done").count(), 3, "{out}");
     assert!(
         out.lines()
             .any(|l| l.contains("E2E: irq") && l.contains("PCI-MSI")),

@@ -10,9 +10,10 @@
 //!   (4 KiB window, edge-triggered active-high GSI), and `\_S5` for poweroff. With the pci
 //!   transport instead: `PCI0`, a PCI host bridge (`PNP0A03`, segment 0, bus 0) whose `_CRS`
 //!   gives bus 0 and the 32-bit BAR window; its config space is mechanism #1 (ports
-//!   0xCF8/0xCFC, see `devices::pci`), so there is no MCFG; no `_PRT` (no INTx: MSI-X only);
-//!   under it the ACPI hotplug slots `S001`.. with `_ADR`, `_SUN`, `_EJ0` and the scan `PSCN`
-//!   (see `devices::hotplug`).
+//!   0xCF8/0xCFC, see `devices::pci`), so there is no MCFG; a `_PRT` that names one GSI
+//!   ([`PCI_INTX_GSI`], level-triggered as PCI interrupts are) for INTA# of every slot, for
+//!   drivers without MSI-X (see `devices::intx`); under it the ACPI hotplug slots `S001`..
+//!   with `_ADR`, `_SUN`, `_EJ0` and the scan `PSCN` (see `devices::hotplug`).
 //! - The power button of a hardware-reduced machine: a Generic Event Device (`ACPI0013`) with
 //!   one edge-triggered GSI ([`GED_GSI`]) whose `_EVT` notifies `PWRB` (`PNP0C0C`) with 0x80
 //!   ("button pressed"). The VMM presses it by raising that GSI (`vhdtool vm shutdown`); the
@@ -32,8 +33,8 @@ use acpi_tables::Aml;
 
 use crate::devices::hotplug::{self, RawAml};
 use crate::layout::{
-    self, ACPI_SLEEP_PORT, GED_GSI, HOTPLUG_GSI, IOAPIC_ADDR, LAPIC_ADDR, PCI_MMIO_BASE,
-    PCI_MMIO_SIZE, SERIAL_GSI, SERIAL_PORT,
+    self, ACPI_SLEEP_PORT, GED_GSI, HOTPLUG_GSI, IOAPIC_ADDR, LAPIC_ADDR, PCI_INTX_GSI,
+    PCI_MMIO_BASE, PCI_MMIO_SIZE, SERIAL_GSI, SERIAL_PORT,
 };
 
 const OEM_ID: [u8; 6] = *b"VHDKIT";
@@ -196,7 +197,21 @@ fn power_button(hotplug: bool) -> Vec<u8> {
     v
 }
 
-/// `Device(PCI0)`: the host bridge, bus 0, the BAR window, and hotplug slots `1..=slots`.
+/// `Name(_PRT, ...)`: INTA# of slots `1..=slots` on GSI [`PCI_INTX_GSI`] (source 0: a GSI,
+/// which the OS programs level-triggered, active-low).
+fn pci_routing(slots: u8) -> Vec<u8> {
+    let (pin, source, gsi) = (0u8, 0u8, PCI_INTX_GSI);
+    let addrs: Vec<u32> = (1..=u32::from(slots)).map(|d| (d << 16) | 0xffff).collect();
+    let entries: Vec<aml::Package> = addrs
+        .iter()
+        .map(|a| aml::Package::new(vec![a, &pin, &source, &gsi]))
+        .collect();
+    let table = aml::Package::new(entries.iter().map(|e| e as &dyn Aml).collect());
+    aml_bytes(&aml::Name::new("_PRT".into(), &table))
+}
+
+/// `Device(PCI0)`: the host bridge, bus 0, the BAR window, INTx routing, and hotplug slots
+/// `1..=slots`.
 fn pci_host_bridge(slots: u8) -> Vec<u8> {
     let hid = aml::EISAName::new("PNP0A03");
     let name_hid = aml::Name::new("_HID".into(), &hid);
@@ -213,11 +228,12 @@ fn pci_host_bridge(slots: u8) -> Vec<u8> {
     );
     let crs = aml::ResourceTemplate::new(vec![&bus, &window]);
     let name_crs = aml::Name::new("_CRS".into(), &crs);
+    let prt = RawAml(pci_routing(slots));
     let slots = RawAml(hotplug::pci0_aml(slots));
     aml_bytes(&aml::Device::new(
         "PCI0".into(),
         vec![
-            &name_hid, &name_uid, &name_seg, &name_bbn, &name_crs, &slots,
+            &name_hid, &name_uid, &name_seg, &name_bbn, &name_crs, &prt, &slots,
         ],
     ))
 }
@@ -482,6 +498,9 @@ mod tests {
             "If ((Arg0 == 0x16))",
             "\\_SB.PCI0.PSCN ()",
             "Notify (PWRB, 0x80)",
+            "Name (_PRT, Package (0x12)",
+            "0x0001FFFF",
+            "0x0012FFFF",
         ] {
             assert!(dsl.contains(want), "no {want:?} in\n{dsl}");
         }

@@ -22,10 +22,11 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::devices::intx::SharedLine;
 use crate::devices::msix::{MsiRouter, Msix};
 use crate::devices::virtio::{VirtioDevice, INT_VRING};
 use crate::devices::virtio_mmio::{VirtioMmio, QUEUE_NOTIFY};
-use crate::devices::virtio_pci::{IoeventHook, Vectors, VirtioPci};
+use crate::devices::virtio_pci::{notifier, IoeventHook, Vectors, VirtioPci};
 use crate::layout;
 use crate::vcpu::VmEvent;
 use crate::vm::block_stop_signals;
@@ -100,10 +101,11 @@ impl DiskSlot {
     }
 }
 
-/// Takes a PCI function out of KVM: its notify ioeventfds and its vectors' irqfds (the
-/// function has left the bus; its GSIs may serve another function later).
+/// Takes a PCI function out of KVM: its notify ioeventfds, its vectors' irqfds (the
+/// function has left the bus; its GSIs may serve another function later) and its INTA#.
 pub fn release_pci(vm: &VmFd, pci: &VirtioPci) {
     pci.release_ioevents();
+    pci.release_intx();
     for (fd, gsi) in pci.msix().irqfds() {
         if let Err(e) = vm.unregister_irqfd(fd, gsi) {
             tracing::warn!("unregister the irqfd of GSI {gsi}: {e}");
@@ -146,10 +148,20 @@ pub struct BuiltDisk {
     pub pci: Option<Arc<VirtioPci>>,
 }
 
+/// How the PCI functions interrupt: MSI-X routes, and the INTx line they share.
+#[derive(Clone)]
+pub struct PciInterrupts {
+    /// Routes MSI-X vectors.
+    pub router: Arc<dyn MsiRouter>,
+    /// INTA# of every function ([`layout::PCI_INTX_GSI`]).
+    pub intx: Arc<SharedLine>,
+}
+
 /// Opens disk `i` and builds its device (one virtqueue, and one io_uring, per vCPU up to
 /// [`MAX_DISK_QUEUES`]) behind `transport`: its interrupts (an irqfd on IOAPIC pin
 /// [`layout::virtio_gsi`], or one irqfd per MSI-X vector on GSIs from
-/// [`layout::PCI_MSI_GSI_BASE`] routed by `router`) and its queue notify ioeventfds.
+/// [`layout::PCI_MSI_GSI_BASE`] routed by `irqs`, with INTx on `irqs`' shared line until the
+/// driver enables MSI-X) and its queue notify ioeventfds.
 pub fn make_disk(
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
@@ -157,7 +169,7 @@ pub fn make_disk(
     disk: &crate::DiskConfig,
     cpus: usize,
     transport: Transport,
-    router: &Arc<dyn MsiRouter>,
+    irqs: &PciInterrupts,
 ) -> Result<BuiltDisk> {
     let derr = |source| Error::Disk {
         path: disk.path.clone(),
@@ -212,13 +224,10 @@ pub fn make_disk(
                     .map_err(|e| Error::kvm(format!("KVM_IRQFD (disk {i}, GSI {gsi})"), e))?;
                 irqfds.push(fd);
             }
-            let msix = Arc::new(Msix::new(irqfds, gsis, router.clone()));
+            let msix = Arc::new(Msix::new(irqfds, gsis, irqs.router.clone()));
             let vectors = Arc::new(Vectors::new(nq));
-            let (s, m, v) = (status.clone(), msix.clone(), vectors.clone());
-            let notify = Box::new(move |queue| {
-                s.fetch_or(INT_VRING, Ordering::SeqCst);
-                m.notify(v.queue(queue));
-            });
+            let intx = Arc::new(irqs.intx.function());
+            let notify = notifier(status.clone(), msix.clone(), vectors.clone(), intx.clone());
             let dev = VirtioBlk::new(engines, mem.clone(), queues, config, notify).map_err(derr)?;
             let device = Arc::new(VirtioDevice::new(dev, status, kick));
             let bar = layout::pci_bar_addr(i) as u32;
@@ -234,7 +243,7 @@ pub fn make_disk(
                 }
                 .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
             });
-            let pci = VirtioPci::new(device, nq as u16, msix, vectors, bar, Some(hook));
+            let pci = VirtioPci::new(device, nq as u16, msix, vectors, intx, bar, Some(hook));
             Ok(BuiltDisk {
                 device: pci.device().clone(),
                 mmio: None,
@@ -262,7 +271,7 @@ pub fn build_disks(
     mem: &GuestMemoryMmap,
     config: &crate::VmConfig,
     saved: Option<&crate::state::VmState>,
-    router: &Arc<dyn MsiRouter>,
+    irqs: &PciInterrupts,
 ) -> Result<Disks> {
     let saved_pci = saved.and_then(|s| s.pci.as_ref());
     if saved.is_some() && saved_pci.is_some() != (config.transport == Transport::Pci) {
@@ -295,7 +304,7 @@ pub fn build_disks(
             disk,
             usize::from(config.cpus),
             config.transport,
-            router,
+            irqs,
         )?;
         out.mmio.extend(built.mmio);
         let t = built.device;

@@ -25,9 +25,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::Reply;
 use crate::controller::Controller;
-use crate::devices::msix::MsiRouter;
 use crate::devices::pci::PciRoot;
-use crate::disks::{make_disk, release_pci, DiskSlot};
+use crate::disks::{make_disk, release_pci, DiskSlot, PciInterrupts};
 use crate::{DiskConfig, Transport};
 
 /// Why `disk-add` is refused on a virtio-mmio VM.
@@ -51,8 +50,8 @@ pub struct HotplugState {
     pub irq: EventFd,
     /// The VM (for building functions and dropping their ioeventfds and irqfds).
     pub vm: Arc<VmFd>,
-    /// Routes MSI-X vectors.
-    pub router: Arc<dyn MsiRouter>,
+    /// MSI-X routes and the INTx line of the functions.
+    pub irqs: PciInterrupts,
     /// The number of the next disk id.
     pub next_id: usize,
     removals: Vec<Removal>,
@@ -64,14 +63,14 @@ impl HotplugState {
         pci: Option<Arc<PciRoot>>,
         irq: EventFd,
         vm: Arc<VmFd>,
-        router: Arc<dyn MsiRouter>,
+        irqs: PciInterrupts,
         disks: usize,
     ) -> HotplugState {
         HotplugState {
             pci,
             irq,
             vm,
-            router,
+            irqs,
             next_id: disks,
             removals: Vec::new(),
         }
@@ -127,7 +126,7 @@ impl Controller<'_> {
             &disk,
             usize::from(self.config.cpus),
             Transport::Pci,
-            &self.hotplug.router,
+            &self.hotplug.irqs,
         )
         .map_err(|e| e.to_string())?;
         let Some(function) = built.pci else {

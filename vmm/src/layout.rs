@@ -62,6 +62,9 @@ pub const HOTPLUG_PORT: u16 = 0x0700;
 /// GSI the VMM raises when PCI slots change (pci transport only: there the virtio-mmio GSIs,
 /// this one included, are unused); the GED's second interrupt.
 pub const HOTPLUG_GSI: u32 = 22;
+/// GSI of every PCI function's INTA# (pci transport only, where the virtio-mmio GSIs are
+/// unused): one shared, level-triggered pin, named for every slot in the DSDT's `PCI0._PRT`.
+pub const PCI_INTX_GSI: u32 = 16;
 /// GSI of the first virtio device; device `i` uses `VIRTIO_GSI_BASE + i`.
 pub const VIRTIO_GSI_BASE: u32 = 5;
 /// GSI of the ACPI Generic Event Device (the power button), the last IOAPIC pin.

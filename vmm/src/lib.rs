@@ -40,9 +40,11 @@
 //! GSI (24 + 8·disk + vector) that KVM routes to the guest's MSI message
 //! (KVM_SET_GSI_ROUTING, rewritten when the guest unmasks or reprograms a vector), queue
 //! notifications by ioeventfd. An interrupt costs no exit (virtio-mmio costs two: the ISR read
-//! and the acknowledge). It stays opt-in until guest fio on hardware KVM (`benches/vmm.sh`,
-//! 4 KiB random reads at queue depth 1 and 32, and boot time) shows it at least as fast on
-//! each: the nested TCG figures of `tests/tests/virtio_pci.rs` are dominated by emulation.
+//! and the acknowledge). It is the default: it measures at least as well as virtio-mmio on every
+//! figure of `benches/vmm.sh` (boot time, guest fio with one and four queues). A driver that
+//! leaves MSI-X off (a guest booted with `pci=nomsi`) gets INTA# instead: one level-triggered
+//! IOAPIC pin shared by every function (GSI 16, in `PCI0._PRT`), asserted until the driver
+//! reads the ISR (`devices::intx`).
 //! Checkpoints and migrations of a pci-transport VM carry each function's slot, config space
 //! (BAR0 where the guest put it), MSI-X table and virtio registers, hot-added disks included
 //! (`state::pci`); only a disk removal in progress refuses them. The ACPI tables are

@@ -32,12 +32,13 @@ use crate::console::{spawn_stdin, TerminalGuard};
 use crate::control::RunControl;
 use crate::controller::Controller;
 use crate::devices::bus::Bus;
-use crate::devices::msix::{KvmMsiRouter, MsiRouter};
+use crate::devices::intx::{KvmLine, SharedLine};
+use crate::devices::msix::KvmMsiRouter;
 use crate::devices::pci::PciRoot;
 use crate::devices::serial;
 use crate::devices::serial::{ConsoleOut, ConsoleState, SerialDevice};
 use crate::devices::EventFdTrigger;
-use crate::disks::{build_disks, DiskSlot, Disks};
+use crate::disks::{build_disks, DiskSlot, Disks, PciInterrupts};
 use crate::hotplug::HotplugState;
 use crate::layout::{self, ACPI_START, GED_GSI, HOTPLUG_GSI, MIN_MEMORY, SERIAL_GSI};
 use crate::state::restore;
@@ -300,7 +301,10 @@ pub(crate) fn run_vm(
     }
 
     // Disks: disk i in PCI slot i + 1 at boot, in its saved slot when restored.
-    let router: Arc<dyn MsiRouter> = Arc::new(KvmMsiRouter::new(vm.clone()));
+    let irqs = PciInterrupts {
+        router: Arc::new(KvmMsiRouter::new(vm.clone())),
+        intx: SharedLine::new(Box::new(KvmLine::new(vm.clone(), layout::PCI_INTX_GSI))),
+    };
     let saved_state = restored.as_ref().map(|r| &r.state);
     let saved_pci = saved_state.and_then(|s| s.pci.clone());
     let saved_pci = saved_pci.as_ref();
@@ -308,7 +312,7 @@ pub(crate) fn run_vm(
         devices: transports,
         mmio,
         pci,
-    } = build_disks(&vm, &mem, config, saved_state, &router)?;
+    } = build_disks(&vm, &mem, config, saved_state, &irqs)?;
     let pci_functions: Vec<_> = pci.clone();
     let pci = match config.transport {
         Transport::Mmio => None,
@@ -422,7 +426,7 @@ pub(crate) fn run_vm(
         tx,
         msr_index,
         stop_after_checkpoint: None,
-        hotplug: HotplugState::new(pci, hotplug_irq, vm.clone(), router, next_id),
+        hotplug: HotplugState::new(pci, hotplug_irq, vm.clone(), irqs, next_id),
     };
     let outcome = loop {
         match rx.recv_timeout(Duration::from_millis(20)) {

@@ -1,9 +1,10 @@
 //! Devices: the 16550A console, the i8042 reset line, the ACPI sleep register, and the virtio
-//! disks ([`virtio`]) behind one of two transports: virtio-mmio, or virtio-pci with MSI-X on a
-//! PCI host bridge ([`pci`]); all behind the port and MMIO dispatch of [`bus`].
+//! disks ([`virtio`]) behind one of two transports: virtio-mmio, or virtio-pci with MSI-X (or INTx,
+//! [`intx`]) on a PCI host bridge ([`pci`]); all behind the port and MMIO dispatch of [`bus`].
 
 pub mod bus;
 pub mod hotplug;
+pub mod intx;
 pub mod msix;
 pub mod pci;
 pub mod serial;

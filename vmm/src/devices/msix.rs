@@ -178,6 +178,11 @@ impl Msix {
         }
     }
 
+    /// Whether the driver enabled MSI-X (message control bit 15).
+    pub fn enabled(&self) -> bool {
+        self.lock().enabled
+    }
+
     /// Raises vector `vector`: sent now if deliverable, else left pending. [`NO_VECTOR`] and
     /// vectors past the table raise nothing.
     pub fn notify(&self, vector: u16) {

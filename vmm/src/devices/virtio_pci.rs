@@ -5,16 +5,19 @@
 //!  config space                          BAR0 (32 KiB, at a fixed address)
 //!  0x00 header: 1af4:1042 rev 1,         0x0000 common cfg (56 bytes, §4.1.4.3)
 //!       class 01/80/00, subsystem        0x1000 ISR (1 byte, read clears)
-//!       1af4:0040, pin 0 (no INTx)       0x2000 device cfg (struct virtio_blk_config)
+//!       1af4:0040, pin 1 (INTA#)         0x2000 device cfg (struct virtio_blk_config)
 //!  0x40 MSI-X: N = queues + 1            0x3000 notify: queue q at 0x3000 + 4q (ioeventfds)
 //!  0x4c..0xa8 virtio caps: common,       0x4000 MSI-X table (16 bytes per vector)
 //!       notify (multiplier 4), ISR,      0x5000 MSI-X PBA
 //!       device, pci cfg access
 //! ```
 //!
-//! Interrupts are MSI-X only (the driver's fallback to INTx finds no pin): vector 0 is the
-//! usual config vector, and the vector of queue `q` is whatever the driver writes to
-//! `queue_msix_vector` (read by the device's notify callback through [`Vectors`]).
+//! Interrupts go through MSI-X once the driver enables it: vector 0 is the usual config
+//! vector, and the vector of queue `q` is whatever the driver writes to `queue_msix_vector`
+//! (read by the device's notify callback through [`Vectors`]). Until then (a driver without
+//! MSI-X, Linux with `pci=nomsi`) they assert INTA# ([`Intx`], see [`super::intx`]), which
+//! stays asserted until the driver reads the ISR (read-to-clear) or resets the device, and
+//! never while the command register's Interrupt Disable bit is set.
 //!
 //! BAR0 starts at the address the VMM gives it, which a guest booting with the function
 //! present keeps; a guest may move it (Linux assigns the BARs of a hot-added function itself).
@@ -28,16 +31,17 @@
 //! access the layout does not define (wrong size or offset, beyond a region, to read-only
 //! registers) is ignored and reads 0, never a panic.
 
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::QueueT;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::intx::Intx;
 use super::msix::{Msix, NO_VECTOR};
 use super::pci::{ConfigSpace, PciRoot, CONFIG_SIZE};
-use super::virtio::{Action, StatusChange, VirtioDevice, DEVICE_ID_BLOCK};
+use super::virtio::{Action, StatusChange, VirtioDevice, DEVICE_ID_BLOCK, INT_VRING};
 use crate::state::pci::PciFunctionState;
 
 /// The virtio PCI vendor.
@@ -76,6 +80,7 @@ const TYPE_DEVICE: u8 = 4;
 const TYPE_PCI_CFG: u8 = 5;
 const BAR0: usize = 0x10;
 const COMMAND_MEMORY: u16 = 1 << 1;
+const COMMAND_INTX_DISABLE: u16 = 1 << 10;
 
 /// The vector registers: `[0]` is `config_msix_vector`, `[1 + q]` queue `q`'s.
 #[derive(Debug)]
@@ -101,6 +106,24 @@ impl Vectors {
     }
 }
 
+/// The notify callback of a function's device: sets the queue bit of the ISR `isr`, then
+/// raises the queue's MSI-X vector, or INTA# while MSI-X is off. The ISR comes first: a driver
+/// that reads it once INTx is up must find the bit.
+pub fn notifier(
+    isr: Arc<AtomicU32>,
+    msix: Arc<Msix>,
+    vectors: Arc<Vectors>,
+    intx: Arc<Intx>,
+) -> Box<dyn FnMut(u16) + Send> {
+    Box::new(move |queue| {
+        isr.fetch_or(INT_VRING, Ordering::SeqCst);
+        msix.notify(vectors.queue(queue));
+        if !msix.enabled() {
+            intx.raise();
+        }
+    })
+}
+
 /// Registers (`true`) or unregisters (`false`) an eventfd as the ioeventfd of a guest
 /// address (KVM_IOEVENTFD in the VMM).
 pub type IoeventHook = Box<dyn Fn(&EventFd, u64, bool) -> std::io::Result<()> + Send + Sync>;
@@ -110,6 +133,7 @@ pub struct VirtioPci {
     dev: Arc<VirtioDevice>,
     msix: Arc<Msix>,
     vectors: Arc<Vectors>,
+    intx: Arc<Intx>,
     config: Mutex<ConfigSpace>,
     queues: u16,
     hook: Option<IoeventHook>,
@@ -139,13 +163,15 @@ fn vendor_cap(c: &mut ConfigSpace, at: usize, next: usize, len: u8, kind: u8, re
 
 impl VirtioPci {
     /// The function of `dev` with `queues` virtqueues, MSI-X vectors `msix` (one per queue plus
-    /// config), and BAR0 at `bar` (a multiple of [`BAR0_SIZE`], below 4 GiB); `hook` places
-    /// the notify ioeventfds (none: every notification exits to the VMM).
+    /// config), INTA# `intx` (which the device's notify callback raises while MSI-X is off),
+    /// and BAR0 at `bar` (a multiple of [`BAR0_SIZE`], below 4 GiB); `hook` places the notify
+    /// ioeventfds (none: every notification exits to the VMM).
     pub fn new(
         dev: Arc<VirtioDevice>,
         queues: u16,
         msix: Arc<Msix>,
         vectors: Arc<Vectors>,
+        intx: Arc<Intx>,
         bar: u32,
         hook: Option<IoeventHook>,
     ) -> VirtioPci {
@@ -162,8 +188,9 @@ impl VirtioPci {
         c.set_u16(0x2c, VENDOR);
         c.set_u16(0x2e, 0x0040);
         c.set_u8(0x34, CAP_MSIX as u8);
-        c.set_writable(0x3c, &[0xff]); // interrupt line; pin 0
-                                       // MSI-X: enable and function mask writable.
+        c.set_writable(0x3c, &[0xff]); // interrupt line (the driver's note)
+        c.set_u8(0x3d, 1); // interrupt pin: INTA#
+                           // MSI-X: enable and function mask writable.
         c.set_u8(CAP_MSIX, 0x11);
         c.set_u8(CAP_MSIX + 1, CAP_COMMON as u8);
         c.set_u16(CAP_MSIX + 2, msix.len().saturating_sub(1) as u16);
@@ -205,6 +232,7 @@ impl VirtioPci {
             dev,
             msix,
             vectors,
+            intx,
             config: Mutex::new(c),
             queues,
             hook,
@@ -271,6 +299,12 @@ impl VirtioPci {
         }
     }
 
+    /// Lowers INTA# for good (the function is leaving the VM): a late completion cannot
+    /// raise the shared line again.
+    pub fn release_intx(&self) {
+        self.intx.set_disabled(true);
+    }
+
     /// The function's state for a checkpoint or migration: config space, vector registers,
     /// MSI-X table and pending bits (the device's own is [`VirtioDevice::save_state`]).
     pub fn save_state(&self, slot: u8, id: &str) -> PciFunctionState {
@@ -328,8 +362,21 @@ impl VirtioPci {
             r.store(v, Ordering::SeqCst);
         }
         self.msix.set_control(control);
+        self.sync_intx();
         self.sync_ioevents();
         Ok(())
+    }
+
+    /// Makes INTA# follow the command register, MSI-X and the ISR: low while disabled or
+    /// while MSI-X carries the interrupts, else asserted while the ISR holds one.
+    fn sync_intx(&self) {
+        self.intx
+            .set_disabled(self.config().u16(0x04) & COMMAND_INTX_DISABLE != 0);
+        if self.msix.enabled() {
+            self.intx.lower();
+        } else if self.dev.interrupt_status().load(Ordering::SeqCst) != 0 {
+            self.intx.raise();
+        }
     }
 
     /// The MSI-X vectors.
@@ -382,6 +429,10 @@ impl VirtioPci {
         if let Some(control) = control {
             self.msix.set_control(control);
         }
+        if control.is_some() || off < BAR0 {
+            // MSI-X control or the command register.
+            self.sync_intx();
+        }
         if off < BAR0 + 4 {
             // The command register or BAR0.
             self.sync_ioevents();
@@ -405,6 +456,7 @@ impl VirtioPci {
             COMMON..0x1000 if off + len <= COMMON_LEN => self.common_read(off, data),
             ISR if len == 1 => {
                 data[0] = self.dev.interrupt_status().swap(0, Ordering::SeqCst) as u8;
+                self.intx.lower();
             }
             DEVICE..0x3000 if off + len <= DEVICE + DEVICE_LEN => {
                 let cfg = self.dev.with_device(|d| d.config_space());
@@ -486,6 +538,7 @@ impl VirtioPci {
                 StatusChange::DriverOk => Action::Kick,
                 StatusChange::Reset => {
                     self.vectors.reset();
+                    self.intx.lower();
                     Action::None
                 }
                 StatusChange::None => Action::None,

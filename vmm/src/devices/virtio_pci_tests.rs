@@ -14,7 +14,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
 use crate::devices::msix::MsiRouter;
-use crate::devices::virtio::INT_VRING;
 
 const BAR: u32 = 0xe000_8000;
 
@@ -36,6 +35,9 @@ struct Rig {
     ioevents: IoeventLog,
     irqs: Vec<Arc<EventFd>>,
     routes: Arc<Recorder>,
+    /// INTA#'s line and every level it was set to.
+    line: Arc<crate::devices::intx::SharedLine>,
+    levels: Arc<crate::devices::intx::tests::Levels>,
     mem: GuestMemoryMmap,
     _dir: tempfile::TempDir,
 }
@@ -56,16 +58,15 @@ fn rig() -> Rig {
     let msix = Arc::new(Msix::new(fds, vec![24, 25, 26], routes.clone()));
     let vectors = Arc::new(Vectors::new(2));
     let isr = Arc::new(AtomicU32::new(0));
-    let (m, v, s) = (msix.clone(), vectors.clone(), isr.clone());
+    let (line, levels) = crate::devices::intx::tests::recorded_line();
+    let intx = Arc::new(line.function());
+    let notify = notifier(isr.clone(), msix.clone(), vectors.clone(), intx.clone());
     let dev = VirtioBlk::new(
         engines,
         mem.clone(),
         vec![Queue::new(256).unwrap(), Queue::new(256).unwrap()],
         Config { id: "pci".into() },
-        Box::new(move |q| {
-            s.fetch_or(INT_VRING, Ordering::SeqCst);
-            m.notify(v.queue(q));
-        }),
+        notify,
     )
     .unwrap();
     let dev = Arc::new(VirtioDevice::new(
@@ -80,8 +81,10 @@ fn rig() -> Rig {
         Ok(())
     });
     Rig {
-        f: VirtioPci::new(dev, 2, msix, vectors, BAR, Some(hook)),
+        f: VirtioPci::new(dev, 2, msix, vectors, intx, BAR, Some(hook)),
         ioevents,
+        line,
+        levels,
         irqs,
         routes,
         mem,
@@ -132,12 +135,12 @@ fn vendor_caps(f: &VirtioPci) -> Vec<(u8, u8, u32, u32)> {
 }
 
 #[test]
-fn identifies_as_a_modern_virtio_block_function_without_intx() {
+fn identifies_as_a_modern_virtio_block_function_with_inta() {
     let r = rig();
     assert_eq!(cfg(&r.f, 0, 4), 0x1042_1af4);
     assert_eq!(cfg(&r.f, 0x08, 1), 1, "revision 1");
     assert_eq!(cfg(&r.f, 0x2e, 2), 0x40, "subsystem id");
-    assert_eq!(cfg(&r.f, 0x3d, 1), 0, "interrupt pin: none");
+    assert_eq!(cfg(&r.f, 0x3d, 1), 1, "interrupt pin: INTA#");
     assert_ne!(cfg(&r.f, 0x06, 2) & 0x10, 0, "capability list");
     assert_eq!(cfg(&r.f, 0x0e, 1), 0, "header type 0");
 }
@@ -297,23 +300,23 @@ fn msix_control_in_config_space_reaches_the_vectors() {
     assert_eq!(*r.routes.0.lock().unwrap(), vec![(24, 0xfee0_0000, 0x41)]);
 }
 
-/// The Linux driver's sequence through BAR0: features, two queues with their own vectors,
-/// DRIVER_OK; a read on queue 1 completes into the used ring and raises queue 1's vector.
-#[test]
-fn a_request_completes_and_raises_its_queues_msix_vector() {
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+/// The Linux driver's sequence through BAR0: features, two queues (with their own vectors 1
+/// and 2 when `msix`, else MSI-X left off and no vectors), DRIVER_OK.
+fn start_driver(
+    r: &Rig,
+    msix: bool,
+) -> Vec<virtio_queue::mock::MockSplitQueue<'_, GuestMemoryMmap>> {
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::Bytes;
 
-    let r = rig();
     let f = &r.f;
     set_cfg(f, 0x04, 0x6, 2);
-    set_cfg(f, CAP_MSIX + 2, 0x8000, 2);
-    for v in 0..3u64 {
-        set_bar(f, MSIX_TABLE + 16 * v, 0xfee0_0000, 4);
-        set_bar(f, MSIX_TABLE + 16 * v + 8, 0x30 + v, 4);
-        set_bar(f, MSIX_TABLE + 16 * v + 12, 0, 4);
+    if msix {
+        set_cfg(f, CAP_MSIX + 2, 0x8000, 2);
+        for v in 0..3u64 {
+            set_bar(f, MSIX_TABLE + 16 * v, 0xfee0_0000, 4);
+            set_bar(f, MSIX_TABLE + 16 * v + 8, 0x30 + v, 4);
+            set_bar(f, MSIX_TABLE + 16 * v + 12, 0, 4);
+        }
     }
     let s = u64::from(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
     set_bar(f, 0x14, s, 1);
@@ -327,7 +330,7 @@ fn a_request_completes_and_raises_its_queues_msix_vector() {
     set_bar(f, 0x0c, 1, 4);
     set_bar(f, 0x14, s | u64::from(VIRTIO_CONFIG_S_FEATURES_OK), 1);
     assert_ne!(bar(f, 0x14, 1) & u64::from(VIRTIO_CONFIG_S_FEATURES_OK), 0);
-    set_bar(f, 0x10, 0, 2);
+    set_bar(f, 0x10, if msix { 0 } else { u64::from(NO_VECTOR) }, 2);
     let vqs: Vec<MockSplitQueue<GuestMemoryMmap>> = (0..2)
         .map(|i| MockSplitQueue::create(&r.mem, GuestAddress(0x1_0000 * (i + 1)), 16))
         .collect();
@@ -336,7 +339,12 @@ fn a_request_completes_and_raises_its_queues_msix_vector() {
         assert_eq!(bar(f, 0x18, 2), 256, "queue_size starts at the maximum");
         assert_eq!(bar(f, 0x1e, 2), q as u64, "queue_notify_off");
         set_bar(f, 0x18, 16, 2);
-        set_bar(f, 0x1a, 1 + q as u64, 2);
+        let vector = if msix {
+            1 + q as u64
+        } else {
+            u64::from(NO_VECTOR)
+        };
+        set_bar(f, 0x1a, vector, 2);
         set_bar(f, 0x20, vq.desc_table_addr().0, 8);
         set_bar(f, 0x28, vq.avail_addr().0, 4);
         set_bar(f, 0x2c, vq.avail_addr().0 >> 32, 4);
@@ -347,18 +355,31 @@ fn a_request_completes_and_raises_its_queues_msix_vector() {
     }
     let ok = s | u64::from(VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
     assert_eq!(set_bar(f, 0x14, ok, 1), Action::Kick);
-    assert_eq!(
-        VirtioPci::notify_addr(u64::from(BAR), 1),
-        u64::from(BAR) + NOTIFY + 4
-    );
+    vqs
+}
 
-    const HDR: u64 = 0x10_0000;
-    const DATA: u64 = 0x20_0000;
-    const STATUS: u64 = 0x30_0000;
+const HDR: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x30_0000;
+
+/// Reads sector 5 through queue `q` (chain number `n` of that queue) and runs the device
+/// until it completes; checks the bytes and the used ring.
+fn read_sector_5(
+    r: &Rig,
+    vq: &virtio_queue::mock::MockSplitQueue<'_, GuestMemoryMmap>,
+    q: u16,
+    n: u16,
+) {
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use vm_memory::Bytes;
+
     r.mem.write_obj(0u32, GuestAddress(HDR)).unwrap(); // VIRTIO_BLK_T_IN
     r.mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
     r.mem.write_obj(5u64, GuestAddress(HDR + 8)).unwrap();
     r.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    r.mem.write_obj(0u8, GuestAddress(DATA + 100)).unwrap();
+    let first = 3 * n;
     let raw: Vec<RawDescriptor> = [
         (HDR, 16, VRING_DESC_F_NEXT),
         (DATA, 512, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT),
@@ -366,12 +387,14 @@ fn a_request_completes_and_raises_its_queues_msix_vector() {
     ]
     .iter()
     .enumerate()
-    .map(|(k, &(a, l, fl))| RawDescriptor::from(Descriptor::new(a, l, fl as u16, k as u16 + 1)))
+    .map(|(k, &(a, l, fl))| {
+        RawDescriptor::from(Descriptor::new(a, l, fl as u16, first + k as u16 + 1))
+    })
     .collect();
-    vqs[1].add_desc_chains(&raw, 0).unwrap();
-    f.device()
+    vq.add_desc_chains(&raw, first).unwrap();
+    r.f.device()
         .with_active_device(|d| {
-            d.process_queue(1).unwrap();
+            d.process_queue(q).unwrap();
             while d.pending() > 0 {
                 d.process_completions(true).unwrap();
             }
@@ -379,7 +402,20 @@ fn a_request_completes_and_raises_its_queues_msix_vector() {
         .expect("DRIVER_OK");
     assert_eq!(r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
     assert_eq!(r.mem.read_obj::<u8>(GuestAddress(DATA + 100)).unwrap(), 5);
-    assert_eq!(vqs[1].used().idx().load(), 1);
+    assert_eq!(vq.used().idx().load(), n + 1);
+}
+
+/// A read on queue 1 completes into the used ring and raises queue 1's vector, and INTA#
+/// stays low.
+#[test]
+fn a_request_completes_and_raises_its_queues_msix_vector() {
+    let r = rig();
+    let vqs = start_driver(&r, true);
+    assert_eq!(
+        VirtioPci::notify_addr(u64::from(BAR), 1),
+        u64::from(BAR) + NOTIFY + 4
+    );
+    read_sector_5(&r, &vqs[1], 1, 0);
     assert!(r.irqs[2].read().is_ok(), "queue 1's vector 2 fired");
     assert!(r.irqs[1].read().is_err(), "queue 0's vector did not");
     assert!(r
@@ -388,8 +424,36 @@ fn a_request_completes_and_raises_its_queues_msix_vector() {
         .lock()
         .unwrap()
         .contains(&(26, 0xfee0_0000, 0x32)));
-    assert_eq!(bar(f, ISR, 1), 1, "ISR says a queue");
-    assert_eq!(bar(f, ISR, 1), 0, "reading ISR cleared it");
+    assert!(r.levels.0.lock().unwrap().is_empty(), "INTA# never rose");
+    assert_eq!(bar(&r.f, ISR, 1), 1, "ISR says a queue");
+    assert_eq!(bar(&r.f, ISR, 1), 0, "reading ISR cleared it");
+}
+
+/// A driver that leaves MSI-X off (Linux with `pci=nomsi`): a completion asserts INTA# until
+/// the driver reads the ISR; with Interrupt Disable set it stays low, and clearing that bit
+/// with an interrupt still in the ISR asserts it; a reset lowers it.
+#[test]
+fn without_msix_a_completion_asserts_inta_until_the_isr_is_read() {
+    let r = rig();
+    let vqs = start_driver(&r, false);
+    read_sector_5(&r, &vqs[0], 0, 0);
+    assert!(r.line.is_high(), "INTA# asserted");
+    assert!(
+        r.irqs.iter().all(|e| e.read().is_err()),
+        "no MSI-X vector fired"
+    );
+    assert_eq!(bar(&r.f, ISR, 1), 1, "ISR says a queue");
+    assert!(!r.line.is_high(), "reading the ISR deasserts INTA#");
+    assert_eq!(*r.levels.0.lock().unwrap(), vec![true, false]);
+
+    set_cfg(&r.f, 0x04, 0x406, 2); // memory, bus master, INTx disable
+    read_sector_5(&r, &vqs[1], 1, 0);
+    assert!(!r.line.is_high(), "INTx disabled: no interrupt");
+    set_cfg(&r.f, 0x04, 0x6, 2);
+    assert!(r.line.is_high(), "INTx enabled again with the ISR set");
+    set_bar(&r.f, 0x14, 0, 1); // reset
+    assert!(!r.line.is_high(), "a reset deasserts INTA#");
+    assert_eq!(bar(&r.f, ISR, 1), 0, "and clears the ISR");
 }
 
 #[test]
