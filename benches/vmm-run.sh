@@ -29,6 +29,9 @@ elapsed_ms() { echo $(((${EPOCHREALTIME/./} - ${start/./}) / 1000)); }
 run_once() {
     local log="$W/run.log" start first=- iops=- pid
     local extra="quiet bench=$2 runtime=$RUNTIME jobs=$4"
+    # Emptied here, not only by the VM's redirection: the first look may come before the
+    # background job opens the log, and must not find the previous run's lines.
+    : >"$log"
     start=$EPOCHREALTIME
     case $1 in
         mmio | pci)
