@@ -71,7 +71,7 @@ pub fn configured_images_dir() -> PathBuf {
 /// The folder of real test images (`$VHDKIT_TEST_IMAGES`, default
 /// `<workspace root>/../shared/vhd-test-images`), or `None` if it does not exist.
 ///
-/// The folder may be read-only: never open anything in it for writing. Use [`image_or_skip`] to
+/// The folder may be read-only: never open anything in it for writing. Use [`image_or_skip()`] to
 /// get a writable copy.
 pub fn test_images_dir() -> Option<PathBuf> {
     let dir = configured_images_dir();
@@ -163,7 +163,7 @@ pub fn image_or_skip(rel_path: impl AsRef<Path>) -> Option<PathBuf> {
     images_or_skip(&[rel_path]).map(|mut v| v.remove(0))
 }
 
-/// Like [`image_or_skip`] for several images copied into one directory, in the order given; use it
+/// Like [`image_or_skip()`] for several images copied into one directory, in the order given; use it
 /// for a differencing child and its parent (`&["go-vhd/win8.vhd", "go-vhd/win8-child.vhd"]`).
 /// Base names must be distinct.
 pub fn images_or_skip<P: AsRef<Path>>(rel_paths: &[P]) -> Option<Vec<PathBuf>> {
@@ -189,7 +189,7 @@ pub fn images_or_skip<P: AsRef<Path>>(rel_paths: &[P]) -> Option<Vec<PathBuf>> {
 }
 
 /// `let path = image_or_skip!("go-vhd/win8.vhd");` returns from the enclosing `()` test when the
-/// image is skipped; see [`image_or_skip`].
+/// image is skipped; see [`image_or_skip()`].
 #[macro_export]
 macro_rules! image_or_skip {
     ($rel:expr) => {

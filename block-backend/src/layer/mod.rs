@@ -20,7 +20,7 @@
 //!
 //! Invariants every implementation keeps:
 //! - `resolve_read` and `map` answers tile the requested range exactly (the chain re-checks
-//!   with [`check_tiling`] where an answer comes from outside this crate).
+//!   with `check_tiling` where an answer comes from outside this crate).
 //! - A `Data(at)` extent of a layer whose [`Layer::file`] is `Some` may be read straight from
 //!   that file at `at`; without a file (or when [`Layer::direct_reads`] is false) it is read
 //!   with [`Layer::read_payload`].

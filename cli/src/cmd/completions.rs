@@ -4,7 +4,7 @@
 //! ```text
 //!   vhdtool completions bash > /etc/bash_completion.d/vhdtool
 //!   vhdtool man | man -l -                    # vhdtool(1) on stdout
-//!   vhdtool man --dir /usr/local/share/man/man1  # vhdtool.1 and vhdtool-<verb>.1
+//!   vhdtool man --dir /usr/local/share/man/man1  # vhdtool.1 and vhdtool-VERB.1
 //! ```
 
 use std::path::PathBuf;
@@ -23,7 +23,7 @@ pub struct Args {
 /// Arguments of `man`.
 #[derive(Debug, clap::Args)]
 pub struct ManArgs {
-    /// Write vhdtool.1 and one vhdtool-<verb>.1 per verb into DIR instead of printing
+    /// Write vhdtool.1 and one vhdtool-VERB.1 per verb into DIR instead of printing
     /// vhdtool(1) to stdout.
     #[arg(long)]
     pub dir: Option<PathBuf>,

@@ -51,7 +51,8 @@
 //! - Hole punching reaches [`Disk::discard`] only where the format returns the space
 //!   ([`SharedOptions::discard`]: not on VHD, as with Hyper-V); otherwise it is `EOPNOTSUPP`.
 //! - `fsync` always reaches [`Disk::flush`]; `flush` (each `close`) does when something was
-//!   written since the last flush; so does [`SharedDisk::flush`] on unmount.
+//!   written since the last flush; so does FUSE's `destroy` on unmount
+//!   (closing the disk).
 //! - Errors of the disk are logged and returned as the OS error they carry, else `EIO`; a
 //!   request never panics the daemon.
 

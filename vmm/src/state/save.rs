@@ -122,7 +122,7 @@ pub fn vm(vm: &VmFd) -> Result<VmKvmState, StateError> {
 
 /// Writes guest memory to `path` (regions back to back), skipping zero pages so they stay
 /// holes, and syncs it. Returns the file length and the CRC-32C of the whole content. Pages
-/// never populated (see [`crate::pages`]) are not even read: the cost follows the memory the
+/// never populated (see the `pages` module) are not even read: the cost follows the memory the
 /// guest touched, not its size.
 pub fn memory(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u32), StateError> {
     let io = |what| {
