@@ -633,3 +633,24 @@ fn a_restored_bus_holds_functions_in_their_saved_slots_only() {
     let e = PciRoot::with_functions(18, vec![(3, a), (3, b)]).unwrap_err();
     assert!(e.contains("slot 3 used twice"), "{e}");
 }
+
+/// A function saved with MSI-X off and an interrupt in its ISR asserts INTA# again once
+/// restored, with no guest access; one saved with INTx disabled does not.
+#[test]
+fn a_restored_function_without_msix_asserts_inta_from_its_saved_isr() {
+    for disabled in [false, true] {
+        let a = rig();
+        set_cfg(&a.f, 0x04, if disabled { 0x406 } else { 0x6 }, 2);
+        a.f.device()
+            .interrupt_status()
+            .fetch_or(crate::devices::virtio::INT_VRING, Ordering::SeqCst);
+        let device = a.f.device().save_state();
+        let function = a.f.save_state(1, "disk0");
+        let b = rig();
+        b.f.device().restore_state(&device).unwrap();
+        b.f.restore_state(&function).unwrap();
+        assert_eq!(b.line.is_high(), !disabled, "INTx disabled: {disabled}");
+        assert_eq!(bar(&b.f, ISR, 1), 1, "the ISR came along");
+        assert!(!b.line.is_high(), "and reading it deasserts");
+    }
+}
