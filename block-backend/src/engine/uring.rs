@@ -128,6 +128,8 @@ pub struct UringEngine {
     /// Merged reads in the kernel (user data [`MERGED`] | index).
     merged: Vec<Option<Merged>>,
     free_merged: Vec<usize>,
+    /// Completed merges, emptied, kept for their vectors' capacity.
+    spare_merged: Vec<Merged>,
     done: Vec<IoCompletion>,
     /// Requests submitted and not yet reaped (including those in `done`).
     in_flight: usize,
@@ -248,6 +250,7 @@ impl UringEngine {
             unpushed: Vec::new(),
             merged: Vec::new(),
             free_merged: Vec::new(),
+            spare_merged: Vec::new(),
             done: Vec::new(),
             in_flight: 0,
             outstanding: 0,
@@ -334,20 +337,21 @@ impl UringEngine {
     }
 
     fn push_merged(&mut self, slots: &[usize], len: usize) -> Result<()> {
-        let mut iovecs = Vec::with_capacity(slots.len());
+        let mut m = self.spare_merged.pop().unwrap_or_else(|| Merged {
+            slots: Vec::with_capacity(MERGE_MAX),
+            iovecs: Vec::with_capacity(MERGE_MAX),
+            len: 0,
+        });
         for &s in slots {
             let x = self.xfers[s].expect("transfer in flight");
-            iovecs.push(libc::iovec {
+            m.iovecs.push(libc::iovec {
                 iov_base: x.ptr.cast(),
                 iov_len: x.len,
             });
         }
+        m.slots.extend_from_slice(slots);
+        m.len = len;
         let first = self.xfers[slots[0]].expect("transfer in flight");
-        let m = Merged {
-            slots: slots.to_vec(),
-            iovecs,
-            len,
-        };
         let entry = opcode::Readv::new(
             types::Fixed(first.file),
             m.iovecs.as_ptr(),
@@ -435,7 +439,7 @@ impl UringEngine {
     /// A merged read completed: whole, each transfer completes; otherwise each goes again
     /// on its own, so that errors and short reads are handled per transfer.
     fn merged_done(&mut self, idx: usize, res: i32) -> Result<()> {
-        let Some(m) = self.merged.get_mut(idx).and_then(Option::take) else {
+        let Some(mut m) = self.merged.get_mut(idx).and_then(Option::take) else {
             return Ok(());
         };
         self.free_merged.push(idx);
@@ -448,6 +452,10 @@ impl UringEngine {
                 self.push_single(slot)?;
             }
         }
+        // The kernel is done with the iovecs: keep the storage for the next merge.
+        m.slots.clear();
+        m.iovecs.clear();
+        self.spare_merged.push(m);
         Ok(())
     }
 
