@@ -24,8 +24,8 @@ elapsed_ms() { echo $(((${EPOCHREALTIME/./} - ${start/./}) / 1000)); }
 
 # run_once VARIANT MODE CPUS JOBS -> "<ms to userspace> <iops>"
 # Looks for the first userspace line every 10 ms until it appears, then once a second: a loop
-# that forks `sleep` 100 times a second for the whole run cost nested L1 (two emulated CPUs)
-# enough CPU to halve one VMM's fio figure and not the other's.
+# that forked `sleep` 100 times a second for the whole run took nested L1 (two emulated CPUs)
+# enough CPU to cut vhdtool's fio figure by about two thirds and QEMU's by about a third.
 run_once() {
     local log="$W/run.log" start first=- iops=- pid
     local extra="quiet bench=$2 runtime=$RUNTIME jobs=$4"
