@@ -90,10 +90,12 @@ impl SharedLine {
             .is_empty()
     }
 
-    fn set(&self, id: u64, level: bool) {
+    /// Sets function `id`'s level; a raise is dropped if `disabled` is set by then (read under
+    /// the lock, so a raise racing [`Intx::set_disabled`] cannot leave the line high).
+    fn set(&self, id: u64, level: bool, disabled: &AtomicBool) {
         let mut asserted = self.asserted.lock().unwrap_or_else(|e| e.into_inner());
         let was_high = !asserted.is_empty();
-        if level {
+        if level && !disabled.load(Ordering::SeqCst) {
             asserted.insert(id);
         } else {
             asserted.remove(&id);
@@ -119,14 +121,12 @@ pub struct Intx {
 impl Intx {
     /// Asserts the function's INTx, unless the driver disabled it.
     pub fn raise(&self) {
-        if !self.disabled.load(Ordering::SeqCst) {
-            self.line.set(self.id, true);
-        }
+        self.line.set(self.id, true, &self.disabled);
     }
 
     /// Deasserts the function's INTx.
     pub fn lower(&self) {
-        self.line.set(self.id, false);
+        self.line.set(self.id, false, &self.disabled);
     }
 
     /// The driver's Interrupt Disable bit; disabling lowers the function's level.
