@@ -184,15 +184,16 @@ impl Msix {
     }
 
     /// Raises vector `vector`: sent now if deliverable, else left pending. [`NO_VECTOR`] and
-    /// vectors past the table raise nothing.
-    pub fn notify(&self, vector: u16) {
+    /// vectors past the table raise nothing. Returns whether MSI-X is enabled, read under the
+    /// same lock (when it is not, the function interrupts through INTx instead).
+    pub fn notify(&self, vector: u16) -> bool {
         let v = usize::from(vector);
-        if v >= self.len() {
-            return;
-        }
         let mut st = self.lock();
-        st.pending[v] = true;
-        self.sync(&mut st, v);
+        if v < self.len() {
+            st.pending[v] = true;
+            self.sync(&mut st, v);
+        }
+        st.enabled
     }
 
     fn deliverable(st: &State, v: usize) -> bool {

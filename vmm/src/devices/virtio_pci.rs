@@ -117,8 +117,7 @@ pub fn notifier(
 ) -> Box<dyn FnMut(u16) + Send> {
     Box::new(move |queue| {
         isr.fetch_or(INT_VRING, Ordering::SeqCst);
-        msix.notify(vectors.queue(queue));
-        if !msix.enabled() {
+        if !msix.notify(vectors.queue(queue)) {
             intx.raise();
         }
     })
