@@ -19,15 +19,16 @@ set -u
 set -m
 cd "$W"
 
-# ms since $start (EPOCHREALTIME, microseconds after the dot in every bash that has it).
-elapsed_ms() { echo $(((${EPOCHREALTIME/./} - ${start/./}) / 1000)); }
+# Sets ms to the milliseconds since $start (EPOCHREALTIME: microseconds after the dot), in
+# the caller's shell: no subshell, so the look below forks nothing but grep and sleep.
+elapsed() { ms=$(((${EPOCHREALTIME/./} - ${start/./}) / 1000)); }
 
 # run_once VARIANT MODE CPUS JOBS -> "<ms to userspace> <iops>"
 # Looks for the first userspace line every 10 ms until it appears, then once a second: a loop
 # that forked `sleep` 100 times a second for the whole run took nested L1 (two emulated CPUs)
 # enough CPU to cut vhdtool's fio figure by about two thirds and QEMU's by about a third.
 run_once() {
-    local log="$W/run.log" start first=- iops=- pid
+    local log="$W/run.log" start first=- iops=- pid ms
     local extra="quiet bench=$2 runtime=$RUNTIME jobs=$4"
     # Emptied here, not only by the VM's redirection: the first look may come before the
     # background job opens the log, and must not find the previous run's lines.
@@ -51,9 +52,11 @@ run_once() {
     # The VM ends itself (reboot -f).
     while kill -0 "$pid" 2>/dev/null; do
         if [ "$first" = - ] && grep -q "BENCH: userspace" "$log" 2>/dev/null; then
-            first=$(elapsed_ms)
+            elapsed
+            first=$ms
         fi
-        if [ "$(elapsed_ms)" -gt $((LIMIT * 1000)) ]; then
+        elapsed
+        if [ "$ms" -gt $((LIMIT * 1000)) ]; then
             echo "R: note $1 $2 cpus=$3 still running after ${LIMIT}s: killed" >&2
             kill -9 "$pid" 2>/dev/null
             break
@@ -62,7 +65,7 @@ run_once() {
     done
     wait "$pid" 2>/dev/null
     # A guest that printed and ended between two looks: stamp it now (an upper bound).
-    if [ "$first" = - ] && grep -q "BENCH: userspace" "$log"; then first=$(elapsed_ms); fi
+    if [ "$first" = - ] && grep -q "BENCH: userspace" "$log"; then elapsed && first=$ms; fi
     if grep -q "BENCH: iops" "$log"; then
         iops=$(sed -n 's/.*BENCH: iops \([0-9.]*\).*/\1/p' "$log" | head -n1)
     elif [ "$2" = fio ] && ! grep -q KVM_EXIT_SHUTDOWN "$log"; then
